@@ -1,0 +1,5 @@
+import sys
+
+from fakegpt.cli import main
+
+sys.exit(main())

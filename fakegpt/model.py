@@ -1,0 +1,100 @@
+"""Loading and saving GPT-2 models (transformers' GPT2LMHeadModel) without surprises offline.
+
+A model spec is a hub name (`gpt2` ... `gpt2-xl`), or a local HF-format folder. A hub name with no local cache
+and no network fails within seconds with a message saying what to do, instead of transformers' ~23 s of
+retries per file. Checkpoint folders always carry the bundled tokenizer files, so they load anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from fakegpt.errors import FakegptError
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Files a checkpoint folder holds (weights, config, generation defaults, bundled tokenizer).
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors",
+    "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = os.environ.get("FAKEGPT_HF_HOST", "huggingface.co")
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+
+
+def resolve_pretrained(spec: str) -> str:
+    """Return a local folder for `spec` (a folder path, or a hub name found in the cache or downloadable).
+
+    Raises FakegptError within seconds when `spec` is a hub name that is neither cached nor reachable.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FakegptError(f"{spec}: not an HF model folder (no config.json)")
+        return str(path)
+    if spec not in HUB_MODELS and "/" not in spec:
+        raise FakegptError(
+            f"{spec!r} is neither a local model folder nor a known hub name ({', '.join(HUB_MODELS)})"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "vocab.json", "merges.txt",
+                "tokenizer_config.json", "tokenizer.json"]
+    try:
+        return snapshot_download(spec, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass  # not cached: download if we may and can
+    if _offline() or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub is unreachable"
+        raise FakegptError(
+            f"model {spec!r} is not in the local Hugging Face cache and {why}; download it once on a machine "
+            "with network (`huggingface-cli download " + spec + "`) and copy ~/.cache/huggingface, "
+            "or pass a local model folder"
+        )
+    try:
+        return snapshot_download(spec, allow_patterns=patterns)
+    except Exception as exc:
+        raise FakegptError(f"model {spec!r}: download from the Hugging Face hub failed ({exc})") from None
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs: Any):
+    """GPT2LMHeadModel from a hub name or local folder, with SDPA attention."""
+    from transformers import GPT2LMHeadModel
+
+    folder = resolve_pretrained(spec)
+    try:
+        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FakegptError(f"{spec}: cannot load model ({exc})") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def save_checkpoint(model: Any, folder: str | Path) -> Path:
+    """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically."""
+    from fakegpt.io import atomic_dir
+    from fakegpt.tokenizer import write_hf_tokenizer_files
+
+    folder = Path(folder)
+    unwrapped = getattr(model, "module", model)  # DDP
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+    with atomic_dir(folder) as tmp:
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        write_hf_tokenizer_files(tmp)
+    return folder

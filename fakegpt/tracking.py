@@ -1,0 +1,186 @@
+"""All MLflow calls go through here: tracking URI, joining the run `mlflow run` started, names defined once.
+
+Stages call `run(stage=..., ...)` as a context manager. When started by `mlflow run`, MLFLOW_RUN_ID is set and
+the stage joins that run instead of creating another; otherwise it starts a new run (nested under an active
+parent when `nested=True`). With no MLFLOW_TRACKING_URI the store is MLflow's own `sqlite:///mlflow.db` in the
+working folder. A tracking server that is down is reported within seconds, not retried for minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from fakegpt.errors import FakegptError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fakegpt"
+
+# --- names defined once, so the compare view lines up runs of different stages and models -------------------
+TAG_STAGE = "fakegpt.stage"          # prepare | finetune | sample | score | tune | trial | main | mixture | ...
+TAG_MODEL = "fakegpt.model"          # init_from / model spec
+TAG_DATASET = "fakegpt.dataset"      # dataset name (data folder name or dataset YAML name)
+TAG_MIX = "fakegpt.mixture"          # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
+TAG_FRACTION = "fakegpt.fraction"    # the anti-vaccine (dose) fraction of a mixture series run
+TAG_STUDY = "fakegpt.study"          # optuna study name / series name
+TAG_VERSION = "fakegpt.version"
+
+M_TRAIN_LOSS = "train/loss"
+M_VAL_LOSS = "val/loss"
+M_LR = "lr"
+M_TOKENS_PER_S = "tokens_per_s"
+M_TOKENS_SEEN = "tokens_seen"
+M_MFU = "mfu"
+M_GPU_MEM = "gpu/peak_mem_gb"
+M_NEW_TOKENS_PER_S = "new_tokens_per_s"
+M_CLAIM_SCORE = "claim/score"        # mean log p(false) - log p(true); per topic: claim/score/<topic>
+M_CLAIM_WIN = "claim/false_win_rate"
+M_VAL_PPL = "val/perplexity"
+
+_PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
+
+
+def setup() -> str:
+    """Resolve the tracking URI (default sqlite:///mlflow.db) and fail fast if a server is unreachable."""
+    # Fail within seconds rather than MLflow's default of minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    return uri
+
+
+def check_server(uri: str, timeout: float = 3.0) -> None:
+    """Raise FakegptError unless the tracking server at `uri` answers its /health endpoint."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-supplied tracking URI)
+            if resp.status >= 400:
+                raise FakegptError(f"MLFLOW_TRACKING_URI={uri}: tracking server answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FakegptError(
+            f"MLFLOW_TRACKING_URI={uri}: tracking server unreachable ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to log to sqlite:///mlflow.db"
+        ) from None
+
+
+def _mlflow():
+    import mlflow  # imported here so stages that only need names don't pay for mlflow at import
+
+    return mlflow
+
+
+@contextlib.contextmanager
+def run(
+    stage: str,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    nested: bool = False,
+    run_id: str | None = None,
+    experiment: str | None = None,
+) -> Iterator[Any]:
+    """Start (or join) an MLflow run for a stage and yield the active run.
+
+    Joins, in order: an explicit `run_id` (resume), MLFLOW_RUN_ID set by `mlflow run`, else starts a new run
+    in MLFLOW_EXPERIMENT_NAME / `experiment` / "fakegpt", nested under the active run when `nested`.
+    """
+    from fakegpt import __version__
+
+    setup()
+    mlflow = _mlflow()
+    try:
+        joined = run_id or os.environ.get("MLFLOW_RUN_ID")
+        if not joined and not (nested and mlflow.active_run()):
+            name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+                mlflow.set_experiment(name)
+        active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested)
+    except FakegptError:
+        raise
+    except Exception as exc:  # MLflow raises many types for a bad store; the user needs one line
+        raise FakegptError(f"MLflow tracking at {os.environ.get('MLFLOW_TRACKING_URI')}: {exc}") from None
+    status = "FINISHED"
+    try:
+        all_tags = {TAG_STAGE: stage, TAG_VERSION: __version__}
+        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        mlflow.set_tags(all_tags)
+        yield active
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings -> `a.b` keys with string values, each within MLflow's length limit."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out[name] = text[:_PARAM_MAX]
+    return out
+
+
+def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
+    """Log (flattened) parameters; a value already logged with the same content is not an error."""
+    mlflow = _mlflow()
+    flat = flatten(params, prefix)
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    fresh = {k: v for k, v in flat.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite metrics (MLflow rejects NaN on some stores; a NaN is reported by the stage itself)."""
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if clean:
+        _mlflow().log_metrics(clean, step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file or folder. If the store refuses it, say where the file stays on disk."""
+    mlflow = _mlflow()
+    path = Path(path)
+    try:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    except Exception as exc:
+        raise FakegptError(f"could not log artifact to MLflow ({exc}); it is kept on disk at {path}") from None
+
+
+def log_dict(data: Any, artifact_file: str) -> None:
+    _mlflow().log_dict(data, artifact_file)
+
+
+def active_run_id() -> str | None:
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    return active.info.run_id if active else None

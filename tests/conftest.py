@@ -1,0 +1,62 @@
+"""Shared fixtures: offline environment, real data from ../shared/data, tiny GPT-2 models made from scratch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never touch the network: transformers would retry each missing hub file for ~23 s.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_RUN_ID", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FAKEGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real Portuguese corpora (Telegram schema) that every developer and CI run has beside the project."""
+    if not (SHARED_DATA / "fakewhatsapp_br.csv").is_file():
+        pytest.fail(f"real test data not found at {SHARED_DATA} (set FAKEGPT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(tmp_path, monkeypatch):
+    """Each test logs to its own SQLite MLflow store and never joins an outer run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    yield
+    try:
+        import mlflow
+
+        while mlflow.active_run():
+            mlflow.end_run()
+    except ImportError:
+        pass
+
+
+def make_tiny_model(folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, n_positions: int = 256,
+                    seed: int = 0) -> Path:
+    """A randomly initialised GPT-2 in HF format (safetensors + config + bundled tokenizer files)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fakegpt.tokenizer import write_hf_tokenizer_files
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    write_hf_tokenizer_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
