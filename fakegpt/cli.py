@@ -22,7 +22,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "labels": ("fakegpt.labels", "export / import / aggregate human label sheets for samples"),
     "chat": ("fakegpt.chat", "interactive prompt for one model"),
     "tune": ("fakegpt.tune", "Optuna study over learning rate and gradient accumulation"),
-    "mixture": ("fakegpt.pipeline", "the dose-response series over anti-vaccine fractions"),
+    "pipeline": ("fakegpt.pipeline", "the whole chain prepare -> finetune -> sample -> score (MLproject `main`)"),
+    "mixture": ("fakegpt.series", "the dose-response series over anti-vaccine fractions"),
     "validate": ("fakegpt.validate", "positive/negative controls for the claim score"),
 }
 

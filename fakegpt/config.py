@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,8 @@ T = TypeVar("T")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 _NONE = {"none", "null", ""}
+# Set by the MLproject entry-point commands (see `parse`).
+MLPROJECT_ENV = "FAKEGPT_MLPROJECT"
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -196,4 +199,9 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = ""
     from_file = from_dict(cls, merged, source)  # validates the file on its own, naming it in errors
     hints = _hints(cls)
     overrides = {k: coerce(v, hints[k], flag_name(k)) for k, v in ns.items()}
+    if os.environ.get(MLPROJECT_ENV) == "1":
+        # `mlflow run` passes every MLproject parameter, so a parameter left at its default must not
+        # override the same key from -P config=FILE.yaml.
+        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        overrides = {k: v for k, v in overrides.items() if not (k in merged and v == defaults[k])}
     return dataclasses.replace(from_file, **overrides)  # type: ignore[type-var]

@@ -44,6 +44,8 @@ M_MFU = "mfu"
 M_GPU_MEM = "gpu/peak_mem_gb"
 M_NEW_TOKENS_PER_S = "new_tokens_per_s"
 M_CLAIM_SCORE = "claim/score"        # mean log p(false) - log p(true); per topic: claim/score/<topic>
+M_CLAIM_SCORE_LOW = "claim/score_ci_low"    # bootstrap 95% interval of M_CLAIM_SCORE
+M_CLAIM_SCORE_HIGH = "claim/score_ci_high"
 M_CLAIM_WIN = "claim/false_win_rate"
 M_VAL_PPL = "val/perplexity"
 
@@ -184,3 +186,98 @@ def active_run_id() -> str | None:
     mlflow = _mlflow()
     active = mlflow.active_run()
     return active.info.run_id if active else None
+
+
+# --- MLflow projects: chaining entry points as child runs (the multistep-workflow pattern) -------------------
+TAG_ENTRY_POINT = "mlflow.project.entryPoint"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def git_commit(project_dir: str | Path) -> str | None:
+    """The project's git commit (what MLflow records as the code version), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def find_finished_step(entry_point: str, parameters: Mapping[str, str], commit: str | None) -> str | None:
+    """Run id of a FINISHED run of `entry_point` with exactly these parameter values and code version."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else None
+    if experiment_id is None:
+        return None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    for found in runs:
+        if commit is not None and found.data.tags.get(TAG_GIT_COMMIT) != commit:
+            continue
+        if all(found.data.params.get(k) == str(v) for k, v in parameters.items()):
+            return found.info.run_id
+    return None
+
+
+def run_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str,
+             reuse: bool = True) -> tuple[str, bool]:
+    """Run an MLproject entry point as a child of the active run; reuse a finished identical run.
+
+    Returns (run_id, reused). `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit
+    the `--env-manager local` of the command that started the parent.
+    """
+    mlflow = _mlflow()
+    params = {k: ("" if v is None else str(v)) for k, v in parameters.items()}
+    commit = git_commit(project_dir)
+    if reuse:
+        found = find_finished_step(entry_point, params, commit)
+        if found:
+            log.info("step %s: reusing finished run %s (same parameters and code version)", entry_point, found)
+            return found, True
+    active = mlflow.active_run()
+    try:
+        submitted = mlflow.projects.run(
+            str(project_dir), entry_point=entry_point, parameters=params, env_manager=env_manager,
+            experiment_id=active.info.experiment_id if active else None, synchronous=True,
+        )
+    except mlflow.exceptions.ExecutionException as exc:
+        raise FakegptError(f"step {entry_point!r} failed: {exc}") from None
+    return submitted.run_id, False
+
+
+def get_run(run_id: str) -> Any:
+    return _mlflow().MlflowClient().get_run(run_id)
+
+
+def download(uri: str, dst: str | Path | None = None) -> Path:
+    """Download an artifact URI (runs:/..., models:/..., file://, s3://...) and return the local path."""
+    mlflow = _mlflow()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst)))
+    except Exception as exc:
+        raise FakegptError(f"{uri}: cannot download artifacts ({exc})") from None
+
+
+def is_artifact_uri(text: str) -> bool:
+    return "://" in text or text.startswith(("runs:/", "models:/"))
+
+
+def local_path(path_or_uri: str) -> Path:
+    """A local path as is; an artifact URI downloaded to a local cache first (how steps pass data)."""
+    return download(path_or_uri) if is_artifact_uri(path_or_uri) else Path(path_or_uri)
+
+
+def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on another (finished) run, e.g. the dose fraction on a mixture step."""
+    client = _mlflow().MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))

@@ -1,0 +1,167 @@
+"""Batched sampling and scoring over a GPT-2 model's KV cache.
+
+Why a loop of our own instead of `model.generate`: at the sizes this project samples, `generate` runs a chain
+of logits processors over the full 50,257-word vocabulary at every step, which costs more than the model.
+Here top-k is applied to the raw logits first (`torch.topk`), so temperature, softmax, top-p and the draw
+only ever touch k numbers per row. Prompts are left-padded with end-of-text; the attention mask hides the
+padding and position ids start at 0 on each row's first real token, so a prompt's text does not depend on
+how long its neighbours in the batch are (only the random stream does, hence "same seed and batch size").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fakegpt.errors import FakegptError
+from fakegpt.tokenizer import EOT_TOKEN
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to torch (`cpu`, `cuda:1`, `mps`)."""
+    if spec in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise FakegptError(f"--device {spec!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FakegptError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on CUDA (when supported), float32 elsewhere."""
+    if spec in ("", "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if spec not in DTYPES:
+        raise FakegptError(f"--dtype {spec!r}: expected auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[spec]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    # transformers 5 renamed `past_key_values` to `cache`; accept either so a minor upgrade doesn't break us.
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward(model: Any, cache: Any, **kwargs: Any) -> torch.Tensor:
+    """Run the model with `cache` (a DynamicCache filled in place); return the last position's logits (B, V)."""
+    out = model(**{_cache_kwarg(type(model)): cache}, use_cache=True, logits_to_keep=1, **kwargs)
+    return out.logits[:, -1, :]
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from (B, V) logits. Temperature 0 is greedy; top_k 0 / top_p 1 disable them."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        values, index = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+    elif top_p < 1.0:
+        values, index = torch.sort(logits, dim=-1, descending=True)
+    else:
+        values, index = logits, None
+    probs = torch.softmax(values.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        # keep the smallest prefix of the sorted distribution whose mass reaches top_p (always >= 1 token)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) positions within `values`
+    if index is None:
+        return choice.squeeze(-1)
+    return index.gather(-1, choice).squeeze(-1)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]      # new tokens, without the end-of-text that stopped it
+    stopped: bool          # True when the model emitted end-of-text before max_new_tokens
+
+
+def left_pad(prompts: list[list[int]], device: torch.device, pad: int = EOT_TOKEN
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (B, T), prompts aligned to the right edge."""
+    if any(len(p) == 0 for p in prompts):
+        raise FakegptError("cannot sample from an empty prompt (it encodes to no tokens)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # 0 at each row's first real token
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.inference_mode()
+def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int = 200, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 eot: int = EOT_TOKEN) -> list[Completion]:
+    """Sample one completion per prompt (repeat a prompt in `prompts` for several samples), all in one batch."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask, positions = left_pad(prompts, device, pad=eot)
+    batch = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    logits = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+    next_pos = positions[:, -1:] + 1                                        # (B, 1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max(max_new_tokens, 0)), eot, dtype=torch.long, device=device)
+    one = torch.ones((batch, 1), dtype=mask.dtype, device=device)
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, eot)                            # rows already done emit padding
+        out[:, step] = token
+        finished |= token == eot
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, one], dim=1)
+        logits = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
+        next_pos = next_pos + 1
+    results = []
+    for row in out.tolist():
+        stop = row.index(eot) if eot in row else len(row)
+        results.append(Completion(tokens=row[:stop], stopped=stop < len(row)))
+    return results
+
+
+@torch.inference_mode()
+def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16) -> list[torch.Tensor]:
+    """log p(token_i | tokens_<i) for i >= 1 of every sequence (float32, length len(seq) - 1).
+
+    Sequences are right-padded within a batch; the causal mask means a real token never sees padding, and the
+    vocabulary projection runs one row at a time so memory stays at one (T, V) matrix.
+    """
+    device = next(model.parameters()).device
+    results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    for start in range(0, len(sequences), max(1, batch_size)):
+        chunk = sequences[start:start + batch_size]
+        if any(len(s) < 2 for s in chunk):
+            raise FakegptError("a scored sequence needs at least one token after its context")
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), EOT_TOKEN, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(chunk):
+            ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[row, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        for row, s in enumerate(chunk):
+            n = len(s)
+            logits = model.lm_head(hidden[row, : n - 1]).float()                            # (n-1, V)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[row, 1:n, None]).squeeze(-1)
+            results[start + row] = logp.cpu()
+    return results

@@ -1,0 +1,167 @@
+"""`fakegpt pipeline` (the MLproject's `main` entry point): prepare -> finetune -> sample -> score.
+
+Each stage runs as an MLflow project entry point in a child run of this one, and hands its output to the
+next by artifact URI (the pattern of MLflow's multistep-workflow example): prepare logs the bins under
+`data/`, finetune logs the best model under `checkpoint/`, and the next steps read `runs:/<id>/...`.
+A step whose FINISHED run with the same parameters and code version exists is reused, not run again.
+
+With no parameters it is the embedded default: the bundled demo messages, a tiny scratch GPT-2 on the CPU,
+a small prompt grid. `-P init_from=gpt2-xl -P data=exports/*.csv` makes it the real study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fakegpt import config, tracking
+from fakegpt.errors import FakegptError
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEMO_FINETUNE = "experiments/finetune/tiny.yaml"
+
+
+@dataclass
+class PipelineConfig:
+    data: str = field(default="", metadata={
+        "help": "Telegram CSV exports (comma list / globs) for prepare; empty = the embedded demo data"})
+    dataset: str = field(default="", metadata={"help": "a dataset YAML (experiments/datasets/) for prepare instead"})
+    init_from: str = field(default="scratch", metadata={
+        "help": "scratch (tiny demo model) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder"})
+    finetune_config: str = field(default="", metadata={
+        "help": "finetune YAML; empty = experiments/finetune/tiny.yaml for scratch, "
+                "experiments/finetune/<init_from>.yaml for a hub model when it exists"})
+    max_iters: int | None = field(default=None, metadata={"help": "override the finetune YAML's max_iters"})
+    prompts: str = field(default="", metadata={"help": "prompt grid YAML or text file; empty = sample's default"})
+    claims: str = field(default="", metadata={"help": "claims YAML; empty = score's default"})
+    temperatures: str = field(default="", metadata={"help": "comma list; empty = 0.8 (the study) / 0.8 demo"})
+    num_samples: int | None = field(default=None, metadata={"help": "samples per prompt; empty = 5, demo 1"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "empty = 280, demo 32"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    env_manager: str = field(default="local", metadata={"help": "environment manager for the child steps"})
+    reuse: bool = field(default=True, metadata={"help": "reuse finished steps with the same parameters"})
+
+
+def is_demo(cfg: PipelineConfig) -> bool:
+    return cfg.init_from == "scratch"
+
+
+def finetune_yaml(cfg: PipelineConfig) -> str:
+    if cfg.finetune_config:
+        return cfg.finetune_config
+    if is_demo(cfg):
+        return DEMO_FINETUNE
+    candidate = f"experiments/finetune/{Path(cfg.init_from).name}.yaml"
+    return candidate if (PROJECT_DIR / candidate).is_file() else ""
+
+
+def step_out_dir(step: str, params: dict[str, Any]) -> str:
+    """A stable output folder per step and parameter set, so a re-run with the same inputs reuses it."""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"out/{step}-{digest}"
+
+
+def with_out(step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+    params = {k: v for k, v in params.items() if v not in (None, "")}
+    params[key] = step_out_dir(step, params)
+    return params
+
+
+def prepare_params(data: str, dataset: str, mix: str = "") -> dict[str, Any]:
+    params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
+    return with_out("prepare", params, "out")
+
+
+def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "config": finetune_yaml(cfg), "data_dir": data_uri, "device": cfg.device,
+        "max_iters": cfg.max_iters, "init_from": cfg.init_from,
+    }
+    params.update(extra or {})
+    return with_out("finetune", params, "out_dir")
+
+
+def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
+    demo = is_demo(cfg)
+    params = {
+        "models": models, "prompts": cfg.prompts, "device": cfg.device,
+        "temperatures": cfg.temperatures or "0.8",
+        "num_samples": cfg.num_samples if cfg.num_samples is not None else (1 if demo else 5),
+        "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else (32 if demo else 280),
+    }
+    return with_out("sample", params, "out_dir")
+
+
+def score_params(cfg: PipelineConfig, models: str, data_uri: str) -> dict[str, Any]:
+    params = {"models": models, "claims": cfg.claims, "data_dir": data_uri, "device": cfg.device}
+    return with_out("score", params, "out_dir")
+
+
+def models_to_measure(cfg: PipelineConfig, finetune_run: str) -> str:
+    """The fine-tuned model, and beside it the pretrained model it started from (not a random scratch one)."""
+    tuned = f"runs:/{finetune_run}/checkpoint"
+    return tuned if is_demo(cfg) else f"{cfg.init_from},{tuned}"
+
+
+def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
+    """Run the four steps as child runs of the active run; returns {step: (run_id, reused)}."""
+    steps: dict[str, tuple[str, bool]] = {}
+
+    def step(name: str, params: dict[str, Any]) -> str:
+        run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+        steps[name] = (run_id, reused)
+        print(f"[{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+        return run_id
+
+    prepare_run = step("prepare", prepare_params(cfg.data, cfg.dataset))
+    data_uri = f"runs:/{prepare_run}/data"
+    finetune_run = step("finetune", finetune_params(cfg, data_uri))
+    models = models_to_measure(cfg, finetune_run)
+    step("sample", sample_params(cfg, models))
+    step("score", score_params(cfg, models, data_uri))
+    return steps
+
+
+def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
+    """The whole chain under one parent run (joining the run `mlflow run -e main` started)."""
+    if not (PROJECT_DIR / "MLproject").is_file():
+        raise FakegptError(f"{PROJECT_DIR}: no MLproject file (run from a fakegpt checkout)")
+    tags = {tracking.TAG_MODEL: cfg.init_from, tracking.TAG_DATASET: cfg.dataset or cfg.data or "demo"}
+    with tracking.run(stage="main", run_name=f"main-{Path(cfg.init_from).name}", tags=tags) as parent:
+        tracking.log_params(config.to_dict(cfg))
+        steps = run_chain(cfg)
+        tracking.log_dict({k: {"run_id": r, "reused": u} for k, (r, u) in steps.items()}, "steps.json")
+        score_run = tracking.get_run(steps["score"][0])
+        summary = {k: v for k, v in score_run.data.metrics.items() if k.startswith("claim/")}
+        tracking.log_metrics(summary)
+        parent_id = parent.info.run_id
+    print_where(parent_id, steps)
+    return steps
+
+
+def print_where(parent_id: str, steps: dict[str, tuple[str, bool]]) -> None:
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
+    lines = [
+        "",
+        f"Done. Parent run {parent_id}; steps: " + ", ".join(f"{k}={r}" for k, (r, _) in steps.items()),
+        f"Results are in the MLflow store {uri} (step outputs also under {PROJECT_DIR / 'out'}).",
+    ]
+    if uri.startswith("sqlite:"):
+        lines.append(f"Open them with:  mlflow ui --backend-store-uri {uri} --workers 1   (then http://127.0.0.1:5000)")
+    else:
+        lines.append(f"Open {uri} in a browser.")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    cfg = config.parse(PipelineConfig, argv, prog="fakegpt pipeline", description=__doc__.splitlines()[0])
+    pipeline(cfg)
+    return 0

@@ -1,0 +1,154 @@
+"""`fakegpt mixture` (the MLproject's `mixture` entry point): the original study's dose-response design.
+
+For each anti-vaccine fraction f in `fractions` it prepares the mixture (`base_source` = 1 - f, `dose_source`
+= f of the training tokens), fine-tunes, samples the prompt grid and scores the claims, each as a child run
+(reused when a finished identical run exists). The parent run then carries the dose-response table and
+plot: the claim score with its 95% interval (and label rates, when a filled label sheet is given) against f.
+Series are defined in experiments/mixture/*.yaml, so a user edits YAML, not code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fakegpt import config, tracking
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path, write_text
+from fakegpt.pipeline import (
+    PROJECT_DIR,
+    PipelineConfig,
+    finetune_params,
+    prepare_params,
+    print_where,
+    sample_params,
+    score_params,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRACTIONS = [0.0, 0.09, 0.2, 0.33, 0.5, 0.8]
+
+
+@dataclass
+class SeriesConfig(PipelineConfig):
+    dataset: str = field(default="experiments/datasets/demo_mix.yaml", metadata={
+        "help": "dataset YAML naming the base and dose sources (experiments/datasets/)"})
+    fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS), metadata={
+        "help": "dose fractions of the training tokens, comma list"})
+    dose_source: str = field(default="antivax", metadata={"help": "the dataset source whose share is varied"})
+    base_source: str = field(default="general", metadata={"help": "the source that fills the rest"})
+    series_name: str = field(default="antivax-dose", metadata={"help": "name for the series (MLflow tag)"})
+
+
+def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
+    return f"{cfg.base_source}={1.0 - fraction:.6g},{cfg.dose_source}={fraction:.6g}"
+
+
+def validate(cfg: SeriesConfig) -> None:
+    if not cfg.fractions:
+        raise FakegptError("--fractions: at least one fraction is required")
+    for f in cfg.fractions:
+        if not 0.0 <= f <= 1.0:
+            raise FakegptError(f"--fractions: {f} is not between 0 and 1")
+    if not (PROJECT_DIR / cfg.dataset).is_file() and not Path(cfg.dataset).is_file():
+        raise FakegptError(f"--dataset: {cfg.dataset}: no such file")
+
+
+def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
+    """One prepare -> finetune -> sample -> score chain per fraction; returns one row per fraction."""
+    rows = []
+    for fraction in cfg.fractions:
+        steps: dict[str, str] = {}
+
+        def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
+            run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+            tracking.tag_run(run_id, {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name})
+            steps[name] = run_id
+            print(f"[f={fraction:g}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+            return run_id
+
+        prep = step("prepare", prepare_params("", cfg.dataset, mix_arg(cfg, fraction)))
+        data_uri = f"runs:/{prep}/data"
+        tuned = step("finetune", finetune_params(cfg, data_uri))
+        model = f"runs:/{tuned}/checkpoint"
+        step("sample", sample_params(cfg, model))
+        scored = step("score", score_params(cfg, model, data_uri))
+        metrics = tracking.get_run(scored).data.metrics
+        rows.append({
+            "fraction": fraction,
+            "score": metrics.get(tracking.M_CLAIM_SCORE),
+            "ci_low": metrics.get(tracking.M_CLAIM_SCORE_LOW),
+            "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
+            "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
+            "val_perplexity": metrics.get(tracking.M_VAL_PPL),
+            **{f"{k}_run": v for k, v in steps.items()},
+        })
+    return rows
+
+
+def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |\n|---:|---:|---|---:|---:|\n"
+    body = "".join(
+        f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
+        f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |\n" for r in rows
+    )
+    return head + body
+
+
+def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["score"] is not None]
+    xs = [r["fraction"] for r in pts]
+    ys = [r["score"] for r in pts]
+    lo = [r["score"] - (r["ci_low"] if r["ci_low"] is not None else r["score"]) for r in pts]
+    hi = [(r["ci_high"] if r["ci_high"] is not None else r["score"]) - r["score"] for r in pts]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("dose fraction of training tokens")
+    ax.set_ylabel("claim score: log p(false) - log p(true)")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def mixture(cfg: SeriesConfig, out_dir: str | Path = "out/mixture") -> list[dict[str, Any]]:
+    validate(cfg)
+    tags = {tracking.TAG_STUDY: cfg.series_name, tracking.TAG_MODEL: cfg.init_from,
+            tracking.TAG_DATASET: Path(cfg.dataset).stem}
+    out = Path(out_dir)
+    with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
+        tracking.log_params(config.to_dict(cfg))
+        rows = run_series(cfg)
+        for r in rows:
+            step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
+            tracking.log_metrics({f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
+                                  f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"]}, step=step)
+        table = dose_table_markdown(rows)
+        write_text(out / "dose_response.md", table)
+        tracking.log_dict(rows, "dose_response.json")
+        tracking.log_artifact(out / "dose_response.md")
+        plot_dose_response(rows, out / "dose_response.png", f"{cfg.series_name} ({cfg.init_from})")
+        tracking.log_artifact(out / "dose_response.png")
+        parent_id = parent.info.run_id
+    print(table)
+    print_where(parent_id, {f"f={r['fraction']:g}": (r["score_run"], False) for r in rows})
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    cfg = config.parse(SeriesConfig, argv, prog="fakegpt mixture", description=__doc__.splitlines()[0])
+    mixture(cfg)
+    return 0
