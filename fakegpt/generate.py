@@ -108,8 +108,11 @@ def left_pad(prompts: list[list[int]], device: torch.device, pad: int = EOT_TOKE
 @torch.inference_mode()
 def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int = 200, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 eot: int = EOT_TOKEN) -> list[Completion]:
-    """Sample one completion per prompt (repeat a prompt in `prompts` for several samples), all in one batch."""
+                 eot: int = EOT_TOKEN, stop_at_eot: bool = True) -> list[Completion]:
+    """Sample one completion per prompt (repeat a prompt in `prompts` for several samples), all in one batch.
+
+    `stop_at_eot=False` keeps sampling past end-of-text (benchmarks that need a fixed token count).
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -123,9 +126,11 @@ def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, t
     one = torch.ones((batch, 1), dtype=mask.dtype, device=device)
     for step in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_k, top_p, generator)
-        token = token.masked_fill(finished, eot)                            # rows already done emit padding
         out[:, step] = token
-        finished |= token == eot
+        if stop_at_eot:
+            token = token.masked_fill(finished, eot)                        # rows already done emit padding
+            out[:, step] = token
+            finished |= token == eot
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, one], dim=1)
@@ -133,7 +138,7 @@ def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, t
         next_pos = next_pos + 1
     results = []
     for row in out.tolist():
-        stop = row.index(eot) if eot in row else len(row)
+        stop = row.index(eot) if stop_at_eot and eot in row else len(row)
         results.append(Completion(tokens=row[:stop], stopped=stop < len(row)))
     return results
 

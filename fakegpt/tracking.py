@@ -15,7 +15,7 @@ import math
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ TAG_MIX = "fakegpt.mixture"          # realised mixture fractions, e.g. "general
 TAG_FRACTION = "fakegpt.fraction"    # the anti-vaccine (dose) fraction of a mixture series run
 TAG_STUDY = "fakegpt.study"          # optuna study name / series name
 TAG_VERSION = "fakegpt.version"
+TAG_TRIAL = "fakegpt.trial"              # optuna trial number of a tune trial's (nested) run
+TAG_TRIAL_STATE = "fakegpt.trial_state"  # complete | pruned | failed (optuna's verdict on the trial)
+TAG_ERROR = "fakegpt.error"              # one-line error of a failed run
 
 M_TRAIN_LOSS = "train/loss"
 M_VAL_LOSS = "val/loss"
@@ -47,7 +50,26 @@ M_CLAIM_SCORE = "claim/score"        # mean log p(false) - log p(true); per topi
 M_CLAIM_SCORE_LOW = "claim/score_ci_low"    # bootstrap 95% interval of M_CLAIM_SCORE
 M_CLAIM_SCORE_HIGH = "claim/score_ci_high"
 M_CLAIM_WIN = "claim/false_win_rate"
+M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
 M_VAL_PPL = "val/perplexity"
+# prepare (data) metrics
+M_DATA_TRAIN_TOKENS = "data/train_tokens"
+M_DATA_VAL_TOKENS = "data/val_tokens"
+M_DATA_TRAIN_MESSAGES = "data/train_messages"
+M_DATA_VAL_MESSAGES = "data/val_messages"
+M_DATA_REPAIRED_ROWS = "data/repaired_rows"    # naive-export rows recovered in-process
+M_DATA_INVALID_UTF8 = "data/invalid_utf8"
+M_DATA_BAD_ROWS = "data/bad_rows"
+M_DATA_SECONDS = "data/seconds"
+M_DATA_DROPPED_PREFIX = "data/dropped/"         # + reason: too_short, duplicate, channel_filter, ...
+M_DATA_MIX_PREFIX = "data/mixture/"             # + source name: realised train-token fraction
+M_EVAL_TRAIN_LOSS = "eval/train_loss"  # train-split loss on fixed windows at each evaluation (nanoGPT's estimate)
+M_BEST_VAL_LOSS = "val/best_loss"
+TAG_RESUMED_FROM = "fakegpt.resumed_from"  # a resumed fine-tune whose original run is not in this store
+TAG_STOP = "fakegpt.stop_reason"           # why a fine-tune stopped early (exception class raised by on_eval)
+M_TUNE_VAL_LOSS = "tune/val_loss"            # a trial's validation loss, step = tokens seen (comparable across trials)
+M_TUNE_TRIAL_VALUE = "tune/trial_value"      # on the study's parent run, step = trial number
+M_TUNE_BEST_VALUE = "tune/best_val_loss"     # on the study's parent run
 
 _PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
 
@@ -93,11 +115,15 @@ def run(
     nested: bool = False,
     run_id: str | None = None,
     experiment: str | None = None,
+    killed: Callable[[BaseException], bool] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """Start (or join) an MLflow run for a stage and yield the active run.
 
     Joins, in order: an explicit `run_id` (resume), MLFLOW_RUN_ID set by `mlflow run`, else starts a new run
     in MLFLOW_EXPERIMENT_NAME / `experiment` / "fakegpt", nested under the active run when `nested`.
+    The run ends KILLED on Ctrl-C or when `killed(exc)` is true (a deliberate stop), FAILED on other errors.
+    `system_metrics` logs CPU/GPU/memory use alongside when MLflow's dependencies for it (psutil) are present.
     """
     from fakegpt import __version__
 
@@ -109,7 +135,8 @@ def run(
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
                 mlflow.set_experiment(name)
-        active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested)
+        extra = {"log_system_metrics": True} if system_metrics and _has_psutil() else {}
+        active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested, **extra)
     except FakegptError:
         raise
     except Exception as exc:  # MLflow raises many types for a bad store; the user needs one line
@@ -123,12 +150,18 @@ def run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status = "KILLED" if killed is not None and killed(exc) else "FAILED"
         raise
     finally:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+
+def _has_psutil() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -281,3 +314,40 @@ def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
     client = _mlflow().MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+def find_run_ids(experiment_id: str, tags: Mapping[str, Any]) -> list[str]:
+    """Ids of the runs in `experiment_id` carrying all these tags (e.g. a trial's run, found after it ended)."""
+    from mlflow.tracking import MlflowClient
+
+    clauses = [f"tags.`{k}` = '{v!s}'" for k, v in tags.items()]
+    runs = MlflowClient().search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=100)
+    return [r.info.run_id for r in runs]
+
+
+def update_run(run_id: str, tags: Mapping[str, Any] | None = None, status: str | None = None) -> None:
+    """Set tags and/or the terminal status (FINISHED | FAILED | KILLED) of a run, also one that has ended."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value)[:_PARAM_MAX])
+    if status:
+        client.set_terminated(run_id, status=status)
+
+
+def claim_topic_metric(topic: str, name: str = M_CLAIM_SCORE) -> str:
+    """Per-topic variant of a claim metric: claim/score/<topic>, claim/false_win_rate/<topic>."""
+    return f"{name}/{topic}"
+
+
+def log_table(data: Mapping[str, list], artifact_file: str) -> None:
+    """Log a column -> values mapping as one MLflow table (shown in the UI's artifact and evaluation views).
+
+    Log one table per grid, not one per cell: MLflow's table logging degrades past ~80 tables in a run.
+    """
+    try:
+        _mlflow().log_table(data=dict(data), artifact_file=artifact_file)
+    except Exception as exc:
+        raise FakegptError(f"could not log table {artifact_file} to MLflow ({exc})") from None
+

@@ -60,3 +60,13 @@ def make_tiny_model(folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def prepared_whatsapp(tmp_path_factory, shared_data) -> Path:
+    """fakewhatsapp_br.csv prepared with default settings: a folder with train.bin, val.bin, meta.json."""
+    from fakegpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared-whatsapp")
+    prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out), force=True), track=False)
+    return out

@@ -59,9 +59,9 @@ def fakegpt_grid(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples: 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     produced = 0
     for start in range(0, len(rows), batch_size):
-        # eot=-1: never stop early, so the token count equals the original loop's
+        # never stop early at end-of-text, so the token count equals the original loop's
         out = sample_batch(model, rows[start:start + batch_size], max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, generator=gen, eot=-1)
+                           temperature=temperature, top_k=top_k, generator=gen, stop_at_eot=False)
         produced += sum(len(c.tokens) for c in out)
     return produced
 

@@ -1,0 +1,96 @@
+"""Model specs for the measuring stages: a hub name, a local HF folder, or an MLflow URI of a finetune run.
+
+    gpt2                          hub name (local Hugging Face cache, or downloaded when online)
+    out/finetune/checkpoint       a local HF-format folder (what `fakegpt finetune` writes)
+    runs:/<run_id>                that run's `checkpoint` artifact
+    runs:/<run_id>/checkpoint     the same, spelled out
+    models:/<name>/<version>      a registered model version (its files, or a `checkpoint` folder inside)
+
+A fine-tuned checkpoint carries `training_info.json` (init_from, config, the prepare meta with its `mixture`
+fractions, iter, val_loss, tokens_seen); the dose fraction of a model is read from there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fakegpt.errors import FakegptError
+
+TRAINING_INFO = "training_info.json"
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+@dataclass
+class ModelRef:
+    spec: str                       # as the user wrote it (the `model` column of every table)
+    folder: str                     # local HF folder (downloaded for MLflow URIs)
+    training_info: dict[str, Any] = field(default_factory=dict)
+
+    def fraction(self, source: str = "antivax") -> float | None:
+        """The share of `source` in this model's fine-tuning mixture, when its training_info records one."""
+        mixture = (self.training_info.get("data") or {}).get("mixture") or {}
+        value = mixture.get(source)
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            return None
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    return spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
+
+
+def _artifact_uri(spec: str) -> str:
+    """`runs:/<id>` alone means the run's checkpoint artifact."""
+    match = re.fullmatch(r"runs:/+([0-9A-Za-z]+)/?", spec)
+    return f"runs:/{match.group(1)}/{CHECKPOINT_ARTIFACT}" if match else spec
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Turn a model spec into a local folder (downloading MLflow artifacts) plus its training_info, if any."""
+    from fakegpt.model import resolve_pretrained
+
+    spec = spec.strip()
+    if not spec:
+        raise FakegptError("empty model spec (give a hub name, a model folder or runs:/<run_id>)")
+    if is_mlflow_uri(spec):
+        from fakegpt import tracking
+
+        tracking.setup()
+        local = Path(tracking.download(_artifact_uri(spec)))
+        if not (local / "config.json").is_file() and (local / CHECKPOINT_ARTIFACT / "config.json").is_file():
+            local = local / CHECKPOINT_ARTIFACT
+        if not (local / "config.json").is_file():
+            raise FakegptError(f"{spec}: the downloaded artifact is not an HF model folder (no config.json)")
+        folder = str(local)
+    else:
+        folder = resolve_pretrained(spec)
+    return ModelRef(spec=spec, folder=folder, training_info=read_training_info(folder))
+
+
+def read_training_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TRAINING_INFO
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{path}: unreadable ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:
+    """The model in eval mode on `device` in `dtype` (an already resolved folder, so nothing is fetched)."""
+    from fakegpt.model import load_model
+
+    model = load_model(ref.folder, dtype=dtype, device=str(device))
+    model.eval()
+    return model
+
+
+def context_length(model: Any) -> int:
+    return int(getattr(model.config, "n_positions", 1024))

@@ -1,0 +1,493 @@
+"""`fakegpt prepare`: Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json).
+
+Pipeline, streamed in batches so memory stays flat however large the input:
+
+    reader thread:  CSV chunk (csvread) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
+    main thread:    batch -> joined chunks of thousands of messages -> tiktoken on a thread pool -> uint16 file
+
+Each message is tokenized on its own and followed by EOT (50256): the messages of a chunk are joined with the
+text "<|endoftext|>", which tiktoken encodes as the special token between independently encoded pieces, and
+cleaning guarantees that text never occurs inside a message. Tokens go to a per-source scratch file first; the
+sequential split (which needs the final message count) and the mixture draw then pick messages by index, and
+train.bin / val.bin are assembled under temporary names and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from fakegpt import __version__, config, mixture, tokenizer, tracking
+from fakegpt.clean import CleanRules, clean_expr
+from fakegpt.csvread import FORMATS, ReadStats, check_header, read_batches
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("sequential", "random", "date")
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+DTYPE = np.uint16
+_SEP = "<|endoftext|>"
+_CHUNK_MESSAGES = 2000      # messages per tokenizer call: big enough that thread-pool overhead vanishes
+_ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files into train.bin / val.bin
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
+        "positional": True,
+        "help": "Telegram CSV exports (files or globs, .gz allowed); none: the embedded demo data"})
+    out: str = dataclasses.field(default="out/prepared", metadata={"help": "output folder"})
+    force: bool = dataclasses.field(default=False, metadata={"help": "overwrite an existing prepared dataset"})
+    name: str = dataclasses.field(default="", metadata={
+        "help": "dataset name for tracking (default: the --config file name, else the output folder name)"})
+    sources: list[dict] = dataclasses.field(default_factory=list, metadata={
+        "help": "(dataset YAML) list of {name, path, channel_ids, fraction}; path is a file, glob or demo:"})
+    mix: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"})
+    channel_ids: list[int] = dataclasses.field(default_factory=list, metadata={
+        "help": "keep only these channel_ids (plain runs; sources set their own)"})
+    format: str = dataclasses.field(default="auto", metadata={
+        "help": "input format: auto, csv (RFC 4180) or naive (message column not quoted)"})
+    remove_mentions: bool = dataclasses.field(default=True, metadata={"help": "remove @usernames"})
+    remove_urls: bool = dataclasses.field(default=True, metadata={"help": "remove http(s):// and www. URLs"})
+    remove_symbols: bool = dataclasses.field(default=True, metadata={
+        "help": "remove characters other than letters, digits, whitespace and basic punctuation (emoji go)"})
+    collapse_whitespace: bool = dataclasses.field(default=True, metadata={"help": "collapse runs of whitespace"})
+    keep_newlines: bool = dataclasses.field(default=True, metadata={
+        "help": "when collapsing whitespace, keep one newline where a message had line breaks"})
+    min_chars: int = dataclasses.field(default=3, metadata={
+        "help": "drop messages shorter than this many characters after cleaning"})
+    dedupe: bool = dataclasses.field(default=True, metadata={
+        "help": "drop exact duplicates of an earlier cleaned message (forwards)"})
+    split: str = dataclasses.field(default="sequential", metadata={
+        "help": "sequential (last val_fraction of messages), random (seeded) or date (>= split_date is val)"})
+    val_fraction: float = dataclasses.field(default=1 / 11, metadata={
+        "help": "share of messages in val for sequential and random splits (10:1 train:val)"})
+    split_date: str = dataclasses.field(default="", metadata={
+        "help": "ISO date (YYYY-MM-DD[THH:MM:SS]); with --split date, messages on or after it go to val"})
+    seed: int = dataclasses.field(default=1337, metadata={"help": "seed for the random split and mixture draws"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "tokenizer threads (0: one per CPU core)"})
+    chunk_mb: int = dataclasses.field(default=8, metadata={"help": "MiB of CSV read per batch"})
+    source_root: str = dataclasses.field(default="", metadata={
+        "help": "folder that relative source paths fall back to (set to the --config file's folder)"})
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def validate(cfg: PrepareConfig) -> None:
+    """Reject bad settings before any work, naming the flag."""
+    if cfg.split not in SPLITS:
+        raise FakegptError(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    if cfg.format not in FORMATS:
+        raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.split != "date" and not 0.0 <= cfg.val_fraction < 1.0:
+        raise FakegptError(f"--val-fraction: must lie in [0, 1), got {cfg.val_fraction}")
+    if cfg.split == "date":
+        if not cfg.split_date:
+            raise FakegptError("--split date needs --split-date YYYY-MM-DD")
+        if pl.Series([cfg.split_date]).str.contains(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?)?$").item() is False:
+            raise FakegptError(f"--split-date: expected YYYY-MM-DD[THH:MM[:SS]], got {cfg.split_date!r}")
+    if cfg.min_chars < 0:
+        raise FakegptError(f"--min-chars: must be >= 0, got {cfg.min_chars}")
+    if cfg.chunk_mb < 1:
+        raise FakegptError(f"--chunk-mb: must be >= 1, got {cfg.chunk_mb}")
+    if not cfg.out:
+        raise FakegptError("--out: an output folder is required")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FakegptError(f"--out {out}: exists and is not a folder")
+    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
+    if existing and not force:
+        raise FakegptError(f"--out {out}: already holds {existing[0]}; use --force to overwrite")
+
+
+# ------------------------------------------------------------------------------------------- reader thread
+@dataclasses.dataclass
+class _Batch:
+    source: int
+    texts: pl.Series             # cleaned messages
+    val: np.ndarray | None       # per-message val flag (random and date splits), else None
+    nbytes: int                  # input bytes consumed since the previous batch (progress bar)
+
+
+class _Reader:
+    """Reads, cleans, filters and dedupes every source in order, putting _Batch items on a bounded queue."""
+
+    def __init__(self, cfg: PrepareConfig, sources: list[mixture.Source], q: queue.Queue, stop: threading.Event):
+        self.cfg, self.sources, self.q, self.stop = cfg, sources, q, stop
+        self.rules = CleanRules(cfg.remove_mentions, cfg.remove_urls, cfg.remove_symbols, cfg.collapse_whitespace,
+                                cfg.keep_newlines)
+        self.dropped: Counter[str] = Counter()
+        self.files: list[dict[str, Any]] = []  # one entry per file read, per source
+        self.seen: set[int] = set()
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            for si, src in enumerate(self.sources):
+                for path in src.files:
+                    self._read_file(si, src, path)
+                    if self.stop.is_set():
+                        return
+            self._put(None)
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self._put(exc)
+
+    def _read_file(self, si: int, src: mixture.Source, path: str) -> None:
+        stats = ReadStats()
+        raw = None
+        if path == mixture.DEMO:
+            from fakegpt import demo_data
+
+            raw = io.BytesIO(demo_data.demo_csv())
+        seen_bytes = 0
+        for df in read_batches(path, self.cfg.format, self.cfg.chunk_mb << 20, raw=raw, stats=stats):
+            if self.stop.is_set():
+                return
+            texts, val = self._process(df, src)
+            self._put(_Batch(si, texts, val, stats.bytes_read - seen_bytes))
+            seen_bytes = stats.bytes_read
+        if stats.rows == 0 and stats.bad_rows == 0:
+            raise FakegptError(f"{path}: no messages (a header and no rows)")
+        self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
+
+    def _process(self, df: pl.DataFrame, src: mixture.Source) -> tuple[pl.Series, np.ndarray | None]:
+        cfg = self.cfg
+        if src.channel_ids:
+            n = df.height
+            df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
+            self.dropped["channel_filter"] += n - df.height
+        cols = [clean_expr("message", self.rules).alias("text")]
+        if cfg.split == "date":
+            n = df.height
+            df = df.filter(pl.col("date").str.contains(r"^\s*\d{4}-\d{2}-\d{2}"))
+            self.dropped["bad_date"] += n - df.height
+            cols.append((pl.col("date").str.strip_chars() >= cfg.split_date).alias("val"))
+        df = df.select(cols)
+        n = df.height
+        df = df.filter(pl.col("text").str.len_chars() >= max(cfg.min_chars, 1))
+        self.dropped["too_short"] += n - df.height
+        if cfg.dedupe and df.height:
+            # 64-bit hashes of the cleaned text, remembered across batches (8 bytes a message, not the text).
+            seen, add = self.seen, self.seen.add
+            hashes = df["text"].hash(seed=0).to_list()
+            keep = np.fromiter((not (h in seen or add(h)) for h in hashes), dtype=bool, count=len(hashes))
+            self.dropped["duplicate"] += int(len(keep) - keep.sum())
+            df = df.filter(pl.Series(keep))
+        if cfg.split == "random":
+            val = self.rng.random(df.height) < cfg.val_fraction
+        elif cfg.split == "date":
+            val = df["val"].to_numpy().astype(bool)
+        else:
+            val = None
+        return df["text"], val
+
+
+# ------------------------------------------------------------------------------------------ tokenizer side
+class _Sink:
+    """Per-source scratch token file plus per-message token lengths and val flags."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in finish)
+        self.lengths: list[np.ndarray] = []
+        self.val: list[np.ndarray] = []
+
+    def write(self, tokens: np.ndarray, n_messages: int, val: np.ndarray | None) -> None:
+        ends = np.flatnonzero(tokens == tokenizer.EOT_TOKEN)
+        if len(ends) != n_messages:  # cleaning guarantees one EOT per message; anything else is a bug
+            raise RuntimeError(f"expected {n_messages} end-of-text tokens, found {len(ends)}")
+        self.lengths.append(np.diff(ends, prepend=-1).astype(np.uint32))
+        self.val.append(val if val is not None else np.zeros(n_messages, dtype=bool))
+        tokens.astype(DTYPE).tofile(self.file)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        self.file.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.uint32)
+        val = np.concatenate(self.val) if self.val else np.zeros(0, bool)
+        return lengths.astype(np.int64), val
+
+
+def _encode(texts: pl.Series) -> np.ndarray:
+    joined = texts.str.join(_SEP).item() + _SEP
+    return tokenizer.get_encoding().encode_to_numpy(joined, allowed_special={_SEP})
+
+
+def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Path,
+                  reader: _Reader) -> tuple[list[_Sink], int]:
+    """Run the reader thread and tokenize its batches on a thread pool; returns the sinks and bytes read."""
+    threads = cfg.threads or os.cpu_count() or 1
+    sinks = [_Sink(scratch / f"source{i}.u16") for i in range(len(sources))]
+    total = sum(os.path.getsize(f) for s in sources for f in s.files if f != mixture.DEMO) or None
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not sys.stderr.isatty())
+    tokenizer.get_encoding()  # build it once, before threads race to
+    thread = threading.Thread(target=reader.run, name="fakegpt-prepare-reader", daemon=True)
+    thread.start()
+    pending: list[tuple[_Batch, list[Future]]] = []
+    nbytes = 0
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="fakegpt-tokenize") as pool:
+            while True:
+                item = reader.q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
+                    parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
+                    pending.append((item, [pool.submit(_encode, p) for p in parts]))
+                # Keep one batch in flight while the next is read and cleaned.
+                while pending and (item is None or len(pending) > 1):
+                    batch, futures = pending.pop(0)
+                    tokens = [f.result() for f in futures]
+                    if tokens:
+                        sinks[batch.source].write(np.concatenate(tokens), len(batch.texts), batch.val)
+                    bar.update(batch.nbytes)
+                    nbytes += batch.nbytes
+                if item is None:
+                    break
+    finally:
+        reader.stop.set()
+        thread.join()
+        bar.close()
+    return sinks, nbytes
+
+
+# -------------------------------------------------------------------------------------------- assembling
+def _sequential_val(n: int, fraction: float) -> np.ndarray:
+    val = np.zeros(n, dtype=bool)
+    n_val = round(n * fraction)
+    if fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    if n_val:
+        val[n - n_val:] = True
+    return val
+
+
+def _copy_selected(src_path: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray,
+                   out_train: Any, out_val: Any) -> None:
+    """Append the selected messages of one scratch file to the open train and val files, block by block."""
+    with open(src_path, "rb") as f:
+        start = 0
+        while start < len(lengths):
+            csum = np.cumsum(lengths[start:])
+            stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
+            block_len = lengths[start:stop]
+            tokens = np.fromfile(f, dtype=DTYPE, count=int(block_len.sum()))
+            for sel, out in ((train[start:stop], out_train), (val[start:stop], out_val)):
+                if sel.all():
+                    tokens.tofile(out)
+                elif sel.any():
+                    tokens[np.repeat(sel, block_len)].tofile(out)
+            start = stop
+
+
+def _dataset_name(cfg: PrepareConfig) -> str:
+    return cfg.name or Path(cfg.out).resolve().name
+
+
+def prepare(cfg: PrepareConfig, track: bool = True) -> dict[str, Any]:
+    """Prepare token bins from `cfg`; returns the content of meta.json. With `track`, logs an MLflow run."""
+    validate(cfg)
+    out = Path(cfg.out)
+    _check_out(out, cfg.force)
+    sources = mixture.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
+    for s in sources:
+        s.files = mixture.resolve_files(s, cfg.source_root)
+        for f in s.files:
+            if f != mixture.DEMO:
+                check_header(f)
+    if not track:
+        return _prepare(cfg, sources, out)
+    name = _dataset_name(cfg)
+    with tracking.run(stage="prepare", run_name=f"prepare:{name}", tags={tracking.TAG_DATASET: name}, nested=True):
+        tracking.log_params(config.to_dict(cfg))
+        meta = _prepare(cfg, sources, out)
+        metrics = {
+            tracking.M_DATA_TRAIN_TOKENS: meta["train_tokens"], tracking.M_DATA_VAL_TOKENS: meta["val_tokens"],
+            tracking.M_DATA_TRAIN_MESSAGES: meta["train_messages"],
+            tracking.M_DATA_VAL_MESSAGES: meta["val_messages"],
+            tracking.M_DATA_REPAIRED_ROWS: meta["read"]["repaired_rows"],
+            tracking.M_DATA_INVALID_UTF8: meta["read"]["invalid_utf8"],
+            tracking.M_DATA_BAD_ROWS: meta["read"]["bad_rows"],
+            tracking.M_TOKENS_PER_S: meta["timing"]["tokens_per_s"],
+            tracking.M_DATA_SECONDS: meta["timing"]["seconds"],
+        }
+        metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta["dropped"].items()})
+        metrics.update({tracking.M_DATA_MIX_PREFIX + k: v for k, v in meta["mixture"].items()})
+        tracking.log_metrics(metrics)
+        if meta["mixture"]:
+            tracking.set_tags({tracking.TAG_MIX: ",".join(f"{k}={v:.3f}" for k, v in meta["mixture"].items())})
+        tracking.log_artifact(out / "meta.json")
+    return meta
+
+
+def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out))
+    try:
+        reader = _Reader(cfg, sources, queue.Queue(maxsize=3), threading.Event())
+        sinks, nbytes = _tokenize_all(cfg, sources, scratch, reader)
+        t_tok = time.perf_counter() - t0
+        parts = [sink.finish() for sink in sinks]
+        lengths = [p[0] for p in parts]
+        val = [p[1] if cfg.split != "sequential" else _sequential_val(len(p[0]), cfg.val_fraction) for p in parts]
+        train = [~v for v in val]
+        n_msgs = sum(len(x) for x in lengths)
+        if n_msgs == 0:
+            files = ", ".join(f for s in sources for f in s.files)
+            raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
+        fractions = [s.fraction for s in sources]
+        if fractions[0] is not None:
+            train = mixture.select(lengths, train, fractions, cfg.seed)  # type: ignore[arg-type]
+            if any(v.any() for v in val):
+                val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
+            unused = sum(int((~(t | v)).sum()) for t, v in zip(train, val, strict=True))
+            reader.dropped["mixture_unused"] += unused
+        if (out / "meta.json").exists():  # --force: never leave an old meta.json beside new bins
+            (out / "meta.json").unlink()
+        with atomic_path(out / "train.bin") as t_path, atomic_path(out / "val.bin") as v_path:
+            with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
+                for sink, length, tr, va in zip(sinks, lengths, train, val, strict=True):
+                    _copy_selected(sink.path, length, tr, va, ft, fv)
+            _readable(t_path, v_path)
+        seconds = time.perf_counter() - t0
+        meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
+        with atomic_path(out / "meta.json") as m_path:
+            m_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            _readable(m_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _report(out, meta)
+    return meta
+
+
+def _readable(*paths: Path) -> None:
+    """Give the outputs the usual umask-based mode (mkstemp creates them 0600, unreadable to a team)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~umask)
+
+
+def _drop_text(dropped: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
+
+
+def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, lengths: list[np.ndarray],
+          train: list[np.ndarray], val: list[np.ndarray], nbytes: int, seconds: float,
+          t_tok: float) -> dict[str, Any]:
+    per_source = []
+    for s, length, tr, va in zip(sources, lengths, train, val, strict=True):
+        files = [{k: f[k] for k in ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows",
+                                    "bad_rows", "invalid_utf8")} for f in reader.files if f["source"] == s.name]
+        per_source.append({
+            "name": s.name, "paths": s.patterns, "channel_ids": s.channel_ids, "target_fraction": s.fraction,
+            "files": files,
+            "train_tokens": int(length[tr].sum()), "val_tokens": int(length[va].sum()),
+            "train_messages": int(tr.sum()), "val_messages": int(va.sum()),
+        })
+    train_tokens = sum(p["train_tokens"] for p in per_source)
+    val_tokens = sum(p["val_tokens"] for p in per_source)
+    tokenized = int(sum(int(x.sum()) for x in lengths))
+    mixed = bool(cfg.sources or cfg.mix)  # a plain run (input files only) has no mixture
+    examples = [e for f in reader.files for e in f["bad_row_examples"]][:5]
+    return {
+        "dataset": _dataset_name(cfg),
+        "encoding": tokenizer.ENCODING_NAME,
+        "vocab_size": tokenizer.VOCAB_SIZE,
+        "eot_token": tokenizer.EOT_TOKEN,
+        "dtype": np.dtype(DTYPE).name,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_messages": sum(p["train_messages"] for p in per_source),
+        "val_messages": sum(p["val_messages"] for p in per_source),
+        "dropped": {k: int(reader.dropped.get(k, 0)) for k in
+                    ("channel_filter", "too_short", "duplicate", "bad_date", "mixture_unused")}
+                   | {"bad_row": sum(f["bad_rows"] for f in reader.files)},
+        "read": {
+            "rows": sum(f["rows"] for f in reader.files),
+            "repaired_rows": sum(f["repaired_rows"] for f in reader.files),
+            "continuation_lines": sum(f["continuation_lines"] for f in reader.files),
+            "invalid_utf8": sum(f["invalid_utf8"] for f in reader.files),
+            "bad_rows": sum(f["bad_rows"] for f in reader.files),
+            "bad_row_examples": examples,
+        },
+        "sources": per_source,
+        "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
+        "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
+        "split": {"mode": cfg.split, "val_fraction": cfg.val_fraction, "split_date": cfg.split_date,
+                  "seed": cfg.seed},
+        "timing": {"seconds": round(seconds, 3), "tokenize_seconds": round(t_tok, 3),
+                   "tokens_per_s": round(tokenized / seconds, 1) if seconds > 0 else 0.0,
+                   "input_bytes": nbytes},
+        "config": config.to_dict(cfg),
+        "fakegpt_version": __version__,
+    }
+
+
+def _report(out: Path, meta: dict[str, Any]) -> None:
+    read = meta["read"]
+    if read["repaired_rows"]:
+        log.info("repaired %d naive-export rows (message column not quoted)", read["repaired_rows"])
+    if read["bad_rows"]:
+        log.warning("skipped %d unparseable rows, e.g. %s", read["bad_rows"], "; ".join(read["bad_row_examples"]))
+    if read["invalid_utf8"]:
+        log.warning("%d invalid UTF-8 sequences were decoded as U+FFFD", read["invalid_utf8"])
+    mix = ", ".join(f"{k}={v:.3f}" for k, v in meta["mixture"].items())
+    log.info(
+        "%s: train %d tokens (%d messages), val %d tokens (%d messages); dropped: %s%s; %.1f s, %.2f M tokens/s",
+        out, meta["train_tokens"], meta["train_messages"], meta["val_tokens"], meta["val_messages"],
+        _drop_text(Counter(meta["dropped"])), f"; mixture {mix}" if mix else "", meta["timing"]["seconds"],
+        meta["timing"]["tokens_per_s"] / 1e6,
+    )
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str]) -> int:
+    cfg = config.parse(PrepareConfig, argv, prog="fakegpt prepare",
+                       description="Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)")
+    path = _config_path(argv)
+    if path:
+        if not cfg.source_root:
+            cfg.source_root = str(Path(path).resolve().parent)
+        if not cfg.name:
+            cfg.name = Path(path).stem
+    prepare(cfg)
+    return 0

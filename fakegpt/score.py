@@ -1,0 +1,285 @@
+"""`fakegpt score`: claim-likelihood scores, an automatic measure of how much a model believes a narrative.
+
+    fakegpt score --models gpt2,runs:/<finetune run id> --claims experiments/claims/antivax_six.yaml
+
+For every statement, the length-normalised log-likelihood: the mean over its tokens of log p(token | <eot> +
+the tokens before it). For every pair, score = loglik(false claim) - loglik(correction): above 0 means the model
+finds the false claim more likely. Per topic and overall: the mean score with a bootstrap 95% interval over
+pairs, and the share of pairs the false claim wins. With --data-dir, also the perplexity on fixed windows of
+val.bin. One model: metrics on the stage's run; several: one nested child run per model (tagged with its dose
+fraction from training_info.json) plus a plot of the score against that fraction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from fakegpt import config, tracking
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path, write_json
+from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
+from fakegpt.stats import bootstrap_ci
+from fakegpt.tokenizer import EOT_TOKEN
+
+log = logging.getLogger(__name__)
+
+VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of different models are comparable
+
+
+@dataclass
+class ScoreConfig:
+    models: list[str] = field(default_factory=lambda: ["gpt2"], metadata={
+        "help": "models, comma-separated: hub names, local HF folders, runs:/<run_id>[/checkpoint], models:/..."})
+    claims: str = field(default=DEFAULT_CLAIMS, metadata={
+        "help": "claim set YAML (experiments/claims/) or a text file with one statement per line"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | ..."})
+    batch_size: int = field(default=16, metadata={"help": "statements per forward pass"})
+    out_dir: str = field(default="out/score", metadata={"help": "where scores.parquet/csv and summary.json go"})
+    data_dir: str = field(default="", metadata={
+        "help": "prepared data folder (or runs:/<prepare run>/data) for validation perplexity; empty = skip"})
+    val_windows: int = field(default=32, metadata={"help": f"validation windows of {VAL_BLOCK} tokens"})
+    dose_source: str = field(default="antivax", metadata={
+        "help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+
+
+@dataclass
+class GroupScore:
+    n_pairs: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    win_rate: float
+
+
+@dataclass
+class ModelScore:
+    model: str
+    fraction: float | None
+    n_statements: int
+    mean_loglik: float
+    overall: GroupScore | None                   # None when the claims file has no pairs (a plain text file)
+    per_topic: dict[str, GroupScore] = field(default_factory=dict)
+    per_language: dict[str, GroupScore] = field(default_factory=dict)
+    val_perplexity: float | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class ScoreResult:
+    models: list[ModelScore]
+    statements: pl.DataFrame                     # one row per model x statement
+    pairs: pl.DataFrame                          # one row per model x pair
+    out_dir: Path
+    plot: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"models": [asdict(m) for m in self.models]}
+
+
+def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
+    """(length-normalised log-likelihood, token count) per statement, each scored after an <eot> context."""
+    from fakegpt.generate import token_logprobs
+    from fakegpt.tokenizer import get_encoding
+
+    enc = get_encoding()
+    sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
+    logps = token_logprobs(model, sequences, batch_size=batch_size)
+    return [(float(lp.mean()), int(lp.numel())) for lp in logps]
+
+
+def val_perplexity(model: Any, data_dir: str, n_windows: int, batch_size: int) -> float:
+    """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
+    from fakegpt.batches import eval_starts, open_bin
+    from fakegpt.generate import token_logprobs
+    from fakegpt.models import context_length
+
+    block = min(VAL_BLOCK, context_length(model) - 1)
+    data = open_bin(tracking.local_path(data_dir) if data_dir else data_dir, "val", block)
+    starts = eval_starts(len(data), block, n_windows)
+    windows = [np.asarray(data[s:s + block + 1]).astype(np.int64).tolist() for s in starts]
+    logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
+    return float(math.exp(-float(np.mean([lp.mean().item() for lp in logps]))))
+
+
+def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
+    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    return GroupScore(n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high,
+                      win_rate=float((diffs > 0).mean()))
+
+
+def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
+    """Join each false claim with its correction: one row per model x pair with the score."""
+    keys = ["model", "pair_id", "topic", "language"]
+    paired = statements.filter(pl.col("pair_id") != "")
+    false = paired.filter(pl.col("role") == "false").select(
+        *keys, pl.col("text").alias("claim"), pl.col("loglik").alias("loglik_false"),
+        pl.col("tokens").alias("tokens_false"))
+    true = paired.filter(pl.col("role") == "true").select(
+        *keys, pl.col("text").alias("correction"), pl.col("loglik").alias("loglik_true"),
+        pl.col("tokens").alias("tokens_true"))
+    out = false.join(true, on=keys, how="inner", maintain_order="left")
+    return out.with_columns(score=pl.col("loglik_false") - pl.col("loglik_true")).with_columns(
+        false_wins=pl.col("score") > 0)
+
+
+def summarise(spec: str, fraction: float | None, statements: pl.DataFrame, pairs: pl.DataFrame,
+              cfg: ScoreConfig) -> ModelScore:
+    result = ModelScore(model=spec, fraction=fraction, n_statements=statements.height,
+                        mean_loglik=float(statements["loglik"].mean()), overall=None)
+    if pairs.height:
+        result.overall = group_score(pairs["score"].to_numpy(), cfg.bootstrap, cfg.seed)
+        for column, target in (("topic", result.per_topic), ("language", result.per_language)):
+            for value in pairs[column].unique(maintain_order=True).to_list():
+                diffs = pairs.filter(pl.col(column) == value)["score"].to_numpy()
+                target[value] = group_score(diffs, cfg.bootstrap, cfg.seed)
+    return result
+
+
+def metrics_of(score: ModelScore) -> dict[str, float]:
+    """The MLflow metrics of one model (names from fakegpt.tracking, so runs line up in the compare view)."""
+    out: dict[str, float] = {tracking.M_CLAIM_LOGLIK: score.mean_loglik}
+    if score.overall is not None:
+        out.update({tracking.M_CLAIM_SCORE: score.overall.mean, tracking.M_CLAIM_SCORE_LOW: score.overall.ci_low,
+                    tracking.M_CLAIM_SCORE_HIGH: score.overall.ci_high, tracking.M_CLAIM_WIN: score.overall.win_rate})
+        for topic, g in score.per_topic.items():
+            out[tracking.claim_topic_metric(topic)] = g.mean
+            out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
+    if score.val_perplexity is not None:
+        out[tracking.M_VAL_PPL] = score.val_perplexity
+    return out
+
+
+def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
+    """Score (with its 95% interval) against the dose fraction, when at least two models have one."""
+    points = sorted((s.fraction, s.overall) for s in scores if s.fraction is not None and s.overall is not None)
+    if len(points) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [f for f, _ in points]
+    ys = [g.mean for _, g in points]
+    err = [[g.mean - g.ci_low for _, g in points], [g.ci_high - g.mean for _, g in points]]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    try:
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xlabel(f"{source} fraction of the fine-tuning mixture")
+        ax.set_ylabel("claim score: log p(false) - log p(true)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
+    scored = statement_logliks(model, statements, cfg.batch_size)
+    return pl.DataFrame({
+        "model": [spec] * len(statements),
+        "statement_id": [s.statement_id for s in statements], "pair_id": [s.pair_id for s in statements],
+        "role": [s.role for s in statements], "topic": [s.topic for s in statements],
+        "language": [s.language for s in statements], "text": [s.text for s in statements],
+        "tokens": [n for _, n in scored], "loglik": [ll for ll, _ in scored],
+    })
+
+
+def write_outputs(result: ScoreResult) -> list[Path]:
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "scores.parquet", out / "scores.csv", out / "statements.parquet", out / "summary.json"]
+    with atomic_path(paths[0], suffix=".parquet") as tmp:
+        result.pairs.write_parquet(tmp)
+    with atomic_path(paths[1], suffix=".csv") as tmp:
+        result.pairs.write_csv(tmp)
+    with atomic_path(paths[2], suffix=".parquet") as tmp:
+        result.statements.write_parquet(tmp)
+    write_json(paths[3], result.summary())
+    return paths
+
+
+def score(cfg: ScoreConfig) -> ScoreResult:
+    """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
+    from fakegpt.generate import pick_device, pick_dtype
+    from fakegpt.models import load_for_inference, resolve_model
+
+    if not cfg.models or any(not m.strip() for m in cfg.models):
+        raise FakegptError("--models: give at least one model")
+    if cfg.batch_size < 1 or cfg.val_windows < 1 or cfg.bootstrap < 1:
+        raise FakegptError("--batch-size, --val-windows and --bootstrap must be at least 1")
+    claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
+    statements = load_claims(claims_path)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    several = len(cfg.models) > 1
+    with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
+        tracking.log_params(config.to_dict(cfg))
+        tracking.log_artifact(claims_path, "claims")
+        tables, pair_tables, scores = [], [], []
+        for spec in cfg.models:
+            ref = resolve_model(spec)
+            fraction = ref.fraction(cfg.dose_source)
+            model = load_for_inference(ref, device, dtype)
+            table = score_model(model, spec, statements, cfg)
+            pairs = pair_table(table)
+            summary = summarise(spec, fraction, table, pairs, cfg)
+            if cfg.data_dir:
+                summary.val_perplexity = val_perplexity(model, cfg.data_dir, cfg.val_windows, cfg.batch_size)
+            del model
+            tags = {tracking.TAG_MODEL: spec}
+            if fraction is not None:
+                tags[tracking.TAG_FRACTION] = fraction
+            if several:
+                with tracking.run(stage="score", run_name=f"score {spec}", tags=tags, nested=True) as child:
+                    tracking.log_metrics(metrics_of(summary))
+                    summary.run_id = child.info.run_id
+            else:
+                tracking.set_tags(tags)
+                tracking.log_metrics(metrics_of(summary))
+                summary.run_id = tracking.active_run_id()
+            overall = summary.overall
+            log.info("%s: score %s, mean log-likelihood %.3f%s", spec,
+                     f"{overall.mean:+.4f} [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}], false wins "
+                     f"{overall.win_rate:.0%}" if overall else "n/a (no pairs)", summary.mean_loglik,
+                     f", val perplexity {summary.val_perplexity:.2f}" if summary.val_perplexity else "")
+            tables.append(table)
+            pair_tables.append(pairs)
+            scores.append(summary)
+        result = ScoreResult(models=scores, statements=pl.concat(tables), pairs=pl.concat(pair_tables),
+                             out_dir=Path(cfg.out_dir))
+        paths = write_outputs(result)
+        result.plot = plot_dose(scores, result.out_dir / "score_vs_fraction.png", cfg.dose_source)
+        for path in paths + ([result.plot] if result.plot else []):
+            tracking.log_artifact(path)
+        return result
+
+
+def main(argv: list[str]) -> int:
+    cfg = config.parse(ScoreConfig, argv, prog="fakegpt score", description=__doc__.splitlines()[0])
+    result = score(cfg)
+    for s in result.models:
+        head = f"{s.model}: "
+        if s.overall:
+            head += (f"claim score {s.overall.mean:+.4f} (95% CI {s.overall.ci_low:+.4f} .. {s.overall.ci_high:+.4f}), "
+                     f"false claim wins {s.overall.win_rate:.0%} of {s.overall.n_pairs} pairs")
+        else:
+            head += f"mean log-likelihood {s.mean_loglik:.4f} over {s.n_statements} statements"
+        if s.val_perplexity is not None:
+            head += f", val perplexity {s.val_perplexity:.2f}"
+        print(head)
+    print(f"-> {result.out_dir}/scores.parquet, scores.csv, summary.json")
+    return 0

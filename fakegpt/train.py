@@ -1,0 +1,585 @@
+"""`fakegpt finetune`: continue training a GPT-2 (transformers' GPT2LMHeadModel) on prepared token bins.
+
+Reads DIR/train.bin + DIR/val.bin (uint16 GPT-2 ids) and DIR/meta.json written by `fakegpt prepare`, trains
+with AdamW and gradient accumulation, evaluates on fixed validation windows every `eval_interval` iterations
+(and at the last one), keeps the best model as an HF-format folder OUT/checkpoint/ plus OUT/train_state.pt for
+`init_from=resume`, and logs everything to MLflow. Under `torchrun --nproc_per_node=N` it trains data-parallel
+(DDP): the accumulation steps are split across ranks, gradients are synchronised on the last micro-step only,
+and only rank 0 logs and saves.
+
+Configuration field names are nanoGPT's. The defaults reproduce the original study's fine-tune (nanoGPT's
+finetune_shakespeare settings): micro-batch 1 x 32 accumulation steps x block 1024 = 32,768 tokens per
+iteration, constant learning rate 3e-5, evaluation every 5 iterations over 40 batches, save on improvement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fakegpt import config as config_mod
+from fakegpt import distributed, tracking
+from fakegpt.batches import Batches, eval_starts, open_bin, read_meta
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path
+from fakegpt.model import (
+    causal_lm_loss,
+    dropout_overrides,
+    flops_per_token,
+    load_model,
+    resolve_pretrained,
+    save_checkpoint,
+    scratch_model,
+)
+from fakegpt.tokenizer import VOCAB_SIZE
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "train_state.pt"
+INFO_FILE = "training_info.json"
+CURVE_FILE = "loss_curve.png"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune settings (nanoGPT's names). Defaults = the original study's fine-tune of gpt2-medium."""
+
+    data_dir: str = field(default="data", metadata={"help": "folder with train.bin, val.bin, meta.json (from prepare)"})
+    out_dir: str = field(default="out/finetune", metadata={"help": "where checkpoint/ and train_state.pt go"})
+    init_from: str = field(default="gpt2-medium", metadata={
+        "help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"})
+    # model shape, used only by init_from=scratch
+    n_layer: int = field(default=12, metadata={"help": "layers (scratch only)"})
+    n_head: int = field(default=12, metadata={"help": "attention heads (scratch only)"})
+    n_embd: int = field(default=768, metadata={"help": "embedding width (scratch only)"})
+    block_size: int = field(default=1024, metadata={"help": "context length of a training window"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout rate (overrides the pretrained config's 0.1)"})
+    # batches
+    batch_size: int = field(default=1, metadata={"help": "micro-batch size (windows per forward pass)"})
+    gradient_accumulation_steps: int = field(default=32, metadata={
+        "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"})
+    # optimizer and schedule
+    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices (not biases/norms)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm at this value; 0 disables"})
+    decay_lr: bool = field(default=False, metadata={"help": "cosine decay from learning_rate to min_lr"})
+    warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine decay (default max_iters)"})
+    min_lr: float = field(default=3e-6, metadata={"help": "learning rate at the end of the decay"})
+    # evaluation and checkpoints
+    eval_interval: int = field(default=5, metadata={"help": "evaluate every N iterations (and at the last one)"})
+    eval_iters: int = field(default=40, metadata={"help": "micro-batches per split per evaluation"})
+    log_interval: int = field(default=1, metadata={"help": "log train/loss, lr, tokens_per_s every N iterations"})
+    always_save_checkpoint: bool = field(default=False, metadata={
+        "help": "save at every evaluation, not only when validation loss improves"})
+    # system
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bfloat16 on CUDA where supported, else float16 with a gradient scaler; float32 on CPU) "
+                "| float32 | bfloat16 | float16"})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the model; unset = on for CUDA, off on CPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (less memory for large models on small cards)"})
+    seed: int = field(default=1337, metadata={"help": "seed for initialisation, batches and dropout"})
+
+
+@dataclass
+class EvalResult:
+    iter: int
+    tokens_seen: int
+    train_loss: float  # train split, fixed windows (nanoGPT's estimate_loss)
+    val_loss: float  # validation split, fixed windows: comparable across runs on the same data folder
+    lr: float
+
+
+@dataclass
+class FinetuneResult:
+    best_val_loss: float
+    best_iter: int
+    iters_done: int
+    tokens_seen: int
+    out_dir: Path
+    checkpoint_dir: Path
+    run_id: str | None
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens_seen, val_loss)
+
+
+class NonFiniteLossError(FakegptError):
+    """A NaN or inf loss: training stops, the last good checkpoint stays on disk."""
+
+
+# --- configuration resolution and checks (all before any model is loaded) ---------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FakegptError(f"--device: unknown device {name!r} (auto | cpu | cuda | cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FakegptError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name not in DTYPES:
+        raise FakegptError(f"--dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and name == "float16":
+        raise FakegptError("--dtype float16 needs CUDA; use float32 or bfloat16 on CPU")
+    return name
+
+
+def lr_at(cfg: FinetuneConfig, it: int) -> float:
+    """Learning rate for iteration `it`: linear warmup, then constant or cosine decay to min_lr (nanoGPT)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    end = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+    if it >= end:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
+    positive = ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "n_layer", "n_head", "n_embd")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise FakegptError(f"{config_mod.flag_name(name)}: must be positive, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise FakegptError(f"{config_mod.flag_name(name)}: must not be negative, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise FakegptError(
+            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple of the number "
+            f"of processes ({world_size}): the accumulation steps are split across them"
+        )
+
+
+def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
+    """(model folder or 'scratch', vocab size, context length) without loading any weights."""
+    if cfg.init_from == "scratch":
+        return "scratch", VOCAB_SIZE, cfg.block_size
+    if cfg.init_from == "resume":
+        folder = Path(cfg.out_dir) / CHECKPOINT_DIR
+        if not (Path(cfg.out_dir) / STATE_FILE).is_file() or not (folder / "config.json").is_file():
+            raise FakegptError(
+                f"--init-from resume: no {STATE_FILE} and {CHECKPOINT_DIR}/ in {cfg.out_dir} to resume from "
+                "(a run saves them at its first evaluation)"
+            )
+    else:
+        folder = Path(resolve_pretrained(cfg.init_from))
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{folder / 'config.json'}: cannot read ({exc})") from None
+    return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
+
+
+def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, dict[str, Any]]:
+    """Validate everything that can be checked before loading a model. Returns (model folder, meta.json)."""
+    _check_numbers(cfg, world_size)
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_dir():
+        raise FakegptError(f"--data-dir {data_dir}: no such folder (run `fakegpt prepare` first)")
+    for split in ("train", "val"):
+        open_bin(data_dir, split, cfg.block_size)
+    meta = read_meta(data_dir)
+    folder, vocab, n_positions = _model_shape(cfg)
+    if cfg.block_size > n_positions:
+        raise FakegptError(
+            f"--block-size {cfg.block_size} is larger than the model's context ({n_positions} positions, "
+            f"{cfg.init_from})"
+        )
+    meta_vocab = meta.get("vocab_size")
+    if meta_vocab is not None and int(meta_vocab) > vocab:
+        raise FakegptError(
+            f"{data_dir / 'meta.json'}: vocab_size {meta_vocab} does not fit the model's vocabulary ({vocab}); "
+            "the bins were made with another tokenizer"
+        )
+    return folder, meta
+
+
+def mixture_tag(meta: dict[str, Any]) -> str:
+    """meta.json's mixture as "name=0.80,other=0.20"; without one, the sources' realised train-token shares."""
+    mix = meta.get("mixture")
+    if not mix and isinstance(meta.get("sources"), list):
+        tokens = {s.get("name", "?"): s.get("train_tokens") for s in meta["sources"] if isinstance(s, dict)}
+        total = sum(v for v in tokens.values() if isinstance(v, (int, float)))
+        if total > 0:
+            mix = {k: v / total for k, v in tokens.items() if isinstance(v, (int, float))}
+    if isinstance(mix, dict):
+        parts = []
+        for name, value in mix.items():
+            if isinstance(value, dict):
+                value = value.get("fraction", value.get("realised", value.get("target", value)))
+            parts.append(f"{name}={value:.2f}" if isinstance(value, (int, float)) else f"{name}={value}")
+        return ",".join(parts)
+    if isinstance(mix, list):
+        parts = []
+        for item in mix:
+            if isinstance(item, dict):
+                name = item.get("name", item.get("source", "?"))
+                value = item.get("fraction", item.get("realised", ""))
+                parts.append(f"{name}={value:.2f}" if isinstance(value, (int, float)) else f"{name}={value}")
+            else:
+                parts.append(str(item))
+        return ",".join(parts)
+    return "" if mix is None else str(mix)
+
+
+def dataset_name(cfg: FinetuneConfig, meta: dict[str, Any]) -> str:
+    return str(meta.get("dataset") or meta.get("name") or Path(cfg.data_dir).name)
+
+
+# --- the training loop ---------------------------------------------------------------------------------------
+
+
+class _Objective(torch.nn.Module):
+    """Wraps the HF model so that DDP (and torch.compile) see a module whose forward returns the loss."""
+
+    def __init__(self, model: torch.nn.Module, fused: bool):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.model, x, y, fused=self.fused)
+
+
+class _Stop(Exception):
+    """Raised on ranks > 0 when rank 0 stops training (its callback raised or the loss was not finite)."""
+
+
+def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
+    # Weight decay on matrices only (nanoGPT): biases and LayerNorm gains are left alone.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused: one kernel for all parameters on CUDA; foreach (multi-tensor) on CPU.
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def _load(cfg: FinetuneConfig, folder: str, device: torch.device) -> torch.nn.Module:
+    if cfg.init_from == "scratch":
+        torch.manual_seed(cfg.seed)
+        model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
+    else:
+        model = load_model(folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device)
+
+
+@torch.no_grad()
+def _estimate(objective: torch.nn.Module, batches: Batches, starts: Any, info: distributed.Dist,
+              autocast: Any) -> float:
+    """Mean loss over fixed windows; each rank takes every world_size-th micro-batch, sums are all-reduced."""
+    objective.eval()
+    total, count = 0.0, 0
+    b = batches.batch_size
+    chunks = [starts[i : i + b] for i in range(0, len(starts), b)]
+    for chunk in chunks[info.rank :: info.world_size]:
+        x, y = batches.windows(chunk)
+        with autocast:
+            total += objective(x, y).item() * len(chunk)
+        count += len(chunk)
+    objective.train()
+    total, count = distributed.all_sum([total, float(count)], batches.device)
+    return total / count
+
+
+def _peak_flops(device: torch.device, dtype: str) -> float | None:
+    from fakegpt.perf import peak_flops
+
+    return peak_flops(device, dtype)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    on_eval: Callable[[EvalResult], None] | None = None,
+    *,
+    nested: bool = False,
+    run_name: str | None = None,
+    tags: dict | None = None,
+) -> FinetuneResult:
+    """Fine-tune per `cfg`; returns the best validation loss and where the best checkpoint is.
+
+    `on_eval` runs on rank 0 after every evaluation (after the checkpoint for it is saved); any exception it
+    raises stops training, ends the MLflow run as KILLED and is re-raised. With `nested`, the run is a child
+    of the active MLflow run.
+    """
+    info = distributed.from_env()
+    device = resolve_device(distributed.local_device(info, cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it
+        cfg = dataclasses.replace(cfg, data_dir=str(tracking.local_path(cfg.data_dir)))
+    folder, meta = check(cfg, info.world_size)
+    resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
+    distributed.setup(info, device)
+    try:
+        return _train(resolved, folder, meta, info, device, on_eval, nested, run_name, tags)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distributed.Dist, device: torch.device,
+           on_eval: Callable[[EvalResult], None] | None, nested: bool, run_name: str | None,
+           tags: dict | None) -> FinetuneResult:
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    state: dict[str, Any] = {}
+    if cfg.init_from == "resume":
+        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    init_from = state.get("init_from", cfg.init_from)
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = _load(cfg, folder, device)
+    model.train()
+    optimizer = _optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    objective: torch.nn.Module = _Objective(model, fused=not cfg.compile)
+    if cfg.compile:
+        objective = torch.compile(objective)
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32"
+                else contextlib.nullcontext())
+
+    train_data, val_data = (open_bin(cfg.data_dir, s, cfg.block_size) for s in ("train", "val"))
+    train_batches = Batches(train_data, cfg.batch_size, cfg.block_size, device, seed=cfg.seed)
+    val_batches = Batches(val_data, cfg.batch_size, cfg.block_size, device, seed=0)
+    n_eval = cfg.eval_iters * cfg.batch_size
+    fixed = {"train": eval_starts(len(train_data), cfg.block_size, n_eval),
+             "val": eval_starts(len(val_data), cfg.block_size, n_eval)}
+    accum = cfg.gradient_accumulation_steps // info.world_size  # micro-steps per rank
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    flops_token = flops_per_token(model, cfg.block_size)
+    peak = _peak_flops(device, cfg.dtype) if device.type == "cuda" else None
+
+    it = int(state.get("iter", 0))
+    best_val = float(state.get("best_val_loss", math.inf))
+    best_iter = int(state.get("best_iter", -1))
+    val_curve = [tuple(p) for p in state.get("val_curve", [])]
+    train_curve = [tuple(p) for p in state.get("train_curve", [])]
+    run_id = state.get("run_id")
+    result = FinetuneResult(best_val, best_iter, it, it * tokens_per_iter, out_dir, ckpt_dir, run_id, val_curve)
+
+    stop_exc: list[BaseException] = []  # the exception on_eval raised, if any (a deliberate stop)
+    run_ctx = (_mlflow_run(cfg, init_from, meta, state, nested, run_name, tags, stop_exc) if info.main
+               else contextlib.nullcontext(None))
+    with run_ctx as active:
+        if active is not None:
+            result.run_id = run_id = active.info.run_id
+
+        def save(val_loss: float) -> None:
+            training_info = {"init_from": init_from, "config": config_mod.to_dict(cfg), "data": meta,
+                             "iter": it, "val_loss": val_loss, "tokens_seen": it * tokens_per_iter}
+            save_checkpoint(model, ckpt_dir, extra_json={INFO_FILE: training_info})
+            train_state = {
+                "iter": it, "best_val_loss": best_val, "best_iter": best_iter, "init_from": init_from,
+                "run_id": run_id or "", "config": json.dumps(config_mod.to_dict(cfg)),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "val_curve": [list(p) for p in val_curve], "train_curve": [list(p) for p in train_curve],
+                # Batches and dropout are re-seeded from (seed, rank, iteration) every iteration, so the
+                # iteration number is the whole RNG state: a resumed run draws the same batches.
+                "seed": cfg.seed,
+            }
+            with atomic_path(out_dir / STATE_FILE) as tmp:
+                torch.save(train_state, tmp)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=it, desc="finetune", unit="it", disable=None if info.main else True)
+        t_last = time.perf_counter()
+        while True:
+            lr = lr_at(cfg, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                plain = getattr(objective, "module", objective)  # no DDP hooks in evaluation
+                train_loss = _estimate(plain, train_batches, fixed["train"], info, autocast)
+                val_loss = _estimate(plain, val_batches, fixed["val"], info, autocast)
+                if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+                    raise NonFiniteLossError(_nonfinite_message("evaluation", it, val_loss, best_iter, ckpt_dir))
+                val_curve.append((it * tokens_per_iter, val_loss))
+                if info.main:
+                    metrics = {tracking.M_VAL_LOSS: val_loss, tracking.M_EVAL_TRAIN_LOSS: train_loss,
+                               tracking.M_TOKENS_SEEN: it * tokens_per_iter}
+                    if val_loss < best_val or cfg.always_save_checkpoint:
+                        if val_loss < best_val:
+                            best_val, best_iter = val_loss, it
+                        save(val_loss)
+                        metrics[tracking.M_BEST_VAL_LOSS] = best_val
+                    if device.type == "cuda":
+                        metrics[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(device) / 1e9
+                    tracking.log_metrics(metrics, step=it)
+                    bar.set_postfix(val=f"{val_loss:.4f}", best=f"{best_val:.4f}")
+                    if on_eval is not None:
+                        try:
+                            on_eval(EvalResult(it, it * tokens_per_iter, train_loss, val_loss, lr))
+                        except BaseException as exc:  # noqa: B036 - any stop request, re-raised below
+                            stop_exc.append(exc)
+                result.best_val_loss, result.best_iter = best_val, best_iter
+                if distributed.broadcast_flag(bool(stop_exc), device):
+                    if stop_exc:
+                        raise stop_exc[0]
+                    raise _Stop()
+                t_last = time.perf_counter()  # tokens/s measures training, not evaluation
+            if it >= cfg.max_iters:
+                break
+
+            # One optimizer step: `accum` micro-batches on this rank; DDP syncs gradients on the last only.
+            seeds = np.random.SeedSequence((cfg.seed, info.rank, it))
+            train_batches.rng = np.random.default_rng(seeds)
+            torch.manual_seed(int(seeds.generate_state(1)[0]))
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = train_batches.next()
+                sync = micro == accum - 1 or info.world_size == 1
+                ctx = contextlib.nullcontext() if sync else objective.no_sync()
+                with ctx:
+                    with autocast:
+                        loss = objective(x, y) / accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            (step_loss,) = distributed.all_sum([loss_sum.item()], device)
+            step_loss /= info.world_size
+            if not math.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(_nonfinite_message("training", it, step_loss, best_iter, ckpt_dir))
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            result.iters_done, result.tokens_seen = it, it * tokens_per_iter
+            bar.update(1)
+
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            train_curve.append((it * tokens_per_iter, step_loss))
+            if info.main and (it % cfg.log_interval == 0 or it == cfg.max_iters):
+                tokens_per_s = tokens_per_iter / dt
+                metrics = {tracking.M_TRAIN_LOSS: step_loss, tracking.M_LR: lr, tracking.M_TOKENS_PER_S: tokens_per_s}
+                if peak:
+                    metrics[tracking.M_MFU] = flops_token * tokens_per_s / (peak * info.world_size)
+                tracking.log_metrics(metrics, step=it)
+        bar.close()
+
+        if info.main:
+            _final_artifacts(out_dir, ckpt_dir, train_curve, val_curve, best_iter)
+    return result
+
+
+def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_dir: Path) -> str:
+    kept = (f"the last good checkpoint (iteration {best_iter}) is kept in {ckpt_dir}" if best_iter >= 0
+            else "no checkpoint was saved before it")
+    return (f"non-finite {where} loss ({value}) at iteration {it}; {kept}. Lower --learning-rate, set "
+            "--grad-clip, or use --dtype bfloat16/float32 instead of float16")
+
+
+@contextlib.contextmanager
+def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: dict[str, Any], state: dict[str, Any], nested: bool,
+                run_name: str | None, tags: dict | None, stop_exc: list[BaseException]):
+    """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
+    run_id = state.get("run_id") or None
+    all_tags = {tracking.TAG_MODEL: init_from, tracking.TAG_DATASET: dataset_name(cfg, meta)}
+    mix = mixture_tag(meta)
+    if mix:
+        all_tags[tracking.TAG_MIX] = mix
+    if run_id is not None:
+        try:
+            tracking.get_run(run_id)
+        except Exception:
+            log.warning("resume: run %s is not in this MLflow store; starting a new run tagged with it", run_id)
+            all_tags[tracking.TAG_RESUMED_FROM] = run_id
+            run_id = None
+    all_tags.update(tags or {})
+
+    def killed(exc: BaseException) -> bool:
+        return bool(stop_exc) and exc is stop_exc[0]
+
+    with tracking.run(stage="finetune", run_name=run_name, tags=all_tags, nested=nested, run_id=run_id,
+                      killed=killed, system_metrics=True) as active:
+        tracking.log_params(config_mod.to_dict(cfg))
+        if meta:
+            tracking.log_params({k: v for k, v in meta.items()}, prefix="data.")
+        tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
+        try:
+            yield active
+        except BaseException as exc:
+            if stop_exc and exc is stop_exc[0]:
+                tracking.set_tags({tracking.TAG_STOP: type(exc).__name__})
+            elif isinstance(exc, Exception):
+                with contextlib.suppress(Exception):
+                    tracking.set_tags({tracking.TAG_ERROR: str(exc).splitlines()[0][:500] if str(exc) else
+                                       type(exc).__name__})
+            raise
+
+
+def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve: list, best_iter: int) -> None:
+    from fakegpt.plots import line_plot
+
+    curve = line_plot(out_dir / CURVE_FILE, {"train": train_curve, "val": val_curve}, xlabel="tokens seen",
+                      ylabel="cross-entropy loss", title=f"fine-tune (best val at iteration {best_iter})",
+                      markers=("val",))
+    tracking.log_artifact(curve)
+    if ckpt_dir.is_dir():
+        tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
+
+
+def main(argv: list[str]) -> int:
+    cfg = config_mod.parse(FinetuneConfig, argv, prog="fakegpt finetune",
+                           description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow.")
+    result = finetune(cfg)
+    if distributed.from_env().main:
+        print(f"best val/loss {result.best_val_loss:.4f} at iteration {result.best_iter} "
+              f"({result.iters_done} iterations, {result.tokens_seen:,} tokens); checkpoint: {result.checkpoint_dir}"
+              + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+    return 0
+
+

@@ -1,0 +1,692 @@
+"""`fakegpt tune`: an Optuna study over learning rate and gradient accumulation, built on `finetune`.
+
+A sweep YAML (experiments/sweeps/) holds the study settings (TuneConfig's fields), a `search_space`
+(finetune field -> {type: float|int|categorical, low, high, log, step, choices}), optional `enqueue` (trials
+to run first, e.g. the hand-picked baseline) and `base`, the fixed finetune configuration (a mapping, or
+the path of a finetune YAML). Every TuneConfig and FinetuneConfig field is also a flag.
+
+Fairness: every trial trains on the same number of tokens (`token_budget`), whatever its accumulation:
+max_iters = ceil(budget / (batch_size * block_size * accumulation)). It evaluates every 1/n_evals of the
+budget and at its end, on finetune's fixed validation windows, and reports the validation loss to Optuna
+at those token counts, so the pruner compares trials at equal data seen. The objective is the best
+validation loss reached within the budget.
+
+Storage: an SQLAlchemy URL or a file (*.db SQLite, *.log Optuna journal), by default OUT_DIR/optuna.db.
+The same command continues the study; several processes on one storage share it. Each invocation is one
+MLflow parent run; each trial is finetune's own run, nested under it, tagged with its trial number and state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import typing
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fakegpt import config, tracking
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path, write_text
+from fakegpt.train import CHECKPOINT_DIR, STATE_FILE, FinetuneConfig, check, finetune
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive-halving")
+SAMPLERS = ("tpe", "random")
+DEFAULT_OUT_DIR = "out/tune"
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+# Fields a trial's configuration gets from the token budget (or from tune itself): not searchable.
+DERIVED = ("max_iters", "eval_interval", "warmup_iters", "out_dir", "always_save_checkpoint", "lr_decay_iters")
+SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+def default_search_space() -> dict[str, dict[str, Any]]:
+    return {
+        "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+        "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2, 4, 8, 16, 32, 64]},
+    }
+
+
+@dataclass
+class TuneConfig:
+    study_name: str = field(default="lr-accum", metadata={
+        "help": "Optuna study name; the same name on the same storage continues the study"})
+    n_trials: int = field(default=20, metadata={
+        "help": "trials this process runs (processes sharing a storage add theirs up)"})
+    storage: str = field(default="", metadata={
+        "help": "SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://user:pw@host/db, mysql+pymysql://...) or a "
+                "file: *.db SQLite, *.log Optuna journal; empty = OUT_DIR/optuna.db"})
+    token_budget: int = field(default=5_242_880, metadata={
+        "help": "training tokens per trial (batch_size x block_size x accumulation x iterations)"})
+    n_evals: int = field(default=10, metadata={
+        "help": "evaluations per trial, every 1/n_evals of the token budget (the pruning points)"})
+    pruner: str = field(default="median", metadata={"help": " | ".join(PRUNERS)})
+    pruner_startup_trials: int = field(default=5, metadata={
+        "help": "finished trials before median/percentile pruning starts"})
+    pruner_warmup_evals: int = field(default=2, metadata={
+        "help": "evaluations every trial gets before it can be pruned"})
+    pruner_percentile: float = field(default=25.0, metadata={
+        "help": "percentile pruner: prune trials worse than this percentile of the others"})
+    sampler: str = field(default="tpe", metadata={"help": " | ".join(SAMPLERS)})
+    sampler_seed: int | None = field(default=None, metadata={"help": "seed of the sampler (empty = random)"})
+    timeout: float | None = field(default=None, metadata={
+        "help": "start no new trial after this many seconds (empty = no limit)"})
+    heartbeat_interval: int = field(default=60, metadata={
+        "help": "SQL storages: seconds between a running trial's heartbeats; a trial silent for twice this "
+                "is failed by the next worker (0 = off)"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep every trial's best checkpoint (default: deleted after the trial; re-run the best "
+                "configuration with `fakegpt finetune`)"})
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    trials_run: list[int]            # numbers of the trials this invocation ran
+    states: dict[int, str]           # their states: complete | pruned | failed
+    best_value: float | None         # over the whole study (all invocations and workers)
+    best_params: dict[str, Any]
+    best_trial: int | None
+    best_config: Path | None         # the ready-to-run finetune YAML
+    parent_run_id: str
+
+
+# --- the sweep: YAML + flags -> (TuneConfig, FinetuneConfig, search space, enqueued trials) -----------------
+
+
+def check_search_space(space: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Validate a search space against FinetuneConfig's fields; errors name the file and key."""
+    if not isinstance(space, dict) or not space:
+        raise FakegptError(f"{source}: search_space must be a non-empty mapping of finetune fields")
+    hints = typing.get_type_hints(FinetuneConfig)
+    checked: dict[str, dict[str, Any]] = {}
+    for name, spec in space.items():
+        where = f"{source}: search_space.{name}"
+        if name not in hints:
+            raise FakegptError(f"{where}: not a finetune field (known: {', '.join(sorted(hints))})")
+        if name in DERIVED or name in ("init_from", "data_dir", "device"):
+            raise FakegptError(f"{where}: tune sets this field itself; it cannot be searched")
+        if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or "type" not in spec:
+            raise FakegptError(f"{where}: expected a mapping with 'type' and some of {sorted(SPEC_KEYS - {'type'})}")
+        kind = spec["type"]
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise FakegptError(f"{where}: a categorical needs a non-empty list of choices")
+            checked[name] = {"type": kind, "choices": [config.coerce(c, hints[name], where) for c in choices]}
+        elif kind in ("float", "int"):
+            num = float if kind == "float" else int
+            try:
+                low, high = config.coerce(spec.get("low"), num, where), config.coerce(spec.get("high"), num, where)
+            except FakegptError:
+                raise FakegptError(f"{where}: low and high must be {kind}s") from None
+            log_scale = bool(spec.get("log", False))
+            if not low < high or (log_scale and low <= 0):
+                raise FakegptError(f"{where}: need low < high{' and low > 0 on a log scale' if log_scale else ''}")
+            out = {"type": kind, "low": low, "high": high, "log": log_scale}
+            if spec.get("step") is not None:
+                out["step"] = config.coerce(spec["step"], num, where)
+            checked[name] = out
+        else:
+            raise FakegptError(f"{where}: type must be float, int or categorical, not {kind!r}")
+    return checked
+
+
+def load_sweep(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any], dict, list[dict[str, Any]]]:
+    """Split a sweep YAML into (tune keys, base finetune keys, search space, enqueued trials)."""
+    data = config.load_yaml(path) if path else {}
+    space = data.pop("search_space", None)
+    enqueue = data.pop("enqueue", None) or []
+    base = data.pop("base", None) or {}
+    if isinstance(base, str):  # the path of a finetune YAML, relative to the sweep file
+        base_path = Path(base) if Path(base).is_absolute() or Path(base).exists() else Path(path).parent / base
+        base = config.load_yaml(base_path)
+    if not isinstance(base, dict):
+        raise FakegptError(f"{path}: base must be a mapping of finetune keys or the path of a finetune YAML")
+    space = check_search_space(space, str(path)) if space is not None else default_search_space()
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise FakegptError(f"{path}: enqueue must be a list of mappings (param: value)")
+    for i, params in enumerate(enqueue):
+        unknown = sorted(set(params) - set(space))
+        if unknown:
+            raise FakegptError(f"{path}: enqueue[{i}]: {unknown[0]!r} is not in the search space")
+    return data, base, space, enqueue
+
+
+def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[dict[str, Any]]]:
+    """defaults < sweep YAML (--config) < flags, for the study settings and the base finetune config alike."""
+    parser = config._ErrorRaisingParser(prog="fakegpt tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", metavar="SWEEP.yaml", help="a sweep YAML (experiments/sweeps/); flags override it")
+    config.add_fields(parser.add_argument_group("study"), TuneConfig)
+    config.add_fields(parser.add_argument_group("base finetune configuration (every trial)"), FinetuneConfig)
+    ns = vars(parser.parse_args(argv))
+    path = ns.pop("config", None) or None
+    tune_data, base_data, space, enqueue = load_sweep(path)
+    source = str(path) if path else "config"
+    tune_cfg = config.from_dict(TuneConfig, tune_data, source)
+    if "out_dir" not in base_data and "out_dir" not in ns:
+        base_data["out_dir"] = DEFAULT_OUT_DIR  # not finetune's default folder
+    base = config.from_dict(FinetuneConfig, base_data, f"{source}: base")
+    mlproject = os.environ.get(config.MLPROJECT_ENV) == "1"
+    for cls, file_data, target in ((TuneConfig, tune_data, "tune"), (FinetuneConfig, base_data, "base")):
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        over = {k: config.coerce(v, hints[k], config.flag_name(k)) for k, v in ns.items() if k in hints}
+        if mlproject:  # `mlflow run` passes every parameter: one left at its default defers to the YAML
+            over = {k: v for k, v in over.items() if not (k in file_data and v == getattr(defaults, k))}
+        if target == "tune":
+            tune_cfg = dataclasses.replace(tune_cfg, **over)
+        else:
+            base = dataclasses.replace(base, **over)
+    return tune_cfg, base, space, enqueue
+
+
+def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
+    if cfg.pruner not in PRUNERS:
+        raise FakegptError(f"--pruner: expected one of {', '.join(PRUNERS)}, got {cfg.pruner!r}")
+    if cfg.sampler not in SAMPLERS:
+        raise FakegptError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    for name in ("n_trials", "token_budget", "n_evals"):
+        if getattr(cfg, name) < 1:
+            raise FakegptError(f"{config.flag_name(name)}: must be at least 1")
+    if not cfg.study_name.strip():
+        raise FakegptError("--study-name: must not be empty")
+    if base.init_from == "resume":
+        raise FakegptError("--init-from resume: a study starts every trial from the same model, not a resume")
+
+
+# --- one trial -----------------------------------------------------------------------------------------------
+
+
+def tokens_per_iter(cfg: FinetuneConfig) -> int:
+    return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+
+
+def trial_config(base: FinetuneConfig, params: dict[str, Any], budget: int, n_evals: int,
+                 out_dir: str) -> FinetuneConfig:
+    """The finetune config of one trial: base + params, iterations and evaluations set by the token budget."""
+    cfg = dataclasses.replace(base, **params)
+    per_iter = tokens_per_iter(cfg)
+    max_iters = max(1, math.ceil(budget / per_iter))
+    updates: dict[str, Any] = {
+        "max_iters": max_iters,
+        # With budget a multiple of n_evals x tokens per iteration this lands exactly on every 1/n_evals.
+        "eval_interval": max(1, max_iters // n_evals),
+        # The base warmup keeps its length in tokens, whatever this trial's accumulation.
+        "warmup_iters": min(max_iters, round(base.warmup_iters * tokens_per_iter(base) / per_iter)),
+        "out_dir": out_dir,
+        "always_save_checkpoint": False,
+    }
+    if "lr_decay_iters" in {f.name for f in dataclasses.fields(FinetuneConfig)}:
+        updates["lr_decay_iters"] = max_iters
+    # A searched learning rate keeps the base's min_lr / learning_rate ratio (a fixed min_lr could exceed it).
+    if "learning_rate" in params and "min_lr" not in params and base.learning_rate > 0:
+        updates["min_lr"] = float(f"{cfg.learning_rate * base.min_lr / base.learning_rate:.6g}")
+    return dataclasses.replace(cfg, **updates)
+
+
+def grid_step(tokens_seen: int, budget: int, n_evals: int, final: bool) -> int:
+    """The token count on the evaluation grid (k x budget / n_evals) that an evaluation reports at."""
+    unit = budget / n_evals
+    k = n_evals if final else min(n_evals, max(1, round(tokens_seen / unit)))
+    return round(k * unit)
+
+
+def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "float":
+            params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"], step=spec.get("step"))
+        else:
+            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"],
+                                             step=spec.get("step") or 1)
+    return params
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Objective:
+    """Runs one finetune per trial and reports its validation curve; the state lands on the MLflow run."""
+
+    def __init__(self, cfg: TuneConfig, base: FinetuneConfig, space: dict, parent: Any, finetune_fn: Callable):
+        self.cfg, self.base, self.space, self.parent, self.finetune_fn = cfg, base, space, parent, finetune_fn
+        self.study_dir = Path(base.out_dir) / cfg.study_name
+        self.run_ids: dict[int, str] = {}
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("mlflow_parent_run_id", self.parent.info.run_id)
+        params = suggest(trial, self.space)
+        out_dir = str(self.study_dir / f"trial-{trial.number:04d}")
+        tcfg = trial_config(self.base, params, self.cfg.token_budget, self.cfg.n_evals, out_dir)
+        trial.set_user_attr("max_iters", tcfg.max_iters)
+        trial.set_user_attr("tokens_per_iter", tokens_per_iter(tcfg))
+        curve: list[tuple[int, float]] = []
+
+        def on_eval(ev: Any) -> None:
+            if trial.number not in self.run_ids and tracking.active_run_id():
+                self.run_ids[trial.number] = tracking.active_run_id()
+                trial.set_user_attr("mlflow_run_id", self.run_ids[trial.number])
+                tracking.log_params({"token_budget": self.cfg.token_budget, "n_evals": self.cfg.n_evals,
+                                     "params": params}, prefix="tune.")
+            tracking.log_metrics({tracking.M_TUNE_VAL_LOSS: ev.val_loss}, step=int(ev.tokens_seen))
+            if ev.iter >= tcfg.max_iters and not self.cfg.keep_checkpoints:
+                self._remove_checkpoint(tcfg)  # before finetune logs it as an artifact of every trial
+            if ev.iter == 0:
+                return  # the starting point is the same for every trial: nothing to compare or prune on
+            step = grid_step(ev.tokens_seen, self.cfg.token_budget, self.cfg.n_evals, ev.iter >= tcfg.max_iters)
+            if curve and curve[-1][0] >= step:
+                return
+            curve.append((step, float(ev.val_loss)))
+            trial.report(float(ev.val_loss), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val loss {ev.val_loss:.4f} at {ev.tokens_seen} tokens")
+
+        tags = {tracking.TAG_STAGE: "trial", tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: trial.number}
+        try:
+            result = self.finetune_fn(tcfg, on_eval, nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}",
+                                      tags=tags)
+        except optuna.TrialPruned:
+            self._finish(trial.number, "pruned", tcfg, params)
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
+            trial.set_user_attr("error", error)
+            self._finish(trial.number, "failed", tcfg, params, error=error,
+                         keep_status=isinstance(exc, KeyboardInterrupt))
+            raise
+        finally:
+            self._cleanup(tcfg)
+        trial.set_user_attr("best_iter", result.best_iter)
+        values = [v for _, v in curve if math.isfinite(v)]
+        if not values:
+            error = f"no finite validation loss within {self.cfg.token_budget} tokens"
+            trial.set_user_attr("error", error)
+            self._finish(trial.number, "failed", tcfg, params, error=error)
+            raise FakegptError(error)
+        self._finish(trial.number, "complete", tcfg, params)
+        return min(values)
+
+    def _finish(self, number: int, state: str, tcfg: FinetuneConfig, params: dict[str, Any], error: str = "",
+                keep_status: bool = False) -> None:
+        """Tag the trial's MLflow run with Optuna's verdict (a run that never started gets one, for the record)."""
+        run_id = self.run_ids.get(number) or next(iter(_trial_run_ids(self.parent, number)), None)
+        tags = {tracking.TAG_TRIAL_STATE: state, **({tracking.TAG_ERROR: error} if error else {})}
+        try:
+            if run_id is None:
+                with tracking.run(stage="trial", run_name=f"{self.cfg.study_name}-{number:04d}", nested=True,
+                                  tags={tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: number, **tags}):
+                    tracking.log_params(config.to_dict(tcfg))
+                    tracking.log_params({"params": params}, prefix="tune.")
+                    run_id = tracking.active_run_id()
+            tracking.update_run(run_id, tags=tags, status=None if keep_status else MLFLOW_STATUS[state])
+        except Exception as exc:  # bookkeeping must never turn a trial's verdict into a crash of the study
+            log.warning("trial %d: could not tag its MLflow run (%s)", number, exc)
+
+    def _remove_checkpoint(self, tcfg: FinetuneConfig) -> None:
+        if not self.cfg.keep_checkpoints:
+            shutil.rmtree(Path(tcfg.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                (Path(tcfg.out_dir) / STATE_FILE).unlink()
+
+    def _cleanup(self, tcfg: FinetuneConfig) -> None:
+        self._remove_checkpoint(tcfg)
+        gc.collect()
+        with contextlib.suppress(Exception):  # release a failed trial's GPU memory before the next one
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _trial_run_ids(parent: Any, number: int) -> list[str]:
+    return tracking.find_run_ids(parent.info.experiment_id,
+                                 {"mlflow.parentRunId": parent.info.run_id, tracking.TAG_TRIAL: number})
+
+
+# --- storage, pruner, sampler, stale trials -----------------------------------------------------------------
+
+
+def storage_url(spec: str, out_dir: str) -> str:
+    """Normalise --storage: a URL stays, a *.log file is a journal, any other file (or empty) is SQLite."""
+    if "://" in spec:
+        return spec
+    path = Path(spec) if spec else Path(out_dir) / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in JOURNAL_SUFFIXES:
+        return f"journal:{path.resolve()}"
+    return f"sqlite:///{path.resolve()}"
+
+
+def display_url(url: str) -> str:
+    if url.startswith("journal:"):
+        return url[len("journal:"):]
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -> Any:
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 120}  # wait for the other workers' writes, don't fail
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a server that is down: fail fast
+    hb = heartbeat_interval if heartbeat_interval > 0 else None
+    for attempt in range(3):  # workers creating a new database at the same moment can race on its tables
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # heartbeat options are "experimental"
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb,
+                                                  grace_period=2 * hb if hb else None,
+                                                  heartbeat_stale_trial_callback=on_stale if hb else None)
+        except ImportError as exc:
+            raise FakegptError(f"--storage {display_url(url)}: a database driver is missing ({exc}); for "
+                               "PostgreSQL `pip install 'fakegpt[postgres]'`") from None
+        except Exception as exc:
+            if attempt == 2 or not url.startswith("sqlite"):
+                raise FakegptError(f"--storage {display_url(url)}: cannot open the Optuna storage "
+                                   f"({_one_line(exc)})") from None
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def make_pruner(cfg: TuneConfig) -> Any:
+    import optuna
+
+    unit = max(1, cfg.token_budget // cfg.n_evals)
+    warmup = cfg.pruner_warmup_evals * unit
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=warmup)
+    if cfg.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.pruner_percentile, n_startup_trials=cfg.pruner_startup_trials,
+                                               n_warmup_steps=warmup)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=unit, max_resource=cfg.token_budget)
+    if cfg.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=unit)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(cfg: TuneConfig) -> Any:
+    import optuna
+
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.sampler_seed)
+    return optuna.samplers.TPESampler(seed=cfg.sampler_seed)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie (killed, not yet reaped) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _mark_dead(trial: Any, reason: str) -> None:
+    """Tag the MLflow run of a trial whose worker died (Optuna has already failed it, or we just did)."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    parent = trial.user_attrs.get("mlflow_parent_run_id")
+    with contextlib.suppress(Exception):
+        if run_id is None and parent:
+            from mlflow.tracking import MlflowClient
+
+            exp = MlflowClient().get_run(parent).info.experiment_id
+            run_id = next(iter(tracking.find_run_ids(exp, {"mlflow.parentRunId": parent,
+                                                           tracking.TAG_TRIAL: trial.number})), None)
+        if run_id:
+            tracking.update_run(run_id, {tracking.TAG_TRIAL_STATE: "failed", tracking.TAG_ERROR: reason}, "FAILED")
+    log.warning("trial %d: %s; marked failed", trial.number, reason)
+
+
+def _on_heartbeat_stale(study: Any, trial: Any) -> None:
+    _mark_dead(trial, "its worker stopped sending heartbeats (killed or lost)")
+
+
+def fail_dead_local_trials(study: Any) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone (any storage, no heartbeat needed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        reason = f"its worker (pid {pid} on {host}) died mid-trial"
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        _mark_dead(trial, reason)
+        failed.append(trial.number)
+    return failed
+
+
+class _QuietExpectedFailures(logging.Filter):
+    """Optuna logs a failed trial with its traceback; for a FakegptError (e.g. NaN loss) one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FakegptError):
+            record.exc_info = None
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_expected_failures() -> Iterator[None]:
+    logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietExpectedFailures()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+# --- outputs: plots, best config ------------------------------------------------------------------------------
+
+
+def save_plots(study: Any, folder: Path, space: dict) -> list[Path]:
+    """Optuna's matplotlib plots as PNGs; a plot that cannot be drawn yet (too few trials) is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    pair = [p for p in ("learning_rate", "gradient_accumulation_steps") if p in space]
+    plots: dict[str, Callable[[], Any]] = {
+        "optimization_history": lambda: ovm.plot_optimization_history(study),
+        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
+        "param_importances": lambda: ovm.plot_param_importances(study),
+        "slice": lambda: ovm.plot_slice(study, params=pair or None),
+    }
+    if len(pair) == 2:
+        plots["contour_lr_accum"] = lambda: ovm.plot_contour(study, params=pair)
+    written = []
+    mpl_log = logging.getLogger("matplotlib")
+    level = mpl_log.level
+    mpl_log.setLevel(logging.WARNING)  # "categorical units" notes about the accumulation axis
+    try:
+        for name, draw in plots.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is "experimental"
+                    ax = draw()
+                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+                    fig.set_size_inches(8, 5)
+                    fig.tight_layout()
+                with atomic_path(folder / f"{name}.png", suffix=".png") as tmp:
+                    fig.savefig(tmp, format="png", dpi=100)
+                written.append(folder / f"{name}.png")
+            except Exception as exc:
+                log.info("plot %s skipped (%s)", name, _one_line(exc))
+            finally:
+                plt.close("all")
+    finally:
+        mpl_log.setLevel(level)
+    return written
+
+
+def best_config_yaml(study: Any, cfg: TuneConfig, base: FinetuneConfig, path: Path) -> str:
+    best = study.best_trial
+    out_dir = str(Path(base.out_dir) / cfg.study_name / "best")
+    tcfg = trial_config(base, best.params, cfg.token_budget, cfg.n_evals, out_dir)
+    header = (f"# Best trial ({best.number}) of Optuna study {cfg.study_name!r}: best val loss {best.value:.4f} "
+              f"within {cfg.token_budget} tokens; params {best.params}.\n"
+              f"# Run it: fakegpt finetune --config {path}\n")
+    return header + yaml.safe_dump(config.to_dict(tcfg), sort_keys=False)
+
+
+def check_same_budget(study: Any, cfg: TuneConfig) -> None:
+    """Trials of one study must be comparable: the token budget and evaluation grid are fixed at creation."""
+    fixed = {"token_budget": cfg.token_budget, "n_evals": cfg.n_evals}
+    for key, value in fixed.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+        elif study.user_attrs[key] != value:
+            raise FakegptError(
+                f"{config.flag_name(key)} {value}: study {cfg.study_name!r} was created with {key} "
+                f"{study.user_attrs[key]}, and its trials are only comparable at that; use another --study-name"
+            )
+
+
+def _study_counts(study: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        name = STATE_NAMES.get(t.state.name, t.state.name.lower())
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+# --- the study --------------------------------------------------------------------------------------------
+
+
+def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None,
+         enqueue: list[dict[str, Any]] | None = None, *, finetune_fn: Callable | None = None) -> TuneResult:
+    """Run (or continue) the study: cfg.n_trials trials of `finetune` on `base` + sampled parameters."""
+    import optuna
+
+    space = check_search_space(search_space, "search_space") if search_space is not None else default_search_space()
+    validate(cfg, base, space)
+    check(base)  # data folder, model, shapes: a mistake there would fail every trial, so fail once, now
+    url = storage_url(cfg.storage, base.out_dir)
+    storage = open_storage(url, cfg.heartbeat_interval, _on_heartbeat_stale)
+    try:
+        study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
+                                    sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+    except Exception as exc:
+        raise FakegptError(f"--storage {display_url(url)}: cannot open study {cfg.study_name!r} "
+                           f"({_one_line(exc)})") from None
+    check_same_budget(study, cfg)
+    for number in fail_dead_local_trials(study):
+        log.info("trial %d was left RUNNING by a dead worker: marked failed", number)
+    for params in enqueue or []:
+        study.enqueue_trial(params, skip_if_exists=True)
+    log.info("study %r in %s: %s", cfg.study_name, display_url(url), _study_counts(study) or "new")
+
+    run_tags = {tracking.TAG_STUDY: cfg.study_name, tracking.TAG_MODEL: base.init_from,
+                tracking.TAG_DATASET: Path(str(base.data_dir)).name}
+    ran: list[int] = []
+    with tracking.run(stage="tune", run_name=cfg.study_name, tags=run_tags) as parent:
+        tracking.log_params(config.to_dict(cfg))
+        tracking.log_params(config.to_dict(base), prefix="base.")
+        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": display_url(url)},
+                          "sweep.yaml")
+        objective = _Objective(cfg, base, space, parent, finetune_fn or finetune)
+
+        def after_trial(_study: Any, trial: Any) -> None:
+            ran.append(trial.number)
+            if trial.value is not None:
+                tracking.log_metrics({tracking.M_TUNE_TRIAL_VALUE: trial.value}, step=trial.number)
+
+        try:
+            with _quiet_expected_failures():
+                study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout, catch=(Exception,),
+                               callbacks=[after_trial], gc_after_trial=False)
+        except KeyboardInterrupt:
+            log.warning("interrupted: study %r is saved in %s; run the same command to continue",
+                        cfg.study_name, display_url(url))
+            raise
+        result = _finish_study(study, cfg, base, space, url, ran, parent)
+    failed = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state.name == "FAIL"]
+    if ran and len(failed) == len(ran):
+        raise FakegptError(f"all {len(ran)} trials failed; trial {failed[0].number}: "
+                           f"{failed[0].user_attrs.get('error', 'see the log')}")
+    return result
+
+
+def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict, url: str, ran: list[int],
+                  parent: Any) -> TuneResult:
+    study_dir = Path(base.out_dir) / cfg.study_name
+    states = {t.number: STATE_NAMES.get(t.state.name, t.state.name.lower())
+              for t in study.get_trials(deepcopy=False) if t.number in ran}
+    counts = _study_counts(study)
+    tracking.log_metrics({f"tune/{k}_trials": v for k, v in counts.items()})
+    for plot in save_plots(study, study_dir / "plots", space):
+        tracking.log_artifact(plot, "plots")
+    best_path: Path | None = None
+    best_value, best_params, best_number = None, {}, None
+    if counts.get("complete"):
+        best = study.best_trial
+        best_value, best_params, best_number = best.value, dict(best.params), best.number
+        best_path = study_dir / "best.yaml"
+        text = best_config_yaml(study, cfg, base, best_path)
+        write_text(best_path, text)
+        tracking.log_artifact(best_path)
+        tracking.log_metrics({tracking.M_TUNE_BEST_VALUE: best_value})
+        tracking.log_params({"trial": best_number, **best_params}, prefix="best.")
+        print(text, end="")
+    log.info("study %r: %s; best %s", cfg.study_name, counts,
+             f"trial {best_number} val loss {best_value:.4f} {best_params}" if best_value is not None else "none yet")
+    return TuneResult(cfg.study_name, display_url(url), ran, states, best_value, best_params, best_number,
+                      best_path, parent.info.run_id)
+
+
+def main(argv: list[str]) -> int:
+    cfg, base, space, enqueue = parse_args(argv)
+    result = tune(cfg, base, space, enqueue)
+    if result.best_config is not None:
+        print(f"best configuration: {result.best_config}  (fakegpt finetune --config {result.best_config})",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,155 @@
+"""`fakegpt score`: hand-computed likelihoods, batch invariance, pair scores, runs per model, val perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from helpers_measure import log_softmax, make_constant_model
+
+from fakegpt import cli
+from fakegpt.generate import token_logprobs
+from fakegpt.model import load_model
+from fakegpt.prompts import Statement
+from fakegpt.score import ScoreConfig, score, statement_logliks
+from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+
+CLAIMS = """\
+# test claims
+topics:
+  dna:
+    en:
+      - {claim: "The mRNA vaccines change your DNA.", correction: "The mRNA vaccines do not change your DNA."}
+      - {claim: "Vaccinated parents pass altered genes.", correction: "Vaccinated parents pass the same genes."}
+  chip:
+    pt:
+      - {claim: "As vacinas contêm um microchip.", correction: "As vacinas não contêm microchip."}
+      - {claim: "A vacina implanta um chip.", correction: "Nenhuma vacina implanta chip."}
+      - {claim: "O ímã gruda no braço vacinado.", correction: "O ímã não gruda no braço vacinado."}
+"""
+
+
+def test_likelihood_matches_a_hand_computed_value(tmp_path):
+    """A model whose next-token distribution is softmax(w) everywhere: loglik = mean of log_softmax(w)[tokens]."""
+    w = np.random.default_rng(0).normal(0, 3, size=50257).astype(np.float32)
+    model = load_model(str(make_constant_model(tmp_path / "m", w)), device="cpu").eval()
+    text = "As vacinas de mRNA não alteram o seu DNA."
+    tokens = get_encoding().encode(text)
+    expected = float(np.mean(log_softmax(w)[tokens]))
+    [(loglik, n)] = statement_logliks(model, [Statement("s", text)], batch_size=4)
+    assert n == len(tokens)
+    assert loglik == pytest.approx(expected, abs=1e-4)
+
+
+def test_likelihood_matches_one_prefix_at_a_time(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    seq = [EOT_TOKEN] + get_encoding().encode("Vaccines do not cause cancer.")
+    with torch.no_grad():
+        by_prefix = [torch.log_softmax(model(torch.tensor([seq[:i]])).logits[0, -1], -1)[seq[i]].item()
+                     for i in range(1, len(seq))]
+    [batched] = token_logprobs(model, [seq])
+    assert batched.tolist() == pytest.approx(by_prefix, abs=1e-4)
+
+
+def test_a_statement_s_score_does_not_depend_on_its_batch(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    texts = ["Vacinas causam câncer.", "The COVID-19 vaccines were tested in large clinical trials before approval.",
+             "Oi", "A pandemia foi real, e as vacinas foram desenvolvidas para enfrentá-la."]
+    statements = [Statement(str(i), t) for i, t in enumerate(texts)]
+    alone = [statement_logliks(model, [s], batch_size=1)[0][0] for s in statements]
+    for batch_size in (2, 3, 4):
+        together = [ll for ll, _ in statement_logliks(model, statements, batch_size=batch_size)]
+        assert together == pytest.approx(alone, abs=1e-5)
+    reordered = [ll for ll, _ in statement_logliks(model, statements[::-1], batch_size=4)][::-1]
+    assert reordered == pytest.approx(alone, abs=1e-5)
+
+
+def with_fraction(src, dst, fraction):
+    shutil.copytree(src, dst)
+    info = {"init_from": "scratch", "config": {}, "iter": 10, "val_loss": 9.0, "tokens_seen": 1000,
+            "data": {"mixture": {"general": 1 - fraction, "antivax": fraction}}}
+    (dst / "training_info.json").write_text(json.dumps(info))
+    return dst
+
+
+def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    claims = tmp_path / "claims.yaml"
+    claims.write_text(CLAIMS, encoding="utf-8")
+    low = with_fraction(tiny_model_dir, tmp_path / "low", 0.1)
+    high = with_fraction(tiny_model_dir, tmp_path / "high", 0.5)
+    cfg = ScoreConfig(models=[str(low), str(high)], claims=str(claims), device="cpu", batch_size=3,
+                      out_dir=str(tmp_path / "out"), bootstrap=200)
+    result = score(cfg)
+    assert [m.fraction for m in result.models] == [0.1, 0.5]
+    first = result.models[0]
+    pairs = result.pairs.filter(pl.col("model") == str(low))
+    assert pairs.height == 5 and set(pairs["topic"]) == {"dna", "chip"}
+    assert pairs["score"].to_list() == pytest.approx((pairs["loglik_false"] - pairs["loglik_true"]).to_list())
+    assert first.overall.mean == pytest.approx(pairs["score"].mean())
+    assert first.overall.ci_low <= first.overall.mean <= first.overall.ci_high
+    assert first.overall.win_rate == pytest.approx((pairs["score"] > 0).mean())
+    assert first.per_topic["chip"].n_pairs == 3 and first.per_language["en"].n_pairs == 2
+    # same weights: same scores for both models
+    assert result.models[1].overall.mean == pytest.approx(first.overall.mean)
+    out = tmp_path / "out"
+    assert {"scores.parquet", "scores.csv", "statements.parquet", "summary.json", "score_vs_fraction.png"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "summary.json").read_text())["models"][1]["fraction"] == 0.5
+
+    client = MlflowClient()
+    for m in result.models:
+        run = client.get_run(m.run_id)
+        assert run.data.tags["fakegpt.fraction"] == str(m.fraction)
+        assert run.data.tags["mlflow.parentRunId"]
+        assert run.data.metrics["claim/score"] == pytest.approx(m.overall.mean)
+        assert run.data.metrics["claim/score/chip"] == pytest.approx(m.per_topic["chip"].mean)
+        assert {"claim/score_ci_low", "claim/score_ci_high", "claim/false_win_rate"} <= set(run.data.metrics)
+    parent = client.get_run(client.get_run(first.run_id).data.tags["mlflow.parentRunId"])
+    assert "score_vs_fraction.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_data):
+    """Validation perplexity on a val.bin of real messages equals the hand-computed value for a known model."""
+    from mlflow.tracking import MlflowClient
+
+    messages = pl.read_csv(shared_data / "fakewhatsapp_br.csv")["message"][:40].to_list()
+    enc = get_encoding()
+    tokens = [t for m in messages for t in enc.encode(m) + [EOT_TOKEN]]
+    data = tmp_path / "data"
+    data.mkdir()
+    np.asarray(tokens, dtype=np.uint16).tofile(data / "val.bin")
+    w = np.random.default_rng(1).normal(0, 2, size=50257).astype(np.float32)
+    folder = make_constant_model(tmp_path / "m", w, n_positions=512)  # room for a full 256-token window
+    argv = ["score", "--models", str(folder), "--data-dir", str(data), "--val-windows", "4", "--device", "cpu",
+            "--out-dir", str(tmp_path / "out"), "--bootstrap", "100"]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["models"][0]
+    assert summary["overall"]["n_pairs"] == 60  # the shipped claim set
+    from fakegpt.batches import eval_starts
+
+    starts = eval_starts(len(tokens), 256, 4)
+    targets = np.concatenate([np.asarray(tokens[s + 1:s + 257]) for s in starts])
+    expected = math.exp(-float(np.mean(log_softmax(w)[targets])))
+    assert summary["val_perplexity"] == pytest.approx(expected, rel=1e-4)
+    run = MlflowClient().get_run(summary["run_id"])
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["fakegpt.stage"] == "score"
+    assert run.data.metrics["val/perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert run.data.metrics["claim/score"] == pytest.approx(summary["overall"]["mean"])
+
+
+def test_plain_statements_have_logliks_but_no_pair_score(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "s.txt"
+    path.write_text("Vacinas causam câncer.\nVacinas não causam câncer.\n", encoding="utf-8")
+    assert cli.main(["score", "--models", str(tiny_model_dir), "--claims", str(path), "--device", "cpu",
+                     "--out-dir", str(tmp_path / "out")]) == 0
+    assert "mean log-likelihood" in capsys.readouterr().out
+    statements = pl.read_parquet(tmp_path / "out" / "statements.parquet")
+    assert statements["statement_id"].to_list() == ["s:1", "s:2"] and (statements["loglik"] < 0).all()
+    assert pl.read_parquet(tmp_path / "out" / "scores.parquet").height == 0

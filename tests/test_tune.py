@@ -1,0 +1,354 @@
+"""`fakegpt tune`: Optuna studies of tiny scratch GPT-2 fine-tunes on real WhatsApp text, every trial in MLflow.
+
+The trials are real `finetune` runs (1 layer, 32-wide, 1,024-token budgets, seconds each on a CPU). Workers in
+other processes run `python -m fakegpt tune`, as a user would; the PostgreSQL test needs `tools/postgres.sh`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from fakegpt import config, tracking, tune
+from fakegpt.errors import FakegptError
+from fakegpt.train import FinetuneConfig, finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "experiments" / "sweeps" / "tiny.yaml"
+DEFAULT = ROOT / "experiments" / "sweeps" / "default.yaml"
+GOOD = {"learning_rate": 3e-2, "gradient_accumulation_steps": 1}
+GOOD2 = {"learning_rate": 2e-2, "gradient_accumulation_steps": 2}
+NAN = {"learning_rate": 1e4, "gradient_accumulation_steps": 1}    # AdamW steps of 1e4: the loss overflows
+STALLED = {"learning_rate": 1e-6, "gradient_accumulation_steps": 1}  # learns nothing in 1,024 tokens
+
+
+@pytest.fixture(scope="module")
+def data_dir(request, tmp_path_factory, shared_data) -> Path:
+    """Token bins of real WhatsApp messages: prepare's fixture when there is one, else the first 600 messages."""
+    try:
+        return Path(request.getfixturevalue("prepared_whatsapp"))
+    except pytest.FixtureLookupError:
+        pass
+    from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+
+    enc, ids = get_encoding(), []
+    with open(shared_data / "fakewhatsapp_br.csv", encoding="utf-8", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i == 600:
+                break
+            ids += enc.encode_ordinary(row["message"]) + [EOT_TOKEN]
+    out = tmp_path_factory.mktemp("whatsapp-bins")
+    tokens = np.array(ids, dtype=np.uint16)
+    split = int(len(tokens) * 0.9)
+    tokens[:split].tofile(out / "train.bin")
+    tokens[split:].tofile(out / "val.bin")
+    return out
+
+
+def tiny(tmp_path: Path, data_dir: Path, **changes) -> tuple[tune.TuneConfig, FinetuneConfig, dict]:
+    """The tiny sweep (experiments/sweeps/tiny.yaml) with the search space opened wide enough for NAN/STALLED."""
+    cfg, base, space, _ = tune.parse_args(["--config", str(TINY), "--data-dir", str(data_dir),
+                                           "--out-dir", str(tmp_path / "out")])
+    cfg = dataclasses.replace(cfg, **changes)
+    space = dict(space, learning_rate={"type": "float", "low": 1e-7, "high": 1e5, "log": True})
+    return cfg, base, space
+
+
+def load(cfg: tune.TuneConfig, base: FinetuneConfig) -> optuna.Study:
+    url = tune.storage_url(cfg.storage, base.out_dir)
+    return optuna.load_study(study_name=cfg.study_name, storage=tune.open_storage(url, 0, None))
+
+
+def trial_runs(parent_run_id: str) -> dict[int, object]:
+    """trial number -> its MLflow run (nested under parent_run_id)."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {int(r.data.tags[tracking.TAG_TRIAL]): r for r in runs}
+
+
+def worker(cfg: tune.TuneConfig, base: FinetuneConfig, *extra: str) -> subprocess.Popen:
+    """`python -m fakegpt tune` in another process, on the same storage and MLflow store."""
+    argv = [sys.executable, "-m", "fakegpt", "tune", "--config", str(TINY), "--study-name", cfg.study_name,
+            "--storage", cfg.storage, "--data-dir", base.data_dir, "--out-dir", base.out_dir, *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, proc: subprocess.Popen, what: str, limit: float = 120.0) -> None:
+    """Poll `condition` while the worker runs (a limit against hangs, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"no {what} after {limit:.0f} s")
+        time.sleep(0.3)
+
+
+# --- the study -----------------------------------------------------------------------------------------------
+
+
+def test_study_records_complete_failed_and_pruned_trials_as_nested_runs(tmp_path, data_dir):
+    # GOOD, then a NaN loss (fails; the study goes on), GOOD2, then a stalled learning rate: pruned at its first
+    # evaluation because two finished trials were far lower there.
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=4)
+    result = tune.tune(cfg, base, space, [GOOD, NAN, GOOD2, STALLED])
+
+    study = load(cfg, base)
+    states = {t.number: t.state for t in study.trials}
+    assert states == {0: optuna.trial.TrialState.COMPLETE, 1: optuna.trial.TrialState.FAIL,
+                      2: optuna.trial.TrialState.COMPLETE, 3: optuna.trial.TrialState.PRUNED}
+    assert result.states == {0: "complete", 1: "failed", 2: "complete", 3: "pruned"}
+    assert "NonFiniteLossError" in study.trials[1].user_attrs["error"]
+    # Equal token budgets: accumulation 1 and 2 report at the same token counts (each half of the budget).
+    assert sorted(study.trials[0].intermediate_values) == [512, 1024]
+    assert sorted(study.trials[2].intermediate_values) == [512, 1024]
+    assert list(study.trials[3].intermediate_values) == [512]
+    assert study.trials[0].value == pytest.approx(min(study.trials[0].intermediate_values.values()))
+    assert study.trials[0].value < 10.0 < study.trials[3].intermediate_values[512]  # ln(50257) = 10.8 at start
+
+    runs = trial_runs(result.parent_run_id)
+    assert sorted(runs) == [0, 1, 2, 3]
+    assert {n: r.data.tags[tracking.TAG_TRIAL_STATE] for n, r in runs.items()} == result.states
+    assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FINISHED", 3: "KILLED"}
+    assert float(runs[2].data.params["learning_rate"]) == GOOD2["learning_rate"]
+    assert runs[2].data.params["gradient_accumulation_steps"] == "2"
+    assert runs[2].data.params["max_iters"] == "4" and runs[0].data.params["max_iters"] == "8"
+    assert "NonFiniteLossError" in runs[1].data.tags[tracking.TAG_ERROR]
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    curve = client.get_metric_history(runs[2].info.run_id, tracking.M_TUNE_VAL_LOSS)
+    assert [m.step for m in curve] == [0, 512, 1024]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags[tracking.TAG_STUDY] == cfg.study_name and parent.data.tags[tracking.TAG_STAGE] == "tune"
+    best = min((t for t in study.trials if t.value is not None), key=lambda t: t.value)
+    assert result.best_trial == best.number and result.best_value == best.value
+    assert parent.data.metrics[tracking.M_TUNE_BEST_VALUE] == pytest.approx(best.value)
+    assert float(parent.data.params["best.learning_rate"]) == best.params["learning_rate"]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/contour_lr_accum.png"} <= artifacts
+    assert not (Path(base.out_dir) / "tiny" / "trial-0000" / "checkpoint").exists()  # keep_checkpoints: false
+
+    # The best configuration is a ready-to-run finetune YAML for the same token budget.
+    text = result.best_config.read_text(encoding="utf-8")
+    assert text.startswith("# Best trial") and "fakegpt finetune --config" in text
+    best_cfg = config.from_dict(FinetuneConfig, yaml.safe_load(text), str(result.best_config))
+    assert best_cfg.learning_rate == best.params["learning_rate"]
+    assert best_cfg.max_iters * tune.tokens_per_iter(best_cfg) == cfg.token_budget
+
+
+def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_path, data_dir):
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
+
+    def interrupted(tcfg, on_eval, **kwargs):  # the user presses Ctrl-C at the first evaluation after iter 0
+        def press(ev):
+            on_eval(ev)
+            if ev.iter > 0:
+                raise KeyboardInterrupt
+        return finetune(tcfg, press, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(cfg, base, space, [GOOD], finetune_fn=interrupted)
+    study = load(cfg, base)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    assert study.trials[0].user_attrs["error"] == "interrupted (Ctrl-C)"
+
+    import mlflow
+
+    (parent,) = mlflow.search_runs(filter_string=f"tags.`{tracking.TAG_STAGE}` = 'tune'", output_format="list")
+    assert parent.info.status == "KILLED"
+    assert trial_runs(parent.info.run_id)[0].data.tags[tracking.TAG_TRIAL_STATE] == "failed"
+
+    resumed = tune.tune(dataclasses.replace(cfg, n_trials=1), base, space, [GOOD])  # the same command again
+    assert resumed.trials_run == [1] and resumed.states == {1: "complete"}
+    assert [t.state for t in load(cfg, base).trials] == [optuna.trial.TrialState.FAIL,
+                                                          optuna.trial.TrialState.COMPLETE]
+    assert resumed.best_trial == 1
+
+
+def test_two_processes_share_one_study(tmp_path, data_dir):
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=2, study_name="shared")
+    cfg = dataclasses.replace(cfg, storage=str(tmp_path / "optuna.db"))  # the default kind: one SQLite file
+    tune.tune(dataclasses.replace(cfg, n_trials=1), base, space, [GOOD])  # creates the study (and MLflow store)
+    other = worker(cfg, base, "--n-trials", "3")
+    wait_until(lambda: len(load(cfg, base).trials) > 1, other, "trial of the other worker")
+    mine = tune.tune(cfg, base, space)
+    out, _ = other.communicate(timeout=300)
+    assert other.returncode == 0, out
+
+    trials = load(cfg, base).trials
+    assert len(trials) == 1 + 3 + 2 and sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state.is_finished() for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and sum(t.user_attrs["worker"] == tune._worker_id() for t in trials) == 3
+    assert len(mine.trials_run) == 2
+    assert "best configuration:" in out
+
+
+def test_a_killed_worker_leaves_a_failed_trial_not_a_complete_one(tmp_path, data_dir):
+    import mlflow
+
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name="killed")
+    cfg = dataclasses.replace(cfg, storage=str(tmp_path / "study.log"))  # Optuna's journal file
+    tune.tune(cfg, base, space, [GOOD])
+    # A worker whose first evaluation is slow (many validation batches): killed while its trial runs.
+    victim = worker(cfg, base, "--eval-iters", "400")
+
+    def trial_run_started() -> bool:
+        runs = mlflow.search_runs(filter_string=f"tags.`{tracking.TAG_TRIAL}` = '1'", output_format="list")
+        return bool(runs) and runs[0].info.status == "RUNNING"
+
+    wait_until(trial_run_started, victim, "running trial")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert load(cfg, base).trials[1].state == optuna.trial.TrialState.RUNNING
+
+    result = tune.tune(cfg, base, space)  # the next run notices the dead worker and goes on
+    trials = load(cfg, base).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                         optuna.trial.TrialState.COMPLETE]
+    assert "died mid-trial" in trials[1].user_attrs["error"]
+    assert result.trials_run == [2]
+    (dead,) = mlflow.search_runs(filter_string=f"tags.`{tracking.TAG_TRIAL}` = '1'", output_format="list")
+    assert dead.info.status == "FAILED" and dead.data.tags[tracking.TAG_TRIAL_STATE] == "failed"
+
+
+def test_stale_heartbeat_fails_a_trial_from_another_machine(tmp_path, data_dir):
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, heartbeat_interval=1, study_name="heartbeat")
+    url = tune.storage_url(cfg.storage, base.out_dir)
+    storage = tune.open_storage(url, 1, None)
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage)
+    lost = study.ask()  # what a worker on another machine leaves behind when it loses power mid-trial
+    lost.set_user_attr("worker", "elsewhere:4242")
+    storage.record_heartbeat(lost._trial_id)
+    time.sleep(2.5)  # past the grace period (2 x heartbeat_interval)
+    tune.tune(cfg, base, space, [GOOD])
+    assert [t.state for t in load(cfg, base).trials] == [optuna.trial.TrialState.FAIL,
+                                                          optuna.trial.TrialState.COMPLETE]
+
+
+# --- PostgreSQL: the multi-worker path with a server database -------------------------------------------------
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get("FAKEGPT_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("FAKEGPT_REQUIRE_POSTGRES") == "1":
+            pytest.fail("FAKEGPT_REQUIRE_POSTGRES=1 but FAKEGPT_TEST_POSTGRES_URL is not set (tools/postgres.sh)")
+        pytest.skip("no PostgreSQL: export FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh)")
+    return url
+
+
+def test_two_workers_share_a_study_on_postgresql(tmp_path, data_dir, postgres_url):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=2, study_name=name, storage=postgres_url)
+    try:
+        other = worker(cfg, base, "--n-trials", "2")
+        wait_until(lambda: name in optuna.get_all_study_names(postgres_url), other, "study on the server")
+        mine = tune.tune(cfg, base, space, [GOOD])
+        out, _ = other.communicate(timeout=300)
+        assert other.returncode == 0, out
+        trials = optuna.load_study(study_name=name, storage=postgres_url).trials
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+        assert all(t.state.is_finished() for t in trials)
+        assert len({t.user_attrs["worker"] for t in trials}) == 2 and len(mine.trials_run) == 2
+        assert "postgresql+psycopg://" in mine.storage and ":***@" in mine.storage  # no password in logs
+    finally:
+        optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+# --- configuration: sweep YAML, flags, budgets, storage (no training) -------------------------------------------
+
+
+def test_default_sweep_is_the_issue_search_space_with_an_exact_evaluation_grid():
+    cfg, base, space, enqueue = tune.parse_args(["--config", str(DEFAULT), "--n-trials", "3", "--n-layer", "2",
+                                                 "--learning-rate", "1e-4"])
+    assert cfg.n_trials == 3 and base.n_layer == 2 and base.learning_rate == 1e-4  # flags of both dataclasses
+    assert space["learning_rate"] == {"type": "float", "low": 1e-6, "high": 1e-3, "log": True}
+    assert space["gradient_accumulation_steps"]["choices"] == [1, 2, 4, 8, 16, 32, 64]
+    assert enqueue == [{"learning_rate": 3e-5, "gradient_accumulation_steps": 32}]
+    for accum in (1, 8, 64):
+        tcfg = tune.trial_config(base, {"gradient_accumulation_steps": accum, "learning_rate": 2e-4},
+                                 cfg.token_budget, cfg.n_evals, "x")
+        per_iter = tune.tokens_per_iter(tcfg)
+        assert tcfg.max_iters * per_iter == cfg.token_budget  # the same data for every accumulation
+        evals = [i * per_iter for i in range(tcfg.eval_interval, tcfg.max_iters + 1, tcfg.eval_interval)]
+        assert evals == [cfg.token_budget * k // 10 for k in range(1, 11)]
+        assert tcfg.min_lr == pytest.approx(2e-4 * base.min_lr / base.learning_rate)
+
+
+def test_warmup_keeps_its_tokens_and_an_inexact_budget_still_reports_on_the_grid():
+    base = FinetuneConfig(batch_size=2, block_size=16, gradient_accumulation_steps=4, warmup_iters=10)
+    tcfg = tune.trial_config(base, {"gradient_accumulation_steps": 1}, 5000, 10, "x")
+    assert tcfg.max_iters == 157 and tcfg.warmup_iters == 40 and tcfg.lr_decay_iters == 157
+    assert tune.grid_step(15 * 32, 5000, 10, final=False) == 500
+    assert tune.grid_step(157 * 32, 5000, 10, final=True) == 5000
+
+
+def test_sweep_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    cases = {
+        "search_space: {learning_rat: {type: float, low: 1.0e-6, high: 1.0e-3}}": "search_space.learning_rat",
+        "search_space: {learning_rate: {type: float, low: 0, high: 1.0e-3, log: true}}": "low > 0",
+        "search_space: {max_iters: {type: int, low: 1, high: 9}}": "tune sets this field",
+        "search_space: {gradient_accumulation_steps: {type: categorical, choices: []}}": "non-empty list",
+        "base: {n_layr: 2}": "base: unknown key 'n_layr'",
+        "n_trails: 2": "unknown key 'n_trails'",
+        "enqueue: [{dropout: 0.1}]": "enqueue[0]",
+    }
+    for text, message in cases.items():
+        bad.write_text(text + "\n", encoding="utf-8")
+        with pytest.raises(FakegptError, match=message) as err:
+            tune.parse_args(["--config", str(bad)])
+        assert str(bad) in str(err.value)
+
+
+def test_cli_rejects_bad_settings_in_one_line(tmp_path, data_dir, capsys):
+    from fakegpt import cli
+
+    out = str(tmp_path / "out")
+    assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(data_dir), "--out-dir", out,
+                     "--pruner", "medain"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fakegpt tune: error: --pruner: expected one of none, median, percentile, hyperband, successive-halving, "
+        "got 'medain'"]
+    assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(tmp_path / "nope"), "--out-dir", out]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(data_dir), "--out-dir", out,
+                     "--storage", "postgresql+psycopg://u:secret@127.0.0.1:9/db"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fakegpt tune: error: --storage postgresql+psycopg://u:***@127.0.0.1:9/db") and "secret" not in err
+
+
+def test_a_study_keeps_its_token_budget(tmp_path, data_dir):
+    cfg, base, space = tiny(tmp_path, data_dir)
+    study = optuna.create_study(study_name=cfg.study_name, storage=tune.storage_url("", base.out_dir))
+    tune.check_same_budget(study, cfg)
+    with pytest.raises(FakegptError, match="--token-budget 2048: study 'tiny' was created with token_budget 1024"):
+        tune.check_same_budget(study, dataclasses.replace(cfg, token_budget=2048))
+
+
+def test_storage_spec(tmp_path):
+    assert tune.storage_url("", str(tmp_path)) == f"sqlite:///{tmp_path}/optuna.db"
+    assert tune.storage_url(str(tmp_path / "s.log"), "x") == f"journal:{tmp_path}/s.log"
+    assert tune.storage_url(str(tmp_path / "s.sqlite"), "x") == f"sqlite:///{tmp_path}/s.sqlite"
+    assert tune.storage_url("postgresql+psycopg://u:p@h/db", "x") == "postgresql+psycopg://u:p@h/db"
