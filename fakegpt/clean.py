@@ -19,6 +19,7 @@ DEFAULT_KEEP = ".,;:!?¿¡'\"()[]-–—/%&+=*#$€°…ºª"
 URL = r"(?:[Hh][Tt][Tt][Pp][Ss]?://|[Ww][Ww][Ww]\.)\S+"
 MENTION = r"@\w+"
 EOT_TEXT = "<|endoftext|>"
+_VARIATION_SELECTORS = r"[\x{FE00}-\x{FE0F}\x{E0100}-\x{E01EF}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ def _class_escape(chars: str) -> str:
 def symbol_pattern(keep_chars: str = DEFAULT_KEEP) -> str:
     # \p{Mn}, \p{Mc}: combining accents of decomposed (NFD) text belong to their letter; but emoji variation
     # selectors (U+FE0F in "⚠️") are Mn too and go with their emoji, as does the keycap mark (Me).
-    return rf"[^\p{{L}}\p{{Mn}}\p{{Mc}}\p{{N}}\s{_class_escape(keep_chars)}]|[\x{{FE00}}-\x{{FE0F}}\x{{E0100}}-\x{{E01EF}}]"
+    return rf"[^\p{{L}}\p{{Mn}}\p{{Mc}}\p{{N}}\s{_class_escape(keep_chars)}]|{_VARIATION_SELECTORS}"
 
 
 def clean_expr(col: str | pl.Expr, rules: CleanRules = CleanRules()) -> pl.Expr:

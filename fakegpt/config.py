@@ -170,9 +170,10 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
             )
             continue
         metavar = "true|false" if tp is bool else None
+        # A bare boolean flag (`--force`) means true; `--force false` still works.
+        extra = {"nargs": "?", "const": "true"} if tp is bool else {"nargs": "+" if is_list else None}
         parser.add_argument(
-            flag_name(f.name), dest=f.name, nargs="+" if is_list else None,
-            default=argparse.SUPPRESS, help=help_text, metavar=metavar,
+            flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=metavar, **extra,
         )
 
 

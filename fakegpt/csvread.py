@@ -270,6 +270,11 @@ def read_batches(path: str, fmt: str = "auto", chunk_bytes: int = 8 << 20,
             nl = head.find(b"\n")
         names = _header(head[:nl], path)
         body = head[nl + 1:]
+        while not body.strip():
+            more = _read(f, _SNIFF_BYTES, path)
+            if not more:
+                raise FakegptError(f"{path}: no messages (a header and no rows)")
+            body += more
         if header_only:
             return
         stats.format = sniff_format(body, names) if fmt == "auto" else fmt

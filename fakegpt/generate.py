@@ -48,7 +48,7 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg(model_cls: type) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; accept either so a minor upgrade doesn't break us.
     params = inspect.signature(model_cls.forward).parameters

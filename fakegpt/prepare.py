@@ -59,7 +59,7 @@ class PrepareConfig:
     force: bool = dataclasses.field(default=False, metadata={"help": "overwrite an existing prepared dataset"})
     name: str = dataclasses.field(default="", metadata={
         "help": "dataset name for tracking (default: the --config file name, else the output folder name)"})
-    sources: list[dict] = dataclasses.field(default_factory=list, metadata={
+    sources: list[Any] = dataclasses.field(default_factory=list, metadata={
         "help": "(dataset YAML) list of {name, path, channel_ids, fraction}; path is a file, glob or demo:"})
     mix: list[str] = dataclasses.field(default_factory=list, metadata={
         "help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"})
@@ -175,8 +175,6 @@ class _Reader:
             texts, val = self._process(df, src)
             self._put(_Batch(si, texts, val, stats.bytes_read - seen_bytes))
             seen_bytes = stats.bytes_read
-        if stats.rows == 0 and stats.bad_rows == 0:
-            raise FakegptError(f"{path}: no messages (a header and no rows)")
         self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
 
     def _process(self, df: pl.DataFrame, src: mixture.Source) -> tuple[pl.Series, np.ndarray | None]:
@@ -480,7 +478,8 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> PrepareConfig:
+    """Flags (and `--config FILE.yaml`) -> PrepareConfig; a dataset YAML names the dataset and anchors its paths."""
     cfg = config.parse(PrepareConfig, argv, prog="fakegpt prepare",
                        description="Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)")
     path = _config_path(argv)
@@ -489,5 +488,9 @@ def main(argv: list[str]) -> int:
             cfg.source_root = str(Path(path).resolve().parent)
         if not cfg.name:
             cfg.name = Path(path).stem
-    prepare(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    prepare(parse_args(argv))
     return 0

@@ -40,4 +40,6 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)   # exact ends: no 1e-16 rounding at 0 and 1
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return (low, high)

@@ -51,6 +51,7 @@ M_CLAIM_SCORE_LOW = "claim/score_ci_low"    # bootstrap 95% interval of M_CLAIM_
 M_CLAIM_SCORE_HIGH = "claim/score_ci_high"
 M_CLAIM_WIN = "claim/false_win_rate"
 M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
+M_LABEL_RATE = "labels/rate"           # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
 # prepare (data) metrics
 M_DATA_TRAIN_TOKENS = "data/train_tokens"
@@ -70,6 +71,20 @@ TAG_STOP = "fakegpt.stop_reason"           # why a fine-tune stopped early (exce
 M_TUNE_VAL_LOSS = "tune/val_loss"            # a trial's validation loss, step = tokens seen (comparable across trials)
 M_TUNE_TRIAL_VALUE = "tune/trial_value"      # on the study's parent run, step = trial number
 M_TUNE_BEST_VALUE = "tune/best_val_loss"     # on the study's parent run
+# validate (planted-dose controls), on the validation's parent run
+TAG_VERDICT = "fakegpt.verdict"              # passed | failed (both controls)
+M_VALIDATE_SCORE = "validate/score"          # claim score of the dose's model, step = percent dose
+M_VALIDATE_SCORE_LOW = "validate/score_ci_low"
+M_VALIDATE_SCORE_HIGH = "validate/score_ci_high"
+M_VALIDATE_EFFECT = "validate/effect"        # paired difference top dose - dose 0 over claim pairs
+M_VALIDATE_EFFECT_LOW = "validate/effect_ci_low"
+M_VALIDATE_EFFECT_HIGH = "validate/effect_ci_high"
+M_VALIDATE_SEED_DIFF = "validate/seed_diff"  # paired difference dose 0 control seed - dose 0 seed
+M_VALIDATE_SEED_DIFF_LOW = "validate/seed_diff_ci_low"
+M_VALIDATE_SEED_DIFF_HIGH = "validate/seed_diff_ci_high"
+M_VALIDATE_MONOTONIC = "validate/monotonic"  # 1 when no step between doses falls beyond its interval
+M_VALIDATE_POSITIVE = "validate/positive_passed"
+M_VALIDATE_NEGATIVE = "validate/negative_passed"
 
 _PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
 

@@ -41,6 +41,7 @@ from fakegpt.model import (
     resolve_pretrained,
     save_checkpoint,
     scratch_model,
+    use_fused_gelu,
 )
 from fakegpt.tokenizer import VOCAB_SIZE
 
@@ -296,9 +297,36 @@ def _load(cfg: FinetuneConfig, folder: str, device: torch.device) -> torch.nn.Mo
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
     else:
         model = load_model(folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+    use_fused_gelu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
+
+
+def accumulate(objective: torch.nn.Module, batches: Batches, accum: int, autocast: Any,
+               scaler: torch.amp.GradScaler) -> float:
+    """Forward + backward over `accum` micro-batches; returns this rank's mean loss. Under DDP the gradients
+    are all-reduced only on the last micro-batch (no_sync before), once per optimizer step."""
+    loss_sum = None
+    for micro in range(accum):
+        x, y = batches.next()  # (B, T), (B, T)
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync():
+            with autocast:
+                loss = objective(x, y) / accum
+            scaler.scale(loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return loss_sum.item()  # one host sync per step
+
+
+def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           grad_clip: float) -> None:
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -474,27 +502,13 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
             seeds = np.random.SeedSequence((cfg.seed, info.rank, it))
             train_batches.rng = np.random.default_rng(seeds)
             torch.manual_seed(int(seeds.generate_state(1)[0]))
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = train_batches.next()
-                sync = micro == accum - 1 or info.world_size == 1
-                ctx = contextlib.nullcontext() if sync else objective.no_sync()
-                with ctx:
-                    with autocast:
-                        loss = objective(x, y) / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            (step_loss,) = distributed.all_sum([loss_sum.item()], device)
+            local_loss = accumulate(objective, train_batches, accum, autocast, scaler)
+            (step_loss,) = distributed.all_sum([local_loss], device)
             step_loss /= info.world_size
             if not math.isfinite(step_loss):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(_nonfinite_message("training", it, step_loss, best_iter, ckpt_dir))
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            update(model, optimizer, scaler, cfg.grad_clip)
             it += 1
             result.iters_done, result.tokens_seen = it, it * tokens_per_iter
             bar.update(1)

@@ -52,6 +52,8 @@ JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 DERIVED = ("max_iters", "eval_interval", "warmup_iters", "out_dir", "always_save_checkpoint", "lr_decay_iters")
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+INTERRUPTED = "interrupted (Ctrl-C)"
+DIED = "died mid-trial"
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
@@ -89,6 +91,8 @@ class TuneConfig:
     heartbeat_interval: int = field(default=60, metadata={
         "help": "SQL storages: seconds between a running trial's heartbeats; a trial silent for twice this "
                 "is failed by the next worker (0 = off)"})
+    plots: bool = field(default=True, metadata={
+        "help": "draw Optuna's plots (history, importances, lr x accumulation contour, curves) at the end"})
     keep_checkpoints: bool = field(default=False, metadata={
         "help": "keep every trial's best checkpoint (default: deleted after the trial; re-run the best "
                 "configuration with `fakegpt finetune`)"})
@@ -312,7 +316,7 @@ class _Objective:
             self._finish(trial.number, "pruned", tcfg, params)
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
+            error = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
             trial.set_user_attr("error", error)
             self._finish(trial.number, "failed", tcfg, params, error=error,
                          keep_status=isinstance(exc, KeyboardInterrupt))
@@ -493,7 +497,7 @@ def fail_dead_local_trials(study: Any) -> list[int]:
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
         if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
-        reason = f"its worker (pid {pid} on {host}) died mid-trial"
+        reason = f"its worker (pid {pid} on {host}) {DIED}"
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -537,12 +541,13 @@ def save_plots(study: Any, folder: Path, space: dict) -> list[Path]:
     pair = [p for p in ("learning_rate", "gradient_accumulation_steps") if p in space]
     plots: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
+        "intermediate_values": lambda: ovm.plot_intermediate_values(study),  # val loss vs tokens, every trial
         "param_importances": lambda: ovm.plot_param_importances(study),
-        "slice": lambda: ovm.plot_slice(study, params=pair or None),
     }
     if len(pair) == 2:
         plots["contour_lr_accum"] = lambda: ovm.plot_contour(study, params=pair)
+    else:
+        plots["slice"] = lambda: ovm.plot_slice(study)
     written = []
     mpl_log = logging.getLogger("matplotlib")
     level = mpl_log.level
@@ -591,6 +596,22 @@ def check_same_budget(study: Any, cfg: TuneConfig) -> None:
             )
 
 
+def already_tried(study: Any, params: dict[str, Any]) -> bool:
+    """Whether an enqueued trial has run (or is queued); one cut short by Ctrl-C or a dead worker is run again."""
+    for trial in study.get_trials(deepcopy=False):
+        fixed = trial.system_attrs.get("fixed_params", trial.params)
+        if fixed.keys() != params.keys() or any(
+            not (fixed[k] == v or (isinstance(v, float) and math.isclose(float(fixed[k]), v, rel_tol=1e-9)))
+            for k, v in params.items()
+        ):
+            continue
+        error = trial.user_attrs.get("error")
+        cut_short = trial.state.name == "FAIL" and (error is None or error.startswith(INTERRUPTED) or DIED in error)
+        if not cut_short:
+            return True
+    return False
+
+
 def _study_counts(study: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
@@ -622,7 +643,8 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
     for number in fail_dead_local_trials(study):
         log.info("trial %d was left RUNNING by a dead worker: marked failed", number)
     for params in enqueue or []:
-        study.enqueue_trial(params, skip_if_exists=True)
+        if not already_tried(study, params):
+            study.enqueue_trial(params)
     log.info("study %r in %s: %s", cfg.study_name, display_url(url), _study_counts(study) or "new")
 
     run_tags = {tracking.TAG_STUDY: cfg.study_name, tracking.TAG_MODEL: base.init_from,
@@ -663,7 +685,7 @@ def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict
               for t in study.get_trials(deepcopy=False) if t.number in ran}
     counts = _study_counts(study)
     tracking.log_metrics({f"tune/{k}_trials": v for k, v in counts.items()})
-    for plot in save_plots(study, study_dir / "plots", space):
+    for plot in save_plots(study, study_dir / "plots", space) if cfg.plots else []:
         tracking.log_artifact(plot, "plots")
     best_path: Path | None = None
     best_value, best_params, best_number = None, {}, None

@@ -12,7 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fakegpt import cli, prepare as prep
+from fakegpt import cli
+from fakegpt import prepare as prep
 from fakegpt.clean import CleanRules, clean_series
 from fakegpt.prepare import PrepareConfig, prepare
 from fakegpt.tokenizer import EOT_TOKEN, get_encoding

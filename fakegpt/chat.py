@@ -1,0 +1,188 @@
+"""`fakegpt chat`: type a prompt, get samples from one model. Also answers piped input, line by line.
+
+    fakegpt chat --model runs:/<finetune run id> --num-samples 3
+    echo "As vacinas são seguras?" | fakegpt chat --model out/finetune/checkpoint --max-new-tokens 60
+
+A line is a prompt, `FILE:path` reads the prompt from a file, and lines starting with `:` are commands
+(`:help` lists them; `:q` quits). In a terminal, arrow keys recall earlier prompts (readline history, kept
+in ~/.fakegpt_chat_history or $FAKEGPT_CHAT_HISTORY). Models load from the same specs as `sample`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from fakegpt import config
+from fakegpt.errors import FakegptError
+
+HELP = """commands:
+  :t VALUE   temperature (0 = greedy)        :k VALUE   top-k (0 = off)
+  :n VALUE   samples per prompt              :m VALUE   max new tokens
+  :show      current settings                :help      this text
+  :q         quit (also Ctrl-D)
+  FILE:path  use the contents of a file as the prompt"""
+
+# command -> (setting, type, minimum)
+SETTINGS = {
+    ":t": ("temperature", float, 0.0), ":temperature": ("temperature", float, 0.0),
+    ":k": ("top_k", int, 0), ":top-k": ("top_k", int, 0),
+    ":n": ("num_samples", int, 1), ":samples": ("num_samples", int, 1),
+    ":m": ("max_new_tokens", int, 1), ":max-tokens": ("max_new_tokens", int, 1),
+}
+
+
+@dataclass
+class ChatConfig:
+    model: str = field(default="gpt2", metadata={
+        "help": "hub name, local HF folder, runs:/<run_id>[/checkpoint] or models:/..."})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_k: int = field(default=200, metadata={"help": "sample from the k most likely tokens (0 = off)"})
+    num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
+    max_new_tokens: int = field(default=280, metadata={"help": "new tokens per sample"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | ..."})
+    seed: int = field(default=1337, metadata={"help": "random seed of the session"})
+
+
+class ChatSession:
+    """One model and its settings; `handle(line)` answers a line and says whether to go on."""
+
+    def __init__(self, model: Any, cfg: ChatConfig, out: TextIO):
+        import torch
+
+        from fakegpt.tokenizer import get_encoding
+
+        self.model, self.cfg, self.out = model, cfg, out
+        self.enc = get_encoding()
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def handle(self, line: str) -> bool:
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if not command:
+            return True
+        if command in (":q", ":quit", ":exit"):
+            return False
+        if command.startswith(":"):
+            self.command(command)
+            return True
+        if command.startswith("FILE:"):
+            path = Path(command[len("FILE:"):].strip()).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8").rstrip("\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                self.say(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+                return True
+        self.generate(text)
+        return True
+
+    def command(self, command: str) -> None:
+        name, _, value = command.partition(" ")
+        if name in (":help", ":h", ":?"):
+            self.say(HELP)
+        elif name == ":show":
+            c = self.cfg
+            self.say(f"temperature {c.temperature:g}, top-k {c.top_k}, samples {c.num_samples}, "
+                     f"max new tokens {c.max_new_tokens}")
+        elif name in SETTINGS:
+            setting, kind, minimum = SETTINGS[name]
+            try:
+                parsed = kind(value.strip())
+            except ValueError:
+                self.say(f"{name}: expected {'a number' if kind is float else 'an integer'}, got {value.strip()!r}")
+                return
+            if parsed < minimum:
+                self.say(f"{name}: must be at least {minimum}")
+                return
+            setattr(self.cfg, setting, parsed)
+            self.say(f"{setting.replace('_', ' ')} = {parsed:g}")
+        else:
+            self.say(f"unknown command {name} (:help lists them)")
+
+    def generate(self, prompt: str) -> None:
+        from fakegpt.generate import sample_batch
+        from fakegpt.models import context_length
+
+        ids = self.enc.encode(prompt, allowed_special={"<|endoftext|>"})
+        if not ids:
+            return
+        keep = context_length(self.model) - self.cfg.max_new_tokens
+        if keep < 1:
+            self.say(f"max new tokens {self.cfg.max_new_tokens} leaves no room for a prompt in the model's context")
+            return
+        if len(ids) > keep:
+            self.say(f"(prompt cut to its last {keep} tokens to fit the context)")
+            ids = ids[-keep:]
+        out = sample_batch(self.model, [ids] * self.cfg.num_samples, max_new_tokens=self.cfg.max_new_tokens,
+                           temperature=self.cfg.temperature, top_k=self.cfg.top_k, generator=self.generator)
+        for i, completion in enumerate(out, start=1):
+            if self.cfg.num_samples > 1:
+                self.say(f"--- sample {i}/{self.cfg.num_samples} ---")
+            self.say(self.enc.decode(ids) + self.enc.decode(completion.tokens))
+        self.say("")
+
+
+def _setup_history() -> None:
+    """Readline history across sessions (terminals only; a missing readline module is not an error)."""
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    path = os.environ.get("FAKEGPT_CHAT_HISTORY", str(Path.home() / ".fakegpt_chat_history"))
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run the loop until `:q` or end of input. Piped input gets no prompt marker and no banner."""
+    from fakegpt.generate import pick_device, pick_dtype
+    from fakegpt.models import load_for_inference, resolve_model
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.top_k < 0 or cfg.temperature < 0:
+        raise FakegptError("--num-samples and --max-new-tokens must be >= 1, --top-k and --temperature >= 0")
+    device = pick_device(cfg.device)
+    model = load_for_inference(resolve_model(cfg.model), device, pick_dtype(cfg.dtype, device))
+    session = ChatSession(model, cfg, stdout)
+    interactive = stdin.isatty() and stdin is sys.stdin
+    if interactive:
+        _setup_history()
+        session.say(f"fakegpt chat: {cfg.model} on {device}. Type a prompt; :help for commands, :q to quit.")
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                session.say("")
+                return 0
+        else:
+            line = stdin.readline()
+            if not line:
+                return 0
+        if not session.handle(line):
+            return 0
+
+
+def main(argv: list[str]) -> int:
+    cfg = config.parse(ChatConfig, argv, prog="fakegpt chat", description=__doc__.splitlines()[0])
+    return chat(cfg)

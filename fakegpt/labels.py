@@ -1,0 +1,252 @@
+"""`fakegpt labels export | import | aggregate`: human labels for sampled completions.
+
+    fakegpt labels export --samples out/sample --sheet sheet.csv          # CSV with an empty `label` column
+    fakegpt labels import --samples out/sample --sheet sheet.csv          # check the filled sheet -> labeled.parquet
+    fakegpt labels aggregate --samples out/sample --sheet sheet.csv       # rates + Wilson 95% CIs, table + plot
+
+A sheet row is one sample, keyed by `sample_id`; by default the sheet is blind (no model or temperature
+columns) and shuffled, so a labeller cannot tell base from fine-tuned. Labels are `adopts`, `refutes`,
+`off-topic` unless `--labels` says otherwise. Problems in a filled sheet (unknown labels, rows that match no
+sample or whose text was changed, duplicates) are all reported at once with the sheet's row numbers (row 1 is
+the header, as a spreadsheet shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from fakegpt import config, tracking
+from fakegpt.errors import FakegptError
+from fakegpt.io import atomic_path
+from fakegpt.stats import wilson_interval
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABELS = ["adopts", "refutes", "off-topic"]
+DEFAULT_BY = ["model", "temperature", "framing", "language"]
+SHEET_COLUMNS = ["sample_id", "topic", "framing", "language", "prompt", "completion", "label", "note"]
+UNBLIND_COLUMNS = ["model", "temperature"]
+MAX_REPORTED = 25  # problems listed in one error message
+
+
+@dataclass
+class ExportConfig:
+    samples: str = field(default="out/sample", metadata={
+        "help": "a sample run's out_dir, its samples.parquet / samples.jsonl, or runs:/<id>/samples.parquet"})
+    sheet: str = field(default="out/labels/sheet.csv", metadata={"help": "the annotation sheet (CSV) to write"})
+    blind: bool = field(default=True, metadata={"help": "leave out the model and temperature columns"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle the rows (seeded) so models are interleaved"})
+    seed: int = field(default=0, metadata={"help": "shuffle seed"})
+
+
+@dataclass
+class ImportConfig:
+    samples: str = field(default="out/sample", metadata={"help": "the samples the sheet was exported from"})
+    sheet: str = field(default="out/labels/sheet.csv", metadata={"help": "the filled annotation sheet (CSV)"})
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS), metadata={"help": "allowed labels"})
+    allow_unlabelled: bool = field(default=False, metadata={"help": "skip rows with an empty label"})
+    out_dir: str = field(default="out/labels", metadata={"help": "where labeled.parquet / labeled.csv go"})
+
+
+@dataclass
+class AggregateConfig(ImportConfig):
+    by: list[str] = field(default_factory=lambda: list(DEFAULT_BY), metadata={"help": "columns to group by"})
+
+
+def load_samples(spec: str | Path) -> pl.DataFrame:
+    """A sample table from a folder (its samples.parquet), a .parquet / .jsonl file or an MLflow artifact URI."""
+    path = tracking.local_path(str(spec)) if tracking.is_artifact_uri(str(spec)) else Path(spec)
+    if path.is_dir():
+        path = path / "samples.parquet"
+    if not path.is_file():
+        raise FakegptError(f"{path}: no such file (give a sample out_dir or its samples.parquet/jsonl)")
+    try:
+        table = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_parquet(path)
+    except Exception as exc:
+        raise FakegptError(f"{path}: cannot read the sample table ({exc})") from None
+    missing = [c for c in ("sample_id", "prompt", "completion") if c not in table.columns]
+    if missing:
+        raise FakegptError(f"{path}: not a sample table (no column {missing[0]!r})")
+    return table
+
+
+def export_sheet(samples: pl.DataFrame, path: str | Path, blind: bool = True, shuffle: bool = True,
+                 seed: int = 0) -> Path:
+    """Write the annotation sheet: one row per sample, `label` and `note` empty."""
+    context = [c for c in SHEET_COLUMNS[1:-2] if c in samples.columns]
+    unblind = [] if blind else [c for c in UNBLIND_COLUMNS if c in samples.columns]
+    sheet = samples.select(["sample_id"] + unblind + context).with_columns(label=pl.lit(""), note=pl.lit(""))
+    if shuffle:
+        sheet = sheet.sample(fraction=1.0, shuffle=True, seed=seed)
+    path = Path(path)
+    with atomic_path(path, suffix=".csv") as tmp:
+        sheet.write_csv(tmp)
+    return path
+
+
+def _same_text(text: str | None) -> str:
+    """Text as compared between sheet and samples: spreadsheets may turn \\n into \\r\\n and trim ends."""
+    return (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def read_sheet(path: str | Path, samples: pl.DataFrame, labels: list[str] = DEFAULT_LABELS,
+               allow_unlabelled: bool = False) -> pl.DataFrame:
+    """The samples joined with their labels from a filled sheet; every problem is reported with its row."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            header = fh.readline()
+        # spreadsheets in pt-BR locales save CSV with ';'
+        separator = ";" if header.count(";") > header.count(",") else ","
+        sheet = pl.read_csv(path, infer_schema=False, separator=separator, empty_string_is_null=False,
+                            encoding="utf8-lossy")
+    except FileNotFoundError:
+        raise FakegptError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise FakegptError(f"{path}: not a readable CSV sheet ({exc})") from None
+    sheet = sheet.rename({c: c.lstrip("\ufeff").strip() for c in sheet.columns})  # a BOM from Excel
+    for column in ("sample_id", "label"):
+        if column not in sheet.columns:
+            raise FakegptError(f"{path}: no {column!r} column (export a sheet with `fakegpt labels export`)")
+    allowed = [lab.strip().lower() for lab in labels]
+    by_id = {row["sample_id"]: row for row in samples.iter_rows(named=True)}
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    kept: dict[str, str] = {}
+    for index, row in enumerate(sheet.iter_rows(named=True)):
+        line = index + 2  # row 1 is the header
+        sid = (row["sample_id"] or "").strip()
+        label = (row["label"] or "").strip().lower()
+        sample = by_id.get(sid)
+        if sample is None:
+            problems.append(f"row {line}: sample_id {sid!r} is not in the samples")
+            continue
+        if sid in seen:
+            problems.append(f"row {line}: sample {sid} is already labelled in row {seen[sid]}")
+            continue
+        seen[sid] = line
+        for column in ("prompt", "completion"):
+            if column in row and _same_text(row[column]) != _same_text(sample[column]):
+                problems.append(f"row {line}: the {column} differs from sample {sid} (edited, or another run's sheet?)")
+        if not label:
+            if not allow_unlabelled:
+                problems.append(f"row {line}: no label (use one of {', '.join(allowed)})")
+            continue
+        if label not in allowed:
+            problems.append(f"row {line}: unknown label {row['label'].strip()!r} (labels: {', '.join(allowed)})")
+            continue
+        kept[sid] = label
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise FakegptError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+    if not kept:
+        raise FakegptError(f"{path}: no labelled rows")
+    labelled = pl.DataFrame({"sample_id": list(kept), "label": list(kept.values())})
+    return samples.join(labelled, on="sample_id", how="inner", maintain_order="left")
+
+
+def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: list[str] = DEFAULT_BY) -> pl.DataFrame:
+    """Label rates per group: columns `by` + label, count, n, rate, ci_low, ci_high (Wilson 95%)."""
+    missing = [c for c in by if c not in labeled.columns]
+    if missing:
+        raise FakegptError(f"--by: no column {missing[0]!r} in the labelled samples ({', '.join(labeled.columns)})")
+    rows = []
+    for key, group in labeled.group_by(by, maintain_order=True):
+        counts = group["label"].value_counts()
+        counts = dict(zip(counts["label"], counts["count"], strict=True))
+        for label in labels:
+            k = int(counts.get(label.lower(), 0))
+            low, high = wilson_interval(k, group.height)
+            rows.append({**dict(zip(by, key, strict=True)), "label": label, "count": k, "n": group.height,
+                         "rate": k / group.height, "ci_low": low, "ci_high": high})
+    return pl.DataFrame(rows).sort(by + ["label"], maintain_order=True)
+
+
+def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
+    """Grouped bars: one group per `by` combination, one bar per label, Wilson intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = rates.select(by).unique(maintain_order=True)
+    names = [" · ".join(str(v) for v in row) for row in groups.iter_rows()]
+    labels = rates["label"].unique(maintain_order=True).to_list()
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) * max(1, len(labels)) / 2), 4.5), dpi=110)
+    try:
+        for j, label in enumerate(labels):
+            part = groups.join(rates.filter(pl.col("label") == label), on=by, how="left", maintain_order="left")
+            xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))]
+            rate = part["rate"].to_list()
+            err = [[r - lo for r, lo in zip(rate, part["ci_low"], strict=True)],
+                   [hi - r for r, hi in zip(rate, part["ci_high"], strict=True)]]
+            ax.bar(xs, rate, width=width, yerr=err, capsize=2, label=label)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share of labelled samples (Wilson 95% CI)")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_table(table: pl.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
+    with atomic_path(paths[0], suffix=".parquet") as tmp:
+        table.write_parquet(tmp)
+    with atomic_path(paths[1], suffix=".csv") as tmp:
+        table.write_csv(tmp)
+    return paths
+
+
+def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
+    """Import + aggregate + log to MLflow (stage `labels`): the rates table, also written to out_dir."""
+    labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)
+    rates = aggregate(labeled, cfg.labels, cfg.by)
+    out_dir = Path(cfg.out_dir)
+    with tracking.run(stage="labels", run_name="labels"):
+        tracking.log_params(config.to_dict(cfg))
+        paths = write_table(labeled, out_dir, "labeled") + write_table(rates, out_dir, "label_rates")
+        paths.append(plot_rates(rates, cfg.by, out_dir / "label_rates.png"))
+        tracking.log_table(rates.to_dict(as_series=False), "label_rates_table.json")
+        overall = labeled["label"].value_counts()
+        tracking.log_metrics({f"{tracking.M_LABEL_RATE}/{lab}": c / labeled.height
+                              for lab, c in zip(overall["label"], overall["count"], strict=True)})
+        for path in paths:
+            tracking.log_artifact(path)
+    return rates
+
+
+SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": AggregateConfig}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        raise FakegptError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)} (see `fakegpt labels export --help`)")
+    command, rest = argv[0], argv[1:]
+    cfg = config.parse(SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}",
+                       description=__doc__.splitlines()[0])
+    if isinstance(cfg, ExportConfig):
+        samples = load_samples(cfg.samples)
+        path = export_sheet(samples, cfg.sheet, cfg.blind, cfg.shuffle, cfg.seed)
+        print(f"{samples.height} rows -> {path} (fill the `label` column with: {', '.join(DEFAULT_LABELS)})")
+    elif isinstance(cfg, AggregateConfig):
+        rates = label_rates(cfg)
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True):
+            print(rates)
+        print(f"-> {cfg.out_dir}/label_rates.csv, label_rates.png")
+    else:
+        labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)
+        paths = write_table(labeled, Path(cfg.out_dir), "labeled")
+        print(f"{labeled.height} labelled samples -> {paths[0]}")
+    return 0

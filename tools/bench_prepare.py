@@ -1,0 +1,141 @@
+"""Benchmark `fakegpt prepare` against the tokenizer-alone bound, measured side by side in one run.
+
+    python tools/bench_prepare.py                 # ~120 MB of real text, well-formed CSV
+    python tools/bench_prepare.py --mb 1200       # the 1.2 GB peak-memory check
+    python tools/bench_prepare.py --naive         # the same data as a naive export (repair path)
+
+It writes a large CSV from the real corpora in ../shared/data, repeated until it reaches --mb, each copy made
+unique (a copy number appended to every message) so that duplicate removal cannot shrink the work. Then:
+
+1. prepare, end to end, in a child process (`fakegpt prepare FILE --out DIR`): wall time, tokens, peak RSS;
+2. the bound: tiktoken alone encoding the very same cleaned messages (read back from the bins prepare
+   wrote, as the texts it tokenized) in large batches (chunks of 2,000 messages) with all cores, taking the
+   faster of encode_batch and a thread pool over encode_to_numpy.
+
+It prints both throughputs and their ratio (the issue's target: prepare >= 80% of the bound, peak RSS under
+1 GB on a 1.2 GB input). On a machine shared with other work the absolute numbers move; the ratio less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fakegpt.tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
+
+SHARED = Path(os.environ.get("FAKEGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SEP = "<|endoftext|>"
+CHUNK = 2000
+
+
+def make_input(path: Path, mb: int, naive: bool) -> int:
+    """Write ~`mb` MB of CSV made of unique copies of the real corpora; returns its size in bytes."""
+    base = pl.concat([pl.read_csv(SHARED / f, infer_schema=False)
+                      for f in ("fakewhatsapp_br.csv", "fakebr_news.csv")])
+    n = 0
+    with open(path, "wb") as f:
+        f.write(b"id,channel_id,date,message\n")
+        copy = 0
+        while f.tell() < mb * 1_000_000:
+            df = base.with_columns(
+                id=(pl.int_range(pl.len()) + n + 1).cast(pl.String),
+                message=pl.col("message") + pl.lit(f" #{copy}"),
+            )
+            n += df.height
+            if naive:  # one physical line per record, message unquoted (what the naive repair reads)
+                df = df.with_columns(message=pl.col("message").str.replace_all(r"\r\n|[\n\r\u2028\u2029\x85]", " "))
+                lines = pl.concat_str(["id", "channel_id", "date", "message"], separator=",")
+                f.write(("\n".join(lines.to_list()) + "\n").encode())  # noqa: keep: simple, untimed
+            else:
+                df.write_csv(f, include_header=False)
+            copy += 1
+    return path.stat().st_size
+
+
+def run_prepare(csv: Path, out: Path, threads: int) -> tuple[float, float]:
+    """Run prepare in a child process; returns (seconds, peak RSS of the child in MB)."""
+    cmd = [sys.executable, "-m", "fakegpt", "prepare", str(csv), "--out", str(out), "--force"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out.parent}/mlflow.db")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    return seconds, rss_mb
+
+
+def cleaned_messages(out: Path) -> list[str]:
+    """The messages prepare tokenized, decoded back from its bins (EOT dropped)."""
+    enc = get_encoding()
+    texts = []
+    for name in ("train.bin", "val.bin"):
+        tokens = np.fromfile(out / name, dtype=np.uint16)
+        ends = np.flatnonzero(tokens == EOT_TOKEN)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        texts += [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
+    return texts
+
+
+def bound(texts: list[str], threads: int) -> tuple[int, float]:
+    """Tokens and best seconds for tiktoken alone on `texts`, in chunks of CHUNK messages, all threads."""
+    enc = get_encoding()
+    chunks = [SEP.join(texts[i:i + CHUNK]) + SEP for i in range(0, len(texts), CHUNK)]
+    best, n = float("inf"), 0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        n = sum(len(x) for x in enc.encode_batch(chunks, num_threads=threads, allowed_special={SEP}))
+        best = min(best, time.perf_counter() - t0)
+        with ThreadPoolExecutor(threads) as pool:
+            t0 = time.perf_counter()
+            n2 = sum(len(x) for x in pool.map(lambda c: enc.encode_to_numpy(c, allowed_special={SEP}), chunks))
+            best = min(best, time.perf_counter() - t0)
+        assert n2 == n
+    return n, best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=120, help="input size in MB (default 120)")
+    ap.add_argument("--naive", action="store_true", help="write the input as a naive export")
+    ap.add_argument("--threads", type=int, default=0, help="threads for both sides (default: all cores)")
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temp folder)")
+    args = ap.parse_args()
+    threads = args.threads or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        csv = work / ("input-naive.csv" if args.naive else "input.csv")
+        t0 = time.perf_counter()
+        size = make_input(csv, args.mb, args.naive)
+        print(f"input: {csv.name} {size / 1e6:.0f} MB written in {time.perf_counter() - t0:.1f} s; "
+              f"{os.cpu_count()} CPUs, {threads} threads")
+        out = work / "prepared"
+        seconds, rss = run_prepare(csv, out, args.threads)
+        texts = cleaned_messages(out)
+        tokens = sum(int(np.fromfile(out / n, dtype=np.uint16).size) for n in ("train.bin", "val.bin"))
+        n, best = bound(texts, threads)
+        assert n == tokens, (n, tokens)  # the bound encodes exactly what prepare wrote
+        e2e, ceiling = tokens / seconds, n / best
+        print(f"prepare end to end : {seconds:7.2f} s  {e2e / 1e6:6.2f} M tokens/s  {size / 1e6 / seconds:6.1f} MB/s "
+              f"(incl. process start-up and imports)")
+        print(f"tiktoken alone     : {best:7.2f} s  {ceiling / 1e6:6.2f} M tokens/s  ({len(texts)} messages, "
+              f"{tokens} tokens)")
+        print(f"ratio prepare/bound: {e2e / ceiling:.2f}   peak RSS of prepare: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
