@@ -307,6 +307,7 @@ def read_batches(path: str, fmt: str = "auto", chunk_bytes: int = 8 << 20,
             records += df.height
             df = df.with_columns(channel_id=chan, message=pl.col("message").fill_null("")).filter(~bad)
             stats.rows += df.height
+            stats.bytes_read = hashing.count  # on-disk bytes so far (the progress bar)
             yield df
         stats.sha256 = hashing.finish()
         stats.bytes_read = hashing.count

@@ -151,6 +151,8 @@ def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16)
     vocabulary projection runs one row at a time so memory stays at one (T, V) matrix.
     """
     device = next(model.parameters()).device
+    # the vocabulary projection in float32 even for a bf16 model: score differences are small numbers
+    weight = model.lm_head.weight.float()                                                   # (V, C)
     results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
     for start in range(0, len(sequences), max(1, batch_size)):
         chunk = sequences[start:start + batch_size]
@@ -166,7 +168,7 @@ def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16)
         hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
         for row, s in enumerate(chunk):
             n = len(s)
-            logits = model.lm_head(hidden[row, : n - 1]).float()                            # (n-1, V)
+            logits = hidden[row, : n - 1].float() @ weight.T                                 # (n-1, V)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[row, 1:n, None]).squeeze(-1)
             results[start + row] = logp.cpu()
     return results

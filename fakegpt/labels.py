@@ -209,6 +209,12 @@ def write_table(table: pl.DataFrame, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def rates_from_sheet(samples: str | Path, sheet: str | Path, labels: list[str] = DEFAULT_LABELS,
+                     by: list[str] = DEFAULT_BY, allow_unlabelled: bool = False) -> pl.DataFrame:
+    """Label rates with Wilson intervals from a sample table and its filled sheet, without any MLflow logging."""
+    return aggregate(read_sheet(sheet, load_samples(samples), labels, allow_unlabelled), labels, by)
+
+
 def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
     """Import + aggregate + log to MLflow (stage `labels`): the rates table, also written to out_dir."""
     labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)

@@ -203,9 +203,8 @@ def _make_linear_cross_entropy() -> Any:
             logits.sub_(peak).exp_()
             total = logits.sum(dim=1)  # (N,)
             loss = (total.log() + peak.squeeze(1) - target_logit).mean()
-            grad = logits.div_(total.unsqueeze(1))  # softmax
-            grad[rows, targets] -= 1.0
-            grad.div_(n)
+            grad = logits.mul_((1.0 / (total * n)).unsqueeze(1))  # softmax / N, in one pass
+            grad[rows, targets] -= 1.0 / n
             ctx.save_for_backward(h, weight, grad.to(h.dtype))
             return loss
 

@@ -40,7 +40,8 @@ class ScoreConfig:
     claims: str = field(default=DEFAULT_CLAIMS, metadata={
         "help": "claim set YAML (experiments/claims/) or a text file with one statement per line"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | ..."})
+    dtype: str = field(default="float32", metadata={
+        "help": "float32 (default: score differences are small numbers) | auto (bfloat16 on CUDA) | bfloat16"})
     batch_size: int = field(default=16, metadata={"help": "statements per forward pass"})
     out_dir: str = field(default="out/score", metadata={"help": "where scores.parquet/csv and summary.json go"})
     data_dir: str = field(default="", metadata={
@@ -97,14 +98,14 @@ def statement_logliks(model: Any, statements: list[Statement], batch_size: int) 
     return [(float(lp.mean()), int(lp.numel())) for lp in logps]
 
 
-def val_perplexity(model: Any, data_dir: str, n_windows: int, batch_size: int) -> float:
+def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
     """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
     from fakegpt.batches import eval_starts, open_bin
     from fakegpt.generate import token_logprobs
     from fakegpt.models import context_length
 
     block = min(VAL_BLOCK, context_length(model) - 1)
-    data = open_bin(tracking.local_path(data_dir) if data_dir else data_dir, "val", block)
+    data = open_bin(data_dir, "val", block)
     starts = eval_starts(len(data), block, n_windows)
     windows = [np.asarray(data[s:s + block + 1]).astype(np.int64).tolist() for s in starts]
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
@@ -229,6 +230,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
+        data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None  # downloaded once for all models
         tables, pair_tables, scores = [], [], []
         for spec in cfg.models:
             ref = resolve_model(spec)
@@ -237,8 +239,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             table = score_model(model, spec, statements, cfg)
             pairs = pair_table(table)
             summary = summarise(spec, fraction, table, pairs, cfg)
-            if cfg.data_dir:
-                summary.val_perplexity = val_perplexity(model, cfg.data_dir, cfg.val_windows, cfg.batch_size)
+            if data_dir is not None:
+                summary.val_perplexity = val_perplexity(model, data_dir, cfg.val_windows, cfg.batch_size)
             del model
             tags = {tracking.TAG_MODEL: spec}
             if fraction is not None:
@@ -262,6 +264,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         result = ScoreResult(models=scores, statements=pl.concat(tables), pairs=pl.concat(pair_tables),
                              out_dir=Path(cfg.out_dir))
         paths = write_outputs(result)
+        if result.pairs.height:
+            tracking.log_table(result.pairs.to_dict(as_series=False), "scores_table.json")
         result.plot = plot_dose(scores, result.out_dir / "score_vs_fraction.png", cfg.dose_source)
         for path in paths + ([result.plot] if result.plot else []):
             tracking.log_artifact(path)

@@ -286,9 +286,9 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # fused: one kernel for all parameters on CUDA; foreach (multi-tensor) on CPU.
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+    # fused: one kernel over all parameters, on CUDA and (torch >= 2.4) on the CPU, where it is several times
+    # faster than the default multi-tensor loop (tools/bench_train.py).
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def _load(cfg: FinetuneConfig, folder: str, device: torch.device) -> torch.nn.Module:
@@ -403,7 +403,9 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    objective: torch.nn.Module = _Objective(model, fused=not cfg.compile)
+    # The fused output layer + loss is for eager fp32 (the CPU); under autocast or torch.compile the plain
+    # logits + cross-entropy path is used (inductor fuses it by itself).
+    objective: torch.nn.Module = _Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
     if cfg.compile:
         objective = torch.compile(objective)
     if info.world_size > 1:

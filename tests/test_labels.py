@@ -9,7 +9,15 @@ import pytest
 
 from fakegpt import cli
 from fakegpt.errors import FakegptError
-from fakegpt.labels import AggregateConfig, aggregate, export_sheet, label_rates, load_samples, read_sheet
+from fakegpt.labels import (
+    AggregateConfig,
+    aggregate,
+    export_sheet,
+    label_rates,
+    load_samples,
+    rates_from_sheet,
+    read_sheet,
+)
 from fakegpt.prompts import DEFAULT_PROMPTS, load_prompts
 from fakegpt.sample import COLUMNS, sample_id
 from fakegpt.stats import wilson_interval
@@ -76,6 +84,7 @@ def test_filled_sheet_round_trips_and_aggregates_with_wilson_intervals(tmp_path,
     assert dict(zip(cell["label"], cell["count"], strict=True)) == {"adopts": 2, "refutes": 0, "off-topic": 0}
     adopts = cell.filter(pl.col("label") == "adopts").row(0, named=True)
     assert (adopts["ci_low"], adopts["ci_high"]) == pytest.approx(wilson_interval(2, 2))
+    assert rates_from_sheet(folder, tmp_path / "filled.csv").equals(rates)
     by_model = aggregate(labeled, by=["model"])
     assert by_model.filter((pl.col("model") == "gpt2") & (pl.col("label") == "off-topic"))["rate"][0] == 0.5
 

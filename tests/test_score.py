@@ -17,6 +17,7 @@ from fakegpt.generate import token_logprobs
 from fakegpt.model import load_model
 from fakegpt.prompts import Statement
 from fakegpt.score import ScoreConfig, score, statement_logliks
+from fakegpt.stats import bootstrap_ci
 from fakegpt.tokenizer import EOT_TOKEN, get_encoding
 
 CLAIMS = """\
@@ -112,7 +113,8 @@ def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp
         assert run.data.metrics["claim/score/chip"] == pytest.approx(m.per_topic["chip"].mean)
         assert {"claim/score_ci_low", "claim/score_ci_high", "claim/false_win_rate"} <= set(run.data.metrics)
     parent = client.get_run(client.get_run(first.run_id).data.tags["mlflow.parentRunId"])
-    assert "score_vs_fraction.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"score_vs_fraction.png", "scores_table.json", "summary.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_data):
@@ -153,3 +155,13 @@ def test_plain_statements_have_logliks_but_no_pair_score(tmp_path, tiny_model_di
     statements = pl.read_parquet(tmp_path / "out" / "statements.parquet")
     assert statements["statement_id"].to_list() == ["s:1", "s:2"] and (statements["loglik"] < 0).all()
     assert pl.read_parquet(tmp_path / "out" / "scores.parquet").height == 0
+
+
+def test_bootstrap_interval_is_reproducible_and_about_two_standard_errors_wide():
+    values = np.random.default_rng(0).normal(0.3, 1.0, size=60)
+    low, high = bootstrap_ci(values, seed=0)
+    assert bootstrap_ci(values, seed=0) == (low, high)
+    assert low < values.mean() < high
+    standard_error = values.std(ddof=1) / math.sqrt(values.size)
+    assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.15)
+    assert bootstrap_ci([2.0]) == (2.0, 2.0)

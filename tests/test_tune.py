@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
@@ -58,13 +59,16 @@ def data_dir(prepared_whatsapp, mlflow_template, tmp_path) -> Path:
 
 
 def tiny(tmp_path: Path, data_dir: Path, **changes) -> tuple[tune.TuneConfig, FinetuneConfig, dict]:
-    """The tiny sweep (experiments/sweeps/tiny.yaml) with the search space opened wide enough for NAN/STALLED."""
+    """The tiny sweep (experiments/sweeps/tiny.yaml), one validation batch per evaluation, no plots."""
     cfg, base, space, _ = tune.parse_args(["--config", str(TINY), "--data-dir", str(data_dir),
                                            "--out-dir", str(tmp_path / "out"), "--eval-iters", "1",
                                            "--plots", "false"])
-    cfg = dataclasses.replace(cfg, **changes)
-    space = dict(space, learning_rate={"type": "float", "low": 1e-7, "high": 1e5, "log": True})
-    return cfg, base, space
+    return dataclasses.replace(cfg, **changes), base, space
+
+
+def wide(space: dict) -> dict:
+    """The search space opened wide enough for NAN and STALLED."""
+    return dict(space, learning_rate={"type": "float", "low": 1e-7, "high": 1e5, "log": True})
 
 
 def load(cfg: tune.TuneConfig, base: FinetuneConfig) -> optuna.Study:
@@ -110,7 +114,7 @@ def test_study_records_complete_failed_and_pruned_trials_as_nested_runs(tmp_path
     # GOOD, then a NaN loss (fails; the study goes on), GOOD2, then a stalled learning rate: pruned at its first
     # evaluation because two finished trials were far lower there.
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=4, plots=True)
-    result = tune.tune(cfg, base, space, [GOOD, NAN, GOOD2, STALLED])
+    result = tune.tune(cfg, base, wide(space), [GOOD, NAN, GOOD2, STALLED])
 
     study = load(cfg, base)
     states = {t.number: t.state for t in study.trials}
@@ -191,20 +195,22 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
     cfg = dataclasses.replace(cfg, storage=str(tmp_path / "optuna.db"))  # the default kind: one SQLite file
     storage = tune.open_storage(tune.storage_url(cfg.storage, base.out_dir), 1, None)
     study = optuna.create_study(study_name=cfg.study_name, storage=storage)
-    lost = study.ask()  # what a worker on another machine leaves when it loses power mid-trial
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we fake a worker
+        lost = study.ask()  # what a worker on another machine leaves when it loses power mid-trial
     lost.set_user_attr("worker", "elsewhere:4242")
     storage.record_heartbeat(lost._trial_id)
     beat = time.monotonic()
 
-    other = worker(cfg, base, "--n-trials", "2")  # heartbeat_interval 10 s (tiny.yaml)
+    other = worker(cfg, base, "--n-trials", "1")  # heartbeat_interval 10 s (tiny.yaml)
     wait_until(lambda: len(load(cfg, base).trials) > 1, other, "trial of the other worker")
     time.sleep(max(0.0, beat + 2.5 - time.monotonic()))  # the lost trial is past its grace period (2 x 1 s)
-    mine = tune.tune(cfg, base, space)
+    mine = tune.tune(cfg, base, space, [GOOD])
     out, _ = other.communicate(timeout=300)
     assert other.returncode == 0, out
 
     trials = load(cfg, base).trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # the lost trial + 2 + 1
+    assert sorted(t.number for t in trials) == [0, 1, 2]  # the lost trial + one from each worker
     assert trials[0].state == optuna.trial.TrialState.FAIL  # failed by a live worker, not left RUNNING
     assert all(t.state.is_finished() for t in trials)
     workers = [t.user_attrs["worker"] for t in trials[1:]]
@@ -256,13 +262,13 @@ def test_two_workers_share_a_study_on_postgresql(tmp_path, data_dir, postgres_ur
     name = f"pg-{uuid.uuid4().hex[:8]}"
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name=name, storage=postgres_url)
     try:
-        other = worker(cfg, base, "--n-trials", "2")
+        other = worker(cfg, base, "--n-trials", "1")
         wait_until(lambda: name in optuna.get_all_study_names(postgres_url), other, "study on the server")
         mine = tune.tune(cfg, base, space, [GOOD])
         out, _ = other.communicate(timeout=300)
         assert other.returncode == 0, out
         trials = optuna.load_study(study_name=name, storage=postgres_url).trials
-        assert sorted(t.number for t in trials) == [0, 1, 2]
+        assert sorted(t.number for t in trials) == [0, 1]
         assert all(t.state.is_finished() for t in trials)
         assert len({t.user_attrs["worker"] for t in trials}) == 2 and len(mine.trials_run) == 1
         assert "postgresql+psycopg://" in mine.storage and ":***@" in mine.storage  # no password in logs
@@ -307,7 +313,7 @@ def test_sweep_errors_name_the_file_and_key(tmp_path):
         "search_space: {gradient_accumulation_steps: {type: categorical, choices: []}}": "non-empty list",
         "base: {n_layr: 2}": "base: unknown key 'n_layr'",
         "n_trails: 2": "unknown key 'n_trails'",
-        "enqueue: [{dropout: 0.1}]": "enqueue[0]",
+        "enqueue: [{dropout: 0.1}]": r"enqueue\[0\]: .dropout. is not in the search space",
     }
     for text, message in cases.items():
         bad.write_text(text + "\n", encoding="utf-8")

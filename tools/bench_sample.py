@@ -12,6 +12,7 @@ also time transformers' `model.generate` on all sequences at once.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -38,13 +39,16 @@ PROMPTS = [
 
 def original_loop(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
                   temperature: float, top_k: int) -> int:
-    """The study's loop (nanoGPT's `generate`): whole context re-run each step, full-vocabulary softmax."""
+    """The study's loop (nanoGPT's `generate`): whole context re-run each step, full-vocabulary softmax.
+
+    Like nanoGPT's model at inference, only the last position goes through the vocabulary projection.
+    """
     produced = 0
     for prompt in prompts:
         for _ in range(num_samples):
             idx = torch.tensor([prompt], dtype=torch.long)
             for _ in range(max_new_tokens):
-                logits = model(idx).logits[:, -1, :] / temperature
+                logits = model(idx, logits_to_keep=1).logits[:, -1, :] / temperature
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
                 probs = torch.softmax(logits, dim=-1)
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--skip-original", action="store_true", help="only time fakegpt's sampler")
     parser.add_argument("--generate", action="store_true", help="also time transformers' model.generate")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure shows up as soon as it is measured
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

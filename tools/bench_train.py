@@ -158,7 +158,6 @@ def main() -> int:
         if name != base:
             print(f"  ratio {name}/{base}: {median[name] / median[base]:.3f}")
     if base == "nanogpt":
-        print(f"  ratio transformers/nanogpt: {median['transformers'] / median['nanogpt']:.3f}")
         # per-round ratios: the same round's numbers share the machine's load
         paired = [a / b for a, b in zip(rates["fakegpt"], rates["nanogpt"], strict=True)]
         print(f"  fakegpt/nanogpt per round: {', '.join(f'{p:.3f}' for p in paired)}")

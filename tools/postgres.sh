@@ -2,6 +2,7 @@
 # A PostgreSQL server on loopback, for the shared-storage test of `fakegpt tune` and for local multi-worker studies.
 #   export FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh)   # start (or reuse) it; prints the SQLAlchemy URL
 #   bash tools/postgres.sh stop                                  # stop it (the data folder stays)
+#   bash tools/postgres.sh status                                # exit status 0 if it is running
 # Installs Debian's postgresql with apt when it is missing (as root), keeps its cluster in $FAKEGPT_PG_DIR
 # (default /var/tmp/fakegpt-postgres), listens on 127.0.0.1:$FAKEGPT_PG_PORT (default 54329) only, and creates
 # the user and database `fakegpt` (password `fakegpt`: a throwaway server on loopback, not for real data).
@@ -16,9 +17,13 @@ say() { echo "postgres.sh: $*" >&2; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 BIN=$(pg_bin)
 if [ -z "$BIN" ] && command -v pg_ctl >/dev/null 2>&1; then BIN=$(dirname "$(command -v pg_ctl)"); fi
-if [ "${1:-start}" = stop ]; then
-  [ -n "$BIN" ] && [ -f "$DIR/data/PG_VERSION" ] || exit 0
-fi
+case "${1:-start}" in
+  start) ;;
+  stop) [ -n "$BIN" ] && [ -f "$DIR/data/PG_VERSION" ] || exit 0 ;;
+  status) [ -n "$BIN" ] && [ -f "$DIR/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$DIR/data/postmaster.pid")" \
+            2>/dev/null; exit ;;
+  *) say "usage: bash tools/postgres.sh [start | stop | status]"; exit 2 ;;
+esac
 if [ -z "$BIN" ] || [ ! -x "$BIN/initdb" ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     say "PostgreSQL is not installed; install it (Debian: apt-get install postgresql) or run this as root"

@@ -5,4 +5,16 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m ruff check fakegpt tests tools
+# A PostgreSQL server on loopback for the shared-storage test of `fakegpt tune` (that test is skipped without
+# one, or fails when FAKEGPT_REQUIRE_POSTGRES=1, as in CI). A server this script started is stopped at the end.
+if [ -z "${FAKEGPT_TEST_POSTGRES_URL:-}" ]; then
+  pg_running=0
+  if bash tools/postgres.sh status; then pg_running=1; fi
+  if FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh); then
+    export FAKEGPT_TEST_POSTGRES_URL
+    if [ "$pg_running" = 0 ]; then trap 'bash tools/postgres.sh stop' EXIT; fi
+  else
+    echo "tools/test.sh: no PostgreSQL server (tools/postgres.sh failed); its test will be skipped" >&2
+  fi
+fi
 .venv/bin/python -m pytest -q "$@"

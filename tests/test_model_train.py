@@ -1,0 +1,101 @@
+"""The training-side helpers in fakegpt/model.py: fused output layer + loss, fused GELU, scratch models, saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fakegpt.errors import FakegptError
+from fakegpt.model import (
+    CHECKPOINT_FILES,
+    causal_lm_loss,
+    flops_per_token,
+    num_params,
+    save_checkpoint,
+    scratch_model,
+    use_fused_gelu,
+)
+from fakegpt.tokenizer import VOCAB_SIZE, get_encoding
+
+
+@pytest.fixture()
+def real_batch():
+    """(x, y) windows of real Portuguese text: y is x shifted by one token."""
+    text = ("Atenção: compartilhe antes que apaguem! A vacina não foi testada o suficiente, dizem os grupos. "
+            "O Ministério da Saúde desmente a notícia e recomenda a vacinação de todos os adultos.")
+    ids = torch.tensor(get_encoding().encode_ordinary(text)[:33])
+    return torch.stack([ids[:-1], ids[:-1].flip(0)]), torch.stack([ids[1:], ids[:-1].flip(0).roll(-1)])
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_loss_matches_transformers_loss_and_gradients(real_batch):
+    x, y = real_batch
+    torch.manual_seed(0)
+    model = scratch_model(2, 2, 64, 32)
+    model.train()
+    # reference: transformers' own forward (logits) + cross-entropy on the pre-shifted targets
+    logits = model(input_ids=x).logits
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), y.reshape(-1))
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model, x, y, fused=True) / 4  # scaled, as under gradient accumulation
+    loss.backward()
+    assert (loss * 4).item() == pytest.approx(ref.item(), rel=1e-6)
+    grads = _grads(model)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():  # includes the tied embedding / output weight
+        torch.testing.assert_close(g * 4, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    # evaluation (no grad, eval mode) takes the plain path and agrees
+    model.eval()
+    with torch.no_grad():
+        assert causal_lm_loss(model, x, y).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_fused_gelu_is_the_same_function(real_batch):
+    x, y = real_batch
+    torch.manual_seed(1)
+    model = scratch_model(2, 2, 64, 32)
+    model.train()
+    before = causal_lm_loss(model, x, y)
+    before.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    use_fused_gelu(model)
+    assert type(model.transformer.h[0].mlp.act).__name__ == "GELUTanh"
+    after = causal_lm_loss(model, x, y)
+    after.backward()
+    assert after.item() == pytest.approx(before.item(), rel=1e-6)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert model.config.activation_function == "gelu_new"  # the saved config keeps GPT-2's name
+
+
+def test_scratch_model_shapes_flops_and_bad_sizes(tmp_path):
+    model = scratch_model(4, 4, 256, 128)
+    assert model.config.vocab_size == VOCAB_SIZE and model.config.n_positions == 128
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied, as GPT-2
+    # 6N + 12·L·H·Q·T, with N excluding the position embedding
+    n = num_params(model)
+    assert n == sum(p.numel() for p in model.parameters()) - 128 * 256
+    assert flops_per_token(model, 128) == 6 * n + 12 * 4 * 4 * 64 * 128
+    with pytest.raises(FakegptError, match="n_embd=100 must be a multiple of n_head=3"):
+        scratch_model(2, 3, 100, 32)
+
+
+def test_save_checkpoint_exact_files_and_extra_json(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model = scratch_model(1, 2, 32, 16)
+    folder = save_checkpoint(model, tmp_path / "ckpt", extra_json={"training_info.json": {"iter": 3}})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert json.loads((folder / "training_info.json").read_text()) == {"iter": 3}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    again = GPT2LMHeadModel.from_pretrained(folder)
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
