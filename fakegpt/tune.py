@@ -198,6 +198,10 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
             tune_cfg = dataclasses.replace(tune_cfg, **over)
         else:
             base = dataclasses.replace(base, **over)
+    derived = sorted((set(base_data) | set(ns)) & set(DERIVED) - {"out_dir"})
+    if derived:
+        log.info("tune: %s come from the token budget for every trial; the values given are not used",
+                 ", ".join(derived))
     return tune_cfg, base, space, enqueue
 
 

@@ -80,7 +80,7 @@ def _one_thread():
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
     values = dict(data_dir=str(data_dir), out_dir=str(out_dir), init_from="scratch", n_layer=2, n_head=2, n_embd=64,
-                  block_size=32, batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, max_iters=25,
+                  block_size=32, batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-3, max_iters=25,
                   eval_interval=10, eval_iters=2, device="cpu", seed=0)
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -116,11 +116,11 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
 
     # evaluations at every eval_interval, iteration 0 included, and at the final (non-multiple) iteration
     assert [e.iter for e in seen] == [0, 10, 20, 25]
-    assert [e.tokens_seen for e in seen] == [i * 4 * 32 * 2 for i in (0, 10, 20, 25)]
+    assert [e.tokens_seen for e in seen] == [i * 2 * 32 * 2 for i in (0, 10, 20, 25)]
     assert seen[-1].val_loss < seen[0].val_loss - 1.0  # from ~ln(50257)=10.8 down on real Portuguese text
     assert seen[0].val_loss == pytest.approx(math.log(50257), abs=0.3)
     assert result.best_val_loss == min(e.val_loss for e in seen)
-    assert result.iters_done == 25 and result.tokens_seen == 25 * 256
+    assert result.iters_done == 25 and result.tokens_seen == 25 * 128
     assert result.val_curve == [(e.tokens_seen, e.val_loss) for e in seen]
 
     # the checkpoint folder holds exactly the expected files, reloads with transformers, and is the best model
@@ -131,7 +131,7 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
     assert info["iter"] == result.best_iter and info["init_from"] == "scratch"
     assert info["data"]["vocab_size"] == 50257 and info["data"]["train_tokens"] > 100_000  # prepare's meta.json
     assert info["config"]["learning_rate"] == 3e-3 and info["config"]["device"] == "cpu"
-    assert info["tokens_seen"] == result.best_iter * 256
+    assert info["tokens_seen"] == result.best_iter * 128
     assert _val_loss(ckpt, data_dir, cfg) == pytest.approx(result.best_val_loss, abs=1e-4)
     state = torch.load(tmp_path / "out" / STATE_FILE, weights_only=True)
     assert state["iter"] == result.best_iter and state["run_id"] == result.run_id
@@ -167,7 +167,8 @@ class Enough(Exception):
 
 
 def test_on_eval_stop_ends_run_killed_and_reraises(data_dir, tmp_path):
-    cfg = tiny(data_dir, tmp_path / "out", max_iters=50, eval_interval=5)
+    # also exercises gradient checkpointing (recomputed activations give the same training path)
+    cfg = tiny(data_dir, tmp_path / "out", max_iters=50, eval_interval=5, gradient_checkpointing=True)
 
     def stop(ev: EvalResult) -> None:
         if ev.iter == 5:
@@ -210,7 +211,7 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
 def test_resume_after_sigkill_continues_iterations_schedule_and_run(data_dir, tmp_path):
     out = tmp_path / "out"
     args = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32",
-            "--batch-size", "4", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
+            "--batch-size", "2", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
             "--eval-iters", "2", "--device", "cpu", "--seed", "0", "--eval-interval", "4",
             "--always-save-checkpoint", "true", "--decay-lr", "true", "--warmup-iters", "3",
             "--lr-decay-iters", "40", "--data-dir", str(data_dir), "--out-dir", str(out)]
@@ -268,7 +269,7 @@ def test_two_processes_torchrun_gloo(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fakegpt",
            "finetune", "--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
-           "--block-size", "32", "--batch-size", "4", "--gradient-accumulation-steps", "4", "--max-iters", "6",
+           "--block-size", "32", "--batch-size", "2", "--gradient-accumulation-steps", "4", "--max-iters", "6",
            "--eval-interval", "3", "--eval-iters", "3", "--learning-rate", "3e-3", "--device", "cpu",
            "--data-dir", str(data_dir), "--out-dir", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -284,7 +285,7 @@ def test_two_processes_torchrun_gloo(data_dir, tmp_path):
     assert [m.step for m in val] == [0, 3, 6] and val[-1].value < val[0].value
     assert sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir()) == sorted(CHECKPOINT_FILES)
     # tokens per iteration count the whole accumulation, split over both ranks
-    assert json.loads((out / CHECKPOINT_DIR / INFO_FILE).read_text())["tokens_seen"] == 6 * 4 * 32 * 4
+    assert json.loads((out / CHECKPOINT_DIR / INFO_FILE).read_text())["tokens_seen"] == 6 * 2 * 32 * 4
 
 
 def _fake_hub_cache(cache: Path, name: str, model_dir: Path) -> None:

@@ -123,8 +123,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", help="folder holding nanoGPT's model.py (a checkout outside this repo)")
     parser.add_argument("--data-dir", help="a prepared data folder (train.bin); default: random token ids")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per contender per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
@@ -153,14 +153,14 @@ def main() -> int:
     for name, values in rates.items():
         spread = f"{min(values):8.0f} .. {max(values):8.0f}"
         print(f"  {name:13s} {median[name]:8.0f} tokens/s  (rounds: {spread})")
+    # Ratios of the same round's numbers (which share the machine's load at that moment), then their median:
+    # far steadier than a ratio of medians on a machine that other work is using.
     base = "nanogpt" if "nanogpt" in median else "transformers"
     for name in median:
         if name != base:
-            print(f"  ratio {name}/{base}: {median[name] / median[base]:.3f}")
-    if base == "nanogpt":
-        # per-round ratios: the same round's numbers share the machine's load
-        paired = [a / b for a, b in zip(rates["fakegpt"], rates["nanogpt"], strict=True)]
-        print(f"  fakegpt/nanogpt per round: {', '.join(f'{p:.3f}' for p in paired)}")
+            paired = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
+            print(f"  {name}/{base}: {statistics.median(paired):.3f} (median of per-round ratios; "
+                  f"range {min(paired):.3f} .. {max(paired):.3f})")
     return 0
 
 
