@@ -68,7 +68,8 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         return logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        values, index = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+        # (B, k); top-p needs them sorted, plain top-k sampling does not (a little cheaper)
+        values, index = torch.topk(logits, top_k, dim=-1, sorted=top_p < 1.0)
     elif top_p < 1.0:
         values, index = torch.sort(logits, dim=-1, descending=True)
     else:

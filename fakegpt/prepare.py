@@ -87,6 +87,8 @@ class PrepareConfig:
     seed: int = dataclasses.field(default=1337, metadata={"help": "seed for the random split and mixture draws"})
     threads: int = dataclasses.field(default=0, metadata={"help": "tokenizer threads (0: one per CPU core)"})
     chunk_mb: int = dataclasses.field(default=8, metadata={"help": "MiB of CSV read per batch"})
+    log_data: bool = dataclasses.field(default=False, metadata={
+        "help": "also log train.bin, val.bin and meta.json as MLflow artifacts under data/ (runs:/<id>/data)"})
     source_root: str = dataclasses.field(default="", metadata={
         "help": "folder that relative source paths fall back to (set to the --config file's folder)"})
 
@@ -344,11 +346,19 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> dict[str, Any]:
         if meta["mixture"]:
             tracking.set_tags({tracking.TAG_MIX: ",".join(f"{k}={v:.3f}" for k, v in meta["mixture"].items())})
         tracking.log_artifact(out / "meta.json")
+        if cfg.log_data:  # later steps of a pipeline read the bins from the run, wherever it ran
+            for name in OUTPUT_FILES:
+                tracking.log_artifact(out / name, artifact_path="data")
     return meta
 
 
+def _cpu_seconds() -> float:
+    t = os.times()  # all threads of this process
+    return t.user + t.system
+
+
 def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out))
     try:
@@ -379,6 +389,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> di
             _readable(t_path, v_path)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
+        meta["timing"]["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
         with atomic_path(out / "meta.json") as m_path:
             m_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             _readable(m_path)

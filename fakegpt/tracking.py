@@ -67,6 +67,7 @@ M_DATA_MIX_PREFIX = "data/mixture/"             # + source name: realised train-
 M_EVAL_TRAIN_LOSS = "eval/train_loss"  # train-split loss on fixed windows at each evaluation (nanoGPT's estimate)
 M_BEST_VAL_LOSS = "val/best_loss"
 TAG_RESUMED_FROM = "fakegpt.resumed_from"  # a resumed fine-tune whose original run is not in this store
+TAG_DATA_URI = "fakegpt.data_uri"           # the artifact URI a stage's data folder was downloaded from
 TAG_STOP = "fakegpt.stop_reason"           # why a fine-tune stopped early (exception class raised by on_eval)
 M_TUNE_VAL_LOSS = "tune/val_loss"            # a trial's validation loss, step = tokens seen (comparable across trials)
 M_TUNE_TRIAL_VALUE = "tune/trial_value"      # on the study's parent run, step = trial number
@@ -145,7 +146,9 @@ def run(
     setup()
     mlflow = _mlflow()
     try:
-        joined = run_id or os.environ.get("MLFLOW_RUN_ID")
+        # A nested run under an active parent is a new child, never the run `mlflow run` started (the parent
+        # already joined that one; joining it again would log the child into it and end it early).
+        joined = run_id or (None if nested and mlflow.active_run() else os.environ.get("MLFLOW_RUN_ID"))
         if not joined and not (nested and mlflow.active_run()):
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             if not os.environ.get("MLFLOW_EXPERIMENT_ID"):

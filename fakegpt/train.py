@@ -42,6 +42,7 @@ from fakegpt.model import (
     scratch_model,
     use_fused_gelu,
 )
+from fakegpt.perf import peak_flops
 from fakegpt.train_checks import (  # noqa: F401 (CHECKPOINT_DIR, STATE_FILE, check: part of this module's API)
     CHECKPOINT_DIR,
     DTYPES,
@@ -234,12 +235,6 @@ def _estimate(objective: torch.nn.Module, batches: Batches, starts: Any, info: d
     return total / count
 
 
-def _peak_flops(device: torch.device, dtype: str) -> float | None:
-    from fakegpt.perf import peak_flops
-
-    return peak_flops(device, dtype)
-
-
 def finetune(
     cfg: FinetuneConfig,
     on_eval: Callable[[EvalResult], None] | None = None,
@@ -259,6 +254,7 @@ def finetune(
     dtype = resolve_dtype(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it
+        tags = {**(tags or {}), tracking.TAG_DATA_URI: cfg.data_dir}
         cfg = dataclasses.replace(cfg, data_dir=str(tracking.local_path(cfg.data_dir)))
     folder, meta = check(cfg, info.world_size)
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
@@ -313,7 +309,7 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
     accum = cfg.gradient_accumulation_steps // info.world_size  # micro-steps per rank
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_token = flops_per_token(model, cfg.block_size)
-    peak = _peak_flops(device, cfg.dtype) if device.type == "cuda" else None
+    peak = peak_flops(device, cfg.dtype) if device.type == "cuda" else None  # MFU against this very card
 
     it = int(state.get("iter", 0))
     best_val = float(state.get("best_val_loss", math.inf))

@@ -25,35 +25,27 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 import typing
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fakegpt import config, tracking
+from fakegpt import config, studies, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_text
+from fakegpt.io import write_text
 from fakegpt.train import CHECKPOINT_DIR, STATE_FILE, FinetuneConfig, check, finetune
 
 log = logging.getLogger(__name__)
 
-PRUNERS = ("none", "median", "percentile", "hyperband", "successive-halving")
-SAMPLERS = ("tpe", "random")
 DEFAULT_OUT_DIR = "out/tune"
-JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 # Fields a trial's configuration gets from the token budget (or from tune itself): not searchable.
 DERIVED = ("max_iters", "eval_interval", "warmup_iters", "out_dir", "always_save_checkpoint", "lr_decay_iters")
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
-STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
-INTERRUPTED = "interrupted (Ctrl-C)"
-DIED = "died mid-trial"
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
@@ -77,14 +69,14 @@ class TuneConfig:
         "help": "training tokens per trial (batch_size x block_size x accumulation x iterations)"})
     n_evals: int = field(default=10, metadata={
         "help": "evaluations per trial, every 1/n_evals of the token budget (the pruning points)"})
-    pruner: str = field(default="median", metadata={"help": " | ".join(PRUNERS)})
+    pruner: str = field(default="median", metadata={"help": " | ".join(studies.PRUNERS)})
     pruner_startup_trials: int = field(default=5, metadata={
         "help": "finished trials before median/percentile pruning starts"})
     pruner_warmup_evals: int = field(default=2, metadata={
         "help": "evaluations every trial gets before it can be pruned"})
     pruner_percentile: float = field(default=25.0, metadata={
         "help": "percentile pruner: prune trials worse than this percentile of the others"})
-    sampler: str = field(default="tpe", metadata={"help": " | ".join(SAMPLERS)})
+    sampler: str = field(default="tpe", metadata={"help": " | ".join(studies.SAMPLERS)})
     sampler_seed: int | None = field(default=None, metadata={"help": "seed of the sampler (empty = random)"})
     timeout: float | None = field(default=None, metadata={
         "help": "start no new trial after this many seconds (empty = no limit)"})
@@ -183,18 +175,19 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
     path = ns.pop("config", None) or None
     tune_data, base_data, space, enqueue = load_sweep(path)
     source = str(path) if path else "config"
-    tune_cfg = config.from_dict(TuneConfig, tune_data, source)
+    if os.environ.get(config.MLPROJECT_ENV) == "1":
+        # `mlflow run` passes every parameter: one left at its default counts as not given (defers to the YAML)
+        defaults = {**config.to_dict(TuneConfig()), **config.to_dict(FinetuneConfig())}
+        hints = {**typing.get_type_hints(TuneConfig), **typing.get_type_hints(FinetuneConfig)}
+        ns = {k: v for k, v in ns.items() if config.coerce(v, hints[k], config.flag_name(k)) != defaults[k]}
     if "out_dir" not in base_data and "out_dir" not in ns:
         base_data["out_dir"] = DEFAULT_OUT_DIR  # not finetune's default folder
+    tune_cfg = config.from_dict(TuneConfig, tune_data, source)
     base = config.from_dict(FinetuneConfig, base_data, f"{source}: base")
-    mlproject = os.environ.get(config.MLPROJECT_ENV) == "1"
-    for cls, file_data, target in ((TuneConfig, tune_data, "tune"), (FinetuneConfig, base_data, "base")):
+    for cls in (TuneConfig, FinetuneConfig):
         hints = typing.get_type_hints(cls)
-        defaults = cls()
         over = {k: config.coerce(v, hints[k], config.flag_name(k)) for k, v in ns.items() if k in hints}
-        if mlproject:  # `mlflow run` passes every parameter: one left at its default defers to the YAML
-            over = {k: v for k, v in over.items() if not (k in file_data and v == getattr(defaults, k))}
-        if target == "tune":
+        if cls is TuneConfig:
             tune_cfg = dataclasses.replace(tune_cfg, **over)
         else:
             base = dataclasses.replace(base, **over)
@@ -206,10 +199,10 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
 
 
 def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
-    if cfg.pruner not in PRUNERS:
-        raise FakegptError(f"--pruner: expected one of {', '.join(PRUNERS)}, got {cfg.pruner!r}")
-    if cfg.sampler not in SAMPLERS:
-        raise FakegptError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    if cfg.pruner not in studies.PRUNERS:
+        raise FakegptError(f"--pruner: expected one of {', '.join(studies.PRUNERS)}, got {cfg.pruner!r}")
+    if cfg.sampler not in studies.SAMPLERS:
+        raise FakegptError(f"--sampler: expected one of {', '.join(studies.SAMPLERS)}, got {cfg.sampler!r}")
     for name in ("n_trials", "token_budget", "n_evals"):
         if getattr(cfg, name) < 1:
             raise FakegptError(f"{config.flag_name(name)}: must be at least 1")
@@ -269,10 +262,6 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return params
 
 
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class _Objective:
     """Runs one finetune per trial and reports its validation curve; the state lands on the MLflow run."""
 
@@ -280,11 +269,13 @@ class _Objective:
         self.cfg, self.base, self.space, self.parent, self.finetune_fn = cfg, base, space, parent, finetune_fn
         self.study_dir = Path(base.out_dir) / cfg.study_name
         self.run_ids: dict[int, str] = {}
+        self.numbers: list[int] = []
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        trial.set_user_attr("worker", _worker_id())
+        self.numbers.append(trial.number)
+        trial.set_user_attr("worker", studies.worker_id())
         trial.set_user_attr("mlflow_parent_run_id", self.parent.info.run_id)
         params = suggest(trial, self.space)
         out_dir = str(self.study_dir / f"trial-{trial.number:04d}")
@@ -320,8 +311,9 @@ class _Objective:
             self._finish(trial.number, "pruned", tcfg, params)
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            error = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
-            trial.set_user_attr("error", error)
+            error = studies.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else studies.one_line(exc)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed by another worker
+                trial.set_user_attr("error", error)
             self._finish(trial.number, "failed", tcfg, params, error=error,
                          keep_status=isinstance(exc, KeyboardInterrupt))
             raise
@@ -340,9 +332,9 @@ class _Objective:
     def _finish(self, number: int, state: str, tcfg: FinetuneConfig, params: dict[str, Any], error: str = "",
                 keep_status: bool = False) -> None:
         """Tag the trial's MLflow run with Optuna's verdict (a run that never started gets one, for the record)."""
-        run_id = self.run_ids.get(number) or next(iter(_trial_run_ids(self.parent, number)), None)
         tags = {tracking.TAG_TRIAL_STATE: state, **({tracking.TAG_ERROR: error} if error else {})}
         try:
+            run_id = self.run_ids.get(number) or next(iter(_trial_run_ids(self.parent, number)), None)
             if run_id is None:
                 with tracking.run(stage="trial", run_name=f"{self.cfg.study_name}-{number:04d}", nested=True,
                                   tags={tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: number, **tags}):
@@ -368,212 +360,12 @@ class _Objective:
             torch.cuda.empty_cache()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
 def _trial_run_ids(parent: Any, number: int) -> list[str]:
     return tracking.find_run_ids(parent.info.experiment_id,
                                  {"mlflow.parentRunId": parent.info.run_id, tracking.TAG_TRIAL: number})
 
 
-# --- storage, pruner, sampler, stale trials -----------------------------------------------------------------
-
-
-def storage_url(spec: str, out_dir: str) -> str:
-    """Normalise --storage: a URL stays, a *.log file is a journal, any other file (or empty) is SQLite."""
-    if "://" in spec:
-        return spec
-    path = Path(spec) if spec else Path(out_dir) / "optuna.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in JOURNAL_SUFFIXES:
-        return f"journal:{path.resolve()}"
-    return f"sqlite:///{path.resolve()}"
-
-
-def display_url(url: str) -> str:
-    if url.startswith("journal:"):
-        return url[len("journal:"):]
-    with contextlib.suppress(Exception):
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    return url
-
-
-def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -> Any:
-    import optuna
-
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 120}  # wait for the other workers' writes, don't fail
-    elif url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a server that is down: fail fast
-    hb = heartbeat_interval if heartbeat_interval > 0 else None
-    for attempt in range(3):  # workers creating a new database at the same moment can race on its tables
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # heartbeat options are "experimental"
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb,
-                                                  grace_period=2 * hb if hb else None,
-                                                  heartbeat_stale_trial_callback=on_stale if hb else None)
-        except ImportError as exc:
-            raise FakegptError(f"--storage {display_url(url)}: a database driver is missing ({exc}); for "
-                               "PostgreSQL `pip install 'fakegpt[postgres]'`") from None
-        except Exception as exc:
-            if attempt == 2 or not url.startswith("sqlite"):
-                raise FakegptError(f"--storage {display_url(url)}: cannot open the Optuna storage "
-                                   f"({_one_line(exc)})") from None
-            time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
-
-
-def make_pruner(cfg: TuneConfig) -> Any:
-    import optuna
-
-    unit = max(1, cfg.token_budget // cfg.n_evals)
-    warmup = cfg.pruner_warmup_evals * unit
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=warmup)
-    if cfg.pruner == "percentile":
-        return optuna.pruners.PercentilePruner(cfg.pruner_percentile, n_startup_trials=cfg.pruner_startup_trials,
-                                               n_warmup_steps=warmup)
-    if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=unit, max_resource=cfg.token_budget)
-    if cfg.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=unit)
-    return optuna.pruners.NopPruner()
-
-
-def make_sampler(cfg: TuneConfig) -> Any:
-    import optuna
-
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.sampler_seed)
-    return optuna.samplers.TPESampler(seed=cfg.sampler_seed)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie (killed, not yet reaped) is dead too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def _mark_dead(trial: Any, reason: str) -> None:
-    """Tag the MLflow run of a trial whose worker died (Optuna has already failed it, or we just did)."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    parent = trial.user_attrs.get("mlflow_parent_run_id")
-    with contextlib.suppress(Exception):
-        if run_id is None and parent:
-            from mlflow.tracking import MlflowClient
-
-            exp = MlflowClient().get_run(parent).info.experiment_id
-            run_id = next(iter(tracking.find_run_ids(exp, {"mlflow.parentRunId": parent,
-                                                           tracking.TAG_TRIAL: trial.number})), None)
-        if run_id:
-            tracking.update_run(run_id, {tracking.TAG_TRIAL_STATE: "failed", tracking.TAG_ERROR: reason}, "FAILED")
-    log.warning("trial %d: %s; marked failed", trial.number, reason)
-
-
-def _on_heartbeat_stale(study: Any, trial: Any) -> None:
-    _mark_dead(trial, "its worker stopped sending heartbeats (killed or lost)")
-
-
-def fail_dead_local_trials(study: Any) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone (any storage, no heartbeat needed)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    host, failed = socket.gethostname(), []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        reason = f"its worker (pid {pid} on {host}) {DIED}"
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        _mark_dead(trial, reason)
-        failed.append(trial.number)
-    return failed
-
-
-class _QuietExpectedFailures(logging.Filter):
-    """Optuna logs a failed trial with its traceback; for a FakegptError (e.g. NaN loss) one line is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], FakegptError):
-            record.exc_info = None
-        return True
-
-
-@contextlib.contextmanager
-def _quiet_expected_failures() -> Iterator[None]:
-    logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietExpectedFailures()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
-
-
 # --- outputs: plots, best config ------------------------------------------------------------------------------
-
-
-def save_plots(study: Any, folder: Path, space: dict) -> list[Path]:
-    """Optuna's matplotlib plots as PNGs; a plot that cannot be drawn yet (too few trials) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    pair = [p for p in ("learning_rate", "gradient_accumulation_steps") if p in space]
-    plots: dict[str, Callable[[], Any]] = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "intermediate_values": lambda: ovm.plot_intermediate_values(study),  # val loss vs tokens, every trial
-        "param_importances": lambda: ovm.plot_param_importances(study),
-    }
-    if len(pair) == 2:
-        plots["contour_lr_accum"] = lambda: ovm.plot_contour(study, params=pair)
-    else:
-        plots["slice"] = lambda: ovm.plot_slice(study)
-    written = []
-    mpl_log = logging.getLogger("matplotlib")
-    level = mpl_log.level
-    mpl_log.setLevel(logging.WARNING)  # "categorical units" notes about the accumulation axis
-    try:
-        for name, draw in plots.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is "experimental"
-                    ax = draw()
-                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-                    fig.set_size_inches(8, 5)
-                    fig.tight_layout()
-                with atomic_path(folder / f"{name}.png", suffix=".png") as tmp:
-                    fig.savefig(tmp, format="png", dpi=100)
-                written.append(folder / f"{name}.png")
-            except Exception as exc:
-                log.info("plot %s skipped (%s)", name, _one_line(exc))
-            finally:
-                plt.close("all")
-    finally:
-        mpl_log.setLevel(level)
-    return written
 
 
 def best_config_yaml(study: Any, cfg: TuneConfig, base: FinetuneConfig, path: Path) -> str:
@@ -599,28 +391,17 @@ def check_same_budget(study: Any, cfg: TuneConfig) -> None:
             )
 
 
-def already_tried(study: Any, params: dict[str, Any]) -> bool:
-    """Whether an enqueued trial has run (or is queued); one cut short by Ctrl-C or a dead worker is run again."""
-    for trial in study.get_trials(deepcopy=False):
-        fixed = trial.system_attrs.get("fixed_params", trial.params)
-        if fixed.keys() != params.keys() or any(
-            not (fixed[k] == v or (isinstance(v, float) and math.isclose(float(fixed[k]), v, rel_tol=1e-9)))
-            for k, v in params.items()
-        ):
-            continue
-        error = trial.user_attrs.get("error")
-        cut_short = trial.state.name == "FAIL" and (error is None or error.startswith(INTERRUPTED) or DIED in error)
-        if not cut_short:
-            return True
-    return False
+def _open_study(cfg: TuneConfig, url: str) -> Any:
+    import optuna
 
-
-def _study_counts(study: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        name = STATE_NAMES.get(t.state.name, t.state.name.lower())
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    storage = studies.open_storage(url, cfg.heartbeat_interval, studies.on_heartbeat_stale)
+    try:
+        return optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
+                                   sampler=studies.make_sampler(cfg), pruner=studies.make_pruner(cfg),
+                                   load_if_exists=True)
+    except Exception as exc:
+        raise FakegptError(f"--storage {studies.display_url(url)}: cannot open study {cfg.study_name!r} "
+                           f"({studies.one_line(exc)})") from None
 
 
 # --- the study --------------------------------------------------------------------------------------------
@@ -629,49 +410,59 @@ def _study_counts(study: Any) -> dict[str, int]:
 def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None,
          enqueue: list[dict[str, Any]] | None = None, *, finetune_fn: Callable | None = None) -> TuneResult:
     """Run (or continue) the study: cfg.n_trials trials of `finetune` on `base` + sampled parameters."""
-    import optuna
-
     space = check_search_space(search_space, "search_space") if search_space is not None else default_search_space()
     validate(cfg, base, space)
     check(base)  # data folder, model, shapes: a mistake there would fail every trial, so fail once, now
-    url = storage_url(cfg.storage, base.out_dir)
-    storage = open_storage(url, cfg.heartbeat_interval, _on_heartbeat_stale)
-    try:
-        study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
-                                    sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
-    except Exception as exc:
-        raise FakegptError(f"--storage {display_url(url)}: cannot open study {cfg.study_name!r} "
-                           f"({_one_line(exc)})") from None
+    url = studies.storage_url(cfg.storage, base.out_dir)
+    study = _open_study(cfg, url)
     check_same_budget(study, cfg)
-    for number in fail_dead_local_trials(study):
+    # Every worker judges the others' heartbeats by its own interval: they must all use the study's.
+    interval = study.user_attrs.get("heartbeat_interval")
+    if interval is None:
+        study.set_user_attr("heartbeat_interval", cfg.heartbeat_interval)
+    elif interval != cfg.heartbeat_interval:
+        log.info("study %r uses --heartbeat-interval %s (set when it was created)", cfg.study_name, interval)
+        cfg = dataclasses.replace(cfg, heartbeat_interval=interval)
+        study = _open_study(cfg, url)
+    for number in studies.fail_dead_local_trials(study):
         log.info("trial %d was left RUNNING by a dead worker: marked failed", number)
     for params in enqueue or []:
-        if not already_tried(study, params):
+        if not studies.already_tried(study, params):
             study.enqueue_trial(params)
-    log.info("study %r in %s: %s", cfg.study_name, display_url(url), _study_counts(study) or "new")
+    log.info("study %r in %s: %s", cfg.study_name, studies.display_url(url), studies.study_counts(study) or "new")
 
     run_tags = {tracking.TAG_STUDY: cfg.study_name, tracking.TAG_MODEL: base.init_from,
                 tracking.TAG_DATASET: Path(str(base.data_dir)).name}
-    ran: list[int] = []
     with tracking.run(stage="tune", run_name=cfg.study_name, tags=run_tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_params(config.to_dict(base), prefix="base.")
-        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": display_url(url)},
+        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": studies.display_url(url)},
                           "sweep.yaml")
         objective = _Objective(cfg, base, space, parent, finetune_fn or finetune)
+        ran = objective.numbers  # the trials this invocation started
 
         def after_trial(_study: Any, trial: Any) -> None:
-            ran.append(trial.number)
             if trial.value is not None:
                 tracking.log_metrics({tracking.M_TUNE_TRIAL_VALUE: trial.value}, step=trial.number)
 
+        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         try:
-            with _quiet_expected_failures():
-                study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout, catch=(Exception,),
-                               callbacks=[after_trial], gc_after_trial=False)
+            with studies.quiet_expected_failures():
+                while len(ran) < cfg.n_trials and (deadline is None or time.monotonic() < deadline):
+                    try:
+                        study.optimize(objective, n_trials=cfg.n_trials - len(ran), catch=(Exception,),
+                                       timeout=None if deadline is None else deadline - time.monotonic(),
+                                       callbacks=[after_trial], gc_after_trial=False)
+                    except ValueError as exc:  # Optuna cannot record a trial that another worker already failed
+                        if "Cannot tell" not in str(exc):
+                            raise
+                        log.warning("trial %d was failed by another worker that missed its heartbeats (a stalled "
+                                    "worker, or workers with different --heartbeat-interval); going on", ran[-1])
+                        continue
+                    break
         except KeyboardInterrupt:
             log.warning("interrupted: study %r is saved in %s; run the same command to continue",
-                        cfg.study_name, display_url(url))
+                        cfg.study_name, studies.display_url(url))
             raise
         result = _finish_study(study, cfg, base, space, url, ran, parent)
     failed = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state.name == "FAIL"]
@@ -684,11 +475,11 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
 def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict, url: str, ran: list[int],
                   parent: Any) -> TuneResult:
     study_dir = Path(base.out_dir) / cfg.study_name
-    states = {t.number: STATE_NAMES.get(t.state.name, t.state.name.lower())
+    states = {t.number: studies.STATE_NAMES.get(t.state.name, t.state.name.lower())
               for t in study.get_trials(deepcopy=False) if t.number in ran}
-    counts = _study_counts(study)
+    counts = studies.study_counts(study)
     tracking.log_metrics({f"tune/{k}_trials": v for k, v in counts.items()})
-    for plot in save_plots(study, study_dir / "plots", space) if cfg.plots else []:
+    for plot in studies.save_plots(study, study_dir / "plots", space) if cfg.plots else []:
         tracking.log_artifact(plot, "plots")
     best_path: Path | None = None
     best_value, best_params, best_number = None, {}, None
@@ -704,7 +495,7 @@ def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict
         print(text, end="")
     log.info("study %r: %s; best %s", cfg.study_name, counts,
              f"trial {best_number} val loss {best_value:.4f} {best_params}" if best_value is not None else "none yet")
-    return TuneResult(cfg.study_name, display_url(url), ran, states, best_value, best_params, best_number,
+    return TuneResult(cfg.study_name, studies.display_url(url), ran, states, best_value, best_params, best_number,
                       best_path, parent.info.run_id)
 
 

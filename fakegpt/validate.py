@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
@@ -62,20 +61,21 @@ class ValidateConfig:
     init_from: str = field(default="scratch", metadata={
         "help": "base model: scratch (a tiny GPT-2, see n_layer.. and pretrain_iters) | gpt2 | gpt2-medium | "
                 "gpt2-large | gpt2-xl | a local HF model folder"})
-    pretrain_iters: int = field(default=150, metadata={
+    pretrain_iters: int = field(default=200, metadata={
         "help": "scratch only: pre-train one base for this many iterations on the base corpus, then fine-tune it "
                 "per dose; 0 = train every dose from scratch with the same seed"})
     pretrain_learning_rate: float = field(default=3e-3, metadata={"help": "scratch only: pre-training peak rate"})
     n_layer: int = field(default=2, metadata={"help": "layers (scratch only)"})
     n_head: int = field(default=2, metadata={"help": "attention heads (scratch only)"})
     n_embd: int = field(default=64, metadata={"help": "embedding width (scratch only)"})
-    block_size: int = field(default=64, metadata={"help": "context length of a training window"})
+    block_size: int = field(default=32, metadata={"help": "context length of a training window"})
     batch_size: int = field(default=8, metadata={"help": "micro-batch size"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the per-dose fine-tunes"})
     max_iters: int = field(default=60, metadata={"help": "optimizer steps of each per-dose fine-tune"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations (every run)"})
-    decay_lr: bool = field(default=False, metadata={"help": "cosine decay to min_lr (every run)"})
+    decay_lr: bool = field(default=True, metadata={
+        "help": "cosine decay to min_lr (every run): the scored last iterate settles, so seeds agree"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the decay"})
     dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
     eval_interval: int = field(default=1000, metadata={

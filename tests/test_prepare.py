@@ -121,9 +121,10 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
 
 
 def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path, shared_data, monkeypatch):
-    cfg = PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(tmp_path))
+    out = tmp_path / "out"
+    cfg = PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(out))
     prepare(cfg, track=False)
-    before = (tmp_path / "train.bin").read_bytes()
+    before = (out / "train.bin").read_bytes()
     with pytest.raises(prep.FakegptError, match="already holds train.bin; use --force"):
         prepare(cfg, track=False)
 
@@ -134,12 +135,12 @@ def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path
     cfg.force = True
     with pytest.raises(OSError):
         prepare(cfg, track=False)
-    assert (tmp_path / "train.bin").read_bytes() == before  # the old file, never a truncated new one
-    assert not (tmp_path / "meta.json").exists()  # and no meta.json vouching for a mixed set
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]  # no temp files left
+    assert (out / "train.bin").read_bytes() == before  # the old file, never a truncated new one
+    assert not (out / "meta.json").exists()  # and no meta.json vouching for a mixed set
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # no temp files left
     monkeypatch.undo()
     prepare(cfg, track=False)
-    assert (tmp_path / "meta.json").exists()
+    assert (out / "meta.json").exists()
 
 
 @pytest.mark.parametrize("make, message", [
@@ -176,7 +177,7 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     import mlflow
 
     out = tmp_path / "demo"
-    assert run("--out", str(out)) == 0
+    assert run("--out", str(out), "--log-data") == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["sources"][0]["paths"] == ["demo:"]
     assert 200_000 < meta["train_tokens"] < 500_000 and meta["val_messages"] > 300
@@ -190,6 +191,9 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     assert r.data.params["split"] == "sequential"
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)]
     assert "meta.json" in arts
+    logged = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="data", dst_path=tmp_path / "dl")
+    assert sorted(p.name for p in Path(logged).iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert (Path(logged) / "train.bin").read_bytes() == (out / "train.bin").read_bytes()
     # deterministic: the same demo bins again
     assert run("--out", str(tmp_path / "again")) == 0
     assert (out / "train.bin").read_bytes() == (tmp_path / "again" / "train.bin").read_bytes()

@@ -372,3 +372,16 @@ def test_lr_schedule():
     assert {lr_at(study, i) for i in (0, 100, 4999)} == {3e-5}
     assert study.batch_size * study.gradient_accumulation_steps * study.block_size == 32768
     assert (study.eval_interval, study.eval_iters, study.always_save_checkpoint) == (5, 40, False)
+
+
+def test_data_dir_as_mlflow_artifact_uri(data_dir, tmp_path):
+    """The pipeline hands finetune `runs:/<prepare run>/data`: it is downloaded and trained on."""
+    with tracking.run(stage="prepare", run_name="prep") as active:
+        tracking.log_artifact(data_dir, artifact_path="data")
+        prep_id = active.info.run_id
+    cfg = tiny(f"runs:/{prep_id}/data", tmp_path / "out", max_iters=2, eval_interval=2, eval_iters=1)
+    result = finetune(cfg)
+    info = json.loads((result.checkpoint_dir / INFO_FILE).read_text())
+    assert info["data"] == json.loads((data_dir / "meta.json").read_text())
+    assert Path(info["config"]["data_dir"]).is_dir() and result.iters_done == 2
+    assert _client().get_run(result.run_id).data.tags[tracking.TAG_DATA_URI] == f"runs:/{prep_id}/data"

@@ -21,7 +21,7 @@ import optuna
 import pytest
 import yaml
 
-from fakegpt import config, tracking, tune
+from fakegpt import config, studies, tracking, tune
 from fakegpt.errors import FakegptError
 from fakegpt.train import FinetuneConfig, finetune
 
@@ -72,8 +72,8 @@ def wide(space: dict) -> dict:
 
 
 def load(cfg: tune.TuneConfig, base: FinetuneConfig) -> optuna.Study:
-    url = tune.storage_url(cfg.storage, base.out_dir)
-    return optuna.load_study(study_name=cfg.study_name, storage=tune.open_storage(url, 0, None))
+    url = studies.storage_url(cfg.storage, base.out_dir)
+    return optuna.load_study(study_name=cfg.study_name, storage=studies.open_storage(url, 0, None))
 
 
 def trial_runs(parent_run_id: str) -> dict[int, object]:
@@ -190,10 +190,28 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_pat
     assert resumed.best_trial == 1
 
 
+def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_dir):
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
+    taken: list[int] = []
+
+    def taken_over(tcfg, on_eval, **kwargs):  # another worker declares the first trial dead (e.g. after a stall)
+        def eval_(ev):
+            if not taken:
+                study = load(cfg, base)
+                study._storage.set_trial_state_values(study.trials[-1]._trial_id, optuna.trial.TrialState.FAIL)
+                taken.append(study.trials[-1].number)
+            on_eval(ev)
+        return finetune(tcfg, eval_, **kwargs)
+
+    result = tune.tune(cfg, base, space, [GOOD], finetune_fn=taken_over)
+    assert taken == [0] and result.trials_run == [0, 1]
+    assert result.states == {0: "failed", 1: "complete"}
+
+
 def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, data_dir):
-    cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name="shared", heartbeat_interval=1)
+    cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name="shared", heartbeat_interval=2)
     cfg = dataclasses.replace(cfg, storage=str(tmp_path / "optuna.db"))  # the default kind: one SQLite file
-    storage = tune.open_storage(tune.storage_url(cfg.storage, base.out_dir), 1, None)
+    storage = studies.open_storage(studies.storage_url(cfg.storage, base.out_dir), 2, None)
     study = optuna.create_study(study_name=cfg.study_name, storage=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we fake a worker
@@ -202,9 +220,9 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
     storage.record_heartbeat(lost._trial_id)
     beat = time.monotonic()
 
-    other = worker(cfg, base, "--n-trials", "1")  # heartbeat_interval 10 s (tiny.yaml)
+    other = worker(cfg, base, "--n-trials", "1", "--heartbeat-interval", "2")  # all workers: the same interval
     wait_until(lambda: len(load(cfg, base).trials) > 1, other, "trial of the other worker")
-    time.sleep(max(0.0, beat + 2.5 - time.monotonic()))  # the lost trial is past its grace period (2 x 1 s)
+    time.sleep(max(0.0, beat + 4.5 - time.monotonic()))  # the lost trial is past its grace period (2 x 2 s)
     mine = tune.tune(cfg, base, space, [GOOD])
     out, _ = other.communicate(timeout=300)
     assert other.returncode == 0, out
@@ -214,7 +232,7 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
     assert trials[0].state == optuna.trial.TrialState.FAIL  # failed by a live worker, not left RUNNING
     assert all(t.state.is_finished() for t in trials)
     workers = [t.user_attrs["worker"] for t in trials[1:]]
-    assert workers.count(tune._worker_id()) == 1 and len(set(workers)) == 2
+    assert workers.count(studies.worker_id()) == 1 and len(set(workers)) == 2
     assert len(mine.trials_run) == 1
     assert "best configuration:" in out
 
@@ -296,6 +314,15 @@ def test_default_sweep_is_the_issue_search_space_with_an_exact_evaluation_grid()
         assert tcfg.min_lr == pytest.approx(2e-4 * base.min_lr / base.learning_rate)
 
 
+def test_mlproject_parameters_left_at_their_default_defer_to_the_sweep(monkeypatch):
+    monkeypatch.setenv(config.MLPROJECT_ENV, "1")  # `mlflow run . -e tune` passes every parameter as a flag
+    cfg, base, _, _ = tune.parse_args(["--config", str(TINY), "--n-trials", "20", "--token-budget", "2048",
+                                       "--init-from", "gpt2-medium", "--out-dir", "out/finetune", "--n-layer", "3",
+                                       "--lr-decay-iters", "", "--sampler-seed", ""])
+    assert (cfg.n_trials, cfg.token_budget) == (4, 2048)  # 20 is the default: tiny.yaml's 4 stays
+    assert (base.init_from, base.out_dir, base.n_layer, base.lr_decay_iters) == ("scratch", "out/tune-tiny", 3, None)
+
+
 def test_warmup_keeps_its_tokens_and_an_inexact_budget_still_reports_on_the_grid():
     base = FinetuneConfig(batch_size=2, block_size=16, gradient_accumulation_steps=4, warmup_iters=10)
     tcfg = tune.trial_config(base, {"gradient_accumulation_steps": 1}, 5000, 10, "x")
@@ -342,14 +369,14 @@ def test_cli_rejects_bad_settings_in_one_line(tmp_path, data_dir, capsys):
 
 def test_a_study_keeps_its_token_budget(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir)
-    study = optuna.create_study(study_name=cfg.study_name, storage=tune.storage_url("", base.out_dir))
+    study = optuna.create_study(study_name=cfg.study_name, storage=studies.storage_url("", base.out_dir))
     tune.check_same_budget(study, cfg)
     with pytest.raises(FakegptError, match="--token-budget 2048: study 'tiny' was created with token_budget 1024"):
         tune.check_same_budget(study, dataclasses.replace(cfg, token_budget=2048))
 
 
 def test_storage_spec(tmp_path):
-    assert tune.storage_url("", str(tmp_path)) == f"sqlite:///{tmp_path}/optuna.db"
-    assert tune.storage_url(str(tmp_path / "s.log"), "x") == f"journal:{tmp_path}/s.log"
-    assert tune.storage_url(str(tmp_path / "s.sqlite"), "x") == f"sqlite:///{tmp_path}/s.sqlite"
-    assert tune.storage_url("postgresql+psycopg://u:p@h/db", "x") == "postgresql+psycopg://u:p@h/db"
+    assert studies.storage_url("", str(tmp_path)) == f"sqlite:///{tmp_path}/optuna.db"
+    assert studies.storage_url(str(tmp_path / "s.log"), "x") == f"journal:{tmp_path}/s.log"
+    assert studies.storage_url(str(tmp_path / "s.sqlite"), "x") == f"sqlite:///{tmp_path}/s.sqlite"
+    assert studies.storage_url("postgresql+psycopg://u:p@h/db", "x") == "postgresql+psycopg://u:p@h/db"
