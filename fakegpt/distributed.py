@@ -51,10 +51,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def local_device(info: Dist, device: str) -> str:
-    """Under torchrun each process takes the GPU of its local rank."""
-    if info.world_size > 1 and device == "cuda":
-        return f"cuda:{info.local_rank}"
+def local_device(info: Dist, device: torch.device) -> torch.device:
+    """Under torchrun each process takes the GPU of its local rank (unless a GPU index was given)."""
+    if info.world_size > 1 and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", info.local_rank)
     return device
 
 

@@ -24,7 +24,7 @@ from fakegpt.errors import FakegptError
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-DEMO_FINETUNE = "experiments/finetune/tiny.yaml"
+DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PipelineConfig:
     init_from: str = field(default="scratch", metadata={
         "help": "scratch (tiny demo model) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder"})
     finetune_config: str = field(default="", metadata={
-        "help": "finetune YAML; empty = experiments/finetune/tiny.yaml for scratch, "
+        "help": "finetune YAML; empty = experiments/finetune/demo.yaml for scratch, "
                 "experiments/finetune/<init_from>.yaml for a hub model when it exists"})
     max_iters: int | None = field(default=None, metadata={"help": "override the finetune YAML's max_iters"})
     prompts: str = field(default="", metadata={"help": "prompt grid YAML or text file; empty = sample's default"})
@@ -46,6 +46,7 @@ class PipelineConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     env_manager: str = field(default="local", metadata={"help": "environment manager for the child steps"})
     reuse: bool = field(default=True, metadata={"help": "reuse finished steps with the same parameters"})
+    out_root: str = field(default="out", metadata={"help": "folder under which each step writes its outputs"})
 
 
 def is_demo(cfg: PipelineConfig) -> bool:
@@ -61,21 +62,21 @@ def finetune_yaml(cfg: PipelineConfig) -> str:
     return candidate if (PROJECT_DIR / candidate).is_file() else ""
 
 
-def step_out_dir(step: str, params: dict[str, Any]) -> str:
+def step_out_dir(root: str, step: str, params: dict[str, Any]) -> str:
     """A stable output folder per step and parameter set, so a re-run with the same inputs reuses it."""
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return f"out/{step}-{digest}"
+    return str(Path(root) / f"{step}-{digest}")
 
 
-def with_out(step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+def with_out(cfg: PipelineConfig, step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
     params = {k: v for k, v in params.items() if v not in (None, "")}
-    params[key] = step_out_dir(step, params)
+    params[key] = step_out_dir(cfg.out_root, step, params)
     return params
 
 
-def prepare_params(data: str, dataset: str, mix: str = "") -> dict[str, Any]:
+def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
     params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
-    return with_out("prepare", params, "out")
+    return with_out(cfg, "prepare", params, "out")
 
 
 def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
         "max_iters": cfg.max_iters, "init_from": cfg.init_from,
     }
     params.update(extra or {})
-    return with_out("finetune", params, "out_dir")
+    return with_out(cfg, "finetune", params, "out_dir")
 
 
 def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
@@ -95,12 +96,12 @@ def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
         "num_samples": cfg.num_samples if cfg.num_samples is not None else (1 if demo else 5),
         "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else (32 if demo else 280),
     }
-    return with_out("sample", params, "out_dir")
+    return with_out(cfg, "sample", params, "out_dir")
 
 
 def score_params(cfg: PipelineConfig, models: str, data_uri: str) -> dict[str, Any]:
     params = {"models": models, "claims": cfg.claims, "data_dir": data_uri, "device": cfg.device}
-    return with_out("score", params, "out_dir")
+    return with_out(cfg, "score", params, "out_dir")
 
 
 def models_to_measure(cfg: PipelineConfig, finetune_run: str) -> str:
@@ -119,7 +120,7 @@ def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
         print(f"[{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
         return run_id
 
-    prepare_run = step("prepare", prepare_params(cfg.data, cfg.dataset))
+    prepare_run = step("prepare", prepare_params(cfg, cfg.data, cfg.dataset))
     data_uri = f"runs:/{prepare_run}/data"
     finetune_run = step("finetune", finetune_params(cfg, data_uri))
     models = models_to_measure(cfg, finetune_run)
@@ -141,18 +142,18 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
         summary = {k: v for k, v in score_run.data.metrics.items() if k.startswith("claim/")}
         tracking.log_metrics(summary)
         parent_id = parent.info.run_id
-    print_where(parent_id, steps)
+    print_where(parent_id, steps, cfg.out_root)
     return steps
 
 
-def print_where(parent_id: str, steps: dict[str, tuple[str, bool]]) -> None:
+def print_where(parent_id: str, steps: dict[str, tuple[str, bool]], out_root: str) -> None:
     import os
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
     lines = [
         "",
         f"Done. Parent run {parent_id}; steps: " + ", ".join(f"{k}={r}" for k, (r, _) in steps.items()),
-        f"Results are in the MLflow store {uri} (step outputs also under {PROJECT_DIR / 'out'}).",
+        f"Results are in the MLflow store {uri} (step outputs also under {PROJECT_DIR / out_root}).",
     ]
     if uri.startswith("sqlite:"):
         lines.append(f"Open them with:  mlflow ui --backend-store-uri {uri} --workers 1   (then http://127.0.0.1:5000)")

@@ -70,7 +70,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
             print(f"[f={fraction:g}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
             return run_id
 
-        prep = step("prepare", prepare_params("", cfg.dataset, mix_arg(cfg, fraction)))
+        prep = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)))
         data_uri = f"runs:/{prep}/data"
         tuned = step("finetune", finetune_params(cfg, data_uri))
         model = f"runs:/{tuned}/checkpoint"
@@ -124,11 +124,11 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
     plt.close(fig)
 
 
-def mixture(cfg: SeriesConfig, out_dir: str | Path = "out/mixture") -> list[dict[str, Any]]:
+def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     validate(cfg)
     tags = {tracking.TAG_STUDY: cfg.series_name, tracking.TAG_MODEL: cfg.init_from,
             tracking.TAG_DATASET: Path(cfg.dataset).stem}
-    out = Path(out_dir)
+    out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
     with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         rows = run_series(cfg)
@@ -144,7 +144,7 @@ def mixture(cfg: SeriesConfig, out_dir: str | Path = "out/mixture") -> list[dict
         tracking.log_artifact(out / "dose_response.png")
         parent_id = parent.info.run_id
     print(table)
-    print_where(parent_id, {f"f={r['fraction']:g}": (r["score_run"], False) for r in rows})
+    print_where(parent_id, {f"f={r['fraction']:g}": (r["score_run"], False) for r in rows}, cfg.out_root)
     return rows
 
 

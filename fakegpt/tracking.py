@@ -154,7 +154,13 @@ def run(
             if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
                 mlflow.set_experiment(name)
         extra = {"log_system_metrics": True} if system_metrics and _has_psutil() else {}
-        active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested, **extra)
+        # mlflow.start_run itself joins MLFLOW_RUN_ID when given no run_id: hide it while a child starts.
+        hidden = os.environ.pop("MLFLOW_RUN_ID", None) if not joined else None
+        try:
+            active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested, **extra)
+        finally:
+            if hidden is not None:
+                os.environ["MLFLOW_RUN_ID"] = hidden
     except FakegptError:
         raise
     except Exception as exc:  # MLflow raises many types for a bad store; the user needs one line

@@ -250,7 +250,7 @@ def finetune(
     of the active MLflow run.
     """
     info = distributed.from_env()
-    device = resolve_device(distributed.local_device(info, cfg.device))
+    device = distributed.local_device(info, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it

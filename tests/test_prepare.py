@@ -120,9 +120,11 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
     assert got[: len(expected_messages(wa["message"]))] == expected_messages(wa["message"])
 
 
-def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path, shared_data, monkeypatch):
+@pytest.mark.parametrize("split, step", [("sequential", "_split_in_place"), ("random", "_copy_selected")])
+def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path, shared_data, monkeypatch,
+                                                                        split, step):
     out = tmp_path / "out"
-    cfg = PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(out))
+    cfg = PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(out), split=split)
     prepare(cfg, track=False)
     before = (out / "train.bin").read_bytes()
     with pytest.raises(prep.FakegptError, match="already holds train.bin; use --force"):
@@ -131,7 +133,7 @@ def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prep, "_copy_selected", boom)
+    monkeypatch.setattr(prep, step, boom)
     cfg.force = True
     with pytest.raises(OSError):
         prepare(cfg, track=False)

@@ -36,7 +36,8 @@ STALLED = {"learning_rate": 1e-6, "gradient_accumulation_steps": 1}  # learns no
 
 @pytest.fixture(scope="module")
 def mlflow_template(tmp_path_factory) -> Path:
-    """An MLflow store with its tables and the `fakegpt` experiment made once (a new store takes seconds)."""
+    """conftest's empty store plus the `fakegpt` experiment: workers starting together would race to create it,
+    and its artifacts (plots, loss curves) go under this temporary folder instead of the working tree."""
     import mlflow
 
     folder = tmp_path_factory.mktemp("mlflow-template")
