@@ -1,0 +1,145 @@
+"""The MLflow project end to end: `mlflow run . -e main` on the embedded default, step reuse, the mixture series,
+and the MLproject file kept in step with the stage configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakegpt import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("prepare", "finetune", "sample", "score")
+# Small enough for CI on two cores; the real defaults are exercised by the README's main command.
+FAST = {"max_iters": "6", "num_samples": "1", "max_new_tokens": "6"}
+
+
+def test_mlproject_file_is_current():
+    from fakegpt.mlproject import render
+
+    assert (ROOT / "MLproject").read_text() == render(), "run: python -m fakegpt.mlproject > MLproject"
+
+
+def test_mlproject_parameters_match_cli_defaults():
+    """Every entry point's parameter defaults parse back to the dataclass defaults (what the CLI uses)."""
+    import dataclasses
+
+    import yaml
+
+    from fakegpt import config
+    from fakegpt.mlproject import ENTRY_POINTS, _load
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert set(spec["entry_points"]) == set(ENTRY_POINTS)
+    for entry, (_, module, classes) in ENTRY_POINTS.items():
+        params = spec["entry_points"][entry]["parameters"]
+        for cls_name in classes:
+            cls = _load(module, cls_name)
+            defaults = cls()
+            for f in dataclasses.fields(cls):
+                parsed = config.from_dict(cls, {f.name: params[f.name]["default"]}, "MLproject")
+                assert getattr(parsed, f.name) == getattr(defaults, f.name), (entry, f.name)
+
+
+def mlflow_run(tracking_uri: str, params: dict[str, str], entry: str = "main") -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in entry-point commands
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def step_runs(client, experiment_id: str) -> list:
+    runs = client.search_runs([experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) in STEPS]
+
+
+def test_main_entry_point_end_to_end_then_reused(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    params = {"out_root": str(tmp_path / "out"), **FAST}
+    first = mlflow_run(uri, params)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert "mlflow ui" in first.stdout  # ends by saying how to open the results
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("Default")
+    parents = [r for r in client.search_runs([experiment.experiment_id])
+               if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_STAGE] == "main"
+    children = step_runs(client, experiment.experiment_id)
+    assert sorted(r.data.tags[tracking.TAG_ENTRY_POINT] for r in children) == sorted(STEPS)
+    by_step = {r.data.tags[tracking.TAG_ENTRY_POINT]: r for r in children}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[tracking.TAG_PARENT] == parent.info.run_id
+        assert run.data.tags[tracking.TAG_STAGE] == run.data.tags[tracking.TAG_ENTRY_POINT]
+
+    # Outputs are passed on by artifact URI, and each step logged what the next one needs.
+    prep, tuned = by_step["prepare"].info.run_id, by_step["finetune"].info.run_id
+    assert by_step["finetune"].data.params["data_dir"] == f"runs:/{prep}/data"
+    assert by_step["sample"].data.params["models"] == f"runs:/{tuned}/checkpoint"
+    assert {a.path for a in client.list_artifacts(prep, "data")} >= {"data/train.bin", "data/val.bin"}
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(tuned, "checkpoint")}
+    val_curve = client.get_metric_history(tuned, tracking.M_VAL_LOSS)
+    assert len(val_curve) >= 2 and val_curve[-1].value < val_curve[0].value
+    assert by_step["sample"].data.metrics[tracking.M_NEW_TOKENS_PER_S] > 0
+    score = by_step["score"].data.metrics
+    low, high = score[tracking.M_CLAIM_SCORE_LOW], score[tracking.M_CLAIM_SCORE_HIGH]
+    assert low <= score[tracking.M_CLAIM_SCORE] <= high
+    assert parent.data.metrics[tracking.M_CLAIM_SCORE] == pytest.approx(score[tracking.M_CLAIM_SCORE])
+
+    # Same parameters and code version: a new parent run, but every step is reused, none re-run.
+    second = mlflow_run(uri, params)
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert len(step_runs(client, experiment.experiment_id)) == 4
+    for step in STEPS:
+        assert f"[{step}] reused run {by_step[step].info.run_id}" in second.stdout
+    parents = [r for r in client.search_runs([experiment.experiment_id])
+               if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"]
+    assert len(parents) == 2
+    newest = max(parents, key=lambda r: r.info.start_time)
+    steps_json = Path(client.download_artifacts(newest.info.run_id, "steps.json", str(tmp_path)))
+    assert all(entry["reused"] for entry in json.loads(steps_json.read_text()).values())
+
+
+def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from fakegpt.series import SeriesConfig, mixture
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cfg = SeriesConfig(fractions=[0.0, 0.5], max_iters=4, num_samples=1, max_new_tokens=4,
+                       out_root=str(tmp_path / "out"), series_name="ci-series")
+    rows = mixture(cfg)
+    assert [r["fraction"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["ci_low"] <= r["score"] <= r["ci_high"]
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("fakegpt").experiment_id], max_results=200)
+    parent = next(r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "mixture")
+    assert parent.data.tags[tracking.TAG_STUDY] == "ci-series"
+    history = client.get_metric_history(parent.info.run_id, f"dose/{tracking.M_CLAIM_SCORE}")
+    assert sorted(m.step for m in history) == [0, 50]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "dose_response.json", "dose_response.md", "dose_response.png"}
+
+    # Each fraction's prepare run realised the mixture it was asked for, and carries the dose tag.
+    preps = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"]
+    assert sorted(r.data.tags[tracking.TAG_FRACTION] for r in preps) == ["0", "0.5"]
+    for run in preps:
+        wanted = float(run.data.tags[tracking.TAG_FRACTION])
+        realised = run.data.metrics[tracking.M_DATA_MIX_PREFIX + cfg.dose_source]
+        assert realised == pytest.approx(wanted, abs=0.02)
