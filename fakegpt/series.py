@@ -65,7 +65,8 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
 
         def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
             run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
-            tracking.tag_run(run_id, {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name})
+            tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
+            tracking.update_run(run_id, tags=tags)
             steps[name] = run_id
             print(f"[f={fraction:g}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
             return run_id

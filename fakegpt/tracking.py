@@ -333,12 +333,6 @@ def local_path(path_or_uri: str) -> Path:
     return download(path_or_uri) if is_artifact_uri(path_or_uri) else Path(path_or_uri)
 
 
-def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
-    """Set tags on another (finished) run, e.g. the dose fraction on a mixture step."""
-    client = _mlflow().MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
-
 
 def find_run_ids(experiment_id: str, tags: Mapping[str, Any]) -> list[str]:
     """Ids of the runs in `experiment_id` carrying all these tags (e.g. a trial's run, found after it ended)."""
