@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except FakegptError as exc:
         print(f"fakegpt {stage}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file/disk problem the stage did not anticipate: still one line, naming the file
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"fakegpt {stage}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fakegpt {stage}: interrupted", file=sys.stderr)
         return 130

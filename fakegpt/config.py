@@ -151,7 +151,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -161,7 +161,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
                 shown = str(default).lower()
             elif isinstance(default, list):
                 shown = ",".join(str(d) for d in default)
-            help_text = f"{help_text} (default: {shown})".strip()
+            help_text = f"{help_text} (default: {str(shown).replace('%', '%%')})".strip()
         is_list = typing.get_origin(tp) is list
         if f.metadata.get("positional"):
             parser.add_argument(

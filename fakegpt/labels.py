@@ -237,6 +237,10 @@ SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": Aggr
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: fakegpt labels {export|import|aggregate} [flags]\n\n" + (__doc__ or "")
+              + "\n`fakegpt labels SUBCOMMAND --help` lists its flags.")
+        return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         raise FakegptError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)} (see `fakegpt labels export --help`)")
     command, rest = argv[0], argv[1:]

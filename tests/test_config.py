@@ -90,3 +90,16 @@ def test_cli_reports_errors_in_one_line(capsys):
     assert main(["nosuchstage"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown stage 'nosuchstage'" in err
+
+
+def test_every_stage_has_help(capsys):
+    """`fakegpt STAGE --help` works for every stage (help strings are %-formatted by argparse)."""
+    from fakegpt.cli import STAGES, main
+
+    for stage in STAGES:
+        try:
+            code = main([stage, "--help"])
+        except SystemExit as exc:  # argparse exits after printing help
+            code = exc.code
+        assert code == 0, stage
+        assert "usage: fakegpt" in capsys.readouterr().out, stage
