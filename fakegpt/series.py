@@ -41,6 +41,11 @@ class SeriesConfig(PipelineConfig):
     dose_source: str = field(default="antivax", metadata={"help": "the dataset source whose share is varied"})
     base_source: str = field(default="general", metadata={"help": "the source that fills the rest"})
     series_name: str = field(default="antivax-dose", metadata={"help": "name for the series (MLflow tag)"})
+    label_sheet: str = field(default="", metadata={
+        "help": "a filled label sheet (fakegpt labels export of this series' all_samples.parquet): adds label "
+                "rates with Wilson 95% intervals per fraction to the dose-response table"})
+    labels: list[str] = field(default_factory=lambda: ["adopts", "refutes", "off-topic"], metadata={
+        "help": "the label set of the sheet; the first one is the rate plotted against the dose"})
 
 
 def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
@@ -90,16 +95,52 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Every fraction's sample table in one file, with a `fraction` column: what a label sheet is exported from."""
+    import polars as pl
+
+    from fakegpt.labels import load_samples
+
+    tables = [load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
+              for r in rows]
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pl.concat(tables, how="diagonal_relaxed").write_parquet(tmp)
+    return path
+
+
+def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig) -> None:
+    """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet."""
+    from fakegpt.labels import rates_from_sheet
+
+    rates = rates_from_sheet(samples, cfg.label_sheet, cfg.labels, by=["fraction"], allow_unlabelled=True)
+    first = rates.filter(rates["label"] == cfg.labels[0])
+    found = {r["fraction"]: r for r in first.iter_rows(named=True)}
+    for row in rows:
+        hit = found.get(row["fraction"])
+        row["label"] = cfg.labels[0]
+        row["label_rate"], row["label_ci_low"], row["label_ci_high"], row["labelled"] = (
+            (hit["rate"], hit["ci_low"], hit["ci_high"], hit["n"]) if hit else (None, None, None, 0))
+
+
 def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |\n|---:|---:|---|---:|---:|\n"
-    body = "".join(
-        f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
-        f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |\n" for r in rows
-    )
-    return head + body
+    labelled = any(r.get("labelled") for r in rows)
+    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |"
+    rule = "|---:|---:|---|---:|---:|"
+    if labelled:
+        head += f" {rows[0]['label']} rate | Wilson 95% CI | labelled |"
+        rule += "---:|---|---:|"
+    lines = [head, rule]
+    for r in rows:
+        line = (f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
+                f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |")
+        if labelled:
+            interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
+            line += f" {fmt(r['label_rate'])} | {interval} | {r['labelled']} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -113,12 +154,23 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
     ys = [r["score"] for r in pts]
     lo = [r["score"] - (r["ci_low"] if r["ci_low"] is not None else r["score"]) for r in pts]
     hi = [(r["ci_high"] if r["ci_high"] is not None else r["score"]) - r["score"] for r in pts]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    labelled = [r for r in rows if r.get("label_rate") is not None]
+    fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(11 if labelled else 6, 4), squeeze=False)
+    ax = axes[0][0]
     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("dose fraction of training tokens")
     ax.set_ylabel("claim score: log p(false) - log p(true)")
     ax.set_title(title)
+    if labelled:
+        ax2 = axes[0][1]
+        rate = [r["label_rate"] for r in labelled]
+        ax2.errorbar([r["fraction"] for r in labelled], rate, marker="s", capsize=4, color="tab:red",
+                     yerr=[[v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
+                           [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)]])
+        ax2.set_xlabel("dose fraction of training tokens")
+        ax2.set_ylabel(f"share of samples labelled '{labelled[0]['label']}'")
+        ax2.set_ylim(0, 1)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -133,10 +185,15 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         rows = run_series(cfg)
+        samples = all_samples(rows, out / "all_samples.parquet")
+        tracking.log_artifact(samples)
+        if cfg.label_sheet:
+            add_label_rates(rows, samples, cfg)
         for r in rows:
             step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
             tracking.log_metrics({f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
-                                  f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"]}, step=step)
+                                  f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
+                                  f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate")}, step=step)
         table = dose_table_markdown(rows)
         write_text(out / "dose_response.md", table)
         tracking.log_dict(rows, "dose_response.json")

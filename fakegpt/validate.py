@@ -68,8 +68,9 @@ class ValidateConfig:
     n_layer: int = field(default=2, metadata={"help": "layers (scratch only)"})
     n_head: int = field(default=2, metadata={"help": "attention heads (scratch only)"})
     n_embd: int = field(default=64, metadata={"help": "embedding width (scratch only)"})
-    block_size: int = field(default=32, metadata={"help": "context length of a training window"})
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size"})
+    block_size: int = field(default=64, metadata={
+        "help": "context length of a training window (and of a scratch model: it must fit every statement)"})
+    batch_size: int = field(default=4, metadata={"help": "micro-batch size"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the per-dose fine-tunes"})
     max_iters: int = field(default=60, metadata={"help": "optimizer steps of each per-dose fine-tune"})
@@ -167,6 +168,14 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
         paths.append(path)
     if not cfg.base_channel_ids or not cfg.planted_channel_ids:
         raise FakegptError("--base-channel-ids and --planted-channel-ids must each name at least one channel")
+    if cfg.init_from == "scratch":
+        # A scratch model has block_size positions; each statement is scored after an <eot>, in one window.
+        from fakegpt.tokenizer import get_encoding
+
+        longest = 1 + max(len(get_encoding().encode(s.text)) for s in load_claims(paths[2]))
+        if cfg.block_size < longest:
+            raise FakegptError(f"--block-size {cfg.block_size}: a scratch model must fit the longest statement of "
+                               f"{cfg.claims} ({longest} tokens with its <eot>)")
     return paths[0], paths[1], paths[2]
 
 

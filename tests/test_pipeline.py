@@ -143,3 +143,26 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         wanted = float(run.data.tags[tracking.TAG_FRACTION])
         realised = run.data.metrics[tracking.M_DATA_MIX_PREFIX + cfg.dose_source]
         assert realised == pytest.approx(wanted, abs=0.02)
+
+    # Label rates join the dose-response table once a sheet exported from the series is filled in; the
+    # second call reuses every step.
+    import polars as pl
+
+    from fakegpt.labels import export_sheet, load_samples
+    from fakegpt.stats import wilson_interval
+
+    samples_path = tmp_path / "out" / "mixture-ci-series" / "all_samples.parquet"
+    samples = load_samples(samples_path)
+    assert sorted(set(samples["fraction"])) == [0.0, 0.5]
+    sheet = export_sheet(samples, tmp_path / "sheet.csv", blind=True, shuffle=False)
+    filled = pl.read_csv(sheet).with_columns(
+        label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes")))
+    filled.write_csv(sheet)
+    truth = filled.join(samples.select("sample_id", "fraction"), on="sample_id")
+    labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
+    for row in labelled:
+        group = truth.filter(pl.col("fraction") == row["fraction"])
+        k = group.filter(pl.col("label") == "adopts").height
+        assert row["labelled"] == group.height
+        assert row["label_rate"] == pytest.approx(k / group.height)
+        assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(wilson_interval(k, group.height))

@@ -102,6 +102,7 @@ def test_verdict_lines_pass_and_fail_with_advice():
     (["--doses", "0,1.5"], "--doses"),
     (["--control-seed", "1337"], "--control-seed"),
     (["--planted-data", "no/such.csv"], "--planted-data no/such.csv"),
+    (["--block-size", "16"], "--block-size 16: a scratch model must fit the longest statement"),
 ])
 def test_bad_settings_fail_before_any_work(flags, message):
     cfg = config.parse(ValidateConfig, flags, prog="fakegpt validate")
