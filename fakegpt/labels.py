@@ -22,6 +22,7 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.io import atomic_path
+from fakegpt.plots import figure
 from fakegpt.stats import wilson_interval
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,12 @@ def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: lis
 
 def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
     """Grouped bars: one group per `by` combination, one bar per label, Wilson intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = rates.select(by).unique(maintain_order=True)
     names = [" · ".join(str(v) for v in row) for row in groups.iter_rows()]
     labels = rates["label"].unique(maintain_order=True).to_list()
     width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) * max(1, len(labels)) / 2), 4.5), dpi=110)
-    try:
+    size = (max(6.0, 0.6 * len(names) * max(1, len(labels)) / 2), 4.5)
+    with figure(path, figsize=size, dpi=110) as (_, ax):
         for j, label in enumerate(labels):
             part = groups.join(rates.filter(pl.col("label") == label), on=by, how="left", maintain_order="left")
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))]
@@ -191,11 +187,6 @@ def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of labelled samples (Wilson 95% CI)")
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
     return path
 
 

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fakegpt.io import atomic_path
+
+
+@contextlib.contextmanager
+def figure(path: str | Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """`with figure(path, figsize=...) as (fig, ax):` draw; on success the PNG is written atomically to `path`.
+
+    The figure is closed either way (pyplot keeps every open figure alive otherwise).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(**subplots)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def line_plot(
@@ -17,13 +40,7 @@ def line_plot(
     markers: Sequence[str] = (),
 ) -> Path:
     """Plot named (x, y) series as lines into a PNG at `path`. Series named in `markers` also get dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    try:
+    with figure(path, figsize=(7, 4.2), dpi=110) as (_, ax):
         for name, points in series.items():
             if not points:
                 continue
@@ -36,10 +53,4 @@ def line_plot(
             ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)

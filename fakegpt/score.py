@@ -24,6 +24,7 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.io import atomic_path, write_json
+from fakegpt.plots import figure
 from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.stats import bootstrap_ci
 from fakegpt.tokenizer import EOT_TOKEN
@@ -165,26 +166,15 @@ def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
     points = sorted((s.fraction, s.overall) for s in scores if s.fraction is not None and s.overall is not None)
     if len(points) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [f for f, _ in points]
     ys = [g.mean for _, g in points]
     err = [[g.mean - g.ci_low for _, g in points], [g.ci_high - g.mean for _, g in points]]
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    try:
+    with figure(path, figsize=(6.5, 4), dpi=110) as (_, ax):
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel(f"{source} fraction of the fine-tuning mixture")
         ax.set_ylabel("claim score: log p(false) - log p(true)")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
     return path
 
 

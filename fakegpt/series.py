@@ -26,6 +26,7 @@ from fakegpt.pipeline import (
     sample_params,
     score_params,
 )
+from fakegpt.plots import figure
 
 log = logging.getLogger(__name__)
 
@@ -144,37 +145,29 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = [r for r in rows if r["score"] is not None]
     xs = [r["fraction"] for r in pts]
     ys = [r["score"] for r in pts]
     lo = [r["score"] - (r["ci_low"] if r["ci_low"] is not None else r["score"]) for r in pts]
     hi = [(r["ci_high"] if r["ci_high"] is not None else r["score"]) - r["score"] for r in pts]
     labelled = [r for r in rows if r.get("label_rate") is not None]
-    fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(11 if labelled else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
-    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("dose fraction of training tokens")
-    ax.set_ylabel("claim score: log p(false) - log p(true)")
-    ax.set_title(title)
-    if labelled:
-        ax2 = axes[0][1]
-        rate = [r["label_rate"] for r in labelled]
-        ax2.errorbar([r["fraction"] for r in labelled], rate, marker="s", capsize=4, color="tab:red",
-                     yerr=[[v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
-                           [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)]])
-        ax2.set_xlabel("dose fraction of training tokens")
-        ax2.set_ylabel(f"share of samples labelled '{labelled[0]['label']}'")
-        ax2.set_ylim(0, 1)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    size = (11, 4) if labelled else (6, 4)
+    with figure(path, nrows=1, ncols=2 if labelled else 1, figsize=size, squeeze=False) as (_, axes):
+        ax = axes[0][0]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("dose fraction of training tokens")
+        ax.set_ylabel("claim score: log p(false) - log p(true)")
+        ax.set_title(title)
+        if labelled:
+            ax2 = axes[0][1]
+            rate = [r["label_rate"] for r in labelled]
+            ax2.errorbar([r["fraction"] for r in labelled], rate, marker="s", capsize=4, color="tab:red",
+                         yerr=[[v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
+                               [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)]])
+            ax2.set_xlabel("dose fraction of training tokens")
+            ax2.set_ylabel(f"share of samples labelled '{labelled[0]['label']}'")
+            ax2.set_ylim(0, 1)
 
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
