@@ -32,7 +32,7 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.io import atomic_path, write_json, write_text
-from fakegpt.prompts import DEFAULT_CLAIMS, load_claims, resolve_path
+from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class ValidateConfig:
     doses: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.05, 0.2], metadata={
         "help": "planted shares of the training tokens, comma list; must include 0"})
     claims: str = field(default=DEFAULT_CLAIMS, metadata={"help": "claim set YAML that every model is scored on"})
+    languages: list[str] = field(default_factory=lambda: ["pt"], metadata={
+        "help": "languages of the claim set to score, comma list; empty = all. The tiny scratch model learns only "
+                "the Portuguese of the base corpus, so its English scores are noise: use en,pt for GPT-2 models"})
     init_from: str = field(default="scratch", metadata={
         "help": "base model: scratch (a tiny GPT-2, see n_layer.. and pretrain_iters) | gpt2 | gpt2-medium | "
                 "gpt2-large | gpt2-xl | a local HF model folder"})
@@ -145,6 +148,16 @@ class ValidationResult:
 
 
 # ------------------------------------------------------------------------------------------------- checks
+def statements_of(cfg: ValidateConfig, claims: Path) -> list[Statement]:
+    """The claim set's statements in `cfg.languages` (all when empty)."""
+    statements = load_claims(claims)
+    kept = [s for s in statements if not cfg.languages or s.language in cfg.languages]
+    if not kept:
+        found = sorted({s.language for s in statements})
+        raise FakegptError(f"--languages {','.join(cfg.languages)}: {cfg.claims} has none (it has {', '.join(found)})")
+    return kept
+
+
 def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
     """Reject bad settings before any work; returns the resolved base, planted and claims paths."""
     doses = cfg.doses
@@ -168,11 +181,12 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
         paths.append(path)
     if not cfg.base_channel_ids or not cfg.planted_channel_ids:
         raise FakegptError("--base-channel-ids and --planted-channel-ids must each name at least one channel")
+    statements_of(cfg, paths[2])
     if cfg.init_from == "scratch":
         # A scratch model has block_size positions; each statement is scored after an <eot>, in one window.
         from fakegpt.tokenizer import get_encoding
 
-        longest = 1 + max(len(get_encoding().encode(s.text)) for s in load_claims(paths[2]))
+        longest = 1 + max(len(get_encoding().encode(s.text)) for s in statements_of(cfg, paths[2]))
         if cfg.block_size < longest:
             raise FakegptError(f"--block-size {cfg.block_size}: a scratch model must fit the longest statement of "
                                f"{cfg.claims} ({longest} tokens with its <eot>)")
@@ -313,7 +327,7 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
     scfg = ScoreConfig(models=[m.checkpoint for m in models], claims=str(claims), device=cfg.device,
                        dtype=cfg.dtype, batch_size=cfg.score_batch_size, bootstrap=cfg.bootstrap,
                        dose_source=PLANTED)
-    statements = load_claims(claims)
+    statements = statements_of(cfg, claims)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     tables = []

@@ -103,6 +103,7 @@ def test_verdict_lines_pass_and_fail_with_advice():
     (["--control-seed", "1337"], "--control-seed"),
     (["--planted-data", "no/such.csv"], "--planted-data no/such.csv"),
     (["--block-size", "16"], "--block-size 16: a scratch model must fit the longest statement"),
+    (["--languages", "de"], "--languages de: experiments/claims/antivax_six.yaml has none (it has en, pt)"),
 ])
 def test_bad_settings_fail_before_any_work(flags, message):
     cfg = config.parse(ValidateConfig, flags, prog="fakegpt validate")
@@ -116,7 +117,9 @@ def test_validation_yamls_are_valid_configs(name):
     cfg = config.from_dict(ValidateConfig, config.load_yaml(path), str(path))
     assert 0.0 in cfg.doses and max(cfg.doses) > 0
     if name == "gpt2-medium.yaml":
-        assert cfg.init_from == "gpt2-medium"
+        assert cfg.init_from == "gpt2-medium" and cfg.languages == ["en", "pt"]
+    else:
+        assert cfg.languages == ["pt"]
 
 
 def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
@@ -136,12 +139,12 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     assert labels == ["dose=0", "dose=0.01", "dose=0.05", "dose=0.2", "dose=0 seed=1338"]
     realised = {m["label"]: m["realised_dose"] for m in report["models"]}
     assert realised["dose=0"] == 0.0 and realised["dose=0.2"] == pytest.approx(0.2, abs=0.03)
-    assert report["effect"]["ci_low"] > 0 and report["effect"]["n_pairs"] == 60
+    assert report["effect"]["ci_low"] > 0 and report["effect"]["n_pairs"] == 30  # the Portuguese pairs
     assert report["seed_diff"]["ci_low"] <= 0 <= report["seed_diff"]["ci_high"]
     for name in ("validation.md", "dose_response.png", "pairs.csv"):
         assert (out / name).stat().st_size > 0
     pairs = pl.read_csv(out / "pairs.csv")
-    assert pairs.height == 5 * 60
+    assert pairs.height == 5 * 30 and set(pairs["language"]) == {"pt"}
 
     # One parent run carries the verdict; prepare, fine-tune and score runs are its children.
     import mlflow
