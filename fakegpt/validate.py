@@ -13,7 +13,9 @@ time with another seed must not differ from the first beyond its interval (the p
 
 With `init_from: scratch` the base is a tiny GPT-2 pre-trained for `pretrain_iters` on the base corpus (the
 dose-0 data) and fine-tuned per dose from there, so every dose starts from the same weights; with
-`pretrain_iters: 0` every dose trains from scratch with the same seed instead.
+`pretrain_iters: 0` every dose trains from scratch with the same seed instead. The tiny model learns only the
+base corpus' language (Portuguese), so by default only the Portuguese pairs are scored (`languages`): its English
+log-probabilities are set by chance and made the negative control fail in one of three seed pairs.
 Everything is logged on one parent MLflow run (stage `validate`) with the prepare / fine-tune / score runs as
 its children; `fakegpt validate` exits 0 when both controls pass and 1 when either fails.
 """
@@ -141,6 +143,7 @@ class ValidationResult:
     verdict: list[str]
     out_dir: Path
     run_id: str | None = None
+    vs_zero: list[Difference] = field(default_factory=list)  # every other model - dose 0, for the plot
 
     @property
     def passed(self) -> bool:
@@ -354,32 +357,30 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
 # ---------------------------------------------------------------------------------------------------- report
 def plot(result: ValidationResult, path: Path, title: str) -> Path:
     """Claim score per dose with its 95% interval; the seed-only control drawn beside dose 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fakegpt.plots import figure
 
     doses = sorted((m for m in result.models if "seed=" not in m.label), key=lambda m: m.dose)
     control = [m for m in result.models if "seed=" in m.label]
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    try:
+    diffs = {d.b: d for d in result.vs_zero}
+    with figure(path, figsize=(11, 4), dpi=110, ncols=2) as (fig, (left, right)):
         for ms, style, label in ((doses, "o-", f"seed {doses[0].seed}"),
                                  (control, "s", f"dose 0, seed {control[0].seed} (negative control)")):
             xs = [m.dose * 100 for m in ms]
-            ys = [m.score for m in ms]
-            err = [[m.score - m.ci_low for m in ms], [m.ci_high - m.score for m in ms]]
-            ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=label)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("planted share of the training tokens (%)")
-        ax.set_ylabel("claim score: log p(false) - log p(true)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+            left.errorbar(xs, [m.score for m in ms], yerr=[[m.score - m.ci_low for m in ms],
+                          [m.ci_high - m.score for m in ms]], fmt=style, capsize=3, label=label)
+            # Right: the paired difference to dose 0 (what the verdict uses): the spread between pairs cancels.
+            ds = [diffs[m.label] for m in ms if m.label in diffs]
+            right.errorbar([m.dose * 100 for m in ms if m.label in diffs], [d.mean for d in ds],
+                           yerr=[[d.mean - d.ci_low for d in ds], [d.ci_high - d.mean for d in ds]], fmt=style,
+                           capsize=3, label=label)
+        left.set_ylabel("claim score: log p(false) - log p(true)")
+        right.set_ylabel("paired difference to dose 0 (over claim pairs)")
+        for ax in (left, right):
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+            ax.set_xlabel("planted share of the training tokens (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(title, fontsize=9)
     return path
 
 
@@ -416,6 +417,7 @@ def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -
     write_json(out / "validation.json", {
         "models": [dataclasses.asdict(m) for m in result.models], "effect": dataclasses.asdict(e),
         "steps": [dataclasses.asdict(d) for d in result.steps], "seed_diff": dataclasses.asdict(s),
+        "vs_zero": [dataclasses.asdict(d) for d in result.vs_zero],
         "monotonic": result.monotonic, "positive_passed": result.positive_passed,
         "negative_passed": result.negative_passed, "verdict": result.verdict})
     write_text(out / "validation.md", report_markdown(result))
@@ -437,10 +439,11 @@ def validate(cfg: ValidateConfig) -> ValidationResult:
         models = _train_models(cfg, prepared, out)
         pairs = _score_models(cfg, models, claims)
         effect, steps, seed_diff, monotonic = judge(models, pairs, cfg.bootstrap)
+        vs_zero = [paired_difference(pairs, models[0].label, m.label, cfg.bootstrap) for m in models[1:]]
         positive, negative, lines = verdict_lines(effect, steps, seed_diff, monotonic, max(cfg.doses))
         result = ValidationResult(models=models, effect=effect, steps=steps, seed_diff=seed_diff,
                                   monotonic=monotonic, positive_passed=positive, negative_passed=negative,
-                                  verdict=lines, out_dir=out, run_id=parent.info.run_id)
+                                  verdict=lines, out_dir=out, run_id=parent.info.run_id, vs_zero=vs_zero)
         _log(result, pairs, out, f"{cfg.name} ({cfg.init_from}): {'passed' if result.passed else 'FAILED'}")
     return result
 

@@ -10,10 +10,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    .venv/bin/pip install -q torch
+    .venv/bin/pip install -q --disable-pip-version-check torch
   else
-    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   fi
 fi
-.venv/bin/pip install -q -e ".[dev,postgres]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,postgres]"
 .venv/bin/python -c "import fakegpt, torch; print('fakegpt', fakegpt.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

@@ -17,4 +17,4 @@ if [ -z "${FAKEGPT_TEST_POSTGRES_URL:-}" ]; then
     echo "tools/test.sh: no PostgreSQL server (tools/postgres.sh failed); its test will be skipped" >&2
   fi
 fi
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=15 "$@"
