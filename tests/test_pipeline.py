@@ -166,3 +166,14 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         assert row["labelled"] == group.height
         assert row["label_rate"] == pytest.approx(k / group.height)
         assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(wilson_interval(k, group.height))
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert len(commands) == 2
+    main_cmd, test_cmd = commands
+    assert "mlflow run . --env-manager local" in main_cmd and main_cmd.startswith("bash tools/setup.sh")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci, f".ci/run must run the README's test command {test_cmd!r}"
