@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from fakegpt.errors import FakegptError
 
@@ -46,16 +45,29 @@ def verify_assets() -> None:
             raise FakegptError(f"{path}: sha256 {actual} does not match tiktoken's pinned {expected}")
 
 
+def _mergeable_ranks() -> dict[bytes, int]:
+    """GPT-2's ranks from encoder.json: token text in GPT-2's byte-to-unicode alphabet -> bytes, rank = id.
+
+    This is what tiktoken's `data_gym_to_mergeable_bpe_ranks` computes (a test checks equality), but with
+    str.translate instead of a Python loop per character: ~0.05 s instead of ~0.3-0.6 s at every start-up.
+    """
+    # GPT-2 maps printable bytes (but space) to themselves and the others, in order, to chr(256 + n).
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    to_byte = {b: b for b in printable}
+    others = [b for b in range(256) if b not in to_byte]
+    to_byte.update({256 + n: b for n, b in enumerate(others)})
+    encoder = json.loads(ENCODER_JSON.read_text(encoding="utf-8"))
+    ranks = {tok.translate(to_byte).encode("latin-1"): rank for tok, rank in encoder.items() if rank != EOT_TOKEN}
+    if len(ranks) != EOT_TOKEN or sorted(ranks.values()) != list(range(EOT_TOKEN)):
+        raise FakegptError(f"{ENCODER_JSON}: not GPT-2's encoder (expected ranks 0..{EOT_TOKEN - 1})")
+    return ranks
+
+
 @functools.lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding built from the bundled, hash-verified files (no network)."""
     verify_assets()
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(VOCAB_BPE),
-        encoder_json_file=str(ENCODER_JSON),
-        vocab_bpe_hash=VOCAB_BPE_SHA256,
-        encoder_json_hash=ENCODER_JSON_SHA256,
-    )
+    ranks = _mergeable_ranks()
     return tiktoken.Encoding(
         name=ENCODING_NAME,
         explicit_n_vocab=VOCAB_SIZE,

@@ -82,3 +82,13 @@ def test_tampered_asset_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "VOCAB_BPE", bad)
     with pytest.raises(FakegptError, match="does not match tiktoken's pinned"):
         tokenizer.verify_assets()
+
+
+def test_fast_ranks_equal_tiktokens_data_gym_loader():
+    """The start-up shortcut gives exactly the ranks tiktoken's own loader builds from the two files."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    expected = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(tokenizer.VOCAB_BPE), encoder_json_file=str(tokenizer.ENCODER_JSON),
+        vocab_bpe_hash=tokenizer.VOCAB_BPE_SHA256, encoder_json_hash=tokenizer.ENCODER_JSON_SHA256)
+    assert tokenizer._mergeable_ranks() == expected
