@@ -316,9 +316,7 @@ def _split_in_place(scratch: Path, train_tokens: int, out: Path) -> None:
         with open(scratch, "rb") as src, open(v_path, "wb") as dst:
             src.seek(train_tokens * DTYPE().itemsize)
             shutil.copyfileobj(src, dst, 1 << 24)
-        _readable(v_path)
     os.truncate(scratch, train_tokens * DTYPE().itemsize)
-    _readable(scratch)
     os.replace(scratch, out / "train.bin")  # same folder tree, so an atomic rename
 
 
@@ -402,25 +400,15 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> di
                 with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
                     for sink, length, tr, va in zip(sinks, lengths, train, val, strict=True):
                         _copy_selected(sink.path, length, tr, va, ft, fv)
-                _readable(t_path, v_path)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
         meta["timing"]["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
         with atomic_path(out / "meta.json") as m_path:
             m_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            _readable(m_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _report(out, meta)
     return meta
-
-
-def _readable(*paths: Path) -> None:
-    """Give the outputs the usual umask-based mode (mkstemp creates them 0600, unreadable to a team)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in paths:
-        os.chmod(p, 0o666 & ~umask)
 
 
 def _drop_text(dropped: Counter[str]) -> str:
