@@ -8,7 +8,6 @@ curves from different runs (seeds, learning rates, mixtures of the same data fol
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from fakegpt.errors import FakegptError
+from fakegpt.io import read_json_object
 
 SPLITS = ("train", "val")
 # Constant, independent of the run's seed: the validation windows must be the same for every run.
@@ -24,16 +24,7 @@ EVAL_SEED = 20240521
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared data folder, or {} if there is none (the bins alone are enough to train)."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FakegptError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(meta, dict):
-        raise FakegptError(f"{path}: expected a JSON object")
-    return meta
+    return read_json_object(Path(data_dir) / "meta.json")
 
 
 def open_bin(data_dir: str | Path, split: str, block_size: int) -> np.memmap:

@@ -63,6 +63,22 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} when there is no such file. Unreadable or not an object: one-line error."""
+    from fakegpt.errors import FakegptError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise FakegptError(f"{path}: expected a JSON object")
+    return data
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -12,13 +12,13 @@ fractions, iter, val_loss, tokens_seen); the dose fraction of a model is read fr
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fakegpt.errors import FakegptError
+from fakegpt.io import read_json_object
 
 TRAINING_INFO = "training_info.json"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -73,14 +73,7 @@ def resolve_model(spec: str) -> ModelRef:
 
 
 def read_training_info(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / TRAINING_INFO
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FakegptError(f"{path}: unreadable ({exc})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(Path(folder) / TRAINING_INFO)
 
 
 def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:
