@@ -223,7 +223,9 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
 
     other = worker(cfg, base, "--n-trials", "1", "--heartbeat-interval", "2")  # all workers: the same interval
     wait_until(lambda: len(load(cfg, base).trials) > 1, other, "trial of the other worker")
-    time.sleep(max(0.0, beat + 4.5 - time.monotonic()))  # the lost trial is past its grace period (2 x 2 s)
+    # Past the lost trial's grace period (2 x 2 s), with a margin: SQLite's CURRENT_TIMESTAMP, which the stale
+    # check compares against, has whole-second resolution.
+    time.sleep(max(0.0, beat + 6.5 - time.monotonic()))
     mine = tune.tune(cfg, base, space, [GOOD])
     out, _ = other.communicate(timeout=300)
     assert other.returncode == 0, out
