@@ -79,6 +79,18 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def write_table(table: Any, out_dir: str | Path, stem: str) -> list[Path]:
+    """A polars DataFrame as OUT_DIR/STEM.parquet (for code) and STEM.csv (for people), each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
+    with atomic_path(paths[0], suffix=".parquet") as tmp:
+        table.write_parquet(tmp)
+    with atomic_path(paths[1], suffix=".csv") as tmp:
+        table.write_csv(tmp)
+    return paths
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -21,7 +21,7 @@ import polars as pl
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path
+from fakegpt.io import atomic_path, write_table
 from fakegpt.plots import figure
 from fakegpt.stats import wilson_interval
 
@@ -188,16 +188,6 @@ def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
         ax.set_ylabel("share of labelled samples (Wilson 95% CI)")
         ax.legend()
     return path
-
-
-def write_table(table: pl.DataFrame, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
-    with atomic_path(paths[0], suffix=".parquet") as tmp:
-        table.write_parquet(tmp)
-    with atomic_path(paths[1], suffix=".csv") as tmp:
-        table.write_csv(tmp)
-    return paths
 
 
 def rates_from_sheet(samples: str | Path, sheet: str | Path, labels: list[str] = DEFAULT_LABELS,

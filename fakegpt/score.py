@@ -23,7 +23,7 @@ import polars as pl
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_json
+from fakegpt.io import atomic_path, write_json, write_table
 from fakegpt.plots import figure
 from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.stats import bootstrap_ci
@@ -191,12 +191,7 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
 
 def write_outputs(result: ScoreResult) -> list[Path]:
     out = result.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "scores.parquet", out / "scores.csv", out / "statements.parquet", out / "summary.json"]
-    with atomic_path(paths[0], suffix=".parquet") as tmp:
-        result.pairs.write_parquet(tmp)
-    with atomic_path(paths[1], suffix=".csv") as tmp:
-        result.pairs.write_csv(tmp)
+    paths = write_table(result.pairs, out, "scores") + [out / "statements.parquet", out / "summary.json"]
     with atomic_path(paths[2], suffix=".parquet") as tmp:
         result.statements.write_parquet(tmp)
     write_json(paths[3], result.summary())
