@@ -3,11 +3,11 @@
 Pipeline, streamed in batches so memory stays flat however large the input:
 
     reader thread:  CSV chunk (csvread) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
-    main thread:    batch -> joined chunks of thousands of messages -> tiktoken on a thread pool -> uint16 file
+    main thread:    batch -> parts of thousands of messages -> pieces.encode_messages on a thread pool -> uint16 file
 
-Each message is tokenized on its own and followed by EOT (50256): the messages of a chunk are joined with the
-text "<|endoftext|>", which tiktoken encodes as the special token between independently encoded pieces, and
-cleaning guarantees that text never occurs inside a message. Tokens go to a per-source scratch file first; the
+Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
+the byte-pair merges once per distinct word of a part rather than once per occurrence. Cleaning guarantees the
+text "<|endoftext|>" never occurs inside a message. Tokens go to a per-source scratch file first; the
 sequential split (which needs the final message count) and the mixture draw then pick messages by index, and
 train.bin / val.bin are assembled under temporary names and renamed at the end.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from fakegpt import __version__, config, mixture, tokenizer, tracking
+from fakegpt import __version__, config, mixture, pieces, tokenizer, tracking
 from fakegpt.clean import CleanRules, clean_expr
 from fakegpt.csvread import FORMATS, ReadStats, check_header, read_batches
 from fakegpt.errors import FakegptError
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("sequential", "random", "date")
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
 DTYPE = np.uint16
-_SEP = "<|endoftext|>"
 _CHUNK_MESSAGES = 2000      # messages per tokenizer call: big enough that thread-pool overhead vanishes
 _ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files into train.bin / val.bin
 
@@ -236,11 +235,6 @@ class _Sink:
         return lengths.astype(np.int64), val
 
 
-def _encode(texts: pl.Series) -> np.ndarray:
-    joined = texts.str.join(_SEP).item() + _SEP
-    return tokenizer.get_encoding().encode_to_numpy(joined, allowed_special={_SEP})
-
-
 def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Path,
                   reader: _Reader) -> tuple[list[_Sink], int]:
     """Run the reader thread and tokenize its batches on a thread pool; returns the sinks and bytes read."""
@@ -262,7 +256,7 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
                 if item is not None:
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
-                    pending.append((item, [pool.submit(_encode, p) for p in parts]))
+                    pending.append((item, [pool.submit(pieces.encode_messages, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):
                     batch, futures = pending.pop(0)
