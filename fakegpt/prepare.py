@@ -3,10 +3,10 @@
 Pipeline, streamed in batches so memory stays flat however large the input:
 
     reader thread:  CSV chunk (csvread) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
-    main thread:    batch -> parts of thousands of messages -> pieces.encode_messages on a thread pool -> uint16 file
+    main thread:    batch -> parts of thousands of messages -> pieces.PieceEncoder on a thread pool -> uint16 file
 
 Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
-the byte-pair merges once per distinct word of a part rather than once per occurrence. Cleaning guarantees the
+the byte-pair merges once per distinct word of the run rather than once per occurrence. Cleaning guarantees the
 text "<|endoftext|>" never occurs inside a message. Tokens go to a per-source scratch file first; the
 sequential split (which needs the final message count) and the mixture draw then pick messages by index, and
 train.bin / val.bin are assembled under temporary names and renamed at the end.
@@ -243,6 +243,7 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
     total = sum(os.path.getsize(f) for s in sources for f in s.files if f != mixture.DEMO) or None
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not sys.stderr.isatty())
     tokenizer.get_encoding()  # build it once, before threads race to
+    encoder = pieces.PieceEncoder()  # one per run: each distinct piece is encoded once
     thread = threading.Thread(target=reader.run, name="fakegpt-prepare-reader", daemon=True)
     thread.start()
     pending: list[tuple[_Batch, list[Future]]] = []
@@ -256,7 +257,7 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
                 if item is not None:
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
-                    pending.append((item, [pool.submit(pieces.encode_messages, p) for p in parts]))
+                    pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):
                     batch, futures = pending.pop(0)

@@ -46,7 +46,7 @@ def test_every_code_point_is_classed_alike():
     messages = pl.Series([f"x{c}x1{c}1.{c}." for c in map(chr, range(0x110000)) if not 0xD800 <= ord(c) < 0xE000])
     messages = messages.filter(~messages.str.contains(r"\s\s"))  # whitespace chars next to the space context
     assert len(messages) > 1_100_000
-    np.testing.assert_array_equal(pieces.encode_by_pieces(messages), pieces.encode_joined(messages))
+    np.testing.assert_array_equal(pieces.PieceEncoder().encode_pieces(messages), pieces.encode_joined(messages))
 
 
 def test_random_text_at_the_pattern_corners():
@@ -59,7 +59,7 @@ def test_random_text_at_the_pattern_corners():
     assert 0.5 < routed.mean() < 0.95  # both paths and their interleaving are exercised
     np.testing.assert_array_equal(pieces.encode_messages(series), tiktoken_ids(texts))
     fast = series.filter(~routed)
-    np.testing.assert_array_equal(pieces.encode_by_pieces(fast), tiktoken_ids(fast.to_list()))
+    np.testing.assert_array_equal(pieces.PieceEncoder().encode_pieces(fast), tiktoken_ids(fast.to_list()))
 
 
 @pytest.mark.parametrize("texts", [[], [""], ["", ""], ["", "a", ""], ["  ", ""], [None, "a b"]])
@@ -89,3 +89,20 @@ def test_prepare_bins_hold_tiktoken_ids(tmp_path, shared_data, collapse):
         np.testing.assert_array_equal(tokens, tiktoken_ids(texts))
         if not collapse:
             assert pl.Series(texts).str.contains(r"\s\s").sum() > 10
+
+
+def test_one_encoder_shared_by_threads_remembers_pieces(shared_data):
+    """prepare's use: one encoder for the run, batches encoded on a thread pool; every batch still equals
+    tiktoken, and pieces learnt from one batch serve the next."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fakegpt.clean import clean_series
+
+    texts = clean_series(pl.Series(real_messages(shared_data)))
+    parts = [texts.slice(i, 300) for i in range(0, len(texts), 300)]
+    encoder = pieces.PieceEncoder()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(encoder.encode, parts * 2))  # the second round finds every piece known
+    for part, ids in zip(parts * 2, got, strict=True):
+        np.testing.assert_array_equal(ids, tiktoken_ids(part.to_list()))
+    assert encoder._n_ids < sum(len(ids) for ids in got) / 20  # each distinct piece stored once
