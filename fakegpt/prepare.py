@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from fakegpt import __version__, config, mixture, pieces, tokenizer, tracking
+from fakegpt import __version__, config, mixture, pieces, spelling, tokenizer, tracking
 from fakegpt.clean import CleanRules, clean_expr
 from fakegpt.csvread import FORMATS, ReadStats, check_header, read_batches
 from fakegpt.errors import FakegptError
@@ -73,6 +73,8 @@ class PrepareConfig:
     collapse_whitespace: bool = dataclasses.field(default=True, metadata={"help": "collapse runs of whitespace"})
     keep_newlines: bool = dataclasses.field(default=True, metadata={
         "help": "when collapsing whitespace, keep one newline where a message had line breaks"})
+    spelling: str = dataclasses.field(default="none", metadata={
+        "help": "spelling normalisation with Enelvo's lexicons (optional extra): none, slang or enelvo"})
     min_chars: int = dataclasses.field(default=3, metadata={
         "help": "drop messages shorter than this many characters after cleaning"})
     dedupe: bool = dataclasses.field(default=True, metadata={
@@ -106,6 +108,7 @@ def validate(cfg: PrepareConfig) -> None:
             raise FakegptError("--split date needs --split-date YYYY-MM-DD")
         if pl.Series([cfg.split_date]).str.contains(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?)?$").item() is False:
             raise FakegptError(f"--split-date: expected YYYY-MM-DD[THH:MM[:SS]], got {cfg.split_date!r}")
+    spelling.SpellingNormaliser(cfg.spelling)  # a bad mode, or Enelvo missing, fails here
     if cfg.min_chars < 0:
         raise FakegptError(f"--min-chars: must be >= 0, got {cfg.min_chars}")
     if cfg.chunk_mb < 1:
@@ -141,6 +144,7 @@ class _Reader:
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
         self.seen: set[int] = set()
+        self.spelling = spelling.SpellingNormaliser(cfg.spelling)
         self.rng = np.random.default_rng(cfg.seed)
 
     def _put(self, item: Any) -> None:
@@ -191,6 +195,8 @@ class _Reader:
             self.dropped["bad_date"] += n - df.height
             cols.append((pl.col("date").str.strip_chars() >= cfg.split_date).alias("val"))
         df = df.select(cols)
+        if self.spelling.mode != "none":
+            df = df.with_columns(text=self.spelling.normalise(df["text"]))
         n = df.height
         df = df.filter(pl.col("text").str.len_chars() >= max(cfg.min_chars, 1))
         self.dropped["too_short"] += n - df.height
@@ -452,6 +458,7 @@ def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, le
         "sources": per_source,
         "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
         "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
+        "spelling": {"mode": cfg.spelling, "words_replaced": reader.spelling.replaced},
         "split": {"mode": cfg.split, "val_fraction": cfg.val_fraction, "split_date": cfg.split_date,
                   "seed": cfg.seed},
         "timing": {"seconds": round(seconds, 3), "tokenize_seconds": round(t_tok, 3),
