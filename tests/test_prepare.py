@@ -199,3 +199,27 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     # deterministic: the same demo bins again
     assert run("--out", str(tmp_path / "again")) == 0
     assert (out / "train.bin").read_bytes() == (tmp_path / "again" / "train.bin").read_bytes()
+
+
+def test_tracked_run_spans_the_work_and_records_failures(tmp_path, shared_data):
+    """The run spans the work, carries MLflow's source tags, and a failure mid-work ends it FAILED."""
+    import time
+
+    import mlflow
+
+    t0 = time.time() * 1000
+    assert run(str(shared_data / "fakewhatsapp_br.csv"), "--out", str(tmp_path / "ok")) == 0
+    t1 = time.time() * 1000
+    (r,) = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
+    seconds = json.loads((tmp_path / "ok" / "meta.json").read_text())["timing"]["seconds"]
+    assert r.info.status == "FINISHED" and r.info.run_name == "prepare:ok"
+    assert t0 <= r.info.start_time and r.info.end_time <= t1
+    assert r.info.end_time - r.info.start_time >= seconds * 1000  # the run spans the work
+    assert r.data.tags["fakegpt.stage"] == "prepare" and "mlflow.source.name" in r.data.tags
+    assert r.data.metrics["data/train_tokens"] > 0
+    # A file whose messages are all emoji fails after reading ("no usable messages"): the run says FAILED.
+    bad = _write(tmp_path / "emoji.csv", b"id,channel_id,date,message\n1,1,2021,\xf0\x9f\x98\x80\n")
+    assert run(str(bad), "--out", str(tmp_path / "bad")) == 2
+    runs = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list", order_by=["start_time DESC"])
+    assert [x.info.status for x in runs] == ["FAILED", "FINISHED"]
+    assert runs[0].data.params["out"] == str(tmp_path / "bad")
