@@ -145,16 +145,17 @@ def _expand(pattern: str) -> list[str]:
 
 
 def select(lengths: list[np.ndarray], eligible: list[np.ndarray], fractions: list[float],
-           seed: int) -> list[np.ndarray]:
+           seed: int, cap: float = 0.0) -> list[np.ndarray]:
     """Per source, a boolean mask of the eligible messages taken so that tokens follow `fractions`.
 
-    `lengths[i]` are message lengths in tokens (EOT included), `eligible[i]` a mask of candidates.
+    `lengths[i]` are message lengths in tokens (EOT included), `eligible[i]` a mask of candidates. The total
+    is the largest the scarcest source allows, or `cap` tokens when that is smaller.
     """
     avail = [float(length[mask].sum()) for length, mask in zip(lengths, eligible, strict=True)]
     limits = [a / f for a, f in zip(avail, fractions, strict=True) if f > 0]
     if not limits:
         raise FakegptError("--mix: every fraction is 0; at least one source must contribute")
-    total = min(limits)
+    total = min(min(limits), cap) if cap > 0 else min(limits)
     taken = []
     for i, (length, mask, frac) in enumerate(zip(lengths, eligible, fractions, strict=True)):
         keep = np.zeros(len(length), dtype=bool)

@@ -77,6 +77,9 @@ class PrepareConfig:
         "help": "spelling normalisation with Enelvo's lexicons (optional extra): none, slang or enelvo"})
     min_chars: int = dataclasses.field(default=3, metadata={
         "help": "drop messages shorter than this many characters after cleaning"})
+    max_train_tokens: int = dataclasses.field(default=0, metadata={
+        "help": "mixtures: at most this many train tokens (0: the most the scarcest source allows); one cap for "
+                "every dose of a series keeps the size fixed while the share changes"})
     dedupe: bool = dataclasses.field(default=True, metadata={
         "help": "drop exact duplicates of an earlier cleaned message (forwards)"})
     split: str = dataclasses.field(default="sequential", metadata={
@@ -111,6 +114,8 @@ def validate(cfg: PrepareConfig) -> None:
     spelling.SpellingNormaliser(cfg.spelling)  # a bad mode, or Enelvo missing, fails here
     if cfg.min_chars < 0:
         raise FakegptError(f"--min-chars: must be >= 0, got {cfg.min_chars}")
+    if cfg.max_train_tokens < 0:
+        raise FakegptError(f"--max-train-tokens: must be >= 0, got {cfg.max_train_tokens}")
     if cfg.chunk_mb < 1:
         raise FakegptError(f"--chunk-mb: must be >= 1, got {cfg.chunk_mb}")
     if not cfg.out:
@@ -331,6 +336,8 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     _check_out(out, cfg.force)
     sources = mixture.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
+    if cfg.max_train_tokens and sources[0].fraction is None:
+        raise FakegptError("--max-train-tokens: applies to mixtures (--mix, or a dataset YAML with fractions)")
     for s in sources:
         s.files = mixture.resolve_files(s, cfg.source_root)
         for f in s.files:
@@ -387,7 +394,8 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> di
             raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
         fractions = [s.fraction for s in sources]
         if fractions[0] is not None:
-            train = mixture.select(lengths, train, fractions, cfg.seed)  # type: ignore[arg-type]
+            train = mixture.select(lengths, train, fractions, cfg.seed,  # type: ignore[arg-type]
+                                   cap=cfg.max_train_tokens)
             if any(v.any() for v in val):
                 val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
             unused = sum(int((~(t | v)).sum()) for t, v in zip(train, val, strict=True))
@@ -457,6 +465,9 @@ def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, le
         },
         "sources": per_source,
         "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
+        # Within a message per source of the cap; None without a cap; False: the scarcest source ran out first.
+        "max_train_tokens_reached": (train_tokens >= cfg.max_train_tokens - len(lengths) * _longest(lengths)
+                                     if cfg.max_train_tokens else None),
         "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
         "spelling": {"mode": cfg.spelling, "words_replaced": reader.spelling.replaced},
         "split": {"mode": cfg.split, "val_fraction": cfg.val_fraction, "split_date": cfg.split_date,
@@ -469,7 +480,14 @@ def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, le
     }
 
 
+def _longest(lengths: list[np.ndarray]) -> int:
+    return max((int(x.max()) for x in lengths if len(x)), default=0)
+
+
 def _report(out: Path, meta: dict[str, Any]) -> None:
+    if meta["max_train_tokens_reached"] is False:
+        log.warning("--max-train-tokens %d not reached: the scarcest source allows %d train tokens at this mixture",
+                    meta["config"]["max_train_tokens"], meta["train_tokens"])
     read = meta["read"]
     if read["repaired_rows"]:
         log.info("repaired %d naive-export rows (message column not quoted)", read["repaired_rows"])

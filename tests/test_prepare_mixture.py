@@ -116,3 +116,23 @@ def test_bad_source_spec(tmp_path):
     bad.write_text("sources:\n  - {name: a, path: nowhere/*.csv}\n")
     with pytest.raises(FakegptError, match="nowhere/\\*.csv: no files match"):
         mix(tmp_path, "x", config=bad)
+
+
+def test_max_train_tokens_fixes_the_size_across_doses(tmp_path, monkeypatch, shared_data):
+    """With one cap for every dose, only the share changes: each dose has the cap's size (to within a message
+    per source) and its target fraction. A cap the scarcest source cannot fill is reported, not hidden."""
+    monkeypatch.chdir(ROOT)
+    uncapped = {f: mix(tmp_path, f"u{f}", "--mix", f"general={1 - f}", f"antivax={f}") for f in (0.0, 0.2, 0.5)}
+    sizes = sorted(m["train_tokens"] for m in uncapped.values())
+    assert sizes[0] < 0.8 * sizes[-1]  # uncapped, the scarcest source sets a different size at each dose
+    cap = int(0.9 * sizes[0])
+    for f in (0.0, 0.2, 0.5):
+        meta = mix(tmp_path, f"c{f}", "--mix", f"general={1 - f}", f"antivax={f}", "--max-train-tokens", str(cap))
+        assert 0.97 * cap <= meta["train_tokens"] <= cap + 1
+        assert abs(meta["mixture"]["antivax"] - f) < 0.01 and meta["max_train_tokens_reached"] is True
+    over = mix(tmp_path, "over", "--mix", "general=0.8", "antivax=0.2", "--max-train-tokens", str(10 * cap))
+    assert over["max_train_tokens_reached"] is False
+    assert over["train_tokens"] == uncapped[0.2]["train_tokens"]
+    with pytest.raises(FakegptError, match="--max-train-tokens: applies to mixtures"):
+        prepare(parse_args([str(shared_data / "fakewhatsapp_br.csv"), "--out",
+                            str(tmp_path / "plain"), "--max-train-tokens", "1000"]), track=False)
