@@ -1,26 +1,22 @@
-r"""Encode many messages at once, running byte-pair merges once per distinct piece instead of once per word.
+r"""Encode many messages at once, running tiktoken once per distinct word instead of once per occurrence.
 
 tiktoken encodes text in two steps: a regex splits it into pieces (a word with its leading space, a number, a
-run of punctuation, whitespace), then byte-pair merges turn each piece into ids. A piece's ids depend on the
-piece alone, and a corpus repeats the same pieces over and over, so `encode_messages`
+run of punctuation, a whitespace character), then byte-pair merges turn each piece into ids. A corpus repeats
+the same words over and over, so `PieceEncoder`
 
-1. splits all messages of a batch into pieces in one polars call (Rust regex, no Python loop),
-2. numbers the pieces with a polars Categorical that lives as long as the `PieceEncoder` (one per prepare run),
-3. has tiktoken encode each piece the first time it is seen, and remembers its ids,
-4. gathers the ids of every piece in order, with EOT after each message.
+1. splits every message of a batch at its spaces, in one polars call (`str.split(" ")`, no Python loop);
+   each part is a *word*: its leading space and what follows up to the next space ("vacina,", "2021\nA");
+2. numbers the words with a polars Categorical that lives as long as the encoder (one per prepare run),
+3. has tiktoken encode each word the first time it is seen, and remembers its ids,
+4. gathers the ids of every word in order, with EOT after each message.
 
-Exactness: the ids must be tiktoken's, so the split must be tiktoken's.
-- GPT-2's pattern ends in `\s+(?!\S)|\s+`, and Rust's regex crate has no look-ahead. The split here uses
-  `\s+`, which cuts exactly where the original does whenever no two whitespace characters are adjacent: the
-  look-ahead only decides how a run of two or more is divided. prepare's default cleaning collapses every
-  run to one character.
-- The classes `\p{L}`, `\p{N}` and `\s` come from Unicode tables compiled into each library. They agree
-  today (a test checks every code point). So that a future build carrying another Unicode version cannot
-  change a single id, only messages whose characters all lie in blocks whose letters and digits were
-  settled decades ago (U+0000-U+036F: Latin with its accents; U+2000-U+20CF: punctuation and currency) take
-  this path.
-Every other message (a run of whitespace, another script) is encoded by tiktoken directly. Tests compare the
-result with tiktoken on the real corpora, on every code point and on random text.
+Exactness: the ids equal tiktoken's on the whole message, because in a text where no two whitespace
+characters are adjacent every space starts a new GPT-2 piece (the pattern only ever puts a space at the front
+of a piece, or alone at the very end), and a piece never looks past the next space; so cutting before each
+space never cuts a piece, and tiktoken splits each word into the same pieces it would find in the message.
+prepare's default cleaning collapses whitespace, so nearly every message qualifies. A message with two
+adjacent whitespace characters (where GPT-2's look-ahead `\s+(?!\S)` divides the run) is encoded by tiktoken
+directly. Tests compare with tiktoken on the real corpora, on every Unicode code point and on random text.
 """
 
 from __future__ import annotations
@@ -33,10 +29,9 @@ import polars as pl
 from fakegpt.tokenizer import EOT_TOKEN, get_encoding
 
 EOT_TEXT = "<|endoftext|>"
-# tiktoken's GPT-2 pattern with `\s+(?!\S)|\s+` as `\s+` (identical when no two whitespace chars are adjacent).
-PIECE_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
-# Messages that go to tiktoken itself: adjacent whitespace, or a character outside the long-settled blocks.
-NEEDS_TIKTOKEN = r"\s\s|[^\x00-\x{036F}\x{2000}-\x{20CF}]"
+# Messages that go to tiktoken itself: adjacent whitespace, or the marker NUL (see `encode_words`).
+NEEDS_TIKTOKEN = r"\s\s|\x00"
+_FIRST = "\x00"  # marks a message's first word, which has no leading space
 _ALLOWED = frozenset({EOT_TEXT})
 
 
@@ -57,23 +52,24 @@ def encode_joined(texts: pl.Series) -> np.ndarray:
 
 
 class PieceEncoder:
-    """Encodes batches of messages, remembering the ids of every distinct piece it has seen. Safe to call from
+    """Encodes batches of messages, remembering the ids of every distinct word it has seen. Safe to call from
     several threads at once (prepare runs one per core)."""
 
     def __init__(self) -> None:
         self._dtype = pl.Categorical(pl.Categories.random())
-        # Cast first, so the end-of-text piece is code 0; holding the Series keeps the mapping alive.
+        # Cast first, so the end-of-text marker is code 0; holding the Series keeps the mapping alive.
         self._sentinel = pl.Series([EOT_TEXT]).cast(self._dtype)
         if self._sentinel.to_physical()[0] != 0:
             raise RuntimeError("polars numbered the first category other than 0")
-        self._eot_piece = pl.Series([[EOT_TEXT]], dtype=pl.List(self._dtype))
+        self._eot_word = pl.Series([[EOT_TEXT]], dtype=pl.List(self._dtype))
         self._lock = threading.Lock()
-        # Code c's ids are ids[start[c] : start[c] + length[c]]; length 0: not seen yet. Arrays are replaced,
-        # never shrunk, when they grow, so a reader holding an older one still finds every code it knew.
+        # Code c's ids are ids[start[c] : start[c] + length[c]]; length -1: not seen yet (0: a word with no
+        # ids, the empty first word of a message that starts with a space). Arrays are replaced, never
+        # shrunk, when they grow, so a reader holding an older one still finds every code it knew.
         self._ids = np.full(1 << 16, EOT_TOKEN, dtype=np.uint32)
         self._n_ids = 1
         self._start = np.zeros(1 << 14, dtype=np.int64)
-        self._length = np.zeros(1 << 14, dtype=np.int64)
+        self._length = np.full(1 << 14, -1, dtype=np.int64)
         self._length[0] = 1  # code 0 -> [EOT]
 
     def encode(self, texts: pl.Series) -> np.ndarray:
@@ -86,23 +82,27 @@ class PieceEncoder:
         slow = texts.str.contains(NEEDS_TIKTOKEN)
         n_slow = int(slow.sum())
         if n_slow == 0:
-            return self.encode_pieces(texts)
+            return self.encode_words(texts)
         if n_slow == len(texts):
             return encode_joined(texts)
-        return _merge(slow.to_numpy(), self.encode_pieces(texts.filter(~slow)), encode_joined(texts.filter(slow)))
+        return _merge(slow.to_numpy(), self.encode_words(texts.filter(~slow)), encode_joined(texts.filter(slow)))
 
-    def encode_pieces(self, texts: pl.Series) -> np.ndarray:
-        """The piece path alone, for messages that need no look-ahead and lie in the settled blocks (`encode`
-        checks that; tests call this directly to compare the Unicode tables on every code point)."""
-        codes = (texts.str.extract_all(PIECE_PAT).cast(pl.List(self._dtype)).list.concat(self._eot_piece)
-                 .explode().to_physical().to_numpy())
+    def encode_words(self, texts: pl.Series) -> np.ndarray:
+        """The word path alone, for messages without adjacent whitespace or NUL (`encode` checks that; tests
+        call this directly on every code point)."""
+        # NUL before each message marks its first word, which is encoded without a leading space.
+        words = (_FIRST + texts).str.split(" ").cast(pl.List(self._dtype)).list.concat(self._eot_word)
+        codes = words.explode().to_physical().to_numpy()
         with self._lock:
             self._learn(codes)
             ids, start, length = self._ids, self._start, self._length
         lengths = length[codes]
+        keep = lengths > 0
+        if not keep.all():
+            codes, lengths = codes[keep], lengths[keep]
         starts = start[codes]
-        # index = the positions in `ids` of every output token: runs start[c], start[c] + 1, ... per piece,
-        # built as a cumulative sum of steps (1 inside a piece, a jump at each piece's first token).
+        # index = the positions in `ids` of every output token: runs start[c], start[c] + 1, ... per word,
+        # built as a cumulative sum of steps (1 inside a word, a jump at each word's first token).
         out_starts = np.cumsum(lengths) - lengths
         step = np.ones(int(out_starts[-1] + lengths[-1]), dtype=np.int64)
         step[0] = starts[0]
@@ -110,22 +110,25 @@ class PieceEncoder:
         return ids[np.cumsum(step)]
 
     def _learn(self, codes: np.ndarray) -> None:
-        """Encode the pieces among `codes` not seen before (holding the lock)."""
+        """Encode the words among `codes` not seen before (holding the lock)."""
         top = int(codes.max())
         if top >= len(self._length):
             size = max(2 * len(self._length), top + 1)
             self._start = _grown(self._start, size)
-            self._length = _grown(self._length, size)
-        new = np.unique(codes[self._length[codes] == 0])
+            self._length = _grown(self._length, size, fill=-1)
+        new = np.unique(codes[self._length[codes] < 0])
         if not len(new):
             return
         categories = self._dtype.categories
         if len(new) > 10_000:  # copying every category beats a Python call per code
-            texts = categories.to_series().gather(new)
+            words = categories.to_series().gather(new)
         else:
-            texts = pl.Series([categories[int(c)] for c in new], dtype=pl.String)
+            words = pl.Series([categories[int(c)] for c in new], dtype=pl.String)
+        w = pl.col("w")
+        texts = pl.DataFrame({"w": words}).select(
+            pl.when(w.str.starts_with(_FIRST)).then(w.str.slice(1)).otherwise(pl.lit(" ") + w)).to_series()
         ids = encode_joined(texts)
-        ends = np.flatnonzero(ids == EOT_TOKEN)  # one after each piece's ids; a piece itself never holds EOT
+        ends = np.flatnonzero(ids == EOT_TOKEN)  # one after each word's ids; a word itself never holds EOT
         if len(ends) != len(new):
             raise RuntimeError(f"expected {len(new)} end-of-text tokens, found {len(ends)}")
         lengths = np.diff(ends, prepend=-1) - 1
@@ -138,8 +141,8 @@ class PieceEncoder:
         self._n_ids += len(flat)
 
 
-def _grown(a: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros(size, dtype=a.dtype)
+def _grown(a: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+    out = np.full(size, fill, dtype=a.dtype)
     out[:len(a)] = a
     return out
 
