@@ -6,7 +6,8 @@ the same words over and over, so `PieceEncoder`
 
 1. splits every message of a batch at its spaces, in one polars call (`str.split(" ")`, no Python loop);
    each part is a *word*: its leading space and what follows up to the next space ("vacina,", "2021\nA");
-2. numbers the words with a polars Categorical that lives as long as the encoder (one per prepare run),
+2. numbers the words with a polars Categorical that lives as long as the encoder (prepare keeps one until
+   it has learnt 250,000 words, so memory stays flat),
 3. has tiktoken encode each word the first time it is seen, and remembers its ids,
 4. gathers the ids of every word in order, with EOT after each message.
 
@@ -68,6 +69,7 @@ class PieceEncoder:
         # shrunk, when they grow, so a reader holding an older one still finds every code it knew.
         self._ids = np.full(1 << 16, EOT_TOKEN, dtype=np.uint32)
         self._n_ids = 1
+        self.words = 0  # distinct words learnt so far
         self._start = np.zeros(1 << 14, dtype=np.int64)
         self._length = np.full(1 << 14, -1, dtype=np.int64)
         self._length[0] = 1  # code 0 -> [EOT]
@@ -139,6 +141,7 @@ class PieceEncoder:
         self._start[new] = self._n_ids + np.cumsum(lengths) - lengths
         self._length[new] = lengths
         self._n_ids += len(flat)
+        self.words += len(new)
 
 
 def _grown(a: np.ndarray, size: int, fill: int = 0) -> np.ndarray:

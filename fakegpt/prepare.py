@@ -6,7 +6,7 @@ Pipeline, streamed in batches so memory stays flat however large the input:
     main thread:    batch -> parts of thousands of messages -> pieces.PieceEncoder on a thread pool -> uint16 file
 
 Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
-the byte-pair merges once per distinct word of the run rather than once per occurrence. Cleaning guarantees the
+tiktoken once per distinct word rather than once per occurrence. Cleaning guarantees the
 text "<|endoftext|>" never occurs inside a message. Tokens go to a per-source scratch file first; the
 sequential split (which needs the final message count) and the mixture draw then pick messages by index, and
 train.bin / val.bin are assembled under temporary names and renamed at the end.
@@ -46,6 +46,7 @@ SPLITS = ("sequential", "random", "date")
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
 DTYPE = np.uint16
 _CHUNK_MESSAGES = 2000      # messages per tokenizer call: big enough that thread-pool overhead vanishes
+_MAX_CACHED_WORDS = 250_000  # distinct words the tokenizer remembers (~70 MB at most) before it starts afresh
 _ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files into train.bin / val.bin
 
 
@@ -254,7 +255,7 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
     total = sum(os.path.getsize(f) for s in sources for f in s.files if f != mixture.DEMO) or None
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not sys.stderr.isatty())
     tokenizer.get_encoding()  # build it once, before threads race to
-    encoder = pieces.PieceEncoder()  # one per run: each distinct piece is encoded once
+    encoder = pieces.PieceEncoder()  # each distinct word is encoded once, until the cache is full
     thread = threading.Thread(target=reader.run, name="fakegpt-prepare-reader", daemon=True)
     thread.start()
     pending: list[tuple[_Batch, list[Future]]] = []
@@ -268,6 +269,8 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
                 if item is not None:
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
+                    if encoder.words > _MAX_CACHED_WORDS:  # memory stays flat on any vocabulary; in-flight
+                        encoder = pieces.PieceEncoder()    # parts finish with the old one
                     pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):

@@ -108,3 +108,25 @@ def test_one_encoder_shared_by_threads_remembers_words(shared_data):
     for part, ids in zip(parts * 2, got, strict=True):
         np.testing.assert_array_equal(ids, tiktoken_ids(part.to_list()))
     assert encoder._n_ids < sum(len(ids) for ids in got) / 8  # each distinct word stored once
+
+
+def test_a_full_word_cache_starts_afresh_with_identical_bins(tmp_path, shared_data, monkeypatch):
+    """prepare replaces its encoder once it has learnt _MAX_CACHED_WORDS words, so memory stays flat on any
+    vocabulary; the bins do not change."""
+    import fakegpt.prepare as prep
+
+    created = []
+    real = pieces.PieceEncoder
+
+    def counting() -> pieces.PieceEncoder:
+        created.append(1)
+        return real()
+
+    data = str(shared_data / "fakewhatsapp_br.csv")
+    prepare(PrepareConfig(inputs=[data], out=str(tmp_path / "a"), chunk_mb=1), track=False)
+    monkeypatch.setattr(prep, "_MAX_CACHED_WORDS", 500)
+    monkeypatch.setattr(prep.pieces, "PieceEncoder", counting)
+    prepare(PrepareConfig(inputs=[data], out=str(tmp_path / "b"), chunk_mb=1), track=False)
+    assert len(created) >= 2  # the first encoder and at least one fresh one
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
