@@ -102,14 +102,7 @@ class PieceEncoder:
         keep = lengths > 0
         if not keep.all():
             codes, lengths = codes[keep], lengths[keep]
-        starts = start[codes]
-        # index = the positions in `ids` of every output token: runs start[c], start[c] + 1, ... per word,
-        # built as a cumulative sum of steps (1 inside a word, a jump at each word's first token).
-        out_starts = np.cumsum(lengths) - lengths
-        step = np.ones(int(out_starts[-1] + lengths[-1]), dtype=np.int64)
-        step[0] = starts[0]
-        step[out_starts[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
-        return ids[np.cumsum(step)]
+        return _runs(ids, start[codes], lengths)
 
     def _learn(self, codes: np.ndarray) -> None:
         """Encode the words among `codes` not seen before (holding the lock)."""
@@ -150,16 +143,25 @@ def _grown(a: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
     return out
 
 
+def _runs(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """source[starts[0] : starts[0] + lengths[0]], then the next run, ..., concatenated (every length >= 1).
+
+    The index is a cumulative sum of steps: 1 inside a run, a jump to the next run's start at its first element.
+    """
+    out_starts = np.cumsum(lengths) - lengths
+    step = np.ones(int(out_starts[-1] + lengths[-1]), dtype=np.int64)
+    step[0] = starts[0]
+    step[out_starts[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    return source[np.cumsum(step)]
+
+
 def _merge(slow: np.ndarray, fast_ids: np.ndarray, slow_ids: np.ndarray) -> np.ndarray:
     """Interleave the two streams back into message order (`slow`: which messages the second one holds)."""
-    combined = np.concatenate((fast_ids, slow_ids))
     lengths = np.empty(len(slow), dtype=np.int64)
     starts = np.empty(len(slow), dtype=np.int64)
     for mask, ids, base in ((~slow, fast_ids, 0), (slow, slow_ids, len(fast_ids))):
-        ends = np.flatnonzero(ids == EOT_TOKEN)
+        ends = np.flatnonzero(ids == EOT_TOKEN)  # each message ends with EOT, so every length is >= 1
         n = np.diff(ends, prepend=-1)
         lengths[mask] = n
         starts[mask] = base + ends + 1 - n
-    out_starts = np.cumsum(lengths) - lengths
-    index = np.arange(int(lengths.sum())) + np.repeat(starts - out_starts, lengths)
-    return combined[index]
+    return _runs(np.concatenate((fast_ids, slow_ids)), starts, lengths)

@@ -67,12 +67,12 @@ class SpellingNormaliser:
         """The messages with slang and misspellings rewritten (mode `none`: unchanged)."""
         if self.mode == "none" or len(texts) == 0:
             return texts
-        words = texts.str.extract_all(_WORD).explode().drop_nulls().str.to_lowercase().unique()
-        for word in words.to_list():
+        words = texts.str.extract_all(_WORD).explode().drop_nulls().str.to_lowercase().unique().to_list()
+        for word in words:
             if word not in self.fixes:
                 fix = self._fix(word)
                 self.fixes[word] = fix if fix and fix != word else None
-        changed = {w: f for w in words.to_list() if (f := self.fixes[w])}
+        changed = {w: f for w in words if (f := self.fixes[w])}
         if not changed:
             return texts
         table = pl.DataFrame({"lower": list(changed), "fix": list(changed.values())})
