@@ -31,7 +31,7 @@ _NONE = {"none", "null", ""}
 MLPROJECT_ENV = "FAKEGPT_MLPROJECT"
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """(inner type, is Optional) for `X | None` / `Optional[X]`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -43,7 +43,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or string value to the field type `tp`; `where` names the flag/key for errors."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
             return None
@@ -150,7 +150,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag (or positional) per dataclass field; defaults are SUPPRESSed so we see what was given."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

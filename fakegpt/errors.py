@@ -1,4 +1,6 @@
-"""The one exception type that the CLI turns into a one-line message and exit status 2."""
+"""The one exception type that the CLI turns into a one-line message and exit status 2, and its formatter."""
+
+from __future__ import annotations
 
 
 class FakegptError(Exception):
@@ -7,3 +9,17 @@ class FakegptError(Exception):
     The message should name the file/flag (and line, where there is one). The CLI prints
     `fakegpt STAGE: error: <message>` and exits with status 2, never a traceback.
     """
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """`exc` as one line of at most `limit` characters, for the terminal and for MLflow's error tag.
+
+    An OSError names its file (`path: No space left on device`); an exception without a message gives its
+    class name, so the line is never empty.
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, FakegptError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:limit]

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fakegpt.io import atomic_path
+from fakegpt.files import atomic_path
 
 
 @contextlib.contextmanager

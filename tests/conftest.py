@@ -62,7 +62,7 @@ def make_tiny_model(folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fakegpt.tokenizer import write_hf_tokenizer_files
+    from fakegpt.data.tokenizer import write_hf_tokenizer_files
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257)
@@ -79,7 +79,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_whatsapp(tmp_path_factory, shared_data) -> Path:
     """fakewhatsapp_br.csv prepared with default settings: a folder with train.bin, val.bin, meta.json."""
-    from fakegpt.prepare import PrepareConfig, prepare
+    from fakegpt.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared-whatsapp")
     prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out), force=True), track=False)

@@ -15,7 +15,7 @@ def make_constant_model(folder: Path, logits: np.ndarray, n_positions: int = 256
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fakegpt.tokenizer import write_hf_tokenizer_files
+    from fakegpt.data.tokenizer import write_hf_tokenizer_files
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=50257))

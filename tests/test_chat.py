@@ -7,10 +7,10 @@ import io
 import numpy as np
 from helpers_measure import make_constant_model
 
-from fakegpt.chat import ChatConfig, chat
-from fakegpt.generate import sample_batch
-from fakegpt.model import load_model
-from fakegpt.tokenizer import get_encoding
+from fakegpt.data.tokenizer import get_encoding
+from fakegpt.measure.chat import ChatConfig, chat
+from fakegpt.measure.generate import sample_batch
+from fakegpt.models.loading import load_model
 
 
 def run_chat(lines: str, **kwargs) -> str:

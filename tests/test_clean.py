@@ -7,7 +7,7 @@ import dataclasses
 import polars as pl
 import pytest
 
-from fakegpt.clean import CleanRules, clean_series
+from fakegpt.data.clean import CleanRules, clean_series
 
 
 def clean(text: str, **rules) -> str:

@@ -94,9 +94,10 @@ def test_cli_reports_errors_in_one_line(capsys):
 
 def test_every_stage_has_help(capsys):
     """`fakegpt STAGE --help` works for every stage (help strings are %-formatted by argparse)."""
-    from fakegpt.cli import STAGES, main
+    from fakegpt.cli import main
+    from fakegpt.stages import BY_NAME
 
-    for stage in STAGES:
+    for stage in BY_NAME:
         try:
             code = main([stage, "--help"])
         except SystemExit as exc:  # argparse exits after printing help

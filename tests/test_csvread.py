@@ -7,7 +7,7 @@ import gzip
 import polars as pl
 import pytest
 
-from fakegpt.csvread import ReadStats, read_batches, sniff_format
+from fakegpt.data.csv_reader import ReadStats, read_batches, sniff_format
 from fakegpt.errors import FakegptError
 
 HEADER = b"id,channel_id,date,message\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fakegpt.config import load_yaml
-from fakegpt.prompts import load_claims, load_prompts
+from fakegpt.measure.prompts import load_claims, load_prompts
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FILES = sorted(p for p in EXPERIMENTS.rglob("*") if p.suffix in (".yaml", ".yml"))

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from fakegpt.io import atomic_dir, atomic_path, write_text
+from fakegpt.files import atomic_dir, atomic_path, write_text
 
 
 def _umask() -> int:

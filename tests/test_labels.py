@@ -9,7 +9,7 @@ import pytest
 
 from fakegpt import cli
 from fakegpt.errors import FakegptError
-from fakegpt.labels import (
+from fakegpt.measure.labels import (
     AggregateConfig,
     aggregate,
     export_sheet,
@@ -18,8 +18,8 @@ from fakegpt.labels import (
     rates_from_sheet,
     read_sheet,
 )
-from fakegpt.prompts import DEFAULT_PROMPTS, load_prompts
-from fakegpt.sample import COLUMNS, sample_id
+from fakegpt.measure.prompts import DEFAULT_PROMPTS, load_prompts
+from fakegpt.measure.sample import COLUMNS, sample_id
 from fakegpt.stats import wilson_interval
 
 

@@ -8,17 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fakegpt.data.tokenizer import VOCAB_SIZE, get_encoding
 from fakegpt.errors import FakegptError
-from fakegpt.model import (
-    CHECKPOINT_FILES,
-    causal_lm_loss,
-    flops_per_token,
-    num_params,
-    save_checkpoint,
-    scratch_model,
-    use_fused_gelu,
-)
-from fakegpt.tokenizer import VOCAB_SIZE, get_encoding
+from fakegpt.finetune.loss import causal_lm_loss
+from fakegpt.finetune.mfu import flops_per_token, num_params
+from fakegpt.models.checkpoint import CHECKPOINT_FILES, TrainingInfo
+from fakegpt.models.loading import save_checkpoint, scratch_model, use_fused_gelu
 
 
 @pytest.fixture()
@@ -89,13 +84,17 @@ def test_scratch_model_shapes_flops_and_bad_sizes(tmp_path):
         scratch_model(2, 3, 100, 32)
 
 
-def test_save_checkpoint_exact_files_and_extra_json(tmp_path):
+def test_save_checkpoint_exact_files_and_training_info(tmp_path):
     from transformers import GPT2LMHeadModel
 
     model = scratch_model(1, 2, 32, 16)
-    folder = save_checkpoint(model, tmp_path / "ckpt", extra_json={"training_info.json": {"iter": 3}})
+    info = TrainingInfo(init_from="scratch", config={"n_layer": 1}, data={}, iter=3, val_loss=2.5, tokens_seen=48)
+    folder = save_checkpoint(model, tmp_path / "ckpt", info)
     assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
-    assert json.loads((folder / "training_info.json").read_text()) == {"iter": 3}
+    assert json.loads((folder / "training_info.json").read_text()) == {
+        "init_from": "scratch", "config": {"n_layer": 1}, "data": {}, "iter": 3, "val_loss": 2.5,
+        "tokens_seen": 48, "schema_version": 1}
+    assert TrainingInfo.load(folder) == info
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     again = GPT2LMHeadModel.from_pretrained(folder)
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)

@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fakegpt import pieces
-from fakegpt.prepare import PrepareConfig, prepare
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data import word_encoder as pieces
+from fakegpt.data.prepare import PrepareConfig, prepare
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
 
 def tiktoken_ids(texts: list[str]) -> np.ndarray:
@@ -28,7 +28,7 @@ def real_messages(shared_data) -> list[str]:
 
 
 def test_real_corpora_raw_and_cleaned(shared_data):
-    from fakegpt.clean import clean_series
+    from fakegpt.data.clean import clean_series
 
     raw = real_messages(shared_data)
     cleaned = clean_series(pl.Series(raw)).to_list()
@@ -98,7 +98,7 @@ def test_one_encoder_shared_by_threads_remembers_words(shared_data):
     tiktoken, and words learnt from one batch serve the next."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fakegpt.clean import clean_series
+    from fakegpt.data.clean import clean_series
 
     texts = clean_series(pl.Series(real_messages(shared_data)))
     parts = [texts.slice(i, 300) for i in range(0, len(texts), 300)]
@@ -113,7 +113,7 @@ def test_one_encoder_shared_by_threads_remembers_words(shared_data):
 def test_a_full_word_cache_starts_afresh_with_identical_bins(tmp_path, shared_data, monkeypatch):
     """prepare replaces its encoder once it has learnt _MAX_CACHED_WORDS words, so memory stays flat on any
     vocabulary; the bins do not change."""
-    import fakegpt.prepare as prep
+    import fakegpt.data.prepare as prep
 
     created = []
     real = pieces.PieceEncoder

@@ -32,18 +32,19 @@ def test_mlproject_parameters_match_cli_defaults():
     import yaml
 
     from fakegpt import config
-    from fakegpt.mlproject import ENTRY_POINTS, _load
+    from fakegpt.mlproject import load_class
+    from fakegpt.stages import ENTRY_POINTS
 
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert set(spec["entry_points"]) == set(ENTRY_POINTS)
-    for entry, (_, module, classes) in ENTRY_POINTS.items():
-        params = spec["entry_points"][entry]["parameters"]
-        for cls_name in classes:
-            cls = _load(module, cls_name)
+    assert set(spec["entry_points"]) == {s.entry_point for s in ENTRY_POINTS}
+    for stage in ENTRY_POINTS:
+        params = spec["entry_points"][stage.entry_point]["parameters"]
+        for dotted in stage.configs:
+            cls = load_class(dotted)
             defaults = cls()
             for f in dataclasses.fields(cls):
                 parsed = config.from_dict(cls, {f.name: params[f.name]["default"]}, "MLproject")
-                assert getattr(parsed, f.name) == getattr(defaults, f.name), (entry, f.name)
+                assert getattr(parsed, f.name) == getattr(defaults, f.name), (stage.name, f.name)
 
 
 def mlflow_run(tracking_uri: str, params: dict[str, str], entry: str = "main") -> subprocess.CompletedProcess:
@@ -117,7 +118,7 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
 def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from fakegpt.series import SeriesConfig, mixture
+    from fakegpt.studies.mixture import SeriesConfig, mixture
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cfg = SeriesConfig(fractions=[0.0, 0.5], max_iters=4, num_samples=1, max_new_tokens=4,
@@ -148,7 +149,7 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     # second call reuses every step.
     import polars as pl
 
-    from fakegpt.labels import export_sheet, load_samples
+    from fakegpt.measure.labels import export_sheet, load_samples
     from fakegpt.stats import wilson_interval
 
     samples_path = tmp_path / "out" / "mixture-ci-series" / "all_samples.parquet"

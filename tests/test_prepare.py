@@ -13,10 +13,10 @@ import polars as pl
 import pytest
 
 from fakegpt import cli
-from fakegpt import prepare as prep
-from fakegpt.clean import CleanRules, clean_series
-from fakegpt.prepare import PrepareConfig, prepare
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data import prepare as prep
+from fakegpt.data.clean import CleanRules, clean_series
+from fakegpt.data.prepare import PrepareConfig, prepare
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
 META_KEYS = {"encoding", "vocab_size", "eot_token", "dtype", "train_tokens", "val_tokens", "train_messages",
              "val_messages", "dropped", "sources", "mixture", "config", "fakegpt_version"}
@@ -66,8 +66,8 @@ def test_real_naive_export_prepares_like_the_well_formed_rows(tmp_path, shared_d
     flat = full.str.replace_all(r"\r\n|[\n\r\u2028\u2029\u0085\x0b\x0c]", " ")
     got = decode_messages(tmp_path / "train.bin") + decode_messages(tmp_path / "val.bin")
     assert got == expected_messages(flat)
-    assert meta["read"]["repaired_rows"] >= 1449
-    assert meta["sources"][0]["files"][0]["format"] == "naive"
+    assert meta.read["repaired_rows"] >= 1449
+    assert meta.sources[0]["files"][0]["format"] == "naive"
 
 
 def test_random_split_is_seeded_and_disjoint(tmp_path, shared_data):
@@ -93,7 +93,7 @@ def test_date_split(tmp_path, shared_data):
     # the COVID-19 groups (2020) are val; a message also posted in 2018 stays with its first (train) copy
     val = decode_messages(tmp_path / "val.bin")
     assert set(val) <= set(late) and len(val) >= len(late) - 5
-    assert meta["val_messages"] == len(val) and meta["split"]["mode"] == "date"
+    assert meta.val_messages == len(val) and meta.split["mode"] == "date"
 
 
 def test_chunked_reading_gives_identical_bins(tmp_path, shared_data):
@@ -112,9 +112,9 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
     (data / "b.csv.gz").write_bytes(gzip.compress(news.write_csv().encode()))
     meta = prepare(PrepareConfig(inputs=[str(data / "*.csv*")], out=str(tmp_path / "out"), channel_ids=[3, 5]),
                    track=False)
-    files = meta["sources"][0]["files"]
+    files = meta.sources[0]["files"]
     assert [Path(f["path"]).name for f in files] == ["a.csv", "b.csv.gz"]
-    assert meta["dropped"]["channel_filter"] > 0
+    assert meta.dropped["channel_filter"] > 0
     wa = pl.read_csv(shared_data / "fakewhatsapp_br.csv", infer_schema=False).filter(pl.col("channel_id") == "3")
     got = decode_messages(tmp_path / "out" / "train.bin")
     assert got[: len(expected_messages(wa["message"]))] == expected_messages(wa["message"])

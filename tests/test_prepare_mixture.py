@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import polars as pl
 import pytest
 
 from fakegpt import cli
-from fakegpt.clean import clean_series
+from fakegpt.data.clean import clean_series
+from fakegpt.data.meta import DatasetMeta
+from fakegpt.data.prepare import parse_args, prepare
 from fakegpt.errors import FakegptError
-from fakegpt.prepare import parse_args, prepare
 from tests.test_prepare import decode_messages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +38,16 @@ def mix(tmp_path: Path, out: str, *args: str, config: Path = ANTIVAX_MIX) -> dic
 def test_dose_fractions_are_realised_from_the_right_channels(tmp_path, channel_of, monkeypatch):
     monkeypatch.chdir(ROOT)  # the YAML's paths are relative to the project root
     meta = mix(tmp_path, "d20", "--mix", "general=0.8", "antivax=0.2")
-    assert meta["dataset"] == "antivax_mix"
-    assert abs(meta["mixture"]["antivax"] - 0.2) < 0.005 and abs(meta["mixture"]["general"] - 0.8) < 0.005
-    assert abs(meta["mixture_val"]["antivax"] - 0.2) < 0.02
-    by_name = {s["name"]: s for s in meta["sources"]}
+    assert meta.dataset == "antivax_mix"
+    assert abs(meta.mixture["antivax"] - 0.2) < 0.005 and abs(meta.mixture["general"] - 0.8) < 0.005
+    assert abs(meta.mixture_val["antivax"] - 0.2) < 0.02
+    by_name = {s["name"]: s for s in meta.sources}
     assert by_name["general"]["channel_ids"] == [2, 4] and by_name["antivax"]["channel_ids"] == [1, 3]
     train = decode_messages(tmp_path / "d20" / "train.bin")
     general_n = by_name["general"]["train_messages"]
     assert all(channel_of[m] & {2, 4} for m in train[:general_n])
     assert all(channel_of[m] & {1, 3} for m in train[general_n:])
-    assert meta["train_tokens"] == by_name["general"]["train_tokens"] + by_name["antivax"]["train_tokens"]
+    assert meta.train_tokens == by_name["general"]["train_tokens"] + by_name["antivax"]["train_tokens"]
     # every train message is one of the source's own; nothing from val leaks into train
     val = decode_messages(tmp_path / "d20" / "val.bin")
     assert not set(train) & set(val)
@@ -56,7 +56,7 @@ def test_dose_fractions_are_realised_from_the_right_channels(tmp_path, channel_o
 def test_doses_are_nested_deterministic_and_zero_is_allowed(tmp_path, channel_of, monkeypatch):
     monkeypatch.chdir(ROOT)
     zero = mix(tmp_path, "d0", "--mix", "general=1", "antivax=0")
-    assert zero["mixture"]["antivax"] == 0.0
+    assert zero.mixture["antivax"] == 0.0
     assert all(channel_of[m] & {2, 4} for m in decode_messages(tmp_path / "d0" / "train.bin"))
 
     def antivax(out: str) -> set[str]:
@@ -73,8 +73,8 @@ def test_demo_mixture_offline_via_cli(tmp_path):
     out = tmp_path / "demo"
     assert cli.main(["prepare", "--config", str(DEMO_MIX), "--mix", "general=0.67", "antivax=0.33",
                      "--out", str(out)]) == 0
-    meta = json.loads((out / "meta.json").read_text())
-    assert abs(meta["mixture"]["antivax"] - 0.33) < 0.01 and meta["train_tokens"] > 100_000
+    meta = DatasetMeta.load(out)
+    assert abs(meta.mixture["antivax"] - 0.33) < 0.01 and meta.train_tokens > 100_000
 
 
 def test_mix_paths_and_yaml_relative_paths(tmp_path, shared_data, monkeypatch):
@@ -85,13 +85,13 @@ def test_mix_paths_and_yaml_relative_paths(tmp_path, shared_data, monkeypatch):
                                    "  - {name: b, path: naive.csv, channel_ids: [3, 4], fraction: 0.5}\n")
     monkeypatch.chdir(tmp_path)  # naive.csv is not here: found beside the YAML
     meta = mix(tmp_path, "rel", config=data / "set.yaml")
-    assert abs(meta["mixture"]["a"] - 0.5) < 0.01 and meta["dataset"] == "set"
+    assert abs(meta.mixture["a"] - 0.5) < 0.01 and meta.dataset == "set"
     # PATH=FRACTION with no YAML: each path is a source
     wa = str(shared_data / "fakewhatsapp_br.csv")
     meta = prepare(parse_args(["--mix", f"{data / 'naive.csv'}=0.25", f"{wa}=0.75", "--out", str(tmp_path / "p")]),
                    track=False)
-    assert set(meta["mixture"]) == {"naive", "fakewhatsapp_br"}
-    assert abs(meta["mixture"]["naive"] - 0.25) < 0.01
+    assert set(meta.mixture) == {"naive", "fakewhatsapp_br"}
+    assert abs(meta.mixture["naive"] - 0.25) < 0.01
 
 
 @pytest.mark.parametrize("args, message", [
@@ -123,16 +123,16 @@ def test_max_train_tokens_fixes_the_size_across_doses(tmp_path, monkeypatch, sha
     per source) and its target fraction. A cap the scarcest source cannot fill is reported, not hidden."""
     monkeypatch.chdir(ROOT)
     uncapped = {f: mix(tmp_path, f"u{f}", "--mix", f"general={1 - f}", f"antivax={f}") for f in (0.0, 0.2, 0.5)}
-    sizes = sorted(m["train_tokens"] for m in uncapped.values())
+    sizes = sorted(m.train_tokens for m in uncapped.values())
     assert sizes[0] < 0.8 * sizes[-1]  # uncapped, the scarcest source sets a different size at each dose
     cap = int(0.9 * sizes[0])
     for f in (0.0, 0.2, 0.5):
         meta = mix(tmp_path, f"c{f}", "--mix", f"general={1 - f}", f"antivax={f}", "--max-train-tokens", str(cap))
-        assert 0.97 * cap <= meta["train_tokens"] <= cap + 1
-        assert abs(meta["mixture"]["antivax"] - f) < 0.01 and meta["max_train_tokens_reached"] is True
+        assert 0.97 * cap <= meta.train_tokens <= cap + 1
+        assert abs(meta.mixture["antivax"] - f) < 0.01 and meta.max_train_tokens_reached is True
     over = mix(tmp_path, "over", "--mix", "general=0.8", "antivax=0.2", "--max-train-tokens", str(10 * cap))
-    assert over["max_train_tokens_reached"] is False
-    assert over["train_tokens"] == uncapped[0.2]["train_tokens"]
+    assert over.max_train_tokens_reached is False
+    assert over.train_tokens == uncapped[0.2].train_tokens
     with pytest.raises(FakegptError, match="--max-train-tokens: applies to mixtures"):
         prepare(parse_args([str(shared_data / "fakewhatsapp_br.csv"), "--out",
                             str(tmp_path / "plain"), "--max-train-tokens", "1000"]), track=False)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from fakegpt.errors import FakegptError
-from fakegpt.prompts import DEFAULT_CLAIMS, DEFAULT_PROMPTS, load_claims, load_prompts
+from fakegpt.measure.prompts import DEFAULT_CLAIMS, DEFAULT_PROMPTS, load_claims, load_prompts
 
 GRID = """\
 # test grid

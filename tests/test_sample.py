@@ -10,10 +10,10 @@ import torch
 from helpers_measure import make_constant_model
 
 from fakegpt import cli
-from fakegpt.generate import sample_batch
-from fakegpt.model import load_model
-from fakegpt.sample import COLUMNS, SampleConfig, sample
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.measure.generate import sample_batch
+from fakegpt.measure.sample import COLUMNS, SampleConfig, sample
+from fakegpt.models.loading import load_model
 
 
 def small_grid(tmp_path):
@@ -93,7 +93,7 @@ def test_sampling_stops_at_end_of_text(tmp_path):
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
-    from fakegpt.generate import next_tokens
+    from fakegpt.measure.generate import next_tokens
 
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
     gen = torch.Generator().manual_seed(0)

@@ -13,12 +13,12 @@ import torch
 from helpers_measure import log_softmax, make_constant_model
 
 from fakegpt import cli
-from fakegpt.generate import token_logprobs
-from fakegpt.model import load_model
-from fakegpt.prompts import Statement
-from fakegpt.score import ScoreConfig, score, statement_logliks
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.measure.generate import token_logprobs
+from fakegpt.measure.prompts import Statement
+from fakegpt.measure.score import ScoreConfig, score, statement_logliks
+from fakegpt.models.loading import load_model
 from fakegpt.stats import bootstrap_ci
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
 
 CLAIMS = """\
 # test claims
@@ -134,7 +134,7 @@ def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_da
     assert cli.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["models"][0]
     assert summary["overall"]["n_pairs"] == 60  # the shipped claim set
-    from fakegpt.batches import eval_starts
+    from fakegpt.data.bins import eval_starts
 
     starts = eval_starts(len(tokens), 256, 4)
     targets = np.concatenate([np.asarray(tokens[s + 1:s + 257]) for s in starts])

@@ -9,10 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fakegpt import spelling
 from fakegpt.cli import main as cli_main
-from fakegpt.prepare import PrepareConfig, prepare
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data import spelling
+from fakegpt.data.prepare import PrepareConfig, prepare
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
 pytest.importorskip("enelvo", reason="the enelvo extra is installed by tools/setup.sh")
 
@@ -60,7 +60,7 @@ def test_prepare_with_spelling(tmp_path, shared_data):
     out = tmp_path / "out"
     meta = prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out),
                                  spelling="slang"), track=False)
-    assert meta["spelling"]["mode"] == "slang" and meta["spelling"]["words_replaced"] > 500
+    assert meta.spelling["mode"] == "slang" and meta.spelling["words_replaced"] > 500
     tokens = np.fromfile(out / "train.bin", dtype=np.uint16)
     text = get_encoding().decode(tokens[tokens != EOT_TOKEN].tolist())
     assert " vc " not in text and " você " in text

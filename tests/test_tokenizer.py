@@ -12,7 +12,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from fakegpt import tokenizer
+from fakegpt.data import tokenizer
 from fakegpt.errors import FakegptError
 
 GPT2_URLS = {

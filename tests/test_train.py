@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -17,56 +16,21 @@ import pytest
 import torch
 
 from fakegpt import tracking
-from fakegpt.batches import Batches, eval_starts
+from fakegpt.data.bins import eval_starts
 from fakegpt.errors import FakegptError
-from fakegpt.model import CHECKPOINT_FILES
-from fakegpt.train import (
-    CHECKPOINT_DIR,
-    CURVE_FILE,
-    INFO_FILE,
-    STATE_FILE,
-    EvalResult,
-    FinetuneConfig,
-    NonFiniteLossError,
-    check,
-    finetune,
-    lr_at,
-)
+from fakegpt.finetune.batches import Batches
+from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.train import CURVE_FILE, EvalResult, NonFiniteLossError, finetune, lr_at
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bins_from_csv(csv_path: Path, folder: Path, limit: int = 2500) -> Path:
-    """Fallback until `prepare`'s fixture exists: GPT-2 bins of real WhatsApp messages, EOT-separated."""
-    from fakegpt.tokenizer import EOT_TOKEN, get_encoding
-
-    csv.field_size_limit(sys.maxsize)
-    enc = get_encoding()
-    with open(csv_path, encoding="utf-8", newline="") as fh:
-        texts = [row["message"] for _, row in zip(range(limit), csv.DictReader(fh), strict=False)]
-    ids: list[int] = []
-    for text in texts:
-        ids += enc.encode_ordinary(text) + [EOT_TOKEN]
-    arr = np.array(ids, dtype=np.uint16)
-    cut = int(len(arr) * 0.9)
-    folder.mkdir(parents=True, exist_ok=True)
-    arr[:cut].tofile(folder / "train.bin")
-    arr[cut:].tofile(folder / "val.bin")
-    meta = {"vocab_size": 50257, "train_tokens": cut, "val_tokens": len(arr) - cut,
-            "mixture": {"whatsapp": 1.0}, "sources": [str(csv_path)]}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def data_dir(request, shared_data, tmp_path_factory) -> Path:
-    """Bins prepared by `prepare` from the real data when its fixture exists; else made here from the same CSV."""
-    try:
-        prepared = request.getfixturevalue("prepared_whatsapp")
-    except pytest.FixtureLookupError:
-        return _bins_from_csv(shared_data / "fakewhatsapp_br.csv", tmp_path_factory.mktemp("whatsapp-bins"))
-    folder = Path(getattr(prepared, "out_dir", prepared))
-    return folder if folder.is_dir() else folder.parent
+def data_dir(prepared_whatsapp) -> Path:
+    """Bins that `prepare` made from the real WhatsApp corpus (conftest's session fixture)."""
+    return prepared_whatsapp
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +148,7 @@ def test_on_eval_stop_ends_run_killed_and_reraises(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    import fakegpt.train as train_mod
+    import fakegpt.finetune.train as train_mod
 
     real = train_mod.causal_lm_loss
     calls = {"train": 0}
@@ -332,7 +296,7 @@ def test_hub_name_from_cache_local_folder_and_offline_failure(data_dir, tmp_path
 
 
 def test_bad_arguments_reported_before_model_load(data_dir, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import fakegpt.train as train_mod
+    import fakegpt.finetune.train as train_mod
     from fakegpt.cli import main as cli_main
 
     def no_load(*args, **kwargs):
@@ -350,8 +314,18 @@ def test_bad_arguments_reported_before_model_load(data_dir, tmp_path, tiny_model
     other.mkdir()
     for name in ("train.bin", "val.bin"):
         (other / name).write_bytes((data_dir / name).read_bytes())
-    (other / "meta.json").write_text(json.dumps({"vocab_size": 100277}))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100277}))
     with pytest.raises(FakegptError, match="meta.json: vocab_size 100277 does not fit the model's vocabulary"):
+        finetune(tiny(other, tmp_path / "o"))
+    (other / "meta.json").write_text(json.dumps({"vocab_size": 100277}))  # not written by prepare
+    with pytest.raises(FakegptError, match="meta.json: missing key 'dataset'"):
+        finetune(tiny(other, tmp_path / "o"))
+    (other / "meta.json").unlink()  # bins without meta.json: an interrupted or foreign data folder
+    with pytest.raises(FakegptError, match="meta.json: no such file; .* not a complete prepared data folder"):
+        finetune(tiny(other, tmp_path / "o"))
+    (other / "meta.json").write_text(json.dumps({**meta, "schema_version": 99}))
+    with pytest.raises(FakegptError, match="schema_version 99 .*newer fakegpt"):
         finetune(tiny(other, tmp_path / "o"))
     with pytest.raises(FakegptError, match="multiple of the number of processes \\(2\\)"):
         check(tiny(data_dir, tmp_path / "o", gradient_accumulation_steps=3), world_size=2)

@@ -21,9 +21,11 @@ import optuna
 import pytest
 import yaml
 
-from fakegpt import config, studies, tracking, tune
+from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.train import FinetuneConfig, finetune
+from fakegpt.finetune.train import FinetuneConfig, finetune
+from fakegpt.studies import optuna_storage as studies
+from fakegpt.studies import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "sweeps" / "tiny.yaml"

@@ -17,8 +17,8 @@ import pytest
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.prompts import load_claims
-from fakegpt.validate import Difference, ValidateConfig, check, paired_difference, verdict_lines
+from fakegpt.measure.prompts import load_claims
+from fakegpt.studies.controls import Difference, ValidateConfig, check, paired_difference, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = ROOT / "experiments" / "validation"
@@ -124,7 +124,7 @@ def test_validation_yamls_are_valid_configs(name):
 
 def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     """The CI configuration: planted effect detected and rising with dose; two seeds at dose 0 agree."""
-    from fakegpt.validate import main
+    from fakegpt.studies.controls import main
 
     out = tmp_path / "validate"
     code = main(["--config", str(VALIDATION / "tiny.yaml"), "--out-dir", str(out),

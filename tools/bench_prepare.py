@@ -42,7 +42,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
 
 SHARED = Path(os.environ.get("FAKEGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SEP = "<|endoftext|>"

@@ -18,8 +18,9 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fakegpt.generate import pick_device, pick_dtype, sample_batch
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.measure.generate import sample_batch
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 
 PROMPTS = [
     "As vacinas contra a COVID-19 são",
@@ -102,11 +103,12 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # each figure shows up as soon as it is measured
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     config = GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=512, vocab_size=50257)
     base = GPT2LMHeadModel(config).eval().to(device)
-    fast = base if device.type == "cpu" else GPT2LMHeadModel(config).to(device, pick_dtype("auto", device)).eval()
+    dtype = torch_dtype(resolve_dtype("auto", device))
+    fast = base if device.type == "cpu" else GPT2LMHeadModel(config).to(device, dtype).eval()
     if fast is not base:
         fast.load_state_dict(base.state_dict())
     enc = get_encoding()

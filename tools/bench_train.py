@@ -8,7 +8,7 @@ A scratch model of 4 layers, 4 heads, 256 embedding, block 128, micro-batch 8, f
 one micro-batch per optimizer step, AdamW (weight decay 0.1, betas 0.9/0.95), gradient clipping at 1.0.
 Contenders run in interleaved rounds so that noise from other work on the machine hits all of them alike;
 the table gives the median tokens/s per contender and the ratios. The step timed for fakegpt is the one
-`fakegpt finetune` runs (fakegpt.train.accumulate + update on the model it builds), batches included.
+`fakegpt finetune` runs (fakegpt.finetune.train.accumulate + update on the model it builds), batches included.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fakegpt.batches import Batches  # noqa: E402
-from fakegpt.model import scratch_model  # noqa: E402
-from fakegpt.train import FinetuneConfig, _load, _Objective, _optimizer, accumulate, update  # noqa: E402
+from fakegpt.finetune.batches import Batches  # noqa: E402
+from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
+from fakegpt.finetune.train import _load, _Objective, _optimizer, accumulate, update  # noqa: E402
+from fakegpt.models.loading import scratch_model  # noqa: E402
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 256, 128, 8
 LR, WD, BETAS, CLIP = 6e-4, 0.1, (0.9, 0.95), 1.0

@@ -13,31 +13,27 @@ fractions, iter, val_loss, tokens_seen); the dose fraction of a model is read fr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fakegpt import tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import read_json_object
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.loading import load_model, resolve_pretrained
 
-TRAINING_INFO = "training_info.json"
-CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_ARTIFACT = CHECKPOINT_DIR  # the artifact path finetune logs its checkpoint folder under
 
 
 @dataclass
 class ModelRef:
     spec: str                       # as the user wrote it (the `model` column of every table)
     folder: str                     # local HF folder (downloaded for MLflow URIs)
-    training_info: dict[str, Any] = field(default_factory=dict)
+    training_info: TrainingInfo | None = None  # None: not a fakegpt fine-tune (hub model, plain HF folder)
 
     def fraction(self, source: str = "antivax") -> float | None:
         """The share of `source` in this model's fine-tuning mixture, when its training_info records one."""
-        mixture = (self.training_info.get("data") or {}).get("mixture") or {}
-        value = mixture.get(source)
-        try:
-            return None if value is None else float(value)
-        except (TypeError, ValueError):
-            return None
+        return self.training_info.fraction(source) if self.training_info else None
 
 
 def is_mlflow_uri(spec: str) -> bool:
@@ -52,14 +48,10 @@ def _artifact_uri(spec: str) -> str:
 
 def resolve_model(spec: str) -> ModelRef:
     """Turn a model spec into a local folder (downloading MLflow artifacts) plus its training_info, if any."""
-    from fakegpt.model import resolve_pretrained
-
     spec = spec.strip()
     if not spec:
         raise FakegptError("empty model spec (give a hub name, a model folder or runs:/<run_id>)")
     if is_mlflow_uri(spec):
-        from fakegpt import tracking
-
         tracking.setup()
         local = Path(tracking.download(_artifact_uri(spec)))
         if not (local / "config.json").is_file() and (local / CHECKPOINT_ARTIFACT / "config.json").is_file():
@@ -69,17 +61,11 @@ def resolve_model(spec: str) -> ModelRef:
         folder = str(local)
     else:
         folder = resolve_pretrained(spec)
-    return ModelRef(spec=spec, folder=folder, training_info=read_training_info(folder))
-
-
-def read_training_info(folder: str | Path) -> dict[str, Any]:
-    return read_json_object(Path(folder) / TRAINING_INFO)
+    return ModelRef(spec=spec, folder=folder, training_info=TrainingInfo.load(folder))
 
 
 def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:
     """The model in eval mode on `device` in `dtype` (an already resolved folder, so nothing is fetched)."""
-    from fakegpt.model import load_model
-
     model = load_model(ref.folder, dtype=dtype, device=str(device))
     model.eval()
     return model

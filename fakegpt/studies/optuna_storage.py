@@ -20,7 +20,7 @@ from typing import Any
 
 from fakegpt import tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path
+from fakegpt.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     fakegpt sample --models gpt2,runs:/<finetune run id> --temperatures 0.7,1.0 --num-samples 5
 
-Rows are batched across prompts and samples (left-padded, KV cache, top-k before softmax: fakegpt.generate).
+Rows are batched across prompts and samples (left-padded, KV cache, top-k before softmax: fakegpt.measure.generate).
 The same grid, seed and batch size give the same text. Each batch's random stream depends on the seed, the
 temperature and the batch's position, not on the model, so base and fine-tuned models draw with the same
 random numbers (a fairer side-by-side comparison).
@@ -23,8 +23,8 @@ import polars as pl
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_text
-from fakegpt.prompts import DEFAULT_PROMPTS, Prompt, load_prompts, resolve_path
+from fakegpt.files import atomic_path, write_text
+from fakegpt.measure.prompts import DEFAULT_PROMPTS, Prompt, load_prompts, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig
     """All rows for one loaded model: (rows, new tokens, seconds spent generating)."""
     import torch
 
-    from fakegpt.generate import sample_batch
-    from fakegpt.models import context_length
-    from fakegpt.tokenizer import get_encoding
+    from fakegpt.data.tokenizer import get_encoding
+    from fakegpt.measure.generate import sample_batch
+    from fakegpt.models.refs import context_length
 
     enc = get_encoding()
     encoded = [enc.encode(p.text, allowed_special={"<|endoftext|>"}) for p in prompts]
@@ -172,14 +172,14 @@ def write_outputs(table: pl.DataFrame, cfg: SampleConfig, out_dir: Path) -> list
 
 def sample(cfg: SampleConfig) -> SampleResult:
     """Run the whole grid for every model; write samples.parquet/jsonl + report.md; log all of it to MLflow."""
-    from fakegpt.generate import pick_device, pick_dtype
-    from fakegpt.models import load_for_inference, resolve_model
+    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+    from fakegpt.models.refs import load_for_inference, resolve_model
 
     validate(cfg)
     prompts_path = resolve_path(cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(prompts_path)  # validated before any model is loaded
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     out_dir = Path(cfg.out_dir)
     tags = {tracking.TAG_MODEL: ",".join(cfg.models)}
     with tracking.run(stage="sample", run_name="sample", tags=tags) as active:

@@ -54,7 +54,7 @@ class ChatSession:
     def __init__(self, model: Any, cfg: ChatConfig, out: TextIO):
         import torch
 
-        from fakegpt.tokenizer import get_encoding
+        from fakegpt.data.tokenizer import get_encoding
 
         self.model, self.cfg, self.out = model, cfg, out
         self.enc = get_encoding()
@@ -107,8 +107,8 @@ class ChatSession:
             self.say(f"unknown command {name} (:help lists them)")
 
     def generate(self, prompt: str) -> None:
-        from fakegpt.generate import sample_batch
-        from fakegpt.models import context_length
+        from fakegpt.measure.generate import sample_batch
+        from fakegpt.models.refs import context_length
 
         ids = self.enc.encode(prompt, allowed_special={"<|endoftext|>"})
         if not ids:
@@ -154,15 +154,15 @@ def _setup_history() -> None:
 
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run the loop until `:q` or end of input. Piped input gets no prompt marker and no banner."""
-    from fakegpt.generate import pick_device, pick_dtype
-    from fakegpt.models import load_for_inference, resolve_model
+    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+    from fakegpt.models.refs import load_for_inference, resolve_model
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.top_k < 0 or cfg.temperature < 0:
         raise FakegptError("--num-samples and --max-new-tokens must be >= 1, --top-k and --temperature >= 0")
-    device = pick_device(cfg.device)
-    model = load_for_inference(resolve_model(cfg.model), device, pick_dtype(cfg.dtype, device))
+    device = resolve_device(cfg.device)
+    model = load_for_inference(resolve_model(cfg.model), device, torch_dtype(resolve_dtype(cfg.dtype, device)))
     session = ChatSession(model, cfg, stdout)
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:

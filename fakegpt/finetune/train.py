@@ -27,84 +27,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from fakegpt import config as config_mod
-from fakegpt import distributed, tracking
-from fakegpt.batches import Batches, eval_starts, open_bin
-from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path
-from fakegpt.model import (
-    causal_lm_loss,
-    dropout_overrides,
-    flops_per_token,
-    load_model,
-    save_checkpoint,
-    scratch_model,
-    use_fused_gelu,
-)
-from fakegpt.perf import peak_flops
-from fakegpt.train_checks import (  # noqa: F401 (CHECKPOINT_DIR, STATE_FILE, check: part of this module's API)
-    CHECKPOINT_DIR,
-    DTYPES,
-    STATE_FILE,
-    check,
-    dataset_name,
-    mixture_tag,
-    resolve_device,
-    resolve_dtype,
-)
+from fakegpt import plots, tracking
+from fakegpt.data.bins import eval_starts, open_bin
+from fakegpt.data.meta import DatasetMeta
+from fakegpt.errors import FakegptError, one_line
+from fakegpt.files import atomic_path
+from fakegpt.finetune import distributed
+from fakegpt.finetune.batches import Batches
+from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.loss import causal_lm_loss
+from fakegpt.finetune.mfu import flops_per_token, peak_flops
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.loading import dropout_overrides, load_model, save_checkpoint, scratch_model, use_fused_gelu
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "training_info.json"
 CURVE_FILE = "loss_curve.png"
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tune settings (nanoGPT's names). Defaults = the original study's fine-tune of gpt2-medium."""
-
-    data_dir: str = field(default="data", metadata={"help": "folder with train.bin, val.bin, meta.json (from prepare)"})
-    out_dir: str = field(default="out/finetune", metadata={"help": "where checkpoint/ and train_state.pt go"})
-    init_from: str = field(default="gpt2-medium", metadata={
-        "help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"})
-    # model shape, used only by init_from=scratch
-    n_layer: int = field(default=12, metadata={"help": "layers (scratch only)"})
-    n_head: int = field(default=12, metadata={"help": "attention heads (scratch only)"})
-    n_embd: int = field(default=768, metadata={"help": "embedding width (scratch only)"})
-    block_size: int = field(default=1024, metadata={"help": "context length of a training window"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout rate (overrides the pretrained config's 0.1)"})
-    # batches
-    batch_size: int = field(default=1, metadata={"help": "micro-batch size (windows per forward pass)"})
-    gradient_accumulation_steps: int = field(default=32, metadata={
-        "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"})
-    # optimizer and schedule
-    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
-    max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices (not biases/norms)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm at this value; 0 disables"})
-    decay_lr: bool = field(default=False, metadata={"help": "cosine decay from learning_rate to min_lr"})
-    warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations"})
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine decay (default max_iters)"})
-    min_lr: float = field(default=3e-6, metadata={"help": "learning rate at the end of the decay"})
-    # evaluation and checkpoints
-    eval_interval: int = field(default=5, metadata={"help": "evaluate every N iterations (and at the last one)"})
-    eval_iters: int = field(default=40, metadata={"help": "micro-batches per split per evaluation"})
-    log_interval: int = field(default=1, metadata={"help": "log train/loss, lr, tokens_per_s every N iterations"})
-    always_save_checkpoint: bool = field(default=False, metadata={
-        "help": "save at every evaluation, not only when validation loss improves"})
-    # system
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bfloat16 on CUDA where supported, else float16 with a gradient scaler; float32 on CPU) "
-                "| float32 | bfloat16 | float16"})
-    compile: bool | None = field(default=None, metadata={
-        "help": "torch.compile the model; unset = on for CUDA, off on CPU"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in backward (less memory for large models on small cards)"})
-    seed: int = field(default=1337, metadata={"help": "seed for initialisation, batches and dropout"})
 
 
 @dataclass
@@ -251,7 +195,7 @@ def finetune(
     """
     info = distributed.from_env()
     device = distributed.local_device(info, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it
         tags = {**(tags or {}), tracking.TAG_DATA_URI: cfg.data_dir}
@@ -265,7 +209,7 @@ def finetune(
         distributed.teardown()
 
 
-def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distributed.Dist, device: torch.device,
+def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distributed.Dist, device: torch.device,
            on_eval: Callable[[EvalResult], None] | None, nested: bool, run_name: str | None,
            tags: dict | None) -> FinetuneResult:
     out_dir = Path(cfg.out_dir)
@@ -292,12 +236,10 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
     if cfg.compile:
         objective = torch.compile(objective)
     if info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                         broadcast_buffers=False)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32"
+    autocast = (torch.autocast(device.type, dtype=torch_dtype(cfg.dtype)) if cfg.dtype != "float32"
                 else contextlib.nullcontext())
 
     train_data, val_data = (open_bin(cfg.data_dir, s, cfg.block_size) for s in ("train", "val"))
@@ -327,9 +269,9 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
             result.run_id = run_id = active.info.run_id
 
         def save(val_loss: float) -> None:
-            training_info = {"init_from": init_from, "config": config_mod.to_dict(cfg), "data": meta,
-                             "iter": it, "val_loss": val_loss, "tokens_seen": it * tokens_per_iter}
-            save_checkpoint(model, ckpt_dir, extra_json={INFO_FILE: training_info})
+            training_info = TrainingInfo(init_from=init_from, config=config_mod.to_dict(cfg), data=meta.to_dict(),
+                                         iter=it, val_loss=val_loss, tokens_seen=it * tokens_per_iter)
+            save_checkpoint(model, ckpt_dir, training_info)
             train_state = {
                 "iter": it, "best_val_loss": best_val, "best_iter": best_iter, "init_from": init_from,
                 "run_id": run_id or "", "config": json.dumps(config_mod.to_dict(cfg)),
@@ -341,8 +283,6 @@ def _train(cfg: FinetuneConfig, folder: str, meta: dict[str, Any], info: distrib
             }
             with atomic_path(out_dir / STATE_FILE) as tmp:
                 torch.save(train_state, tmp)
-
-        from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_iters, initial=it, desc="finetune", unit="it", disable=None if info.main else True)
         t_last = time.perf_counter()
@@ -422,12 +362,12 @@ def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_d
 
 
 @contextlib.contextmanager
-def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: dict[str, Any], state: dict[str, Any], nested: bool,
+def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: DatasetMeta, state: dict[str, Any], nested: bool,
                 run_name: str | None, tags: dict | None, stop_exc: list[BaseException]):
     """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
     run_id = state.get("run_id") or None
-    all_tags = {tracking.TAG_MODEL: init_from, tracking.TAG_DATASET: dataset_name(cfg, meta)}
-    mix = mixture_tag(meta)
+    all_tags = {tracking.TAG_MODEL: init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
+    mix = meta.mixture_tag()
     if mix:
         all_tags[tracking.TAG_MIX] = mix
     if run_id is not None:
@@ -445,8 +385,7 @@ def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: dict[str, Any], state
     with tracking.run(stage="finetune", run_name=run_name, tags=all_tags, nested=nested, run_id=run_id,
                       killed=killed, system_metrics=True) as active:
         tracking.log_params(config_mod.to_dict(cfg))
-        if meta:
-            tracking.log_params({k: v for k, v in meta.items()}, prefix="data.")
+        tracking.log_params(meta.to_dict(), prefix="data.")
         tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
         try:
             yield active
@@ -455,15 +394,12 @@ def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: dict[str, Any], state
                 tracking.set_tags({tracking.TAG_STOP: type(exc).__name__})
             elif isinstance(exc, Exception):
                 with contextlib.suppress(Exception):
-                    tracking.set_tags({tracking.TAG_ERROR: str(exc).splitlines()[0][:500] if str(exc) else
-                                       type(exc).__name__})
+                    tracking.set_tags({tracking.TAG_ERROR: one_line(exc)})
             raise
 
 
 def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve: list, best_iter: int) -> None:
-    from fakegpt.plots import line_plot
-
-    curve = line_plot(out_dir / CURVE_FILE, {"train": train_curve, "val": val_curve}, xlabel="tokens seen",
+    curve = plots.line_plot(out_dir / CURVE_FILE, {"train": train_curve, "val": val_curve}, xlabel="tokens seen",
                       ylabel="cross-entropy loss", title=f"fine-tune (best val at iteration {best_iter})",
                       markers=("val",))
     tracking.log_artifact(curve)

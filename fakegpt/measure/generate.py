@@ -17,35 +17,8 @@ from typing import Any
 
 import torch
 
+from fakegpt.data.tokenizer import EOT_TOKEN
 from fakegpt.errors import FakegptError
-from fakegpt.tokenizer import EOT_TOKEN
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def pick_device(spec: str = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else is passed to torch (`cpu`, `cuda:1`, `mps`)."""
-    if spec in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise FakegptError(f"--device {spec!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FakegptError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto` -> bfloat16 on CUDA (when supported), float32 elsewhere."""
-    if spec in ("", "auto"):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if spec not in DTYPES:
-        raise FakegptError(f"--dtype {spec!r}: expected auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[spec]
 
 
 @functools.cache

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import queue
@@ -34,16 +33,20 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from fakegpt import __version__, config, mixture, pieces, spelling, tokenizer, tracking
-from fakegpt.clean import CleanRules, clean_expr
-from fakegpt.csvread import FORMATS, ReadStats, check_header, read_batches
+from fakegpt import __version__, config, tracking
+from fakegpt.data import sources as mixture
+from fakegpt.data import spelling, tokenizer
+from fakegpt.data import word_encoder as pieces
+from fakegpt.data.clean import CleanRules, clean_expr
+from fakegpt.data.csv_reader import FORMATS, ReadStats, check_header, read_batches
+from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path
+from fakegpt.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("sequential", "random", "date")
-OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+OUTPUT_FILES = ("train.bin", "val.bin", META_FILE)
 DTYPE = np.uint16
 _CHUNK_MESSAGES = 2000      # messages per tokenizer call: big enough that thread-pool overhead vanishes
 _MAX_CACHED_WORDS = 250_000  # distinct words the tokenizer remembers (~70 MB at most) before it starts afresh
@@ -176,7 +179,7 @@ class _Reader:
         stats = ReadStats()
         raw = None
         if path == mixture.DEMO:
-            from fakegpt import demo_data
+            from fakegpt.data import demo as demo_data
 
             raw = io.BytesIO(demo_data.demo_csv())
         seen_bytes = 0
@@ -333,8 +336,8 @@ def _dataset_name(cfg: PrepareConfig) -> str:
     return cfg.name or Path(cfg.out).resolve().name
 
 
-def prepare(cfg: PrepareConfig, track: bool = True) -> dict[str, Any]:
-    """Prepare token bins from `cfg`; returns the content of meta.json. With `track`, logs an MLflow run."""
+def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
+    """Prepare token bins from `cfg`; returns what meta.json holds. With `track`, logs an MLflow run."""
     validate(cfg)
     out = Path(cfg.out)
     _check_out(out, cfg.force)
@@ -353,21 +356,21 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> dict[str, Any]:
         tracking.log_params(config.to_dict(cfg))
         meta = _prepare(cfg, sources, out)
         metrics = {
-            tracking.M_DATA_TRAIN_TOKENS: meta["train_tokens"], tracking.M_DATA_VAL_TOKENS: meta["val_tokens"],
-            tracking.M_DATA_TRAIN_MESSAGES: meta["train_messages"],
-            tracking.M_DATA_VAL_MESSAGES: meta["val_messages"],
-            tracking.M_DATA_REPAIRED_ROWS: meta["read"]["repaired_rows"],
-            tracking.M_DATA_INVALID_UTF8: meta["read"]["invalid_utf8"],
-            tracking.M_DATA_BAD_ROWS: meta["read"]["bad_rows"],
-            tracking.M_TOKENS_PER_S: meta["timing"]["tokens_per_s"],
-            tracking.M_DATA_SECONDS: meta["timing"]["seconds"],
+            tracking.M_DATA_TRAIN_TOKENS: meta.train_tokens, tracking.M_DATA_VAL_TOKENS: meta.val_tokens,
+            tracking.M_DATA_TRAIN_MESSAGES: meta.train_messages,
+            tracking.M_DATA_VAL_MESSAGES: meta.val_messages,
+            tracking.M_DATA_REPAIRED_ROWS: meta.read["repaired_rows"],
+            tracking.M_DATA_INVALID_UTF8: meta.read["invalid_utf8"],
+            tracking.M_DATA_BAD_ROWS: meta.read["bad_rows"],
+            tracking.M_TOKENS_PER_S: meta.timing["tokens_per_s"],
+            tracking.M_DATA_SECONDS: meta.timing["seconds"],
         }
-        metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta["dropped"].items()})
-        metrics.update({tracking.M_DATA_MIX_PREFIX + k: v for k, v in meta["mixture"].items()})
+        metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta.dropped.items()})
+        metrics.update({tracking.M_DATA_MIX_PREFIX + k: v for k, v in meta.mixture.items()})
         tracking.log_metrics(metrics)
-        if meta["mixture"]:
-            tracking.set_tags({tracking.TAG_MIX: ",".join(f"{k}={v:.3f}" for k, v in meta["mixture"].items())})
-        tracking.log_artifact(out / "meta.json")
+        if meta.mixture:
+            tracking.set_tags({tracking.TAG_MIX: meta.mixture_tag(digits=3)})
+        tracking.log_artifact(out / META_FILE)
         if cfg.log_data:  # later steps of a pipeline read the bins from the run, wherever it ran
             for name in OUTPUT_FILES:
                 tracking.log_artifact(out / name, artifact_path="data")
@@ -379,7 +382,7 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> dict[str, Any]:
+def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out))
@@ -403,8 +406,8 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> di
                 val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
             unused = sum(int((~(t | v)).sum()) for t, v in zip(train, val, strict=True))
             reader.dropped["mixture_unused"] += unused
-        if (out / "meta.json").exists():  # --force: never leave an old meta.json beside new bins
-            (out / "meta.json").unlink()
+        if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
+            (out / META_FILE).unlink()
         if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential":
             _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out)
         else:
@@ -414,9 +417,8 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> di
                         _copy_selected(sink.path, length, tr, va, ft, fv)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
-        meta["timing"]["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
-        with atomic_path(out / "meta.json") as m_path:
-            m_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        meta.timing["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
+        meta.write(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _report(out, meta)
@@ -429,7 +431,7 @@ def _drop_text(dropped: Counter[str]) -> str:
 
 def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, lengths: list[np.ndarray],
           train: list[np.ndarray], val: list[np.ndarray], nbytes: int, seconds: float,
-          t_tok: float) -> dict[str, Any]:
+          t_tok: float) -> DatasetMeta:
     per_source = []
     for s, length, tr, va in zip(sources, lengths, train, val, strict=True):
         files = [{k: f[k] for k in ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows",
@@ -445,7 +447,7 @@ def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, le
     tokenized = int(sum(int(x.sum()) for x in lengths))
     mixed = bool(cfg.sources or cfg.mix)  # a plain run (input files only) has no mixture
     examples = [e for f in reader.files for e in f["bad_row_examples"]][:5]
-    return {
+    return DatasetMeta(**{
         "dataset": _dataset_name(cfg),
         "encoding": tokenizer.ENCODING_NAME,
         "vocab_size": tokenizer.VOCAB_SIZE,
@@ -480,30 +482,30 @@ def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, le
                    "input_bytes": nbytes},
         "config": config.to_dict(cfg),
         "fakegpt_version": __version__,
-    }
+    })
 
 
 def _longest(lengths: list[np.ndarray]) -> int:
     return max((int(x.max()) for x in lengths if len(x)), default=0)
 
 
-def _report(out: Path, meta: dict[str, Any]) -> None:
-    if meta["max_train_tokens_reached"] is False:
+def _report(out: Path, meta: DatasetMeta) -> None:
+    if meta.max_train_tokens_reached is False:
         log.warning("--max-train-tokens %d not reached: the scarcest source allows %d train tokens at this mixture",
-                    meta["config"]["max_train_tokens"], meta["train_tokens"])
-    read = meta["read"]
+                    meta.config["max_train_tokens"], meta.train_tokens)
+    read = meta.read
     if read["repaired_rows"]:
         log.info("repaired %d naive-export rows (message column not quoted)", read["repaired_rows"])
     if read["bad_rows"]:
         log.warning("skipped %d unparseable rows, e.g. %s", read["bad_rows"], "; ".join(read["bad_row_examples"]))
     if read["invalid_utf8"]:
         log.warning("%d invalid UTF-8 sequences were decoded as U+FFFD", read["invalid_utf8"])
-    mix = ", ".join(f"{k}={v:.3f}" for k, v in meta["mixture"].items())
+    mix = ", ".join(f"{k}={v:.3f}" for k, v in meta.mixture.items())
     log.info(
         "%s: train %d tokens (%d messages), val %d tokens (%d messages); dropped: %s%s; %.1f s, %.2f M tokens/s",
-        out, meta["train_tokens"], meta["train_messages"], meta["val_tokens"], meta["val_messages"],
-        _drop_text(Counter(meta["dropped"])), f"; mixture {mix}" if mix else "", meta["timing"]["seconds"],
-        meta["timing"]["tokens_per_s"] / 1e6,
+        out, meta.train_tokens, meta.train_messages, meta.val_tokens, meta.val_messages,
+        _drop_text(Counter(meta.dropped)), f"; mixture {mix}" if mix else "", meta.timing["seconds"],
+        meta.timing["tokens_per_s"] / 1e6,
     )
 
 

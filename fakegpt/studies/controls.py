@@ -33,8 +33,8 @@ import polars as pl
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_json, write_text
-from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
+from fakegpt.files import atomic_path, write_json, write_text
+from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
     statements_of(cfg, paths[2])
     if cfg.init_from == "scratch":
         # A scratch model has block_size positions; each statement is scored after an <eot>, in one window.
-        from fakegpt.tokenizer import get_encoding
+        from fakegpt.data.tokenizer import get_encoding
 
         longest = 1 + max(len(get_encoding().encode(s.text)) for s in statements_of(cfg, paths[2]))
         if cfg.block_size < longest:
@@ -264,7 +264,7 @@ def verdict_lines(effect: Difference, steps: list[Difference], seed_diff: Differ
 # --------------------------------------------------------------------------------------------------- stages
 def _finetune_config(cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_from: str, seed: int,
                      max_iters: int, learning_rate: float) -> Any:
-    from fakegpt.train import FinetuneConfig
+    from fakegpt.finetune.config import FinetuneConfig
 
     return FinetuneConfig(
         data_dir=str(data_dir), out_dir=str(out_dir), init_from=init_from, n_layer=cfg.n_layer,
@@ -280,7 +280,7 @@ def _finetune_config(cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_fr
 
 def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) -> dict[float, tuple[Path, float]]:
     """One prepared mixture per dose: {dose: (data folder, realised planted share of the train tokens)}."""
-    from fakegpt.prepare import PrepareConfig, prepare
+    from fakegpt.data.prepare import PrepareConfig, prepare
 
     prepared = {}
     for dose in sorted(cfg.doses):
@@ -289,13 +289,13 @@ def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) ->
                    {"name": PLANTED, "path": str(planted), "channel_ids": cfg.planted_channel_ids, "fraction": dose}]
         meta = prepare(PrepareConfig(out=str(folder), force=True, name=f"{cfg.name}-dose-{dose:g}", sources=sources,
                                      seed=cfg.seed))
-        prepared[dose] = (folder, float(meta["mixture"].get(PLANTED, 0.0)))
+        prepared[dose] = (folder, float(meta.mixture.get(PLANTED, 0.0)))
     return prepared
 
 
 def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]], out: Path) -> list[DoseModel]:
     """The shared base (scratch only), then one fine-tune per dose plus the dose-0 control seed."""
-    from fakegpt.train import finetune
+    from fakegpt.finetune.train import finetune
 
     tags = {tracking.TAG_STUDY: cfg.name}
     start, lr = cfg.init_from, cfg.learning_rate
@@ -323,16 +323,16 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
 
 def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) -> pl.DataFrame:
     """Score every model on the claim set (a nested score run each); returns the pair table of all models."""
-    from fakegpt.generate import pick_device, pick_dtype
-    from fakegpt.models import load_for_inference, resolve_model
-    from fakegpt.score import ScoreConfig, metrics_of, pair_table, score_model, summarise
+    from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_model, summarise
+    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+    from fakegpt.models.refs import load_for_inference, resolve_model
 
     scfg = ScoreConfig(models=[m.checkpoint for m in models], claims=str(claims), device=cfg.device,
                        dtype=cfg.dtype, batch_size=cfg.score_batch_size, bootstrap=cfg.bootstrap,
                        dose_source=PLANTED)
     statements = statements_of(cfg, claims)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     tables = []
     for m in models:
         model = load_for_inference(resolve_model(m.checkpoint), device, dtype)

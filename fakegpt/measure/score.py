@@ -22,12 +22,12 @@ import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
+from fakegpt.data.tokenizer import EOT_TOKEN
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_json, write_table
+from fakegpt.files import atomic_path, write_json, write_table
+from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.plots import figure
-from fakegpt.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.stats import bootstrap_ci
-from fakegpt.tokenizer import EOT_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class ScoreResult:
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
     """(length-normalised log-likelihood, token count) per statement, each scored after an <eot> context."""
-    from fakegpt.generate import token_logprobs
-    from fakegpt.tokenizer import get_encoding
+    from fakegpt.data.tokenizer import get_encoding
+    from fakegpt.measure.generate import token_logprobs
 
     enc = get_encoding()
     sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
@@ -101,9 +101,9 @@ def statement_logliks(model: Any, statements: list[Statement], batch_size: int) 
 
 def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
     """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
-    from fakegpt.batches import eval_starts, open_bin
-    from fakegpt.generate import token_logprobs
-    from fakegpt.models import context_length
+    from fakegpt.data.bins import eval_starts, open_bin
+    from fakegpt.measure.generate import token_logprobs
+    from fakegpt.models.refs import context_length
 
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
@@ -200,8 +200,8 @@ def write_outputs(result: ScoreResult) -> list[Path]:
 
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
-    from fakegpt.generate import pick_device, pick_dtype
-    from fakegpt.models import load_for_inference, resolve_model
+    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+    from fakegpt.models.refs import load_for_inference, resolve_model
 
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
@@ -209,8 +209,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise FakegptError("--batch-size, --val-windows and --bootstrap must be at least 1")
     claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
     statements = load_claims(claims_path)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     several = len(cfg.models) > 1
     with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))

@@ -21,7 +21,7 @@ import polars as pl
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_table
+from fakegpt.files import atomic_path, write_table
 from fakegpt.plots import figure
 from fakegpt.stats import wilson_interval
 

@@ -27,7 +27,7 @@ import threading
 import numpy as np
 import polars as pl
 
-from fakegpt.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
 EOT_TEXT = "<|endoftext|>"
 # Messages that go to tiktoken itself: adjacent whitespace, or the marker NUL (see `encode_words`).

@@ -1,4 +1,4 @@
-"""Peak dense FLOP/s of the GPU in use, for model-FLOPs utilisation (MFU) against the actual card.
+"""Model-FLOPs utilisation (MFU): training FLOPs per token, and the peak dense FLOP/s of the card in use.
 
 Figures are the vendors' dense (no sparsity) tensor-core peaks. An unknown card gives None (MFU is then not
 logged rather than computed against a wrong peak); FAKEGPT_PEAK_TFLOPS overrides the table.
@@ -7,6 +7,7 @@ logged rather than computed against a wrong peak); FAKEGPT_PEAK_TFLOPS overrides
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -45,3 +46,18 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
         if key in name:
             return (half if dtype in ("bfloat16", "float16") else tf32) * 1e12
     return None
+
+
+def num_params(model: Any, non_embedding: bool = True) -> int:
+    """Parameter count; without the position embeddings when `non_embedding` (the token embedding is tied to
+    the output layer and does compute, so it stays in, as in nanoGPT's estimate)."""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.transformer.wpe.weight.numel()
+    return n
+
+
+def flops_per_token(model: Any, block_size: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT)."""
+    cfg = model.config
+    return 6 * num_params(model) + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * block_size

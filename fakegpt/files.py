@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fakegpt.errors import FakegptError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -65,14 +67,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON object from `path`; {} when there is no such file. Unreadable or not an object: one-line error."""
-    from fakegpt.errors import FakegptError
-
     path = Path(path)
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FakegptError(f"{path}: cannot read ({exc})") from None
     if not isinstance(data, dict):
         raise FakegptError(f"{path}: expected a JSON object")
@@ -92,9 +92,11 @@ def write_table(table: Any, out_dir: str | Path, stem: str) -> list[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as indented UTF-8 JSON to `path` atomically."""
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -16,8 +16,9 @@ from typing import Any
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import atomic_path, write_text
-from fakegpt.pipeline import (
+from fakegpt.files import atomic_path, write_text
+from fakegpt.plots import figure
+from fakegpt.studies.pipeline import (
     PROJECT_DIR,
     PipelineConfig,
     finetune_params,
@@ -26,7 +27,6 @@ from fakegpt.pipeline import (
     sample_params,
     score_params,
 )
-from fakegpt.plots import figure
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
     """Every fraction's sample table in one file, with a `fraction` column: what a label sheet is exported from."""
     import polars as pl
 
-    from fakegpt.labels import load_samples
+    from fakegpt.measure.labels import load_samples
 
     tables = [load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
               for r in rows]
@@ -111,7 +111,7 @@ def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig) -> None:
     """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet."""
-    from fakegpt.labels import rates_from_sheet
+    from fakegpt.measure.labels import rates_from_sheet
 
     rates = rates_from_sheet(samples, cfg.label_sheet, cfg.labels, by=["fraction"], allow_unlabelled=True)
     first = rates.filter(rates["label"] == cfg.labels[0])

@@ -35,10 +35,14 @@ from typing import Any
 
 import yaml
 
-from fakegpt import config, studies, tracking
+from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
-from fakegpt.io import write_text
-from fakegpt.train import CHECKPOINT_DIR, STATE_FILE, FinetuneConfig, check, finetune
+from fakegpt.files import write_text
+from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.train import finetune
+from fakegpt.models.checkpoint import CHECKPOINT_DIR
+from fakegpt.studies import optuna_storage as studies
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,42 @@
+"""The token bins `prepare` writes: DIR/train.bin and DIR/val.bin, uint16 GPT-2 ids, messages separated by EOT.
+
+Read memmapped by `finetune` (random training windows, fixed validation windows), `score` (perplexity on the
+same fixed windows) and `tune`. The fixed windows are drawn with a constant seed, so every evaluation of every
+run on the same data folder sees the same tokens and loss curves of different runs are comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fakegpt.errors import FakegptError
+
+SPLITS = ("train", "val")
+# Constant, independent of the run's seed: the validation windows must be the same for every run.
+EVAL_SEED = 20240521
+
+
+def open_bin(data_dir: str | Path, split: str, block_size: int) -> np.memmap:
+    """Memmap DIR/<split>.bin, checking that it holds at least one window of block_size + 1 tokens."""
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise FakegptError(f"{path}: no such file (run `fakegpt prepare` to write train.bin and val.bin)")
+    if path.stat().st_size == 0:  # np.memmap cannot map an empty file
+        raise FakegptError(f"{path}: empty (0 tokens); prepare more data or a non-empty validation split")
+    if path.stat().st_size % 2:
+        raise FakegptError(f"{path}: odd byte size; expected uint16 GPT-2 token ids")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(data) < block_size + 1:
+        raise FakegptError(
+            f"{path}: {len(data)} tokens, fewer than one window of block_size + 1 = {block_size + 1}; "
+            "lower --block-size or prepare more data"
+        )
+    return data
+
+
+def eval_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
+    """The fixed window starts used for every evaluation of a split (same for every run on the data)."""
+    rng = np.random.default_rng(EVAL_SEED)
+    return rng.integers(0, n_tokens - block_size, size=n_windows)

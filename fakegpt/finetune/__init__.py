@@ -1,0 +1,1 @@
+"""The `finetune` stage: training loop, its checks, batches, distributed setup, checkpoints."""

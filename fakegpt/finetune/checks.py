@@ -1,0 +1,82 @@
+"""Checks and resolutions for `fakegpt finetune` that run before any model is loaded.
+
+Numeric ranges, the data folder (both bins, a complete meta.json), and the model's vocabulary and context read
+from its config.json only, so a bad argument is reported in seconds, not after minutes of loading gpt2-xl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fakegpt import config as config_mod
+from fakegpt.data.bins import open_bin
+from fakegpt.data.meta import META_FILE, DatasetMeta
+from fakegpt.data.tokenizer import VOCAB_SIZE
+from fakegpt.errors import FakegptError
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.models.checkpoint import CHECKPOINT_DIR
+from fakegpt.models.loading import resolve_pretrained
+
+STATE_FILE = "train_state.pt"  # OUT/train_state.pt: optimizer, iteration, best loss, run id (for resume)
+
+
+def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
+    positive = ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "n_layer", "n_head", "n_embd")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise FakegptError(f"{config_mod.flag_name(name)}: must be positive, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise FakegptError(f"{config_mod.flag_name(name)}: must not be negative, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise FakegptError(
+            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple of the number "
+            f"of processes ({world_size}): the accumulation steps are split across them"
+        )
+
+
+def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
+    """(model folder or 'scratch', vocab size, context length) without loading any weights."""
+    if cfg.init_from == "scratch":
+        return "scratch", VOCAB_SIZE, cfg.block_size
+    if cfg.init_from == "resume":
+        folder = Path(cfg.out_dir) / CHECKPOINT_DIR
+        if not (Path(cfg.out_dir) / STATE_FILE).is_file() or not (folder / "config.json").is_file():
+            raise FakegptError(
+                f"--init-from resume: no {STATE_FILE} and {CHECKPOINT_DIR}/ in {cfg.out_dir} to resume from "
+                "(a run saves them at its first evaluation)"
+            )
+    else:
+        folder = Path(resolve_pretrained(cfg.init_from))
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{folder / 'config.json'}: cannot read ({exc})") from None
+    return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
+
+
+def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
+    """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta)."""
+    _check_numbers(cfg, world_size)
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_dir():
+        raise FakegptError(f"--data-dir {data_dir}: no such folder (run `fakegpt prepare` first)")
+    for split in ("train", "val"):
+        open_bin(data_dir, split, cfg.block_size)
+    meta = DatasetMeta.load(data_dir)
+    folder, vocab, n_positions = _model_shape(cfg)
+    if cfg.block_size > n_positions:
+        raise FakegptError(
+            f"--block-size {cfg.block_size} is larger than the model's context ({n_positions} positions, "
+            f"{cfg.init_from})"
+        )
+    if meta.vocab_size > vocab:
+        raise FakegptError(
+            f"{data_dir / META_FILE}: vocab_size {meta.vocab_size} does not fit the model's vocabulary ({vocab}); "
+            "the bins were made with another tokenizer"
+        )
+    return folder, meta

@@ -1,0 +1,58 @@
+"""`fakegpt finetune`'s configuration (nanoGPT's field names), importable without torch.
+
+The defaults reproduce the original study's fine-tune (nanoGPT's finetune_shakespeare settings): micro-batch
+1 x 32 accumulation steps x block 1024 = 32,768 tokens per iteration, constant learning rate 3e-5, evaluation
+every 5 iterations over 40 batches, save on improvement. `tune`, `pipeline` and the MLproject renderer read
+it without paying for torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune settings (nanoGPT's names). Defaults = the original study's fine-tune of gpt2-medium."""
+
+    data_dir: str = field(default="data", metadata={"help": "folder with train.bin, val.bin, meta.json (from prepare)"})
+    out_dir: str = field(default="out/finetune", metadata={"help": "where checkpoint/ and train_state.pt go"})
+    init_from: str = field(default="gpt2-medium", metadata={
+        "help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"})
+    # model shape, used only by init_from=scratch
+    n_layer: int = field(default=12, metadata={"help": "layers (scratch only)"})
+    n_head: int = field(default=12, metadata={"help": "attention heads (scratch only)"})
+    n_embd: int = field(default=768, metadata={"help": "embedding width (scratch only)"})
+    block_size: int = field(default=1024, metadata={"help": "context length of a training window"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout rate (overrides the pretrained config's 0.1)"})
+    # batches
+    batch_size: int = field(default=1, metadata={"help": "micro-batch size (windows per forward pass)"})
+    gradient_accumulation_steps: int = field(default=32, metadata={
+        "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"})
+    # optimizer and schedule
+    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices (not biases/norms)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm at this value; 0 disables"})
+    decay_lr: bool = field(default=False, metadata={"help": "cosine decay from learning_rate to min_lr"})
+    warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine decay (default max_iters)"})
+    min_lr: float = field(default=3e-6, metadata={"help": "learning rate at the end of the decay"})
+    # evaluation and checkpoints
+    eval_interval: int = field(default=5, metadata={"help": "evaluate every N iterations (and at the last one)"})
+    eval_iters: int = field(default=40, metadata={"help": "micro-batches per split per evaluation"})
+    log_interval: int = field(default=1, metadata={"help": "log train/loss, lr, tokens_per_s every N iterations"})
+    always_save_checkpoint: bool = field(default=False, metadata={
+        "help": "save at every evaluation, not only when validation loss improves"})
+    # system
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bfloat16 on CUDA where supported, else float16 with a gradient scaler; float32 on CPU) "
+                "| float32 | bfloat16 | float16"})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the model; unset = on for CUDA, off on CPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (less memory for large models on small cards)"})
+    seed: int = field(default=1337, metadata={"help": "seed for initialisation, batches and dropout"})

@@ -1,0 +1,64 @@
+"""The training objective: mean next-token cross-entropy of a GPT2LMHeadModel, with a one-buffer output layer.
+
+On the CPU a small model's step is dominated by the output layer over 50,257 words; the fused autograd node
+below keeps one (N, V) buffer instead of four (tools/bench_train.py measures the difference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean CE(h @ W.T, y), keeping one (N, V) float buffer instead of four.
+
+    The stock path writes the logits, then log_softmax's output, then in backward a one-hot gradient and
+    log_softmax's gradient: four passes over N x 50257 floats, which dominate a small model's step on CPU.
+    Here the logits buffer is turned in place into dloss/dlogits = (softmax - onehot) / N during the
+    forward pass and saved for backward, which is then just the two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):  # h (N, C), weight (V, C), targets (N,)
+        logits = h @ weight.t()  # (N, V)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        n = logits.shape[0]
+        rows = torch.arange(n, device=logits.device)
+        target_logit = logits[rows, targets]  # (N,)
+        peak = logits.amax(dim=1, keepdim=True)  # (N, 1) for a stable softmax
+        logits.sub_(peak).exp_()
+        total = logits.sum(dim=1)  # (N,)
+        loss = (total.log() + peak.squeeze(1) - target_logit).mean()
+        grad = logits.mul_((1.0 / (total * n)).unsqueeze(1))  # softmax / N, in one pass
+        grad[rows, targets] -= 1.0 / n
+        ctx.save_for_backward(h, weight, grad.to(h.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, grad = ctx.saved_tensors
+        # grad_out is a scalar (1/accumulation steps, or a scaler's factor): scale the small results only
+        dh = (grad @ weight) * grad_out.to(h.dtype)  # (N, C)
+        dw = (grad.t() @ h) * grad_out.to(h.dtype)  # (V, C)
+        return dh, dw, None
+
+
+def causal_lm_loss(model: Any, x: Any, y: Any, fused: bool = True) -> Any:
+    """Mean next-token cross-entropy of GPT2LMHeadModel `model` on inputs x (B, T), targets y (B, T).
+
+    x and y come pre-shifted (windows of block_size + 1 tokens), so no label shifting or -100 masking is
+    needed. `fused` uses the one-buffer output layer + loss above (eager mode); otherwise the plain
+    logits + F.cross_entropy, which torch.compile fuses on its own.
+    """
+    core = getattr(model, "module", model)
+    h = core.transformer(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C)
+    h = h.reshape(-1, h.shape[-1])  # (B*T, C)
+    weight = core.lm_head.weight  # (V, C), tied to the token embedding
+    if fused and core.training:
+        return LinearCrossEntropy.apply(h, weight, y.reshape(-1))
+    logits = h @ weight.t()  # (B*T, V)
+    return F.cross_entropy(logits.float(), y.reshape(-1))

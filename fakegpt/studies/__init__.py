@@ -1,0 +1,1 @@
+"""Stages that chain others: `pipeline` (MLproject main), `mixture` (dose series), `tune`, `validate`."""
