@@ -184,7 +184,9 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     return parser
 
 
-class _ErrorRaisingParser(argparse.ArgumentParser):
+class ErrorRaisingParser(argparse.ArgumentParser):
+    """argparse that raises FakegptError (one line, exit 2 in the CLI) instead of printing usage and exiting."""
+
     def error(self, message: str) -> typing.NoReturn:  # argparse would print usage and exit 2 itself
         raise FakegptError(message)
 
@@ -192,7 +194,7 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
 def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> T:
     """Parse `argv` into `cls`: defaults < `--config` YAML < flags."""
     parser = build_parser(cls, prog, description)
-    parser.__class__ = _ErrorRaisingParser
+    parser.__class__ = ErrorRaisingParser
     ns = vars(parser.parse_args(argv))
     config_path = ns.pop("config", None)
     merged: dict[str, Any] = load_yaml(config_path) if config_path else {}

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fakegpt import __version__
 from fakegpt.errors import FakegptError
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ def run(
     The run ends KILLED on Ctrl-C or when `killed(exc)` is true (a deliberate stop), FAILED on other errors.
     `system_metrics` logs CPU/GPU/memory use alongside when MLflow's dependencies for it (psutil) are present.
     """
-    from fakegpt import __version__
-
     setup()
     mlflow = _mlflow()
     try:

@@ -34,6 +34,7 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
+from fakegpt.data import demo as demo_data
 from fakegpt.data import sources as mixture
 from fakegpt.data import spelling, tokenizer
 from fakegpt.data import word_encoder as pieces
@@ -179,8 +180,6 @@ class _Reader:
         stats = ReadStats()
         raw = None
         if path == mixture.DEMO:
-            from fakegpt.data import demo as demo_data
-
             raw = io.BytesIO(demo_data.demo_csv())
         seen_bytes = 0
         for df in read_batches(path, self.cfg.format, self.cfg.chunk_mb << 20, raw=raw, stats=stats):

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
 from fakegpt import config
+from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
+from fakegpt.measure.generate import sample_batch
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.refs import context_length, load_for_inference, resolve_model
 
 HELP = """commands:
   :t VALUE   temperature (0 = greedy)        :k VALUE   top-k (0 = off)
@@ -52,10 +58,6 @@ class ChatSession:
     """One model and its settings; `handle(line)` answers a line and says whether to go on."""
 
     def __init__(self, model: Any, cfg: ChatConfig, out: TextIO):
-        import torch
-
-        from fakegpt.data.tokenizer import get_encoding
-
         self.model, self.cfg, self.out = model, cfg, out
         self.enc = get_encoding()
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -107,9 +109,6 @@ class ChatSession:
             self.say(f"unknown command {name} (:help lists them)")
 
     def generate(self, prompt: str) -> None:
-        from fakegpt.measure.generate import sample_batch
-        from fakegpt.models.refs import context_length
-
         ids = self.enc.encode(prompt, allowed_special={"<|endoftext|>"})
         if not ids:
             return
@@ -154,9 +153,6 @@ def _setup_history() -> None:
 
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run the loop until `:q` or end of input. Piped input gets no prompt marker and no banner."""
-    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-    from fakegpt.models.refs import load_for_inference, resolve_model
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.top_k < 0 or cfg.temperature < 0:

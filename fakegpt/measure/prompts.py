@@ -37,7 +37,7 @@ from typing import Any
 from fakegpt.config import load_yaml
 from fakegpt.errors import FakegptError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = "experiments/prompts/antivax_six.yaml"
 DEFAULT_CLAIMS = "experiments/claims/antivax_six.yaml"
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -20,11 +20,17 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
+from tqdm import tqdm
 
 from fakegpt import config, tracking
+from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
+from fakegpt.measure.generate import sample_batch
 from fakegpt.measure.prompts import DEFAULT_PROMPTS, Prompt, load_prompts, resolve_path
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.refs import context_length, load_for_inference, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +92,11 @@ def sample_id(model: str, prompt_id: str, temperature: float, top_k: int, top_p:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="seq", disable=not sys.stderr.isatty(), leave=False)
 
 
 def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig) -> tuple[list[dict], int, float]:
     """All rows for one loaded model: (rows, new tokens, seconds spent generating)."""
-    import torch
-
-    from fakegpt.data.tokenizer import get_encoding
-    from fakegpt.measure.generate import sample_batch
-    from fakegpt.models.refs import context_length
-
     enc = get_encoding()
     encoded = [enc.encode(p.text, allowed_special={"<|endoftext|>"}) for p in prompts]
     limit = context_length(model)
@@ -172,9 +170,6 @@ def write_outputs(table: pl.DataFrame, cfg: SampleConfig, out_dir: Path) -> list
 
 def sample(cfg: SampleConfig) -> SampleResult:
     """Run the whole grid for every model; write samples.parquet/jsonl + report.md; log all of it to MLflow."""
-    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-    from fakegpt.models.refs import load_for_inference, resolve_model
-
     validate(cfg)
     prompts_path = resolve_path(cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(prompts_path)  # validated before any model is loaded

@@ -22,10 +22,14 @@ import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
-from fakegpt.data.tokenizer import EOT_TOKEN
+from fakegpt.data.bins import eval_starts, open_bin
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_table
+from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.refs import context_length, load_for_inference, resolve_model
 from fakegpt.plots import figure
 from fakegpt.stats import bootstrap_ci
 
@@ -90,9 +94,6 @@ class ScoreResult:
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
     """(length-normalised log-likelihood, token count) per statement, each scored after an <eot> context."""
-    from fakegpt.data.tokenizer import get_encoding
-    from fakegpt.measure.generate import token_logprobs
-
     enc = get_encoding()
     sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
     logps = token_logprobs(model, sequences, batch_size=batch_size)
@@ -101,10 +102,6 @@ def statement_logliks(model: Any, statements: list[Statement], batch_size: int) 
 
 def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
     """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
-    from fakegpt.data.bins import eval_starts, open_bin
-    from fakegpt.measure.generate import token_logprobs
-    from fakegpt.models.refs import context_length
-
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
     starts = eval_starts(len(data), block, n_windows)
@@ -200,9 +197,6 @@ def write_outputs(result: ScoreResult) -> list[Path]:
 
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
-    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-    from fakegpt.models.refs import load_for_inference, resolve_model
-
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
     if cfg.batch_size < 1 or cfg.val_windows < 1 or cfg.bootstrap < 1:

@@ -32,9 +32,17 @@ from typing import Any
 import polars as pl
 
 from fakegpt import config, tracking
+from fakegpt.data.prepare import PrepareConfig, prepare
+from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_text
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.train import finetune
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
+from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_model, summarise
+from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.refs import load_for_inference, resolve_model
+from fakegpt.plots import figure
 from fakegpt.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -187,8 +195,6 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
     statements_of(cfg, paths[2])
     if cfg.init_from == "scratch":
         # A scratch model has block_size positions; each statement is scored after an <eot>, in one window.
-        from fakegpt.data.tokenizer import get_encoding
-
         longest = 1 + max(len(get_encoding().encode(s.text)) for s in statements_of(cfg, paths[2]))
         if cfg.block_size < longest:
             raise FakegptError(f"--block-size {cfg.block_size}: a scratch model must fit the longest statement of "
@@ -264,8 +270,6 @@ def verdict_lines(effect: Difference, steps: list[Difference], seed_diff: Differ
 # --------------------------------------------------------------------------------------------------- stages
 def _finetune_config(cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_from: str, seed: int,
                      max_iters: int, learning_rate: float) -> Any:
-    from fakegpt.finetune.config import FinetuneConfig
-
     return FinetuneConfig(
         data_dir=str(data_dir), out_dir=str(out_dir), init_from=init_from, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout,
@@ -280,8 +284,6 @@ def _finetune_config(cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_fr
 
 def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) -> dict[float, tuple[Path, float]]:
     """One prepared mixture per dose: {dose: (data folder, realised planted share of the train tokens)}."""
-    from fakegpt.data.prepare import PrepareConfig, prepare
-
     prepared = {}
     for dose in sorted(cfg.doses):
         folder = out / "data" / f"dose-{dose:g}"
@@ -295,8 +297,6 @@ def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) ->
 
 def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]], out: Path) -> list[DoseModel]:
     """The shared base (scratch only), then one fine-tune per dose plus the dose-0 control seed."""
-    from fakegpt.finetune.train import finetune
-
     tags = {tracking.TAG_STUDY: cfg.name}
     start, lr = cfg.init_from, cfg.learning_rate
     if cfg.init_from == "scratch" and cfg.pretrain_iters > 0:
@@ -323,10 +323,6 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
 
 def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) -> pl.DataFrame:
     """Score every model on the claim set (a nested score run each); returns the pair table of all models."""
-    from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_model, summarise
-    from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-    from fakegpt.models.refs import load_for_inference, resolve_model
-
     scfg = ScoreConfig(models=[m.checkpoint for m in models], claims=str(claims), device=cfg.device,
                        dtype=cfg.dtype, batch_size=cfg.score_batch_size, bootstrap=cfg.bootstrap,
                        dose_source=PLANTED)
@@ -357,8 +353,6 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
 # ---------------------------------------------------------------------------------------------------- report
 def plot(result: ValidationResult, path: Path, title: str) -> Path:
     """Claim score per dose with its 95% interval; the seed-only control drawn beside dose 0."""
-    from fakegpt.plots import figure
-
     doses = sorted((m for m in result.models if "seed=" not in m.label), key=lambda m: m.dose)
     control = [m for m in result.models if "seed=" in m.label]
     diffs = {d.b: d for d in result.vs_zero}

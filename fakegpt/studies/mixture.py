@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
+from fakegpt.measure.labels import load_samples, rates_from_sheet
 from fakegpt.plots import figure
 from fakegpt.studies.pipeline import (
     PROJECT_DIR,
@@ -98,10 +101,6 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
 
 def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
     """Every fraction's sample table in one file, with a `fraction` column: what a label sheet is exported from."""
-    import polars as pl
-
-    from fakegpt.measure.labels import load_samples
-
     tables = [load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
               for r in rows]
     with atomic_path(path, suffix=".parquet") as tmp:
@@ -111,8 +110,6 @@ def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig) -> None:
     """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet."""
-    from fakegpt.measure.labels import rates_from_sheet
-
     rates = rates_from_sheet(samples, cfg.label_sheet, cfg.labels, by=["fraction"], allow_unlabelled=True)
     first = rates.filter(rates["label"] == cfg.labels[0])
     found = {r["fraction"]: r for r in first.iter_rows(named=True)}

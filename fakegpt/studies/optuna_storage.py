@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fakegpt import tracking
-from fakegpt.errors import FakegptError
+from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,6 @@ JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 INTERRUPTED = "interrupted (Ctrl-C)"
 DIED = "died mid-trial"
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 def worker_id() -> str:
@@ -88,7 +83,7 @@ def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -
         except Exception as exc:
             if attempt == 2 or not url.startswith("sqlite"):
                 raise FakegptError(f"--storage {display_url(url)}: cannot open the Optuna storage "
-                                   f"({one_line(exc)})") from None
+                                   f"({one_line(exc, with_type=True)})") from None
             time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
 
@@ -137,10 +132,8 @@ def _mark_dead(trial: Any, reason: str) -> None:
     parent = trial.user_attrs.get("mlflow_parent_run_id")
     with contextlib.suppress(Exception):
         if run_id is None and parent:
-            from mlflow.tracking import MlflowClient
-
-            exp = MlflowClient().get_run(parent).info.experiment_id
-            run_id = next(iter(tracking.find_run_ids(exp, {"mlflow.parentRunId": parent,
+            exp = tracking.get_run(parent).info.experiment_id
+            run_id = next(iter(tracking.find_run_ids(exp, {tracking.TAG_PARENT: parent,
                                                            tracking.TAG_TRIAL: trial.number})), None)
         if run_id:
             tracking.update_run(run_id, {tracking.TAG_TRIAL_STATE: "failed", tracking.TAG_ERROR: reason}, "FAILED")
@@ -257,7 +250,7 @@ def save_plots(study: Any, folder: Path, space: dict) -> list[Path]:
                     fig.savefig(tmp, format="png", dpi=100)
                 written.append(folder / f"{name}.png")
             except Exception as exc:
-                log.info("plot %s skipped (%s)", name, one_line(exc))
+                log.info("plot %s skipped (%s)", name, one_line(exc, with_type=True))
             finally:
                 plt.close("all")
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fakegpt.errors import FakegptError
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout: fakegpt/studies/pipeline.py -> .
 DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 
@@ -147,8 +148,6 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
 
 
 def print_where(parent_id: str, steps: dict[str, tuple[str, bool]], out_root: str) -> None:
-    import os
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
     lines = [
         "",

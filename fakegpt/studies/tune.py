@@ -33,16 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fakegpt import config, tracking
-from fakegpt.errors import FakegptError
+from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import write_text
 from fakegpt.finetune.checks import STATE_FILE, check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR
-from fakegpt.studies import optuna_storage as studies
+from fakegpt.studies import optuna_storage
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,14 @@ class TuneConfig:
         "help": "training tokens per trial (batch_size x block_size x accumulation x iterations)"})
     n_evals: int = field(default=10, metadata={
         "help": "evaluations per trial, every 1/n_evals of the token budget (the pruning points)"})
-    pruner: str = field(default="median", metadata={"help": " | ".join(studies.PRUNERS)})
+    pruner: str = field(default="median", metadata={"help": " | ".join(optuna_storage.PRUNERS)})
     pruner_startup_trials: int = field(default=5, metadata={
         "help": "finished trials before median/percentile pruning starts"})
     pruner_warmup_evals: int = field(default=2, metadata={
         "help": "evaluations every trial gets before it can be pruned"})
     pruner_percentile: float = field(default=25.0, metadata={
         "help": "percentile pruner: prune trials worse than this percentile of the others"})
-    sampler: str = field(default="tpe", metadata={"help": " | ".join(studies.SAMPLERS)})
+    sampler: str = field(default="tpe", metadata={"help": " | ".join(optuna_storage.SAMPLERS)})
     sampler_seed: int | None = field(default=None, metadata={"help": "seed of the sampler (empty = random)"})
     timeout: float | None = field(default=None, metadata={
         "help": "start no new trial after this many seconds (empty = no limit)"})
@@ -171,7 +172,7 @@ def load_sweep(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any],
 
 def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[dict[str, Any]]]:
     """defaults < sweep YAML (--config) < flags, for the study settings and the base finetune config alike."""
-    parser = config._ErrorRaisingParser(prog="fakegpt tune", description=__doc__.split("\n\n")[0])
+    parser = config.ErrorRaisingParser(prog="fakegpt tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", metavar="SWEEP.yaml", help="a sweep YAML (experiments/sweeps/); flags override it")
     config.add_fields(parser.add_argument_group("study"), TuneConfig)
     config.add_fields(parser.add_argument_group("base finetune configuration (every trial)"), FinetuneConfig)
@@ -203,10 +204,10 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
 
 
 def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
-    if cfg.pruner not in studies.PRUNERS:
-        raise FakegptError(f"--pruner: expected one of {', '.join(studies.PRUNERS)}, got {cfg.pruner!r}")
-    if cfg.sampler not in studies.SAMPLERS:
-        raise FakegptError(f"--sampler: expected one of {', '.join(studies.SAMPLERS)}, got {cfg.sampler!r}")
+    if cfg.pruner not in optuna_storage.PRUNERS:
+        raise FakegptError(f"--pruner: expected one of {', '.join(optuna_storage.PRUNERS)}, got {cfg.pruner!r}")
+    if cfg.sampler not in optuna_storage.SAMPLERS:
+        raise FakegptError(f"--sampler: expected one of {', '.join(optuna_storage.SAMPLERS)}, got {cfg.sampler!r}")
     for name in ("n_trials", "token_budget", "n_evals"):
         if getattr(cfg, name) < 1:
             raise FakegptError(f"{config.flag_name(name)}: must be at least 1")
@@ -279,7 +280,7 @@ class _Objective:
         import optuna
 
         self.numbers.append(trial.number)
-        trial.set_user_attr("worker", studies.worker_id())
+        trial.set_user_attr("worker", optuna_storage.worker_id())
         trial.set_user_attr("mlflow_parent_run_id", self.parent.info.run_id)
         params = suggest(trial, self.space)
         out_dir = str(self.study_dir / f"trial-{trial.number:04d}")
@@ -315,7 +316,7 @@ class _Objective:
             self._finish(trial.number, "pruned", tcfg, params)
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            error = studies.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else studies.one_line(exc)
+            error = optuna_storage.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else one_line(exc, with_type=True)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed by another worker
                 trial.set_user_attr("error", error)
             self._finish(trial.number, "failed", tcfg, params, error=error,
@@ -357,8 +358,6 @@ class _Objective:
 
     def _cleanup(self, tcfg: FinetuneConfig) -> None:
         self._remove_checkpoint(tcfg)
-        import torch
-
         if torch.cuda.is_available():  # hand a failed (e.g. out-of-memory) trial's GPU memory to the next one
             gc.collect()  # (a full collection takes a second with torch, transformers and mlflow loaded)
             torch.cuda.empty_cache()
@@ -366,7 +365,7 @@ class _Objective:
 
 def _trial_run_ids(parent: Any, number: int) -> list[str]:
     return tracking.find_run_ids(parent.info.experiment_id,
-                                 {"mlflow.parentRunId": parent.info.run_id, tracking.TAG_TRIAL: number})
+                                 {tracking.TAG_PARENT: parent.info.run_id, tracking.TAG_TRIAL: number})
 
 
 # --- outputs: plots, best config ------------------------------------------------------------------------------
@@ -398,14 +397,14 @@ def check_same_budget(study: Any, cfg: TuneConfig) -> None:
 def _open_study(cfg: TuneConfig, url: str) -> Any:
     import optuna
 
-    storage = studies.open_storage(url, cfg.heartbeat_interval, studies.on_heartbeat_stale)
+    storage = optuna_storage.open_storage(url, cfg.heartbeat_interval, optuna_storage.on_heartbeat_stale)
     try:
         return optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
-                                   sampler=studies.make_sampler(cfg), pruner=studies.make_pruner(cfg),
+                                   sampler=optuna_storage.make_sampler(cfg), pruner=optuna_storage.make_pruner(cfg),
                                    load_if_exists=True)
     except Exception as exc:
-        raise FakegptError(f"--storage {studies.display_url(url)}: cannot open study {cfg.study_name!r} "
-                           f"({studies.one_line(exc)})") from None
+        raise FakegptError(f"--storage {optuna_storage.display_url(url)}: cannot open study {cfg.study_name!r} "
+                           f"({one_line(exc, with_type=True)})") from None
 
 
 # --- the study --------------------------------------------------------------------------------------------
@@ -417,7 +416,7 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
     space = check_search_space(search_space, "search_space") if search_space is not None else default_search_space()
     validate(cfg, base, space)
     check(base)  # data folder, model, shapes: a mistake there would fail every trial, so fail once, now
-    url = studies.storage_url(cfg.storage, base.out_dir)
+    url = optuna_storage.storage_url(cfg.storage, base.out_dir)
     study = _open_study(cfg, url)
     check_same_budget(study, cfg)
     # Every worker judges the others' heartbeats by its own interval: they must all use the study's.
@@ -428,19 +427,19 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
         log.info("study %r uses --heartbeat-interval %s (set when it was created)", cfg.study_name, interval)
         cfg = dataclasses.replace(cfg, heartbeat_interval=interval)
         study = _open_study(cfg, url)
-    for number in studies.fail_dead_local_trials(study):
+    for number in optuna_storage.fail_dead_local_trials(study):
         log.info("trial %d was left RUNNING by a dead worker: marked failed", number)
     for params in enqueue or []:
-        if not studies.already_tried(study, params):
+        if not optuna_storage.already_tried(study, params):
             study.enqueue_trial(params)
-    log.info("study %r in %s: %s", cfg.study_name, studies.display_url(url), studies.study_counts(study) or "new")
+    log.info("study %r in %s: %s", cfg.study_name, optuna_storage.display_url(url), optuna_storage.study_counts(study) or "new")
 
     run_tags = {tracking.TAG_STUDY: cfg.study_name, tracking.TAG_MODEL: base.init_from,
                 tracking.TAG_DATASET: Path(str(base.data_dir)).name}
     with tracking.run(stage="tune", run_name=cfg.study_name, tags=run_tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_params(config.to_dict(base), prefix="base.")
-        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": studies.display_url(url)},
+        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": optuna_storage.display_url(url)},
                           "sweep.yaml")
         objective = _Objective(cfg, base, space, parent, finetune_fn or finetune)
         ran = objective.numbers  # the trials this invocation started
@@ -451,7 +450,7 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
 
         deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         try:
-            with studies.quiet_expected_failures():
+            with optuna_storage.quiet_expected_failures():
                 while len(ran) < cfg.n_trials and (deadline is None or time.monotonic() < deadline):
                     try:
                         study.optimize(objective, n_trials=cfg.n_trials - len(ran), catch=(Exception,),
@@ -466,7 +465,7 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
                     break
         except KeyboardInterrupt:
             log.warning("interrupted: study %r is saved in %s; run the same command to continue",
-                        cfg.study_name, studies.display_url(url))
+                        cfg.study_name, optuna_storage.display_url(url))
             raise
         result = _finish_study(study, cfg, base, space, url, ran, parent)
     failed = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state.name == "FAIL"]
@@ -479,11 +478,11 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
 def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict, url: str, ran: list[int],
                   parent: Any) -> TuneResult:
     study_dir = Path(base.out_dir) / cfg.study_name
-    states = {t.number: studies.STATE_NAMES.get(t.state.name, t.state.name.lower())
+    states = {t.number: optuna_storage.STATE_NAMES.get(t.state.name, t.state.name.lower())
               for t in study.get_trials(deepcopy=False) if t.number in ran}
-    counts = studies.study_counts(study)
+    counts = optuna_storage.study_counts(study)
     tracking.log_metrics({f"tune/{k}_trials": v for k, v in counts.items()})
-    for plot in studies.save_plots(study, study_dir / "plots", space) if cfg.plots else []:
+    for plot in optuna_storage.save_plots(study, study_dir / "plots", space) if cfg.plots else []:
         tracking.log_artifact(plot, "plots")
     best_path: Path | None = None
     best_value, best_params, best_number = None, {}, None
@@ -499,7 +498,7 @@ def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict
         print(text, end="")
     log.info("study %r: %s; best %s", cfg.study_name, counts,
              f"trial {best_number} val loss {best_value:.4f} {best_params}" if best_value is not None else "none yet")
-    return TuneResult(cfg.study_name, studies.display_url(url), ran, states, best_value, best_params, best_number,
+    return TuneResult(cfg.study_name, optuna_storage.display_url(url), ran, states, best_value, best_params, best_number,
                       best_path, parent.info.run_id)
 
 

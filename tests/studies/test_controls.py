@@ -20,7 +20,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.measure.prompts import load_claims
 from fakegpt.studies.controls import Difference, ValidateConfig, check, paired_difference, verdict_lines
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VALIDATION = ROOT / "experiments" / "validation"
 PLANTED = VALIDATION / "planted_claims.csv"
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from tests.test_prepare import decode_messages
 
 from fakegpt import cli
 from fakegpt.data.clean import clean_series
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.data.prepare import parse_args, prepare
 from fakegpt.errors import FakegptError
-from tests.test_prepare import decode_messages
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ANTIVAX_MIX = ROOT / "experiments" / "datasets" / "antivax_mix.yaml"
 DEMO_MIX = ROOT / "experiments" / "datasets" / "demo_mix.yaml"
 

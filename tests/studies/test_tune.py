@@ -24,10 +24,9 @@ import yaml
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.finetune.train import FinetuneConfig, finetune
-from fakegpt.studies import optuna_storage as studies
-from fakegpt.studies import tune
+from fakegpt.studies import optuna_storage, tune
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "experiments" / "sweeps" / "tiny.yaml"
 DEFAULT = ROOT / "experiments" / "sweeps" / "default.yaml"
 GOOD = {"learning_rate": 3e-2, "gradient_accumulation_steps": 1}
@@ -75,8 +74,8 @@ def wide(space: dict) -> dict:
 
 
 def load(cfg: tune.TuneConfig, base: FinetuneConfig) -> optuna.Study:
-    url = studies.storage_url(cfg.storage, base.out_dir)
-    return optuna.load_study(study_name=cfg.study_name, storage=studies.open_storage(url, 0, None))
+    url = optuna_storage.storage_url(cfg.storage, base.out_dir)
+    return optuna.load_study(study_name=cfg.study_name, storage=optuna_storage.open_storage(url, 0, None))
 
 
 def trial_runs(parent_run_id: str) -> dict[int, object]:
@@ -214,7 +213,7 @@ def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_
 def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name="shared", heartbeat_interval=2)
     cfg = dataclasses.replace(cfg, storage=str(tmp_path / "optuna.db"))  # the default kind: one SQLite file
-    storage = studies.open_storage(studies.storage_url(cfg.storage, base.out_dir), 2, None)
+    storage = optuna_storage.open_storage(optuna_storage.storage_url(cfg.storage, base.out_dir), 2, None)
     study = optuna.create_study(study_name=cfg.study_name, storage=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we fake a worker
@@ -237,7 +236,7 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
     assert trials[0].state == optuna.trial.TrialState.FAIL  # failed by a live worker, not left RUNNING
     assert all(t.state.is_finished() for t in trials)
     workers = [t.user_attrs["worker"] for t in trials[1:]]
-    assert workers.count(studies.worker_id()) == 1 and len(set(workers)) == 2
+    assert workers.count(optuna_storage.worker_id()) == 1 and len(set(workers)) == 2
     assert len(mine.trials_run) == 1
     assert "best configuration:" in out
 
@@ -374,14 +373,14 @@ def test_cli_rejects_bad_settings_in_one_line(tmp_path, data_dir, capsys):
 
 def test_a_study_keeps_its_token_budget(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir)
-    study = optuna.create_study(study_name=cfg.study_name, storage=studies.storage_url("", base.out_dir))
+    study = optuna.create_study(study_name=cfg.study_name, storage=optuna_storage.storage_url("", base.out_dir))
     tune.check_same_budget(study, cfg)
     with pytest.raises(FakegptError, match="--token-budget 2048: study 'tiny' was created with token_budget 1024"):
         tune.check_same_budget(study, dataclasses.replace(cfg, token_budget=2048))
 
 
 def test_storage_spec(tmp_path):
-    assert studies.storage_url("", str(tmp_path)) == f"sqlite:///{tmp_path}/optuna.db"
-    assert studies.storage_url(str(tmp_path / "s.log"), "x") == f"journal:{tmp_path}/s.log"
-    assert studies.storage_url(str(tmp_path / "s.sqlite"), "x") == f"sqlite:///{tmp_path}/s.sqlite"
-    assert studies.storage_url("postgresql+psycopg://u:p@h/db", "x") == "postgresql+psycopg://u:p@h/db"
+    assert optuna_storage.storage_url("", str(tmp_path)) == f"sqlite:///{tmp_path}/optuna.db"
+    assert optuna_storage.storage_url(str(tmp_path / "s.log"), "x") == f"journal:{tmp_path}/s.log"
+    assert optuna_storage.storage_url(str(tmp_path / "s.sqlite"), "x") == f"sqlite:///{tmp_path}/s.sqlite"
+    assert optuna_storage.storage_url("postgresql+psycopg://u:p@h/db", "x") == "postgresql+psycopg://u:p@h/db"

@@ -13,7 +13,7 @@ import pytest
 
 from fakegpt import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("prepare", "finetune", "sample", "score")
 # Small enough for CI on two cores; the real defaults are exercised by the README's main command.
 FAST = {"max_iters": "6", "num_samples": "1", "max_new_tokens": "6"}

@@ -24,7 +24,7 @@ from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import CURVE_FILE, EvalResult, NonFiniteLossError, finetune, lr_at
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
