@@ -134,9 +134,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise FakegptError(
-            f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})"
-        )
+        raise FakegptError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
     values = {k: coerce(v, hints[k], f"{source}: key {k!r}") for k, v in data.items()}
     return cls(**values)
 
@@ -165,7 +163,10 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         is_list = typing.get_origin(tp) is list
         if f.metadata.get("positional"):
             parser.add_argument(
-                f.name, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=help_text,
+                f.name,
+                nargs="*" if is_list else "?",
+                default=argparse.SUPPRESS,
+                help=help_text,
                 metavar=f.name.upper().rstrip("S") if is_list else f.name.upper(),
             )
             continue
@@ -173,7 +174,12 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         # A bare boolean flag (`--force`) means true; `--force false` still works.
         extra = {"nargs": "?", "const": "true"} if tp is bool else {"nargs": "+" if is_list else None}
         parser.add_argument(
-            flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=metavar, **extra,
+            flag_name(f.name),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            metavar=metavar,
+            **extra,
         )
 
 

@@ -25,8 +25,11 @@ def from_versioned_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             f"{cls.SCHEMA}); it was written by a newer fakegpt: upgrade, or recreate the file"  # type: ignore[attr-defined]
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise FakegptError(f"{where}: missing key {missing[0]!r}; the file is incomplete or not fakegpt's")
     for name in cls.NUMBERS:  # type: ignore[attr-defined]

@@ -45,8 +45,14 @@ def line_plot(
             if not points:
                 continue
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, label=name, marker="o" if name in markers else None, markersize=3,
-                    linewidth=1.0 if name not in markers else 1.5)
+            ax.plot(
+                xs,
+                ys,
+                label=name,
+                marker="o" if name in markers else None,
+                markersize=3,
+                linewidth=1.0 if name not in markers else 1.5,
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
-                 stat=np.mean) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0, stat=np.mean
+) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of `stat` over `values`, resampling values with replacement.
 
     Deterministic for a given `seed`. One value gives a zero-width interval at that value; none gives NaNs.
@@ -40,6 +41,6 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    low = 0.0 if successes == 0 else max(0.0, centre - half)   # exact ends: no 1e-16 rounding at 0 and 1
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no 1e-16 rounding at 0 and 1
     high = 1.0 if successes == total else min(1.0, centre + half)
     return (low, high)

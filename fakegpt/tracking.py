@@ -28,16 +28,16 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fakegpt"
 
 # --- names defined once, so the compare view lines up runs of different stages and models -------------------
-TAG_STAGE = "fakegpt.stage"          # prepare | finetune | sample | score | tune | trial | main | mixture | ...
-TAG_MODEL = "fakegpt.model"          # init_from / model spec
-TAG_DATASET = "fakegpt.dataset"      # dataset name (data folder name or dataset YAML name)
-TAG_MIX = "fakegpt.mixture"          # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
-TAG_FRACTION = "fakegpt.fraction"    # the anti-vaccine (dose) fraction of a mixture series run
-TAG_STUDY = "fakegpt.study"          # optuna study name / series name
+TAG_STAGE = "fakegpt.stage"  # prepare | finetune | sample | score | tune | trial | main | mixture | ...
+TAG_MODEL = "fakegpt.model"  # init_from / model spec
+TAG_DATASET = "fakegpt.dataset"  # dataset name (data folder name or dataset YAML name)
+TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
+TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
+TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"
-TAG_TRIAL = "fakegpt.trial"              # optuna trial number of a tune trial's (nested) run
+TAG_TRIAL = "fakegpt.trial"  # optuna trial number of a tune trial's (nested) run
 TAG_TRIAL_STATE = "fakegpt.trial_state"  # complete | pruned | failed (optuna's verdict on the trial)
-TAG_ERROR = "fakegpt.error"              # one-line error of a failed run
+TAG_ERROR = "fakegpt.error"  # one-line error of a failed run
 
 M_TRAIN_LOSS = "train/loss"
 M_VAL_LOSS = "val/loss"
@@ -47,38 +47,38 @@ M_TOKENS_SEEN = "tokens_seen"
 M_MFU = "mfu"
 M_GPU_MEM = "gpu/peak_mem_gb"
 M_NEW_TOKENS_PER_S = "new_tokens_per_s"
-M_CLAIM_SCORE = "claim/score"        # mean log p(false) - log p(true); per topic: claim/score/<topic>
-M_CLAIM_SCORE_LOW = "claim/score_ci_low"    # bootstrap 95% interval of M_CLAIM_SCORE
+M_CLAIM_SCORE = "claim/score"  # mean log p(false) - log p(true); per topic: claim/score/<topic>
+M_CLAIM_SCORE_LOW = "claim/score_ci_low"  # bootstrap 95% interval of M_CLAIM_SCORE
 M_CLAIM_SCORE_HIGH = "claim/score_ci_high"
 M_CLAIM_WIN = "claim/false_win_rate"
 M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
-M_LABEL_RATE = "labels/rate"           # share of labelled samples per label: labels/rate/<label>
+M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
 # prepare (data) metrics
 M_DATA_TRAIN_TOKENS = "data/train_tokens"
 M_DATA_VAL_TOKENS = "data/val_tokens"
 M_DATA_TRAIN_MESSAGES = "data/train_messages"
 M_DATA_VAL_MESSAGES = "data/val_messages"
-M_DATA_REPAIRED_ROWS = "data/repaired_rows"    # naive-export rows recovered in-process
+M_DATA_REPAIRED_ROWS = "data/repaired_rows"  # naive-export rows recovered in-process
 M_DATA_INVALID_UTF8 = "data/invalid_utf8"
 M_DATA_BAD_ROWS = "data/bad_rows"
 M_DATA_SECONDS = "data/seconds"
-M_DATA_DROPPED_PREFIX = "data/dropped/"         # + reason: too_short, duplicate, channel_filter, ...
-M_DATA_MIX_PREFIX = "data/mixture/"             # + source name: realised train-token fraction
+M_DATA_DROPPED_PREFIX = "data/dropped/"  # + reason: too_short, duplicate, channel_filter, ...
+M_DATA_MIX_PREFIX = "data/mixture/"  # + source name: realised train-token fraction
 M_EVAL_TRAIN_LOSS = "eval/train_loss"  # train-split loss on fixed windows at each evaluation (nanoGPT's estimate)
 M_BEST_VAL_LOSS = "val/best_loss"
 TAG_RESUMED_FROM = "fakegpt.resumed_from"  # a resumed fine-tune whose original run is not in this store
-TAG_DATA_URI = "fakegpt.data_uri"           # the artifact URI a stage's data folder was downloaded from
-TAG_STOP = "fakegpt.stop_reason"           # why a fine-tune stopped early (exception class raised by on_eval)
-M_TUNE_VAL_LOSS = "tune/val_loss"            # a trial's validation loss, step = tokens seen (comparable across trials)
-M_TUNE_TRIAL_VALUE = "tune/trial_value"      # on the study's parent run, step = trial number
-M_TUNE_BEST_VALUE = "tune/best_val_loss"     # on the study's parent run
+TAG_DATA_URI = "fakegpt.data_uri"  # the artifact URI a stage's data folder was downloaded from
+TAG_STOP = "fakegpt.stop_reason"  # why a fine-tune stopped early (exception class raised by on_eval)
+M_TUNE_VAL_LOSS = "tune/val_loss"  # a trial's validation loss, step = tokens seen (comparable across trials)
+M_TUNE_TRIAL_VALUE = "tune/trial_value"  # on the study's parent run, step = trial number
+M_TUNE_BEST_VALUE = "tune/best_val_loss"  # on the study's parent run
 # validate (planted-dose controls), on the validation's parent run
-TAG_VERDICT = "fakegpt.verdict"              # passed | failed (both controls)
-M_VALIDATE_SCORE = "validate/score"          # claim score of the dose's model, step = percent dose
+TAG_VERDICT = "fakegpt.verdict"  # passed | failed (both controls)
+M_VALIDATE_SCORE = "validate/score"  # claim score of the dose's model, step = percent dose
 M_VALIDATE_SCORE_LOW = "validate/score_ci_low"
 M_VALIDATE_SCORE_HIGH = "validate/score_ci_high"
-M_VALIDATE_EFFECT = "validate/effect"        # paired difference top dose - dose 0 over claim pairs
+M_VALIDATE_EFFECT = "validate/effect"  # paired difference top dose - dose 0 over claim pairs
 M_VALIDATE_EFFECT_LOW = "validate/effect_ci_low"
 M_VALIDATE_EFFECT_HIGH = "validate/effect_ci_high"
 M_VALIDATE_SEED_DIFF = "validate/seed_diff"  # paired difference dose 0 control seed - dose 0 seed
@@ -255,8 +255,9 @@ def git_commit(project_dir: str | Path) -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -284,8 +285,9 @@ def find_finished_step(entry_point: str, parameters: Mapping[str, str], commit: 
     return None
 
 
-def run_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str,
-             reuse: bool = True) -> tuple[str, bool]:
+def run_step(
+    project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str, reuse: bool = True
+) -> tuple[str, bool]:
     """Run an MLproject entry point as a child of the active run; reuse a finished identical run.
 
     Returns (run_id, reused). `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit
@@ -302,8 +304,12 @@ def run_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str,
     active = mlflow.active_run()
     try:
         submitted = mlflow.projects.run(
-            str(project_dir), entry_point=entry_point, parameters=params, env_manager=env_manager,
-            experiment_id=active.info.experiment_id if active else None, synchronous=True,
+            str(project_dir),
+            entry_point=entry_point,
+            parameters=params,
+            env_manager=env_manager,
+            experiment_id=active.info.experiment_id if active else None,
+            synchronous=True,
         )
     except mlflow.exceptions.ExecutionException as exc:
         raise FakegptError(f"step {entry_point!r} failed: {exc}") from None
@@ -330,7 +336,6 @@ def is_artifact_uri(text: str) -> bool:
 def local_path(path_or_uri: str) -> Path:
     """A local path as is; an artifact URI downloaded to a local cache first (how steps pass data)."""
     return download(path_or_uri) if is_artifact_uri(path_or_uri) else Path(path_or_uri)
-
 
 
 def find_run_ids(experiment_id: str, tags: Mapping[str, Any]) -> list[str]:
@@ -367,4 +372,3 @@ def log_table(data: Mapping[str, list], artifact_file: str) -> None:
         _mlflow().log_table(data=dict(data), artifact_file=artifact_file)
     except Exception as exc:
         raise FakegptError(f"could not log table {artifact_file} to MLflow ({exc})") from None
-

@@ -56,8 +56,9 @@ def _isolated_tracking(tmp_path, monkeypatch, _mlflow_template_db):
         pass
 
 
-def make_tiny_model(folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, n_positions: int = 256,
-                    seed: int = 0) -> Path:
+def make_tiny_model(
+    folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, n_positions: int = 256, seed: int = 0
+) -> Path:
     """A randomly initialised GPT-2 in HF format (safetensors + config + bundled tokenizer files)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

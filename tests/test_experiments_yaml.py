@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 FILES = sorted(p for p in EXPERIMENTS.rglob("*") if p.suffix in (".yaml", ".yml"))
 # folder under experiments/ -> the config dataclass its files are loaded into with `--config`
-CONFIGS = {"datasets": PrepareConfig, "finetune": FinetuneConfig, "mixture": SeriesConfig,
-           "validation": ValidateConfig}
+CONFIGS = {"datasets": PrepareConfig, "finetune": FinetuneConfig, "mixture": SeriesConfig, "validation": ValidateConfig}
 
 
 def test_every_folder_is_covered():

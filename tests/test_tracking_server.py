@@ -30,9 +30,26 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art")],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/server.db",
+            "--artifacts-destination",
+            str(folder / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "server.log", "w"),
+        env=env,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -77,16 +94,20 @@ def server(tmp_path_factory):
 def run_cli(args: list[str], env_extra: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "fakegpt", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fakegpt", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_stage_logs_to_server_and_reads_back_over_http(server, shared_data, tmp_path):
     from mlflow import MlflowClient
 
     out = tmp_path / "bins"
-    proc = run_cli(["prepare", str(shared_data / "fakewhatsapp_br-naive.csv"), "--out", str(out)],
-                   {"MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": "server-test"}, tmp_path)
+    proc = run_cli(
+        ["prepare", str(shared_data / "fakewhatsapp_br-naive.csv"), "--out", str(out)],
+        {"MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": "server-test"},
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=server)
@@ -109,8 +130,11 @@ def test_stage_logs_to_server_and_reads_back_over_http(server, shared_data, tmp_
 def test_unreachable_server_fails_fast_with_one_line(shared_data, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = run_cli(["prepare", str(shared_data / "fakewhatsapp_br-naive.csv"), "--out", str(tmp_path / "bins")],
-                   {"MLFLOW_TRACKING_URI": dead}, tmp_path)
+    proc = run_cli(
+        ["prepare", str(shared_data / "fakewhatsapp_br-naive.csv"), "--out", str(tmp_path / "bins")],
+        {"MLFLOW_TRACKING_URI": dead},
+        tmp_path,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -51,8 +51,7 @@ CHUNK = 2000
 
 def make_input(path: Path, mb: int, naive: bool) -> int:
     """Write ~`mb` MB of CSV made of unique copies of the real corpora; returns its size in bytes."""
-    base = pl.concat([pl.read_csv(SHARED / f, infer_schema=False)
-                      for f in ("fakewhatsapp_br.csv", "fakebr_news.csv")])
+    base = pl.concat([pl.read_csv(SHARED / f, infer_schema=False) for f in ("fakewhatsapp_br.csv", "fakebr_news.csv")])
     n = 0
     with open(path, "wb") as f:
         f.write(b"id,channel_id,date,message\n")
@@ -110,7 +109,7 @@ def bound(texts: list[str], threads: int) -> tuple[int, float, float]:
     """Tokens, best wall seconds and its CPU seconds for tiktoken alone on `texts`, in chunks of CHUNK
     messages on all threads (the faster of encode_batch and a thread pool over encode_to_numpy)."""
     enc = get_encoding()
-    chunks = [SEP.join(texts[i:i + CHUNK]) + SEP for i in range(0, len(texts), CHUNK)]
+    chunks = [SEP.join(texts[i : i + CHUNK]) + SEP for i in range(0, len(texts), CHUNK)]
     best, best_cpu, n = float("inf"), 0.0, 0
 
     def timed(fn) -> tuple[int, float, float]:
@@ -154,19 +153,27 @@ def main() -> None:
         csv = work / ("input-naive.csv" if args.naive else "input.csv")
         t0 = time.perf_counter()
         size = make_input(csv, args.mb, args.naive)
-        print(f"input: {csv.name} {size / 1e6:.0f} MB written in {time.perf_counter() - t0:.1f} s; "
-              f"{os.cpu_count()} CPUs, {threads} threads")
+        print(
+            f"input: {csv.name} {size / 1e6:.0f} MB written in {time.perf_counter() - t0:.1f} s; "
+            f"{os.cpu_count()} CPUs, {threads} threads"
+        )
         out = work / "prepared"
         # Create the MLflow store first: a fresh SQLite store runs its migrations once (about 2 s), a cost of
         # the store, not of each prepare run.
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db")
-        subprocess.run([sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", "import mlflow; mlflow.search_experiments()"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         runs = [run_prepare(csv, out, args.threads) for _ in range(args.repeat)]
         if args.skip_bound:
             r = runs[0]
-            print(f"prepare(): {r['prepare']:.1f} s, command {r['wall']:.1f} s (CPU {r['cpu']:.1f} s), "
-                  f"peak RSS {max(x['rss_mb'] for x in runs):.0f} MB on {size / 1e9:.2f} GB of CSV")
+            print(
+                f"prepare(): {r['prepare']:.1f} s, command {r['wall']:.1f} s (CPU {r['cpu']:.1f} s), "
+                f"peak RSS {max(x['rss_mb'] for x in runs):.0f} MB on {size / 1e9:.2f} GB of CSV"
+            )
             return
         texts = cleaned_messages(out)
         tokens = sum(int(np.fromfile(out / n, dtype=np.uint16).size) for n in ("train.bin", "val.bin"))
@@ -175,17 +182,25 @@ def main() -> None:
         run = min(runs, key=lambda r: r["prepare"])
         command = min(r["wall"] for r in runs)
         e2e, ceiling = tokens / run["prepare"], n / best
-        print(f"prepare()          : {run['prepare']:7.2f} s  {e2e / 1e6:6.2f} M tokens/s  "
-              f"{size / 1e6 / run['prepare']:6.1f} MB/s  (best of {len(runs)}; read to meta.json written; "
-              f"CPU {run['prepare_cpu']:.1f} s)")
-        print(f"fakegpt prepare    : {command:7.2f} s  {tokens / command / 1e6:6.2f} M tokens/s  "
-              f"(the whole command, best of {len(runs)}: start-up, imports, MLflow run)")
-        print(f"tiktoken alone     : {best:7.2f} s  {ceiling / 1e6:6.2f} M tokens/s  (CPU {best_cpu:.1f} s; "
-              f"{len(texts)} messages, {tokens} tokens)")
-        print(f"ratio prepare/bound: {e2e / ceiling:.2f} (prepare()), {best / command:.2f} (whole command)   "
-              f"CPU-time ratio bound/prepare(): "
-              f"{best_cpu / run['prepare_cpu']:.2f}   peak RSS of the command: "
-              f"{max(r['rss_mb'] for r in runs):.0f} MB")
+        print(
+            f"prepare()          : {run['prepare']:7.2f} s  {e2e / 1e6:6.2f} M tokens/s  "
+            f"{size / 1e6 / run['prepare']:6.1f} MB/s  (best of {len(runs)}; read to meta.json written; "
+            f"CPU {run['prepare_cpu']:.1f} s)"
+        )
+        print(
+            f"fakegpt prepare    : {command:7.2f} s  {tokens / command / 1e6:6.2f} M tokens/s  "
+            f"(the whole command, best of {len(runs)}: start-up, imports, MLflow run)"
+        )
+        print(
+            f"tiktoken alone     : {best:7.2f} s  {ceiling / 1e6:6.2f} M tokens/s  (CPU {best_cpu:.1f} s; "
+            f"{len(texts)} messages, {tokens} tokens)"
+        )
+        print(
+            f"ratio prepare/bound: {e2e / ceiling:.2f} (prepare()), {best / command:.2f} (whole command)   "
+            f"CPU-time ratio bound/prepare(): "
+            f"{best_cpu / run['prepare_cpu']:.2f}   peak RSS of the command: "
+            f"{max(r['rss_mb'] for r in runs):.0f} MB"
+        )
 
 
 if __name__ == "__main__":

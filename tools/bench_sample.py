@@ -38,8 +38,14 @@ PROMPTS = [
 ]
 
 
-def original_loop(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
-                  temperature: float, top_k: int) -> int:
+def original_loop(
+    model: GPT2LMHeadModel,
+    prompts: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+) -> int:
     """The study's loop (nanoGPT's `generate`): whole context re-run each step, full-vocabulary softmax.
 
     Like nanoGPT's model at inference, only the last position goes through the vocabulary projection.
@@ -58,27 +64,55 @@ def original_loop(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples:
     return produced
 
 
-def fakegpt_grid(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
-                 temperature: float, top_k: int, batch_size: int) -> int:
+def fakegpt_grid(
+    model: GPT2LMHeadModel,
+    prompts: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    batch_size: int,
+) -> int:
     rows = [p for p in prompts for _ in range(num_samples)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     produced = 0
     for start in range(0, len(rows), batch_size):
         # never stop early at end-of-text, so the token count equals the original loop's
-        out = sample_batch(model, rows[start:start + batch_size], max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, generator=gen, stop_at_eot=False)
+        out = sample_batch(
+            model,
+            rows[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            generator=gen,
+            stop_at_eot=False,
+        )
         produced += sum(len(c.tokens) for c in out)
     return produced
 
 
-def hf_generate(model: GPT2LMHeadModel, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
-                temperature: float, top_k: int) -> int:
+def hf_generate(
+    model: GPT2LMHeadModel,
+    prompts: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+) -> int:
     rows = [p for p in prompts for _ in range(num_samples)]
     width = max(len(p) for p in rows)
     ids = torch.tensor([[EOT_TOKEN] * (width - len(p)) + p for p in rows], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=model.device)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=EOT_TOKEN)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        pad_token_id=EOT_TOKEN,
+    )
     return (out.shape[1] - width) * out.shape[0]
 
 
@@ -114,8 +148,10 @@ def main() -> None:
     enc = get_encoding()
     prompts = [enc.encode(p) for p in PROMPTS]
     grid = (args.samples, args.max_new_tokens, 0.8, 200)
-    print(f"device={device} threads={torch.get_num_threads()} grid={len(prompts)} prompts x {args.samples} "
-          f"samples x {args.max_new_tokens} new tokens, T=0.8, top-k 200, batch {args.batch_size}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} grid={len(prompts)} prompts x {args.samples} "
+        f"samples x {args.max_new_tokens} new tokens, T=0.8, top-k 200, batch {args.batch_size}"
+    )
     with torch.inference_mode():
         fakegpt_grid(fast, prompts[:2], 1, 4, 0.8, 200, args.batch_size)  # warm-up (allocator, kernels)
         n_fast, t_fast = timed(fakegpt_grid, fast, prompts, *grid, args.batch_size)
@@ -131,12 +167,15 @@ def main() -> None:
         n_again, t_again = timed(fakegpt_grid, fast, prompts, *grid, args.batch_size)
         report("fakegpt grid sampler, second run", n_again, t_again)
         pooled = (n_fast + n_again) / (t_fast + t_again)
-        print(f"speed-up: {pooled / (n_orig / t_orig):.1f}x (fakegpt {pooled:,.0f} new tokens/s over both runs, "
-              f"original {n_orig / t_orig:,.0f})")
+        print(
+            f"speed-up: {pooled / (n_orig / t_orig):.1f}x (fakegpt {pooled:,.0f} new tokens/s over both runs, "
+            f"original {n_orig / t_orig:,.0f})"
+        )
 
 
 def report(name: str, tokens: int, seconds: float) -> None:
     print(f"{name + ':':<48}{tokens} tokens in {seconds:6.2f}s = {tokens / seconds:8,.0f} new tokens/s")
+
 
 if __name__ == "__main__":
     main()

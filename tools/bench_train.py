@@ -57,9 +57,23 @@ def plain_batches(data: np.ndarray, seed: int) -> Callable[[], tuple[torch.Tenso
 
 
 def fakegpt_step(data: np.ndarray) -> Callable[[], None]:
-    cfg = FinetuneConfig(init_from="scratch", n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK,
-                         batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=LR, weight_decay=WD,
-                         beta1=BETAS[0], beta2=BETAS[1], grad_clip=CLIP, device="cpu", dtype="float32", seed=0)
+    cfg = FinetuneConfig(
+        init_from="scratch",
+        n_layer=N_LAYER,
+        n_head=N_HEAD,
+        n_embd=N_EMBD,
+        block_size=BLOCK,
+        batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        weight_decay=WD,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        grad_clip=CLIP,
+        device="cpu",
+        dtype="float32",
+        seed=0,
+    )
     device = torch.device("cpu")
     model = _load(cfg, "scratch", device)
     model.train()
@@ -102,8 +116,9 @@ def nanogpt_step(path: str, data: np.ndarray) -> Callable[[], None]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
-    conf = module.GPTConfig(block_size=BLOCK, vocab_size=50304, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
-                            dropout=0.0, bias=False)
+    conf = module.GPTConfig(
+        block_size=BLOCK, vocab_size=50304, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, dropout=0.0, bias=False
+    )
     model = module.GPT(conf)
     model.train()
     optimizer = model.configure_optimizers(WD, LR, BETAS, "cpu")
@@ -148,8 +163,10 @@ def main() -> int:
                 contenders[name]()
             rates[name].append(tokens / (time.perf_counter() - started))
 
-    print(f"CPU training step, {N_LAYER} layers / {N_HEAD} heads / {N_EMBD} embd, block {BLOCK}, micro-batch {BATCH}, "
-          f"fp32, {args.threads} threads, torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"CPU training step, {N_LAYER} layers / {N_HEAD} heads / {N_EMBD} embd, block {BLOCK}, micro-batch {BATCH}, "
+        f"fp32, {args.threads} threads, torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps"
+    )
     median = {name: statistics.median(v) for name, v in rates.items()}
     for name, values in rates.items():
         spread = f"{min(values):8.0f} .. {max(values):8.0f}"
@@ -160,8 +177,10 @@ def main() -> int:
     for name in median:
         if name != base:
             paired = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
-            print(f"  {name}/{base}: {statistics.median(paired):.3f} (median of per-round ratios; "
-                  f"range {min(paired):.3f} .. {max(paired):.3f})")
+            print(
+                f"  {name}/{base}: {statistics.median(paired):.3f} (median of per-round ratios; "
+                f"range {min(paired):.3f} .. {max(paired):.3f})"
+            )
     return 0
 
 

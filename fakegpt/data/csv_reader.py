@@ -43,11 +43,11 @@ class ReadStats:
 
     format: str = ""
     rows: int = 0
-    repaired_rows: int = 0        # naive rows whose message had a comma, a quote or several lines
-    continuation_lines: int = 0   # naive lines that continued the previous message
-    bad_rows: int = 0             # rows that could not be parsed even as naive rows, or had no channel_id
+    repaired_rows: int = 0  # naive rows whose message had a comma, a quote or several lines
+    continuation_lines: int = 0  # naive lines that continued the previous message
+    bad_rows: int = 0  # rows that could not be parsed even as naive rows, or had no channel_id
     bad_row_examples: list[str] = dataclasses.field(default_factory=list)
-    invalid_utf8: int = 0         # invalid UTF-8 sequences, decoded as U+FFFD
+    invalid_utf8: int = 0  # invalid UTF-8 sequences, decoded as U+FFFD
     bytes_read: int = 0
     sha256: str = ""
 
@@ -134,8 +134,9 @@ def _naive_cut(row_start: re.Pattern[bytes]) -> Callable[[bytes], int]:
     return cut
 
 
-def _chunks(f: BinaryIO, first: bytes, cut: Callable[[bytes], int], chunk_bytes: int,
-            path: str) -> Iterator[tuple[bytes, int]]:
+def _chunks(
+    f: BinaryIO, first: bytes, cut: Callable[[bytes], int], chunk_bytes: int, path: str
+) -> Iterator[tuple[bytes, int]]:
     """Yield (chunk, line number of its first line); every chunk ends on a record boundary."""
     buf, line = first, 2
     while True:
@@ -193,8 +194,7 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
     return df
 
 
-def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: ReadStats,
-                 path: str) -> pl.DataFrame:
+def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: ReadStats, path: str) -> pl.DataFrame:
     text = piece.decode("utf-8", "replace")
     lines = pl.Series("line", [text]).str.split("\n").explode()
     if text.endswith("\n"):
@@ -217,7 +217,9 @@ def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: Re
     if conts:
         stats.continuation_lines += conts
         df = df.group_by("rec", maintain_order=True).agg(
-            pl.col("channel_id").first(), pl.col("date").first(), pl.col("message").str.join("\n"),
+            pl.col("channel_id").first(),
+            pl.col("date").first(),
+            pl.col("message").str.join("\n"),
             pl.len().alias("nlines"),
         )
         multi = pl.col("nlines") > 1
@@ -234,9 +236,14 @@ def check_header(path: str) -> None:
         pass
 
 
-def read_batches(path: str, fmt: str = "auto", chunk_bytes: int = 8 << 20,
-                 raw: BinaryIO | None = None, stats: ReadStats | None = None,
-                 header_only: bool = False) -> Iterator[pl.DataFrame]:
+def read_batches(
+    path: str,
+    fmt: str = "auto",
+    chunk_bytes: int = 8 << 20,
+    raw: BinaryIO | None = None,
+    stats: ReadStats | None = None,
+    header_only: bool = False,
+) -> Iterator[pl.DataFrame]:
     """Yield DataFrames (channel_id, date, message) from one export; `stats` is filled in as it goes.
 
     `raw` reads from an open binary stream instead of `path` (the embedded demo data); `path` then only names
@@ -269,7 +276,7 @@ def read_batches(path: str, fmt: str = "auto", chunk_bytes: int = 8 << 20,
             head += more
             nl = head.find(b"\n")
         names = _header(head[:nl], path)
-        body = head[nl + 1:]
+        body = head[nl + 1 :]
         while not body.strip():
             more = _read(f, _SNIFF_BYTES, path)
             if not more:
@@ -294,8 +301,7 @@ def read_batches(path: str, fmt: str = "auto", chunk_bytes: int = 8 << 20,
                 df = _parse_naive(piece, line, row_prefix, ncols, stats, path)
             else:
                 df = _parse_csv(piece, names, line, path)
-            stats.invalid_utf8 += max(0, int(df["message"].str.count_matches("\ufffd", literal=True).sum() or 0)
-                                      - fffd)
+            stats.invalid_utf8 += max(0, int(df["message"].str.count_matches("\ufffd", literal=True).sum() or 0) - fffd)
             chan = df["channel_id"].str.strip_chars().cast(pl.Int64, strict=False)
             bad = chan.is_null()
             n_bad = int(bad.sum())

@@ -22,14 +22,65 @@ DEFAULT_MESSAGES = 6000
 ANTIVAX_SHARE = 0.35
 FORWARD_SHARE = 0.04  # forwarded copies of earlier messages (removed by dedupe)
 
-_CITIES = ["São Paulo", "Recife", "Belo Horizonte", "Porto Alegre", "Salvador", "Fortaleza", "Curitiba",
-           "Manaus", "Belém", "Goiânia", "Florianópolis", "Natal", "Campinas", "Niterói", "Maceió"]
-_NAMES = ["Ana", "João", "Maria", "José", "Francisca", "Antônio", "Luíza", "Carlos", "Paulo", "Fernanda",
-          "Lucas", "Juliana", "Marcos", "Patrícia", "Rafael", "Camila", "Tiago", "Beatriz"]
-_HANDLES = ["noticias_br", "grupo_familia", "vizinhanca_zn", "canal_do_ze", "alerta_saude", "verdade_ja",
-            "info_cidade", "bairro_unido", "mae_atenta"]
-_DOMAINS = ["g1.globo.com", "www.uol.com.br", "t.me/canal", "youtu.be", "www.bbc.com/portuguese",
-            "bit.ly", "www.folha.uol.com.br", "rumble.com", "odysee.com"]
+_CITIES = [
+    "São Paulo",
+    "Recife",
+    "Belo Horizonte",
+    "Porto Alegre",
+    "Salvador",
+    "Fortaleza",
+    "Curitiba",
+    "Manaus",
+    "Belém",
+    "Goiânia",
+    "Florianópolis",
+    "Natal",
+    "Campinas",
+    "Niterói",
+    "Maceió",
+]
+_NAMES = [
+    "Ana",
+    "João",
+    "Maria",
+    "José",
+    "Francisca",
+    "Antônio",
+    "Luíza",
+    "Carlos",
+    "Paulo",
+    "Fernanda",
+    "Lucas",
+    "Juliana",
+    "Marcos",
+    "Patrícia",
+    "Rafael",
+    "Camila",
+    "Tiago",
+    "Beatriz",
+]
+_HANDLES = [
+    "noticias_br",
+    "grupo_familia",
+    "vizinhanca_zn",
+    "canal_do_ze",
+    "alerta_saude",
+    "verdade_ja",
+    "info_cidade",
+    "bairro_unido",
+    "mae_atenta",
+]
+_DOMAINS = [
+    "g1.globo.com",
+    "www.uol.com.br",
+    "t.me/canal",
+    "youtu.be",
+    "www.bbc.com/portuguese",
+    "bit.ly",
+    "www.folha.uol.com.br",
+    "rumble.com",
+    "odysee.com",
+]
 _EMOJI = ["😀", "🙏", "⚠️", "🚨", "👉", "❤️", "😡", "💉", "🇧🇷", "👏", "😂", "🔥", "📢", "✅", "❌"]
 _TEAMS = ["Flamengo", "Corinthians", "Palmeiras", "Grêmio", "Bahia", "Sport", "Cruzeiro", "Vasco", "Fortaleza"]
 _FOODS = ["feijoada", "pão de queijo", "moqueca", "brigadeiro", "tapioca", "bolo de fubá", "cuscuz", "açaí"]
@@ -51,7 +102,7 @@ _GENERAL = [
     "Quem vai no churrasco de domingo traz a {food}? Eu levo o refrigerante e o gelo.",
     "A médica do posto disse que a segunda dose é importante e que os efeitos passam em um ou dois dias.",
     "Estudo da universidade de {city} mostra queda nas internações depois da vacinação em massa.",
-    "Perdi um cachorro caramelo perto da padaria, atende por \"Pipoca\". Quem vir, me avise!",
+    'Perdi um cachorro caramelo perto da padaria, atende por "Pipoca". Quem vir, me avise!',
     "O mercado da esquina está com promoção de {food} até sexta, vale a pena.",
     "Reunião do condomínio marcada para quinta, às 19h, no salão de festas.",
     "Obrigado a todos pelas mensagens, minha mãe já está em casa e se recuperando bem.",
@@ -61,7 +112,7 @@ _ANTIVAX = [
     "Não deixem vacinar as crianças! A vacina tem chip e metais pesados, quem avisa amigo é.",
     "Minha vizinha tomou a vacina e no dia seguinte passou mal; coincidência? Acho que não.",
     "Compartilhem antes que apaguem: a vacina é experimental e os efeitos só vão aparecer em {years} anos.",
-    "Dizem que é \"segura e eficaz\", mas por que tantos atletas estão caindo em campo depois da vacina?",
+    'Dizem que é "segura e eficaz", mas por que tantos atletas estão caindo em campo depois da vacina?',
     "A imprensa esconde os mortos pela vacina. Em {city} já são {n} casos que a mídia não mostra.",
     "Tratamento precoce funciona, a vacina não. Eles querem lucrar com o medo do povo.",
     "Passaporte sanitário é controle total! Hoje é a vacina, amanhã é o seu dinheiro.",
@@ -78,18 +129,46 @@ _ANTIVAX = [
     "Quem se vacinou precisa se desintoxicar com chá de {food} e vitamina D, passem adiante.",
     "O governo vai cortar o Bolsa Família de quem não vacinar os filhos, é chantagem!",
 ]
-_OPENERS = ["", "", "", "Atenção: ", "Gente, ", "Pessoal, ", "Olha isso: ", "Repassando: ", "Bom dia! ",
-            "*IMPORTANTE* ", "Encaminhado: "]
-_CLOSERS = ["", "", "", " Compartilhem!", " Repassem para todos os grupos.", " O que vocês acham?",
-            " Fiquem com Deus.", " Abraços a todos.", " Confiram no link."]
+_OPENERS = [
+    "",
+    "",
+    "",
+    "Atenção: ",
+    "Gente, ",
+    "Pessoal, ",
+    "Olha isso: ",
+    "Repassando: ",
+    "Bom dia! ",
+    "*IMPORTANTE* ",
+    "Encaminhado: ",
+]
+_CLOSERS = [
+    "",
+    "",
+    "",
+    " Compartilhem!",
+    " Repassem para todos os grupos.",
+    " O que vocês acham?",
+    " Fiquem com Deus.",
+    " Abraços a todos.",
+    " Confiram no link.",
+]
 
 
 def _fill(template: str, rng: random.Random) -> str:
     return template.format(
-        city=rng.choice(_CITIES), name=rng.choice(_NAMES), team=rng.choice(_TEAMS), food=rng.choice(_FOODS),
-        temp=rng.randint(14, 39), goals=rng.randint(2, 5), line=rng.randint(100, 999),
-        day=rng.choice(["segunda", "terça", "quarta", "quinta", "sexta"]), price=rng.randint(80, 900),
-        years=rng.randint(2, 10), n=rng.randint(12, 480), months=rng.choice([3, 6, 9]),
+        city=rng.choice(_CITIES),
+        name=rng.choice(_NAMES),
+        team=rng.choice(_TEAMS),
+        food=rng.choice(_FOODS),
+        temp=rng.randint(14, 39),
+        goals=rng.randint(2, 5),
+        line=rng.randint(100, 999),
+        day=rng.choice(["segunda", "terça", "quarta", "quinta", "sexta"]),
+        price=rng.randint(80, 900),
+        years=rng.randint(2, 10),
+        n=rng.randint(12, 480),
+        months=rng.choice([3, 6, 9]),
     )
 
 

@@ -25,8 +25,14 @@ class DatasetMeta:
     """What a prepared data folder holds: token counts, sources and their realised shares, how it was made."""
 
     SCHEMA: ClassVar[int] = SCHEMA_VERSION
-    NUMBERS: ClassVar[tuple[str, ...]] = ("vocab_size", "eot_token", "train_tokens", "val_tokens",
-                                          "train_messages", "val_messages")
+    NUMBERS: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "eot_token",
+        "train_tokens",
+        "val_tokens",
+        "train_messages",
+        "val_messages",
+    )
 
     dataset: str  # name (dataset YAML's name or the output folder's)
     encoding: str  # tiktoken encoding of the ids ("gpt2")

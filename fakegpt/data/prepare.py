@@ -49,57 +49,91 @@ log = logging.getLogger(__name__)
 SPLITS = ("sequential", "random", "date")
 OUTPUT_FILES = ("train.bin", "val.bin", META_FILE)
 DTYPE = np.uint16
-_CHUNK_MESSAGES = 2000      # messages per tokenizer call: big enough that thread-pool overhead vanishes
+_CHUNK_MESSAGES = 2000  # messages per tokenizer call: big enough that thread-pool overhead vanishes
 _MAX_CACHED_WORDS = 250_000  # distinct words the tokenizer remembers (~70 MB at most) before it starts afresh
 _ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files into train.bin / val.bin
 
 
 @dataclasses.dataclass
 class PrepareConfig:
-    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
-        "positional": True,
-        "help": "Telegram CSV exports (files or globs, .gz allowed); none: the embedded demo data"})
+    inputs: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "positional": True,
+            "help": "Telegram CSV exports (files or globs, .gz allowed); none: the embedded demo data",
+        },
+    )
     out: str = dataclasses.field(default="out/prepared", metadata={"help": "output folder"})
     force: bool = dataclasses.field(default=False, metadata={"help": "overwrite an existing prepared dataset"})
-    name: str = dataclasses.field(default="", metadata={
-        "help": "dataset name for tracking (default: the --config file name, else the output folder name)"})
-    sources: list[Any] = dataclasses.field(default_factory=list, metadata={
-        "help": "(dataset YAML) list of {name, path, channel_ids, fraction}; path is a file, glob or demo:"})
-    mix: list[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"})
-    channel_ids: list[int] = dataclasses.field(default_factory=list, metadata={
-        "help": "keep only these channel_ids (plain runs; sources set their own)"})
-    format: str = dataclasses.field(default="auto", metadata={
-        "help": "input format: auto, csv (RFC 4180) or naive (message column not quoted)"})
+    name: str = dataclasses.field(
+        default="",
+        metadata={"help": "dataset name for tracking (default: the --config file name, else the output folder name)"},
+    )
+    sources: list[Any] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "(dataset YAML) list of {name, path, channel_ids, fraction}; path is a file, glob or demo:"},
+    )
+    mix: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"},
+    )
+    channel_ids: list[int] = dataclasses.field(
+        default_factory=list, metadata={"help": "keep only these channel_ids (plain runs; sources set their own)"}
+    )
+    format: str = dataclasses.field(
+        default="auto", metadata={"help": "input format: auto, csv (RFC 4180) or naive (message column not quoted)"}
+    )
     remove_mentions: bool = dataclasses.field(default=True, metadata={"help": "remove @usernames"})
     remove_urls: bool = dataclasses.field(default=True, metadata={"help": "remove http(s):// and www. URLs"})
-    remove_symbols: bool = dataclasses.field(default=True, metadata={
-        "help": "remove characters other than letters, digits, whitespace and basic punctuation (emoji go)"})
+    remove_symbols: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "remove characters other than letters, digits, whitespace and basic punctuation (emoji go)"},
+    )
     collapse_whitespace: bool = dataclasses.field(default=True, metadata={"help": "collapse runs of whitespace"})
-    keep_newlines: bool = dataclasses.field(default=True, metadata={
-        "help": "when collapsing whitespace, keep one newline where a message had line breaks"})
-    spelling: str = dataclasses.field(default="none", metadata={
-        "help": "spelling normalisation with Enelvo's lexicons (optional extra): none, slang or enelvo"})
-    min_chars: int = dataclasses.field(default=3, metadata={
-        "help": "drop messages shorter than this many characters after cleaning"})
-    max_train_tokens: int = dataclasses.field(default=0, metadata={
-        "help": "mixtures: at most this many train tokens (0: the most the scarcest source allows); one cap for "
-                "every dose of a series keeps the size fixed while the share changes"})
-    dedupe: bool = dataclasses.field(default=True, metadata={
-        "help": "drop exact duplicates of an earlier cleaned message (forwards)"})
-    split: str = dataclasses.field(default="sequential", metadata={
-        "help": "sequential (last val_fraction of messages), random (seeded) or date (>= split_date is val)"})
-    val_fraction: float = dataclasses.field(default=1 / 11, metadata={
-        "help": "share of messages in val for sequential and random splits (10:1 train:val)"})
-    split_date: str = dataclasses.field(default="", metadata={
-        "help": "ISO date (YYYY-MM-DD[THH:MM:SS]); with --split date, messages on or after it go to val"})
+    keep_newlines: bool = dataclasses.field(
+        default=True, metadata={"help": "when collapsing whitespace, keep one newline where a message had line breaks"}
+    )
+    spelling: str = dataclasses.field(
+        default="none",
+        metadata={"help": "spelling normalisation with Enelvo's lexicons (optional extra): none, slang or enelvo"},
+    )
+    min_chars: int = dataclasses.field(
+        default=3, metadata={"help": "drop messages shorter than this many characters after cleaning"}
+    )
+    max_train_tokens: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "mixtures: at most this many train tokens (0: the most the scarcest source allows); one cap for "
+            "every dose of a series keeps the size fixed while the share changes"
+        },
+    )
+    dedupe: bool = dataclasses.field(
+        default=True, metadata={"help": "drop exact duplicates of an earlier cleaned message (forwards)"}
+    )
+    split: str = dataclasses.field(
+        default="sequential",
+        metadata={"help": "sequential (last val_fraction of messages), random (seeded) or date (>= split_date is val)"},
+    )
+    val_fraction: float = dataclasses.field(
+        default=1 / 11, metadata={"help": "share of messages in val for sequential and random splits (10:1 train:val)"}
+    )
+    split_date: str = dataclasses.field(
+        default="",
+        metadata={"help": "ISO date (YYYY-MM-DD[THH:MM:SS]); with --split date, messages on or after it go to val"},
+    )
     seed: int = dataclasses.field(default=1337, metadata={"help": "seed for the random split and mixture draws"})
     threads: int = dataclasses.field(default=0, metadata={"help": "tokenizer threads (0: one per CPU core)"})
     chunk_mb: int = dataclasses.field(default=8, metadata={"help": "MiB of CSV read per batch"})
-    log_data: bool = dataclasses.field(default=False, metadata={
-        "help": "also log train.bin, val.bin and meta.json as MLflow artifacts under data/ (runs:/<id>/data)"})
-    source_root: str = dataclasses.field(default="", metadata={
-        "help": "folder that relative source paths fall back to (set to the --config file's folder)"})
+    log_data: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "also log train.bin, val.bin and meta.json as MLflow artifacts under data/ (runs:/<id>/data)"
+        },
+    )
+    source_root: str = dataclasses.field(
+        default="",
+        metadata={"help": "folder that relative source paths fall back to (set to the --config file's folder)"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -139,9 +173,9 @@ def _check_out(out: Path, force: bool) -> None:
 @dataclasses.dataclass
 class _Batch:
     source: int
-    texts: pl.Series             # cleaned messages
-    val: np.ndarray | None       # per-message val flag (random and date splits), else None
-    nbytes: int                  # input bytes consumed since the previous batch (progress bar)
+    texts: pl.Series  # cleaned messages
+    val: np.ndarray | None  # per-message val flag (random and date splits), else None
+    nbytes: int  # input bytes consumed since the previous batch (progress bar)
 
 
 class _Reader:
@@ -149,8 +183,9 @@ class _Reader:
 
     def __init__(self, cfg: PrepareConfig, sources: list[mixture.Source], q: queue.Queue, stop: threading.Event):
         self.cfg, self.sources, self.q, self.stop = cfg, sources, q, stop
-        self.rules = CleanRules(cfg.remove_mentions, cfg.remove_urls, cfg.remove_symbols, cfg.collapse_whitespace,
-                                cfg.keep_newlines)
+        self.rules = CleanRules(
+            cfg.remove_mentions, cfg.remove_urls, cfg.remove_symbols, cfg.collapse_whitespace, cfg.keep_newlines
+        )
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
         self.seen: set[int] = set()
@@ -249,8 +284,9 @@ class _Sink:
         return lengths.astype(np.int64), val
 
 
-def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Path,
-                  reader: _Reader) -> tuple[list[_Sink], int]:
+def _tokenize_all(
+    cfg: PrepareConfig, sources: list[mixture.Source], scratch: Path, reader: _Reader
+) -> tuple[list[_Sink], int]:
     """Run the reader thread and tokenize its batches on a thread pool; returns the sinks and bytes read."""
     threads = cfg.threads or os.cpu_count() or 1
     sinks = [_Sink(scratch / f"source{i}.u16") for i in range(len(sources))]
@@ -272,7 +308,7 @@ def _tokenize_all(cfg: PrepareConfig, sources: list[mixture.Source], scratch: Pa
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
                     if encoder.words > _MAX_CACHED_WORDS:  # memory stays flat on any vocabulary; in-flight
-                        encoder = pieces.PieceEncoder()    # parts finish with the old one
+                        encoder = pieces.PieceEncoder()  # parts finish with the old one
                     pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):
@@ -298,12 +334,13 @@ def _sequential_val(n: int, fraction: float) -> np.ndarray:
     if fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
     if n_val:
-        val[n - n_val:] = True
+        val[n - n_val :] = True
     return val
 
 
-def _copy_selected(src_path: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray,
-                   out_train: Any, out_val: Any) -> None:
+def _copy_selected(
+    src_path: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray, out_train: Any, out_val: Any
+) -> None:
     """Append the selected messages of one scratch file to the open train and val files, block by block."""
     with open(src_path, "rb") as f:
         start = 0
@@ -355,7 +392,8 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         tracking.log_params(config.to_dict(cfg))
         meta = _prepare(cfg, sources, out)
         metrics = {
-            tracking.M_DATA_TRAIN_TOKENS: meta.train_tokens, tracking.M_DATA_VAL_TOKENS: meta.val_tokens,
+            tracking.M_DATA_TRAIN_TOKENS: meta.train_tokens,
+            tracking.M_DATA_VAL_TOKENS: meta.val_tokens,
             tracking.M_DATA_TRAIN_MESSAGES: meta.train_messages,
             tracking.M_DATA_VAL_MESSAGES: meta.val_messages,
             tracking.M_DATA_REPAIRED_ROWS: meta.read["repaired_rows"],
@@ -399,8 +437,13 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
             raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
         fractions = [s.fraction for s in sources]
         if fractions[0] is not None:
-            train = mixture.select(lengths, train, fractions, cfg.seed,  # type: ignore[arg-type]
-                                   cap=cfg.max_train_tokens)
+            train = mixture.select(
+                lengths,
+                train,
+                fractions,
+                cfg.seed,  # type: ignore[arg-type]
+                cap=cfg.max_train_tokens,
+            )
             if any(v.any() for v in val):
                 val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
             unused = sum(int((~(t | v)).sum()) for t, v in zip(train, val, strict=True))
@@ -428,60 +471,95 @@ def _drop_text(dropped: Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
 
 
-def _meta(cfg: PrepareConfig, sources: list[mixture.Source], reader: _Reader, lengths: list[np.ndarray],
-          train: list[np.ndarray], val: list[np.ndarray], nbytes: int, seconds: float,
-          t_tok: float) -> DatasetMeta:
+def _meta(
+    cfg: PrepareConfig,
+    sources: list[mixture.Source],
+    reader: _Reader,
+    lengths: list[np.ndarray],
+    train: list[np.ndarray],
+    val: list[np.ndarray],
+    nbytes: int,
+    seconds: float,
+    t_tok: float,
+) -> DatasetMeta:
     per_source = []
     for s, length, tr, va in zip(sources, lengths, train, val, strict=True):
-        files = [{k: f[k] for k in ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows",
-                                    "bad_rows", "invalid_utf8")} for f in reader.files if f["source"] == s.name]
-        per_source.append({
-            "name": s.name, "paths": s.patterns, "channel_ids": s.channel_ids, "target_fraction": s.fraction,
-            "files": files,
-            "train_tokens": int(length[tr].sum()), "val_tokens": int(length[va].sum()),
-            "train_messages": int(tr.sum()), "val_messages": int(va.sum()),
-        })
+        files = [
+            {
+                k: f[k]
+                for k in ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
+            }
+            for f in reader.files
+            if f["source"] == s.name
+        ]
+        per_source.append(
+            {
+                "name": s.name,
+                "paths": s.patterns,
+                "channel_ids": s.channel_ids,
+                "target_fraction": s.fraction,
+                "files": files,
+                "train_tokens": int(length[tr].sum()),
+                "val_tokens": int(length[va].sum()),
+                "train_messages": int(tr.sum()),
+                "val_messages": int(va.sum()),
+            }
+        )
     train_tokens = sum(p["train_tokens"] for p in per_source)
     val_tokens = sum(p["val_tokens"] for p in per_source)
     tokenized = int(sum(int(x.sum()) for x in lengths))
     mixed = bool(cfg.sources or cfg.mix)  # a plain run (input files only) has no mixture
     examples = [e for f in reader.files for e in f["bad_row_examples"]][:5]
-    return DatasetMeta(**{
-        "dataset": _dataset_name(cfg),
-        "encoding": tokenizer.ENCODING_NAME,
-        "vocab_size": tokenizer.VOCAB_SIZE,
-        "eot_token": tokenizer.EOT_TOKEN,
-        "dtype": np.dtype(DTYPE).name,
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "train_messages": sum(p["train_messages"] for p in per_source),
-        "val_messages": sum(p["val_messages"] for p in per_source),
-        "dropped": {k: int(reader.dropped.get(k, 0)) for k in
-                    ("channel_filter", "too_short", "duplicate", "bad_date", "mixture_unused")}
-                   | {"bad_row": sum(f["bad_rows"] for f in reader.files)},
-        "read": {
-            "rows": sum(f["rows"] for f in reader.files),
-            "repaired_rows": sum(f["repaired_rows"] for f in reader.files),
-            "continuation_lines": sum(f["continuation_lines"] for f in reader.files),
-            "invalid_utf8": sum(f["invalid_utf8"] for f in reader.files),
-            "bad_rows": sum(f["bad_rows"] for f in reader.files),
-            "bad_row_examples": examples,
-        },
-        "sources": per_source,
-        "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
-        # Within a message per source of the cap; None without a cap; False: the scarcest source ran out first.
-        "max_train_tokens_reached": (train_tokens >= cfg.max_train_tokens - len(lengths) * _longest(lengths)
-                                     if cfg.max_train_tokens else None),
-        "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
-        "spelling": {"mode": cfg.spelling, "words_replaced": reader.spelling.replaced},
-        "split": {"mode": cfg.split, "val_fraction": cfg.val_fraction, "split_date": cfg.split_date,
-                  "seed": cfg.seed},
-        "timing": {"seconds": round(seconds, 3), "tokenize_seconds": round(t_tok, 3),
-                   "tokens_per_s": round(tokenized / seconds, 1) if seconds > 0 else 0.0,
-                   "input_bytes": nbytes},
-        "config": config.to_dict(cfg),
-        "fakegpt_version": __version__,
-    })
+    return DatasetMeta(
+        **{
+            "dataset": _dataset_name(cfg),
+            "encoding": tokenizer.ENCODING_NAME,
+            "vocab_size": tokenizer.VOCAB_SIZE,
+            "eot_token": tokenizer.EOT_TOKEN,
+            "dtype": np.dtype(DTYPE).name,
+            "train_tokens": train_tokens,
+            "val_tokens": val_tokens,
+            "train_messages": sum(p["train_messages"] for p in per_source),
+            "val_messages": sum(p["val_messages"] for p in per_source),
+            "dropped": {
+                k: int(reader.dropped.get(k, 0))
+                for k in ("channel_filter", "too_short", "duplicate", "bad_date", "mixture_unused")
+            }
+            | {"bad_row": sum(f["bad_rows"] for f in reader.files)},
+            "read": {
+                "rows": sum(f["rows"] for f in reader.files),
+                "repaired_rows": sum(f["repaired_rows"] for f in reader.files),
+                "continuation_lines": sum(f["continuation_lines"] for f in reader.files),
+                "invalid_utf8": sum(f["invalid_utf8"] for f in reader.files),
+                "bad_rows": sum(f["bad_rows"] for f in reader.files),
+                "bad_row_examples": examples,
+            },
+            "sources": per_source,
+            "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
+            # Within a message per source of the cap; None without a cap; False: the scarcest source ran out first.
+            "max_train_tokens_reached": (
+                train_tokens >= cfg.max_train_tokens - len(lengths) * _longest(lengths)
+                if cfg.max_train_tokens
+                else None
+            ),
+            "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
+            "spelling": {"mode": cfg.spelling, "words_replaced": reader.spelling.replaced},
+            "split": {
+                "mode": cfg.split,
+                "val_fraction": cfg.val_fraction,
+                "split_date": cfg.split_date,
+                "seed": cfg.seed,
+            },
+            "timing": {
+                "seconds": round(seconds, 3),
+                "tokenize_seconds": round(t_tok, 3),
+                "tokens_per_s": round(tokenized / seconds, 1) if seconds > 0 else 0.0,
+                "input_bytes": nbytes,
+            },
+            "config": config.to_dict(cfg),
+            "fakegpt_version": __version__,
+        }
+    )
 
 
 def _longest(lengths: list[np.ndarray]) -> int:
@@ -490,8 +568,11 @@ def _longest(lengths: list[np.ndarray]) -> int:
 
 def _report(out: Path, meta: DatasetMeta) -> None:
     if meta.max_train_tokens_reached is False:
-        log.warning("--max-train-tokens %d not reached: the scarcest source allows %d train tokens at this mixture",
-                    meta.config["max_train_tokens"], meta.train_tokens)
+        log.warning(
+            "--max-train-tokens %d not reached: the scarcest source allows %d train tokens at this mixture",
+            meta.config["max_train_tokens"],
+            meta.train_tokens,
+        )
     read = meta.read
     if read["repaired_rows"]:
         log.info("repaired %d naive-export rows (message column not quoted)", read["repaired_rows"])
@@ -502,8 +583,14 @@ def _report(out: Path, meta: DatasetMeta) -> None:
     mix = ", ".join(f"{k}={v:.3f}" for k, v in meta.mixture.items())
     log.info(
         "%s: train %d tokens (%d messages), val %d tokens (%d messages); dropped: %s%s; %.1f s, %.2f M tokens/s",
-        out, meta.train_tokens, meta.train_messages, meta.val_tokens, meta.val_messages,
-        _drop_text(Counter(meta.dropped)), f"; mixture {mix}" if mix else "", meta.timing["seconds"],
+        out,
+        meta.train_tokens,
+        meta.train_messages,
+        meta.val_tokens,
+        meta.val_messages,
+        _drop_text(Counter(meta.dropped)),
+        f"; mixture {mix}" if mix else "",
+        meta.timing["seconds"],
         meta.timing["tokens_per_s"] / 1e6,
     )
 
@@ -519,8 +606,12 @@ def _config_path(argv: list[str]) -> str | None:
 
 def parse_args(argv: list[str]) -> PrepareConfig:
     """Flags (and `--config FILE.yaml`) -> PrepareConfig; a dataset YAML names the dataset and anchors its paths."""
-    cfg = config.parse(PrepareConfig, argv, prog="fakegpt prepare",
-                       description="Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)")
+    cfg = config.parse(
+        PrepareConfig,
+        argv,
+        prog="fakegpt prepare",
+        description="Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)",
+    )
     path = _config_path(argv)
     if path:
         if not cfg.source_root:

@@ -144,8 +144,9 @@ def _expand(pattern: str) -> list[str]:
     return [pattern] if Path(pattern).exists() else []
 
 
-def select(lengths: list[np.ndarray], eligible: list[np.ndarray], fractions: list[float],
-           seed: int, cap: float = 0.0) -> list[np.ndarray]:
+def select(
+    lengths: list[np.ndarray], eligible: list[np.ndarray], fractions: list[float], seed: int, cap: float = 0.0
+) -> list[np.ndarray]:
     """Per source, a boolean mask of the eligible messages taken so that tokens follow `fractions`.
 
     `lengths[i]` are message lengths in tokens (EOT included), `eligible[i]` a mask of candidates. The total

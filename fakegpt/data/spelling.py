@@ -33,9 +33,7 @@ def _lexicons() -> Any:
     try:
         from enelvo import normaliser
     except ImportError:
-        raise FakegptError(
-            "--spelling: needs Enelvo, an optional extra: pip install 'fakegpt[enelvo]'"
-        ) from None
+        raise FakegptError("--spelling: needs Enelvo, an optional extra: pip install 'fakegpt[enelvo]'") from None
     return normaliser.Normaliser(tokenizer="readable")
 
 
@@ -77,21 +75,34 @@ class SpellingNormaliser:
             return texts
         table = pl.DataFrame({"lower": list(changed), "fix": list(changed.values())})
         # Messages as alternating runs of letters and of anything else, rejoined after the swap.
-        parts = (texts.rename("m").to_frame().with_row_index("msg")
-                 .with_columns(pl.col("m").str.extract_all(r"\p{L}+|[^\p{L}]+").alias("part"))
-                 .select("msg", "part").explode("part")
-                 .with_columns(pl.col("part").str.to_lowercase().alias("lower"))
-                 .join(table, on="lower", how="left", maintain_order="left"))
+        parts = (
+            texts.rename("m")
+            .to_frame()
+            .with_row_index("msg")
+            .with_columns(pl.col("m").str.extract_all(r"\p{L}+|[^\p{L}]+").alias("part"))
+            .select("msg", "part")
+            .explode("part")
+            .with_columns(pl.col("part").str.to_lowercase().alias("lower"))
+            .join(table, on="lower", how="left", maintain_order="left")
+        )
         self.replaced += int(parts["fix"].is_not_null().sum())
         part, fix = pl.col("part"), pl.col("fix")
         upper = (part == part.str.to_uppercase()) & (part.str.len_chars() > 1)
         title = part.str.slice(0, 1) == part.str.slice(0, 1).str.to_uppercase()
-        swapped = (pl.when(fix.is_null()).then(part)
-                   .when(upper).then(fix.str.to_uppercase())
-                   .when(title).then(fix.str.slice(0, 1).str.to_uppercase() + fix.str.slice(1))
-                   .otherwise(fix))
-        joined = (parts.with_columns(swapped.fill_null("").alias("part"))
-                  .group_by("msg", maintain_order=True).agg(pl.col("part").str.join(""))
-                  .sort("msg"))
+        swapped = (
+            pl.when(fix.is_null())
+            .then(part)
+            .when(upper)
+            .then(fix.str.to_uppercase())
+            .when(title)
+            .then(fix.str.slice(0, 1).str.to_uppercase() + fix.str.slice(1))
+            .otherwise(fix)
+        )
+        joined = (
+            parts.with_columns(swapped.fill_null("").alias("part"))
+            .group_by("msg", maintain_order=True)
+            .agg(pl.col("part").str.join(""))
+            .sort("msg")
+        )
         out = pl.Series(texts.name, [""] * len(texts), dtype=pl.String)
         return out.scatter(joined["msg"], joined["part"])

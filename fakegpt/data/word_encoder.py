@@ -120,8 +120,11 @@ class PieceEncoder:
         else:
             words = pl.Series([categories[int(c)] for c in new], dtype=pl.String)
         w = pl.col("w")
-        texts = pl.DataFrame({"w": words}).select(
-            pl.when(w.str.starts_with(_FIRST)).then(w.str.slice(1)).otherwise(pl.lit(" ") + w)).to_series()
+        texts = (
+            pl.DataFrame({"w": words})
+            .select(pl.when(w.str.starts_with(_FIRST)).then(w.str.slice(1)).otherwise(pl.lit(" ") + w))
+            .to_series()
+        )
         ids = encode_joined(texts)
         ends = np.flatnonzero(ids == EOT_TOKEN)  # one after each word's ids; a word itself never holds EOT
         if len(ends) != len(new):
@@ -130,7 +133,7 @@ class PieceEncoder:
         flat = np.delete(ids, ends)
         if self._n_ids + len(flat) > len(self._ids):
             self._ids = _grown(self._ids, max(2 * len(self._ids), self._n_ids + len(flat)))
-        self._ids[self._n_ids:self._n_ids + len(flat)] = flat
+        self._ids[self._n_ids : self._n_ids + len(flat)] = flat
         self._start[new] = self._n_ids + np.cumsum(lengths) - lengths
         self._length[new] = lengths
         self._n_ids += len(flat)
@@ -139,7 +142,7 @@ class PieceEncoder:
 
 def _grown(a: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
     out = np.full(size, fill, dtype=a.dtype)
-    out[:len(a)] = a
+    out[: len(a)] = a
     return out
 
 

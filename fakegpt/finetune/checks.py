@@ -22,8 +22,17 @@ STATE_FILE = "train_state.pt"  # OUT/train_state.pt: optimizer, iteration, best 
 
 
 def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
-    positive = ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "n_layer", "n_head", "n_embd")
+    positive = (
+        "block_size",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "n_layer",
+        "n_head",
+        "n_embd",
+    )
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise FakegptError(f"{config_mod.flag_name(name)}: must be positive, got {getattr(cfg, name)}")

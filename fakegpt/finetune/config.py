@@ -17,8 +17,10 @@ class FinetuneConfig:
 
     data_dir: str = field(default="data", metadata={"help": "folder with train.bin, val.bin, meta.json (from prepare)"})
     out_dir: str = field(default="out/finetune", metadata={"help": "where checkpoint/ and train_state.pt go"})
-    init_from: str = field(default="gpt2-medium", metadata={
-        "help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"})
+    init_from: str = field(
+        default="gpt2-medium",
+        metadata={"help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"},
+    )
     # model shape, used only by init_from=scratch
     n_layer: int = field(default=12, metadata={"help": "layers (scratch only)"})
     n_head: int = field(default=12, metadata={"help": "attention heads (scratch only)"})
@@ -27,8 +29,12 @@ class FinetuneConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout rate (overrides the pretrained config's 0.1)"})
     # batches
     batch_size: int = field(default=1, metadata={"help": "micro-batch size (windows per forward pass)"})
-    gradient_accumulation_steps: int = field(default=32, metadata={
-        "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"})
+    gradient_accumulation_steps: int = field(
+        default=32,
+        metadata={
+            "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"
+        },
+    )
     # optimizer and schedule
     learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
     max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})
@@ -44,15 +50,23 @@ class FinetuneConfig:
     eval_interval: int = field(default=5, metadata={"help": "evaluate every N iterations (and at the last one)"})
     eval_iters: int = field(default=40, metadata={"help": "micro-batches per split per evaluation"})
     log_interval: int = field(default=1, metadata={"help": "log train/loss, lr, tokens_per_s every N iterations"})
-    always_save_checkpoint: bool = field(default=False, metadata={
-        "help": "save at every evaluation, not only when validation loss improves"})
+    always_save_checkpoint: bool = field(
+        default=False, metadata={"help": "save at every evaluation, not only when validation loss improves"}
+    )
     # system
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bfloat16 on CUDA where supported, else float16 with a gradient scaler; float32 on CPU) "
-                "| float32 | bfloat16 | float16"})
-    compile: bool | None = field(default=None, metadata={
-        "help": "torch.compile the model; unset = on for CUDA, off on CPU"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in backward (less memory for large models on small cards)"})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bfloat16 on CUDA where supported, else float16 with a gradient scaler; float32 on CPU) "
+            "| float32 | bfloat16 | float16"
+        },
+    )
+    compile: bool | None = field(
+        default=None, metadata={"help": "torch.compile the model; unset = on for CUDA, off on CPU"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in backward (less memory for large models on small cards)"},
+    )
     seed: int = field(default=1337, metadata={"help": "seed for initialisation, batches and dropout"})

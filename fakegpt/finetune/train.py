@@ -135,8 +135,9 @@ def _load(cfg: FinetuneConfig, folder: str, device: torch.device) -> torch.nn.Mo
     return model.to(device)
 
 
-def accumulate(objective: torch.nn.Module, batches: Batches, accum: int, autocast: Any,
-               scaler: torch.amp.GradScaler) -> float:
+def accumulate(
+    objective: torch.nn.Module, batches: Batches, accum: int, autocast: Any, scaler: torch.amp.GradScaler
+) -> float:
     """Forward + backward over `accum` micro-batches; returns this rank's mean loss. Under DDP the gradients
     are all-reduced only on the last micro-batch (no_sync before), once per optimizer step."""
     loss_sum = None
@@ -151,8 +152,9 @@ def accumulate(objective: torch.nn.Module, batches: Batches, accum: int, autocas
     return loss_sum.item()  # one host sync per step
 
 
-def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-           grad_clip: float) -> None:
+def update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float
+) -> None:
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
@@ -162,8 +164,9 @@ def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
 
 
 @torch.no_grad()
-def _estimate(objective: torch.nn.Module, batches: Batches, starts: Any, info: distributed.Dist,
-              autocast: Any) -> float:
+def _estimate(
+    objective: torch.nn.Module, batches: Batches, starts: Any, info: distributed.Dist, autocast: Any
+) -> float:
     """Mean loss over fixed windows; each rank takes every world_size-th micro-batch, sums are all-reduced."""
     objective.eval()
     total, count = 0.0, 0
@@ -209,9 +212,17 @@ def finetune(
         distributed.teardown()
 
 
-def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distributed.Dist, device: torch.device,
-           on_eval: Callable[[EvalResult], None] | None, nested: bool, run_name: str | None,
-           tags: dict | None) -> FinetuneResult:
+def _train(
+    cfg: FinetuneConfig,
+    folder: str,
+    meta: DatasetMeta,
+    info: distributed.Dist,
+    device: torch.device,
+    on_eval: Callable[[EvalResult], None] | None,
+    nested: bool,
+    run_name: str | None,
+    tags: dict | None,
+) -> FinetuneResult:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state: dict[str, Any] = {}
@@ -237,17 +248,23 @@ def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distribute
         objective = torch.compile(objective)
     if info.world_size > 1:
         # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)
-    autocast = (torch.autocast(device.type, dtype=torch_dtype(cfg.dtype)) if cfg.dtype != "float32"
-                else contextlib.nullcontext())
+        objective = DDP(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    autocast = (
+        torch.autocast(device.type, dtype=torch_dtype(cfg.dtype))
+        if cfg.dtype != "float32"
+        else contextlib.nullcontext()
+    )
 
     train_data, val_data = (open_bin(cfg.data_dir, s, cfg.block_size) for s in ("train", "val"))
     train_batches = Batches(train_data, cfg.batch_size, cfg.block_size, device, seed=cfg.seed)
     val_batches = Batches(val_data, cfg.batch_size, cfg.block_size, device, seed=0)
     n_eval = cfg.eval_iters * cfg.batch_size
-    fixed = {"train": eval_starts(len(train_data), cfg.block_size, n_eval),
-             "val": eval_starts(len(val_data), cfg.block_size, n_eval)}
+    fixed = {
+        "train": eval_starts(len(train_data), cfg.block_size, n_eval),
+        "val": eval_starts(len(val_data), cfg.block_size, n_eval),
+    }
     accum = cfg.gradient_accumulation_steps // info.world_size  # micro-steps per rank
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_token = flops_per_token(model, cfg.block_size)
@@ -262,21 +279,36 @@ def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distribute
     result = FinetuneResult(best_val, best_iter, it, it * tokens_per_iter, out_dir, ckpt_dir, run_id, val_curve)
 
     stop_exc: list[BaseException] = []  # the exception on_eval raised, if any (a deliberate stop)
-    run_ctx = (_mlflow_run(cfg, init_from, meta, state, nested, run_name, tags, stop_exc) if info.main
-               else contextlib.nullcontext(None))
+    run_ctx = (
+        _mlflow_run(cfg, init_from, meta, state, nested, run_name, tags, stop_exc)
+        if info.main
+        else contextlib.nullcontext(None)
+    )
     with run_ctx as active:
         if active is not None:
             result.run_id = run_id = active.info.run_id
 
         def save(val_loss: float) -> None:
-            training_info = TrainingInfo(init_from=init_from, config=config_mod.to_dict(cfg), data=meta.to_dict(),
-                                         iter=it, val_loss=val_loss, tokens_seen=it * tokens_per_iter)
+            training_info = TrainingInfo(
+                init_from=init_from,
+                config=config_mod.to_dict(cfg),
+                data=meta.to_dict(),
+                iter=it,
+                val_loss=val_loss,
+                tokens_seen=it * tokens_per_iter,
+            )
             save_checkpoint(model, ckpt_dir, training_info)
             train_state = {
-                "iter": it, "best_val_loss": best_val, "best_iter": best_iter, "init_from": init_from,
-                "run_id": run_id or "", "config": json.dumps(config_mod.to_dict(cfg)),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "val_curve": [list(p) for p in val_curve], "train_curve": [list(p) for p in train_curve],
+                "iter": it,
+                "best_val_loss": best_val,
+                "best_iter": best_iter,
+                "init_from": init_from,
+                "run_id": run_id or "",
+                "config": json.dumps(config_mod.to_dict(cfg)),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "val_curve": [list(p) for p in val_curve],
+                "train_curve": [list(p) for p in train_curve],
                 # Batches and dropout are re-seeded from (seed, rank, iteration) every iteration, so the
                 # iteration number is the whole RNG state: a resumed run draws the same batches.
                 "seed": cfg.seed,
@@ -298,8 +330,11 @@ def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distribute
                     raise NonFiniteLossError(_nonfinite_message("evaluation", it, val_loss, best_iter, ckpt_dir))
                 val_curve.append((it * tokens_per_iter, val_loss))
                 if info.main:
-                    metrics = {tracking.M_VAL_LOSS: val_loss, tracking.M_EVAL_TRAIN_LOSS: train_loss,
-                               tracking.M_TOKENS_SEEN: it * tokens_per_iter}
+                    metrics = {
+                        tracking.M_VAL_LOSS: val_loss,
+                        tracking.M_EVAL_TRAIN_LOSS: train_loss,
+                        tracking.M_TOKENS_SEEN: it * tokens_per_iter,
+                    }
                     if val_loss < best_val or cfg.always_save_checkpoint:
                         if val_loss < best_val:
                             best_val, best_iter = val_loss, it
@@ -355,15 +390,28 @@ def _train(cfg: FinetuneConfig, folder: str, meta: DatasetMeta, info: distribute
 
 
 def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_dir: Path) -> str:
-    kept = (f"the last good checkpoint (iteration {best_iter}) is kept in {ckpt_dir}" if best_iter >= 0
-            else "no checkpoint was saved before it")
-    return (f"non-finite {where} loss ({value}) at iteration {it}; {kept}. Lower --learning-rate, set "
-            "--grad-clip, or use --dtype bfloat16/float32 instead of float16")
+    kept = (
+        f"the last good checkpoint (iteration {best_iter}) is kept in {ckpt_dir}"
+        if best_iter >= 0
+        else "no checkpoint was saved before it"
+    )
+    return (
+        f"non-finite {where} loss ({value}) at iteration {it}; {kept}. Lower --learning-rate, set "
+        "--grad-clip, or use --dtype bfloat16/float32 instead of float16"
+    )
 
 
 @contextlib.contextmanager
-def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: DatasetMeta, state: dict[str, Any], nested: bool,
-                run_name: str | None, tags: dict | None, stop_exc: list[BaseException]):
+def _mlflow_run(
+    cfg: FinetuneConfig,
+    init_from: str,
+    meta: DatasetMeta,
+    state: dict[str, Any],
+    nested: bool,
+    run_name: str | None,
+    tags: dict | None,
+    stop_exc: list[BaseException],
+):
     """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
     run_id = state.get("run_id") or None
     all_tags = {tracking.TAG_MODEL: init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
@@ -382,8 +430,15 @@ def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: DatasetMeta, state: d
     def killed(exc: BaseException) -> bool:
         return bool(stop_exc) and exc is stop_exc[0]
 
-    with tracking.run(stage="finetune", run_name=run_name, tags=all_tags, nested=nested, run_id=run_id,
-                      killed=killed, system_metrics=True) as active:
+    with tracking.run(
+        stage="finetune",
+        run_name=run_name,
+        tags=all_tags,
+        nested=nested,
+        run_id=run_id,
+        killed=killed,
+        system_metrics=True,
+    ) as active:
         tracking.log_params(config_mod.to_dict(cfg))
         tracking.log_params(meta.to_dict(), prefix="data.")
         tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
@@ -399,22 +454,31 @@ def _mlflow_run(cfg: FinetuneConfig, init_from: str, meta: DatasetMeta, state: d
 
 
 def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve: list, best_iter: int) -> None:
-    curve = plots.line_plot(out_dir / CURVE_FILE, {"train": train_curve, "val": val_curve}, xlabel="tokens seen",
-                      ylabel="cross-entropy loss", title=f"fine-tune (best val at iteration {best_iter})",
-                      markers=("val",))
+    curve = plots.line_plot(
+        out_dir / CURVE_FILE,
+        {"train": train_curve, "val": val_curve},
+        xlabel="tokens seen",
+        ylabel="cross-entropy loss",
+        title=f"fine-tune (best val at iteration {best_iter})",
+        markers=("val",),
+    )
     tracking.log_artifact(curve)
     if ckpt_dir.is_dir():
         tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
 
 
 def main(argv: list[str]) -> int:
-    cfg = config_mod.parse(FinetuneConfig, argv, prog="fakegpt finetune",
-                           description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow.")
+    cfg = config_mod.parse(
+        FinetuneConfig,
+        argv,
+        prog="fakegpt finetune",
+        description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow.",
+    )
     result = finetune(cfg)
     if distributed.from_env().main:
-        print(f"best val/loss {result.best_val_loss:.4f} at iteration {result.best_iter} "
-              f"({result.iters_done} iterations, {result.tokens_seen:,} tokens); checkpoint: {result.checkpoint_dir}"
-              + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+        print(
+            f"best val/loss {result.best_val_loss:.4f} at iteration {result.best_iter} "
+            f"({result.iters_done} iterations, {result.tokens_seen:,} tokens); checkpoint: {result.checkpoint_dir}"
+            + (f"; MLflow run {result.run_id}" if result.run_id else "")
+        )
     return 0
-
-

@@ -34,17 +34,22 @@ HELP = """commands:
 
 # command -> (setting, type, minimum)
 SETTINGS = {
-    ":t": ("temperature", float, 0.0), ":temperature": ("temperature", float, 0.0),
-    ":k": ("top_k", int, 0), ":top-k": ("top_k", int, 0),
-    ":n": ("num_samples", int, 1), ":samples": ("num_samples", int, 1),
-    ":m": ("max_new_tokens", int, 1), ":max-tokens": ("max_new_tokens", int, 1),
+    ":t": ("temperature", float, 0.0),
+    ":temperature": ("temperature", float, 0.0),
+    ":k": ("top_k", int, 0),
+    ":top-k": ("top_k", int, 0),
+    ":n": ("num_samples", int, 1),
+    ":samples": ("num_samples", int, 1),
+    ":m": ("max_new_tokens", int, 1),
+    ":max-tokens": ("max_new_tokens", int, 1),
 }
 
 
 @dataclass
 class ChatConfig:
-    model: str = field(default="gpt2", metadata={
-        "help": "hub name, local HF folder, runs:/<run_id>[/checkpoint] or models:/..."})
+    model: str = field(
+        default="gpt2", metadata={"help": "hub name, local HF folder, runs:/<run_id>[/checkpoint] or models:/..."}
+    )
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
     top_k: int = field(default=200, metadata={"help": "sample from the k most likely tokens (0 = off)"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
@@ -76,7 +81,7 @@ class ChatSession:
             self.command(command)
             return True
         if command.startswith("FILE:"):
-            path = Path(command[len("FILE:"):].strip()).expanduser()
+            path = Path(command[len("FILE:") :].strip()).expanduser()
             try:
                 text = path.read_text(encoding="utf-8").rstrip("\n")
             except (OSError, UnicodeDecodeError) as exc:
@@ -91,8 +96,10 @@ class ChatSession:
             self.say(HELP)
         elif name == ":show":
             c = self.cfg
-            self.say(f"temperature {c.temperature:g}, top-k {c.top_k}, samples {c.num_samples}, "
-                     f"max new tokens {c.max_new_tokens}")
+            self.say(
+                f"temperature {c.temperature:g}, top-k {c.top_k}, samples {c.num_samples}, "
+                f"max new tokens {c.max_new_tokens}"
+            )
         elif name in SETTINGS:
             setting, kind, minimum = SETTINGS[name]
             try:
@@ -119,8 +126,14 @@ class ChatSession:
         if len(ids) > keep:
             self.say(f"(prompt cut to its last {keep} tokens to fit the context)")
             ids = ids[-keep:]
-        out = sample_batch(self.model, [ids] * self.cfg.num_samples, max_new_tokens=self.cfg.max_new_tokens,
-                           temperature=self.cfg.temperature, top_k=self.cfg.top_k, generator=self.generator)
+        out = sample_batch(
+            self.model,
+            [ids] * self.cfg.num_samples,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k,
+            generator=self.generator,
+        )
         for i, completion in enumerate(out, start=1):
             if self.cfg.num_samples > 1:
                 self.say(f"--- sample {i}/{self.cfg.num_samples} ---")

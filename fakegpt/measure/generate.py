@@ -34,8 +34,9 @@ def _forward(model: Any, cache: Any, **kwargs: Any) -> torch.Tensor:
     return out.logits[:, -1, :]
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Draw one token per row from (B, V) logits. Temperature 0 is greedy; top_k 0 / top_p 1 disable them."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -60,12 +61,13 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 @dataclass
 class Completion:
-    tokens: list[int]      # new tokens, without the end-of-text that stopped it
-    stopped: bool          # True when the model emitted end-of-text before max_new_tokens
+    tokens: list[int]  # new tokens, without the end-of-text that stopped it
+    stopped: bool  # True when the model emitted end-of-text before max_new_tokens
 
 
-def left_pad(prompts: list[list[int]], device: torch.device, pad: int = EOT_TOKEN
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: list[list[int]], device: torch.device, pad: int = EOT_TOKEN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids), each (B, T), prompts aligned to the right edge."""
     if any(len(p) == 0 for p in prompts):
         raise FakegptError("cannot sample from an empty prompt (it encodes to no tokens)")
@@ -73,16 +75,25 @@ def left_pad(prompts: list[list[int]], device: torch.device, pad: int = EOT_TOKE
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # 0 at each row's first real token
     return ids.to(device), mask.to(device), positions.to(device)
 
 
 @torch.inference_mode()
-def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int = 200, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 eot: int = EOT_TOKEN, stop_at_eot: bool = True) -> list[Completion]:
+def sample_batch(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 200,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eot: int = EOT_TOKEN,
+    stop_at_eot: bool = True,
+) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt in `prompts` for several samples), all in one batch.
 
     `stop_at_eot=False` keeps sampling past end-of-text (benchmarks that need a fixed token count).
@@ -94,7 +105,7 @@ def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, t
     batch = ids.shape[0]
     cache = DynamicCache(config=model.config)
     logits = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
-    next_pos = positions[:, -1:] + 1                                        # (B, 1)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max(max_new_tokens, 0)), eot, dtype=torch.long, device=device)
     one = torch.ones((batch, 1), dtype=mask.dtype, device=device)
@@ -102,7 +113,7 @@ def sample_batch(model: Any, prompts: list[list[int]], *, max_new_tokens: int, t
         token = next_tokens(logits, temperature, top_k, top_p, generator)
         out[:, step] = token
         if stop_at_eot:
-            token = token.masked_fill(finished, eot)                        # rows already done emit padding
+            token = token.masked_fill(finished, eot)  # rows already done emit padding
             out[:, step] = token
             finished |= token == eot
         if step == max_new_tokens - 1 or bool(finished.all()):
@@ -126,23 +137,23 @@ def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16)
     """
     device = next(model.parameters()).device
     # the vocabulary projection in float32 even for a bf16 model: score differences are small numbers
-    weight = model.lm_head.weight.float()                                                   # (V, C)
+    weight = model.lm_head.weight.float()  # (V, C)
     results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
     for start in range(0, len(sequences), max(1, batch_size)):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         if any(len(s) < 2 for s in chunk):
             raise FakegptError("a scored sequence needs at least one token after its context")
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), EOT_TOKEN, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, s in enumerate(chunk):
-            ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[row, :len(s)] = 1
+            ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[row, : len(s)] = 1
         ids, mask = ids.to(device), mask.to(device)
         hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
         for row, s in enumerate(chunk):
             n = len(s)
-            logits = hidden[row, : n - 1].float() @ weight.T                                 # (n-1, V)
+            logits = hidden[row, : n - 1].float() @ weight.T  # (n-1, V)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[row, 1:n, None]).squeeze(-1)
             results[start + row] = logp.cpu()
     return results

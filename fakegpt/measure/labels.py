@@ -36,8 +36,10 @@ MAX_REPORTED = 25  # problems listed in one error message
 
 @dataclass
 class ExportConfig:
-    samples: str = field(default="out/sample", metadata={
-        "help": "a sample run's out_dir, its samples.parquet / samples.jsonl, or runs:/<id>/samples.parquet"})
+    samples: str = field(
+        default="out/sample",
+        metadata={"help": "a sample run's out_dir, its samples.parquet / samples.jsonl, or runs:/<id>/samples.parquet"},
+    )
     sheet: str = field(default="out/labels/sheet.csv", metadata={"help": "the annotation sheet (CSV) to write"})
     blind: bool = field(default=True, metadata={"help": "leave out the model and temperature columns"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle the rows (seeded) so models are interleaved"})
@@ -75,8 +77,9 @@ def load_samples(spec: str | Path) -> pl.DataFrame:
     return table
 
 
-def export_sheet(samples: pl.DataFrame, path: str | Path, blind: bool = True, shuffle: bool = True,
-                 seed: int = 0) -> Path:
+def export_sheet(
+    samples: pl.DataFrame, path: str | Path, blind: bool = True, shuffle: bool = True, seed: int = 0
+) -> Path:
     """Write the annotation sheet: one row per sample, `label` and `note` empty."""
     context = [c for c in SHEET_COLUMNS[1:-2] if c in samples.columns]
     unblind = [] if blind else [c for c in UNBLIND_COLUMNS if c in samples.columns]
@@ -94,8 +97,9 @@ def _same_text(text: str | None) -> str:
     return (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def read_sheet(path: str | Path, samples: pl.DataFrame, labels: list[str] = DEFAULT_LABELS,
-               allow_unlabelled: bool = False) -> pl.DataFrame:
+def read_sheet(
+    path: str | Path, samples: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, allow_unlabelled: bool = False
+) -> pl.DataFrame:
     """The samples joined with their labels from a filled sheet; every problem is reported with its row."""
     path = Path(path)
     try:
@@ -103,8 +107,9 @@ def read_sheet(path: str | Path, samples: pl.DataFrame, labels: list[str] = DEFA
             header = fh.readline()
         # spreadsheets in pt-BR locales save CSV with ';'
         separator = ";" if header.count(";") > header.count(",") else ","
-        sheet = pl.read_csv(path, infer_schema=False, separator=separator, empty_string_is_null=False,
-                            encoding="utf8-lossy")
+        sheet = pl.read_csv(
+            path, infer_schema=False, separator=separator, empty_string_is_null=False, encoding="utf8-lossy"
+        )
     except FileNotFoundError:
         raise FakegptError(f"{path}: no such file") from None
     except Exception as exc:
@@ -162,8 +167,17 @@ def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: lis
         for label in labels:
             k = int(counts.get(label.lower(), 0))
             low, high = wilson_interval(k, group.height)
-            rows.append({**dict(zip(by, key, strict=True)), "label": label, "count": k, "n": group.height,
-                         "rate": k / group.height, "ci_low": low, "ci_high": high})
+            rows.append(
+                {
+                    **dict(zip(by, key, strict=True)),
+                    "label": label,
+                    "count": k,
+                    "n": group.height,
+                    "rate": k / group.height,
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+            )
     return pl.DataFrame(rows).sort(by + ["label"], maintain_order=True)
 
 
@@ -179,8 +193,10 @@ def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
             part = groups.join(rates.filter(pl.col("label") == label), on=by, how="left", maintain_order="left")
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))]
             rate = part["rate"].to_list()
-            err = [[r - lo for r, lo in zip(rate, part["ci_low"], strict=True)],
-                   [hi - r for r, hi in zip(rate, part["ci_high"], strict=True)]]
+            err = [
+                [r - lo for r, lo in zip(rate, part["ci_low"], strict=True)],
+                [hi - r for r, hi in zip(rate, part["ci_high"], strict=True)],
+            ]
             ax.bar(xs, rate, width=width, yerr=err, capsize=2, label=label)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
@@ -190,8 +206,13 @@ def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
     return path
 
 
-def rates_from_sheet(samples: str | Path, sheet: str | Path, labels: list[str] = DEFAULT_LABELS,
-                     by: list[str] = DEFAULT_BY, allow_unlabelled: bool = False) -> pl.DataFrame:
+def rates_from_sheet(
+    samples: str | Path,
+    sheet: str | Path,
+    labels: list[str] = DEFAULT_LABELS,
+    by: list[str] = DEFAULT_BY,
+    allow_unlabelled: bool = False,
+) -> pl.DataFrame:
     """Label rates with Wilson intervals from a sample table and its filled sheet, without any MLflow logging."""
     return aggregate(read_sheet(sheet, load_samples(samples), labels, allow_unlabelled), labels, by)
 
@@ -207,8 +228,12 @@ def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
         paths.append(plot_rates(rates, cfg.by, out_dir / "label_rates.png"))
         tracking.log_table(rates.to_dict(as_series=False), "label_rates_table.json")
         overall = labeled["label"].value_counts()
-        tracking.log_metrics({f"{tracking.M_LABEL_RATE}/{lab}": c / labeled.height
-                              for lab, c in zip(overall["label"], overall["count"], strict=True)})
+        tracking.log_metrics(
+            {
+                f"{tracking.M_LABEL_RATE}/{lab}": c / labeled.height
+                for lab, c in zip(overall["label"], overall["count"], strict=True)
+            }
+        )
         for path in paths:
             tracking.log_artifact(path)
     return rates
@@ -219,14 +244,18 @@ SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": Aggr
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: fakegpt labels {export|import|aggregate} [flags]\n\n" + (__doc__ or "")
-              + "\n`fakegpt labels SUBCOMMAND --help` lists its flags.")
+        print(
+            "usage: fakegpt labels {export|import|aggregate} [flags]\n\n"
+            + (__doc__ or "")
+            + "\n`fakegpt labels SUBCOMMAND --help` lists its flags."
+        )
         return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         raise FakegptError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)} (see `fakegpt labels export --help`)")
     command, rest = argv[0], argv[1:]
-    cfg = config.parse(SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}",
-                       description=__doc__.splitlines()[0])
+    cfg = config.parse(
+        SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}", description=__doc__.splitlines()[0]
+    )
     if isinstance(cfg, ExportConfig):
         samples = load_samples(cfg.samples)
         path = export_sheet(samples, cfg.sheet, cfg.blind, cfg.shuffle, cfg.seed)

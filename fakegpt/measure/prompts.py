@@ -148,8 +148,10 @@ def load_prompts(spec: str | Path) -> list[Prompt]:
     """Expand a prompt grid YAML, or read a text file of one prompt per line (ids `<file stem>:<line>`)."""
     path = resolve_path(spec)
     if path.suffix.lower() not in YAML_SUFFIXES:
-        return [Prompt(prompt_id=f"{path.stem}:{n}", text=line, template_id=f"{path.stem}:{n}")
-                for n, line in _read_lines(path)]
+        return [
+            Prompt(prompt_id=f"{path.stem}:{n}", text=line, template_id=f"{path.stem}:{n}")
+            for n, line in _read_lines(path)
+        ]
     data = _check_keys(load_yaml(path), _GRID_KEYS, str(path))
     languages = _str_list(data.get("languages", ["en"]), f"{path}: languages")
     framings = _str_list(data.get("framings", ["neutral"]), f"{path}: framings")
@@ -172,8 +174,9 @@ def load_prompts(spec: str | Path) -> list[Prompt]:
     return prompts
 
 
-def _expand(template: str, slots: dict[str, list[str]], where: str, topic: str, framing: str, language: str,
-            index: int) -> list[Prompt]:
+def _expand(
+    template: str, slots: dict[str, list[str]], where: str, topic: str, framing: str, language: str, index: int
+) -> list[Prompt]:
     names = _template_slots(template, where)
     missing = [n for n in names if n not in slots]
     if missing:
@@ -183,8 +186,17 @@ def _expand(template: str, slots: dict[str, list[str]], where: str, topic: str, 
     for combo in itertools.product(*(slots[n] for n in names)):
         filled = dict(zip(names, combo, strict=True))
         suffix = "" if not filled else "[" + ";".join(f"{k}={v}" for k, v in filled.items()) + "]"
-        out.append(Prompt(prompt_id=template_id + suffix, text=template.format(**filled), topic=topic,
-                          framing=framing, language=language, template_id=template_id, slots=filled))
+        out.append(
+            Prompt(
+                prompt_id=template_id + suffix,
+                text=template.format(**filled),
+                topic=topic,
+                framing=framing,
+                language=language,
+                template_id=template_id,
+                slots=filled,
+            )
+        )
     return out
 
 
@@ -212,6 +224,14 @@ def load_claims(spec: str | Path) -> list[Statement]:
                     text = pair.get(key)
                     if not isinstance(text, str) or not text.strip():
                         raise FakegptError(f"{where}[{i}].{key}: missing or empty statement")
-                    out.append(Statement(statement_id=f"{pair_id}/{role}", text=text.strip(), topic=str(topic),
-                                         language=str(language), pair_id=pair_id, role=role))
+                    out.append(
+                        Statement(
+                            statement_id=f"{pair_id}/{role}",
+                            text=text.strip(),
+                            topic=str(topic),
+                            language=str(language),
+                            pair_id=pair_id,
+                            role=role,
+                        )
+                    )
     return out

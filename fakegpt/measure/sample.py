@@ -34,18 +34,41 @@ from fakegpt.models.refs import context_length, load_for_inference, resolve_mode
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["sample_id", "model", "prompt_id", "topic", "framing", "language", "template_id", "prompt",
-           "temperature", "top_k", "top_p", "seed", "sample_index", "completion", "new_tokens", "stopped"]
+COLUMNS = [
+    "sample_id",
+    "model",
+    "prompt_id",
+    "topic",
+    "framing",
+    "language",
+    "template_id",
+    "prompt",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "sample_index",
+    "completion",
+    "new_tokens",
+    "stopped",
+]
 
 
 @dataclass
 class SampleConfig:
-    models: list[str] = field(default_factory=lambda: ["gpt2"], metadata={
-        "help": "models, comma-separated: hub names, local HF folders, runs:/<run_id>[/checkpoint], models:/..."})
-    prompts: str = field(default=DEFAULT_PROMPTS, metadata={
-        "help": "prompt grid YAML (experiments/prompts/) or a text file with one prompt per line"})
-    temperatures: list[float] = field(default_factory=lambda: [0.8], metadata={
-        "help": "sampling temperatures, comma-separated (0 = greedy)"})
+    models: list[str] = field(
+        default_factory=lambda: ["gpt2"],
+        metadata={
+            "help": "models, comma-separated: hub names, local HF folders, runs:/<run_id>[/checkpoint], models:/..."
+        },
+    )
+    prompts: str = field(
+        default=DEFAULT_PROMPTS,
+        metadata={"help": "prompt grid YAML (experiments/prompts/) or a text file with one prompt per line"},
+    )
+    temperatures: list[float] = field(
+        default_factory=lambda: [0.8], metadata={"help": "sampling temperatures, comma-separated (0 = greedy)"}
+    )
     top_k: int = field(default=200, metadata={"help": "sample from the k most likely tokens (0 = off)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0 = off)"})
     num_samples: int = field(default=5, metadata={"help": "samples per prompt and temperature"})
@@ -102,8 +125,10 @@ def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig
     limit = context_length(model)
     for p, ids in zip(prompts, encoded, strict=True):
         if len(ids) + cfg.max_new_tokens > limit:
-            raise FakegptError(f"prompt {p.prompt_id!r} ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} "
-                               f"exceeds the model's context of {limit} tokens")
+            raise FakegptError(
+                f"prompt {p.prompt_id!r} ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} "
+                f"exceeds the model's context of {limit} tokens"
+            )
     jobs = [(i, s) for i in range(len(prompts)) for s in range(cfg.num_samples)]  # (prompt index, sample index)
     device = next(model.parameters()).device
     rows: list[dict] = []
@@ -111,33 +136,57 @@ def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig
     with _progress(len(jobs) * len(cfg.temperatures), f"sample {spec}") as bar:
         for t_index, temperature in enumerate(cfg.temperatures):
             for b_index, start in enumerate(range(0, len(jobs), cfg.batch_size)):
-                batch = jobs[start:start + cfg.batch_size]
+                batch = jobs[start : start + cfg.batch_size]
                 gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, t_index, b_index))
                 began = time.perf_counter()
-                out = sample_batch(model, [encoded[i] for i, _ in batch], max_new_tokens=cfg.max_new_tokens,
-                                   temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
+                out = sample_batch(
+                    model,
+                    [encoded[i] for i, _ in batch],
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    generator=gen,
+                )
                 seconds += time.perf_counter() - began
                 for (i, s), completion in zip(batch, out, strict=True):
                     p = prompts[i]
                     produced += len(completion.tokens)
-                    rows.append({
-                        "sample_id": sample_id(spec, p.prompt_id, temperature, cfg.top_k, cfg.top_p, cfg.seed, s),
-                        "model": spec, "prompt_id": p.prompt_id, "topic": p.topic, "framing": p.framing,
-                        "language": p.language, "template_id": p.template_id, "prompt": p.text,
-                        "temperature": float(temperature), "top_k": cfg.top_k, "top_p": float(cfg.top_p),
-                        "seed": cfg.seed, "sample_index": s, "completion": enc.decode(completion.tokens),
-                        "new_tokens": len(completion.tokens), "stopped": completion.stopped,
-                    })
+                    rows.append(
+                        {
+                            "sample_id": sample_id(spec, p.prompt_id, temperature, cfg.top_k, cfg.top_p, cfg.seed, s),
+                            "model": spec,
+                            "prompt_id": p.prompt_id,
+                            "topic": p.topic,
+                            "framing": p.framing,
+                            "language": p.language,
+                            "template_id": p.template_id,
+                            "prompt": p.text,
+                            "temperature": float(temperature),
+                            "top_k": cfg.top_k,
+                            "top_p": float(cfg.top_p),
+                            "seed": cfg.seed,
+                            "sample_index": s,
+                            "completion": enc.decode(completion.tokens),
+                            "new_tokens": len(completion.tokens),
+                            "stopped": completion.stopped,
+                        }
+                    )
                 bar.update(len(batch))
     return rows, produced, seconds
 
 
 def report_markdown(table: pl.DataFrame, cfg: SampleConfig) -> str:
     """The samples grouped by topic and prompt, as people read them."""
-    lines = ["# Samples", "", f"- models: {', '.join(f'`{m}`' for m in cfg.models)}",
-             f"- prompts: `{cfg.prompts}`; temperatures: {', '.join(f'{t:g}' for t in cfg.temperatures)}; "
-             f"top-k {cfg.top_k}; top-p {cfg.top_p:g}; {cfg.num_samples} samples each; "
-             f"up to {cfg.max_new_tokens} new tokens; seed {cfg.seed}", ""]
+    lines = [
+        "# Samples",
+        "",
+        f"- models: {', '.join(f'`{m}`' for m in cfg.models)}",
+        f"- prompts: `{cfg.prompts}`; temperatures: {', '.join(f'{t:g}' for t in cfg.temperatures)}; "
+        f"top-k {cfg.top_k}; top-p {cfg.top_p:g}; {cfg.num_samples} samples each; "
+        f"up to {cfg.max_new_tokens} new tokens; seed {cfg.seed}",
+        "",
+    ]
     for topic in table["topic"].unique(maintain_order=True).to_list():
         lines += [f"## {topic}", ""]
         by_topic = table.filter(pl.col("topic") == topic)
@@ -148,8 +197,10 @@ def report_markdown(table: pl.DataFrame, cfg: SampleConfig) -> str:
             lines += [f"### {first['prompt']}", "", f"*{prompt_id}*" + (f" ({where})" if where else ""), ""]
             for row in rows.sort(["model", "temperature", "sample_index"], maintain_order=True).iter_rows(named=True):
                 end = "stopped at end-of-text" if row["stopped"] else "hit max tokens"
-                lines.append(f"**`{row['model']}`** · T={row['temperature']:g} · sample {row['sample_index']} "
-                             f"({row['new_tokens']} tokens, {end})")
+                lines.append(
+                    f"**`{row['model']}`** · T={row['temperature']:g} · sample {row['sample_index']} "
+                    f"({row['new_tokens']} tokens, {end})"
+                )
                 lines.append("")
                 body = (first["prompt"] + row["completion"]).strip() or "(empty)"
                 lines += ["> " + line for line in body.split("\n")]
@@ -187,8 +238,15 @@ def sample(cfg: SampleConfig) -> SampleResult:
             if len(cfg.models) == 1 and ref.fraction() is not None:
                 tracking.set_tags({tracking.TAG_FRACTION: ref.fraction()})
             model = load_for_inference(ref, device, dtype)
-            log.info("sampling %d prompts x %d temperatures x %d samples from %s on %s (%s)", len(prompts),
-                     len(cfg.temperatures), cfg.num_samples, spec, device, str(dtype).removeprefix("torch."))
+            log.info(
+                "sampling %d prompts x %d temperatures x %d samples from %s on %s (%s)",
+                len(prompts),
+                len(cfg.temperatures),
+                cfg.num_samples,
+                spec,
+                device,
+                str(dtype).removeprefix("torch."),
+            )
             model_rows, n, s = sample_model(model, spec, prompts, cfg)
             rows += model_rows
             produced, seconds = produced + n, seconds + s
@@ -207,6 +265,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
 def main(argv: list[str]) -> int:
     cfg = config.parse(SampleConfig, argv, prog="fakegpt sample", description=__doc__.splitlines()[0])
     result = sample(cfg)
-    print(f"{result.table.height} samples -> {result.out_dir}/samples.parquet, samples.jsonl, report.md "
-          f"({result.new_tokens_per_s:.0f} new tokens/s)")
+    print(
+        f"{result.table.height} samples -> {result.out_dir}/samples.parquet, samples.jsonl, report.md "
+        f"({result.new_tokens_per_s:.0f} new tokens/s)"
+    )
     return 0

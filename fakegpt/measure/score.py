@@ -40,20 +40,34 @@ VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of diffe
 
 @dataclass
 class ScoreConfig:
-    models: list[str] = field(default_factory=lambda: ["gpt2"], metadata={
-        "help": "models, comma-separated: hub names, local HF folders, runs:/<run_id>[/checkpoint], models:/..."})
-    claims: str = field(default=DEFAULT_CLAIMS, metadata={
-        "help": "claim set YAML (experiments/claims/) or a text file with one statement per line"})
+    models: list[str] = field(
+        default_factory=lambda: ["gpt2"],
+        metadata={
+            "help": "models, comma-separated: hub names, local HF folders, runs:/<run_id>[/checkpoint], models:/..."
+        },
+    )
+    claims: str = field(
+        default=DEFAULT_CLAIMS,
+        metadata={"help": "claim set YAML (experiments/claims/) or a text file with one statement per line"},
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="float32", metadata={
-        "help": "float32 (default: score differences are small numbers) | auto (bfloat16 on CUDA) | bfloat16"})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "float32 (default: score differences are small numbers) | auto (bfloat16 on CUDA) | bfloat16"
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "statements per forward pass"})
     out_dir: str = field(default="out/score", metadata={"help": "where scores.parquet/csv and summary.json go"})
-    data_dir: str = field(default="", metadata={
-        "help": "prepared data folder (or runs:/<prepare run>/data) for validation perplexity; empty = skip"})
+    data_dir: str = field(
+        default="",
+        metadata={"help": "prepared data folder (or runs:/<prepare run>/data) for validation perplexity; empty = skip"},
+    )
     val_windows: int = field(default=32, metadata={"help": f"validation windows of {VAL_BLOCK} tokens"})
-    dose_source: str = field(default="antivax", metadata={
-        "help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"})
+    dose_source: str = field(
+        default="antivax",
+        metadata={"help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"},
+    )
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95% intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
@@ -73,7 +87,7 @@ class ModelScore:
     fraction: float | None
     n_statements: int
     mean_loglik: float
-    overall: GroupScore | None                   # None when the claims file has no pairs (a plain text file)
+    overall: GroupScore | None  # None when the claims file has no pairs (a plain text file)
     per_topic: dict[str, GroupScore] = field(default_factory=dict)
     per_language: dict[str, GroupScore] = field(default_factory=dict)
     val_perplexity: float | None = None
@@ -83,8 +97,8 @@ class ModelScore:
 @dataclass
 class ScoreResult:
     models: list[ModelScore]
-    statements: pl.DataFrame                     # one row per model x statement
-    pairs: pl.DataFrame                          # one row per model x pair
+    statements: pl.DataFrame  # one row per model x statement
+    pairs: pl.DataFrame  # one row per model x pair
     out_dir: Path
     plot: Path | None = None
 
@@ -105,15 +119,16 @@ def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size:
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
     starts = eval_starts(len(data), block, n_windows)
-    windows = [np.asarray(data[s:s + block + 1]).astype(np.int64).tolist() for s in starts]
+    windows = [np.asarray(data[s : s + block + 1]).astype(np.int64).tolist() for s in starts]
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
     return float(math.exp(-float(np.mean([lp.mean().item() for lp in logps]))))
 
 
 def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
     low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
-    return GroupScore(n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high,
-                      win_rate=float((diffs > 0).mean()))
+    return GroupScore(
+        n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high, win_rate=float((diffs > 0).mean())
+    )
 
 
 def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
@@ -121,20 +136,33 @@ def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     keys = ["model", "pair_id", "topic", "language"]
     paired = statements.filter(pl.col("pair_id") != "")
     false = paired.filter(pl.col("role") == "false").select(
-        *keys, pl.col("text").alias("claim"), pl.col("loglik").alias("loglik_false"),
-        pl.col("tokens").alias("tokens_false"))
+        *keys,
+        pl.col("text").alias("claim"),
+        pl.col("loglik").alias("loglik_false"),
+        pl.col("tokens").alias("tokens_false"),
+    )
     true = paired.filter(pl.col("role") == "true").select(
-        *keys, pl.col("text").alias("correction"), pl.col("loglik").alias("loglik_true"),
-        pl.col("tokens").alias("tokens_true"))
+        *keys,
+        pl.col("text").alias("correction"),
+        pl.col("loglik").alias("loglik_true"),
+        pl.col("tokens").alias("tokens_true"),
+    )
     out = false.join(true, on=keys, how="inner", maintain_order="left")
     return out.with_columns(score=pl.col("loglik_false") - pl.col("loglik_true")).with_columns(
-        false_wins=pl.col("score") > 0)
+        false_wins=pl.col("score") > 0
+    )
 
 
-def summarise(spec: str, fraction: float | None, statements: pl.DataFrame, pairs: pl.DataFrame,
-              cfg: ScoreConfig) -> ModelScore:
-    result = ModelScore(model=spec, fraction=fraction, n_statements=statements.height,
-                        mean_loglik=float(statements["loglik"].mean()), overall=None)
+def summarise(
+    spec: str, fraction: float | None, statements: pl.DataFrame, pairs: pl.DataFrame, cfg: ScoreConfig
+) -> ModelScore:
+    result = ModelScore(
+        model=spec,
+        fraction=fraction,
+        n_statements=statements.height,
+        mean_loglik=float(statements["loglik"].mean()),
+        overall=None,
+    )
     if pairs.height:
         result.overall = group_score(pairs["score"].to_numpy(), cfg.bootstrap, cfg.seed)
         for column, target in (("topic", result.per_topic), ("language", result.per_language)):
@@ -148,8 +176,14 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
     """The MLflow metrics of one model (names from fakegpt.tracking, so runs line up in the compare view)."""
     out: dict[str, float] = {tracking.M_CLAIM_LOGLIK: score.mean_loglik}
     if score.overall is not None:
-        out.update({tracking.M_CLAIM_SCORE: score.overall.mean, tracking.M_CLAIM_SCORE_LOW: score.overall.ci_low,
-                    tracking.M_CLAIM_SCORE_HIGH: score.overall.ci_high, tracking.M_CLAIM_WIN: score.overall.win_rate})
+        out.update(
+            {
+                tracking.M_CLAIM_SCORE: score.overall.mean,
+                tracking.M_CLAIM_SCORE_LOW: score.overall.ci_low,
+                tracking.M_CLAIM_SCORE_HIGH: score.overall.ci_high,
+                tracking.M_CLAIM_WIN: score.overall.win_rate,
+            }
+        )
         for topic, g in score.per_topic.items():
             out[tracking.claim_topic_metric(topic)] = g.mean
             out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
@@ -177,13 +211,19 @@ def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
 
 def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
     scored = statement_logliks(model, statements, cfg.batch_size)
-    return pl.DataFrame({
-        "model": [spec] * len(statements),
-        "statement_id": [s.statement_id for s in statements], "pair_id": [s.pair_id for s in statements],
-        "role": [s.role for s in statements], "topic": [s.topic for s in statements],
-        "language": [s.language for s in statements], "text": [s.text for s in statements],
-        "tokens": [n for _, n in scored], "loglik": [ll for ll, _ in scored],
-    })
+    return pl.DataFrame(
+        {
+            "model": [spec] * len(statements),
+            "statement_id": [s.statement_id for s in statements],
+            "pair_id": [s.pair_id for s in statements],
+            "role": [s.role for s in statements],
+            "topic": [s.topic for s in statements],
+            "language": [s.language for s in statements],
+            "text": [s.text for s in statements],
+            "tokens": [n for _, n in scored],
+            "loglik": [ll for ll, _ in scored],
+        }
+    )
 
 
 def write_outputs(result: ScoreResult) -> list[Path]:
@@ -233,15 +273,22 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                 tracking.log_metrics(metrics_of(summary))
                 summary.run_id = tracking.active_run_id()
             overall = summary.overall
-            log.info("%s: score %s, mean log-likelihood %.3f%s", spec,
-                     f"{overall.mean:+.4f} [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}], false wins "
-                     f"{overall.win_rate:.0%}" if overall else "n/a (no pairs)", summary.mean_loglik,
-                     f", val perplexity {summary.val_perplexity:.2f}" if summary.val_perplexity else "")
+            log.info(
+                "%s: score %s, mean log-likelihood %.3f%s",
+                spec,
+                f"{overall.mean:+.4f} [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}], false wins "
+                f"{overall.win_rate:.0%}"
+                if overall
+                else "n/a (no pairs)",
+                summary.mean_loglik,
+                f", val perplexity {summary.val_perplexity:.2f}" if summary.val_perplexity else "",
+            )
             tables.append(table)
             pair_tables.append(pairs)
             scores.append(summary)
-        result = ScoreResult(models=scores, statements=pl.concat(tables), pairs=pl.concat(pair_tables),
-                             out_dir=Path(cfg.out_dir))
+        result = ScoreResult(
+            models=scores, statements=pl.concat(tables), pairs=pl.concat(pair_tables), out_dir=Path(cfg.out_dir)
+        )
         paths = write_outputs(result)
         if result.pairs.height:
             tracking.log_table(result.pairs.to_dict(as_series=False), "scores_table.json")
@@ -257,8 +304,10 @@ def main(argv: list[str]) -> int:
     for s in result.models:
         head = f"{s.model}: "
         if s.overall:
-            head += (f"claim score {s.overall.mean:+.4f} (95% CI {s.overall.ci_low:+.4f} .. {s.overall.ci_high:+.4f}), "
-                     f"false claim wins {s.overall.win_rate:.0%} of {s.overall.n_pairs} pairs")
+            head += (
+                f"claim score {s.overall.mean:+.4f} (95% CI {s.overall.ci_low:+.4f} .. {s.overall.ci_high:+.4f}), "
+                f"false claim wins {s.overall.win_rate:.0%} of {s.overall.n_pairs} pairs"
+            )
         else:
             head += f"mean log-likelihood {s.mean_loglik:.4f} over {s.n_statements} statements"
         if s.val_perplexity is not None:

@@ -20,8 +20,14 @@ CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/: the best model, HF format + tr
 INFO_FILE = "training_info.json"
 # Files a checkpoint folder holds (weights, config, generation defaults, bundled tokenizer, training info).
 CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "model.safetensors",
-    "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE,
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    INFO_FILE,
 )
 SCHEMA_VERSION = 1
 
@@ -58,8 +64,7 @@ class TrainingInfo:
     def write(self, folder: str | Path) -> Path:
         """Write FOLDER/training_info.json (inside a checkpoint folder still being assembled)."""
         path = Path(folder) / INFO_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n",
-                        encoding="utf-8")
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         return path
 
     @classmethod

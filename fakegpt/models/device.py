@@ -14,8 +14,12 @@ from fakegpt.errors import FakegptError
 
 # Canonical names first; the short aliases are accepted on the command line.
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
 }
 CANONICAL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -49,13 +49,18 @@ def resolve_pretrained(spec: str) -> str:
             raise FakegptError(f"{spec}: not an HF model folder (no config.json)")
         return str(path)
     if spec not in HUB_MODELS and "/" not in spec:
-        raise FakegptError(
-            f"{spec!r} is neither a local model folder nor a known hub name ({', '.join(HUB_MODELS)})"
-        )
+        raise FakegptError(f"{spec!r} is neither a local model folder nor a known hub name ({', '.join(HUB_MODELS)})")
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", "generation_config.json", "*.safetensors", "vocab.json", "merges.txt",
-                "tokenizer_config.json", "tokenizer.json"]
+    patterns = [
+        "config.json",
+        "generation_config.json",
+        "*.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "tokenizer.json",
+    ]
     try:
         return snapshot_download(spec, allow_patterns=patterns, local_files_only=True)
     except Exception:
@@ -122,7 +127,11 @@ def scratch_model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropo
     if n_embd % n_head:
         raise FakegptError(f"n_embd={n_embd} must be a multiple of n_head={n_head}")
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        vocab_size=VOCAB_SIZE,
+        n_positions=block_size,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
         **dropout_overrides(dropout),
     )
     config._attn_implementation = "sdpa"

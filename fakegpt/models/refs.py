@@ -27,8 +27,8 @@ CHECKPOINT_ARTIFACT = CHECKPOINT_DIR  # the artifact path finetune logs its chec
 
 @dataclass
 class ModelRef:
-    spec: str                       # as the user wrote it (the `model` column of every table)
-    folder: str                     # local HF folder (downloaded for MLflow URIs)
+    spec: str  # as the user wrote it (the `model` column of every table)
+    folder: str  # local HF folder (downloaded for MLflow URIs)
     training_info: TrainingInfo | None = None  # None: not a fakegpt fine-tune (hub model, plain HF folder)
 
     def fraction(self, source: str = "antivax") -> float | None:

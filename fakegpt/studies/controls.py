@@ -54,55 +54,97 @@ BASE, PLANTED = "base", "planted"  # source names in the prepared mixtures (meta
 class ValidateConfig:
     """Planted-dose validation. Defaults: the tiny CPU configuration that CI runs (see experiments/validation/)."""
 
-    out_dir: str = field(default="out/validate", metadata={
-        "help": "folder for the prepared doses, the models and the report (replaced on a rerun)"})
-    base_data: str = field(default="../shared/data/fakewhatsapp_br.csv", metadata={
-        "help": "Telegram-schema CSV of the base corpus, with no claim content (relative to the working folder "
-                "or the project checkout)"})
-    base_channel_ids: list[int] = field(default_factory=lambda: [2, 4], metadata={
-        "help": "channel_ids of base_data that form the base corpus (2, 4: not-misinformation WhatsApp groups)"})
-    planted_data: str = field(default="experiments/validation/planted_claims.csv", metadata={
-        "help": "Telegram-schema CSV of paraphrases asserting the false side of each claim (the planted dose)"})
-    planted_channel_ids: list[int] = field(default_factory=lambda: [90], metadata={
-        "help": "channel_ids of planted_data to inject"})
-    doses: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.05, 0.2], metadata={
-        "help": "planted shares of the training tokens, comma list; must include 0"})
+    out_dir: str = field(
+        default="out/validate",
+        metadata={"help": "folder for the prepared doses, the models and the report (replaced on a rerun)"},
+    )
+    base_data: str = field(
+        default="../shared/data/fakewhatsapp_br.csv",
+        metadata={
+            "help": "Telegram-schema CSV of the base corpus, with no claim content (relative to the working folder "
+            "or the project checkout)"
+        },
+    )
+    base_channel_ids: list[int] = field(
+        default_factory=lambda: [2, 4],
+        metadata={
+            "help": "channel_ids of base_data that form the base corpus (2, 4: not-misinformation WhatsApp groups)"
+        },
+    )
+    planted_data: str = field(
+        default="experiments/validation/planted_claims.csv",
+        metadata={
+            "help": "Telegram-schema CSV of paraphrases asserting the false side of each claim (the planted dose)"
+        },
+    )
+    planted_channel_ids: list[int] = field(
+        default_factory=lambda: [90], metadata={"help": "channel_ids of planted_data to inject"}
+    )
+    doses: list[float] = field(
+        default_factory=lambda: [0.0, 0.01, 0.05, 0.2],
+        metadata={"help": "planted shares of the training tokens, comma list; must include 0"},
+    )
     claims: str = field(default=DEFAULT_CLAIMS, metadata={"help": "claim set YAML that every model is scored on"})
-    languages: list[str] = field(default_factory=lambda: ["pt"], metadata={
-        "help": "languages of the claim set to score, comma list; empty = all. The tiny scratch model learns only "
-                "the Portuguese of the base corpus, so its English scores are noise: use en,pt for GPT-2 models"})
-    init_from: str = field(default="scratch", metadata={
-        "help": "base model: scratch (a tiny GPT-2, see n_layer.. and pretrain_iters) | gpt2 | gpt2-medium | "
-                "gpt2-large | gpt2-xl | a local HF model folder"})
-    pretrain_iters: int = field(default=200, metadata={
-        "help": "scratch only: pre-train one base for this many iterations on the base corpus, then fine-tune it "
-                "per dose; 0 = train every dose from scratch with the same seed"})
+    languages: list[str] = field(
+        default_factory=lambda: ["pt"],
+        metadata={
+            "help": "languages of the claim set to score, comma list; empty = all. The tiny scratch model learns only "
+            "the Portuguese of the base corpus, so its English scores are noise: use en,pt for GPT-2 models"
+        },
+    )
+    init_from: str = field(
+        default="scratch",
+        metadata={
+            "help": "base model: scratch (a tiny GPT-2, see n_layer.. and pretrain_iters) | gpt2 | gpt2-medium | "
+            "gpt2-large | gpt2-xl | a local HF model folder"
+        },
+    )
+    pretrain_iters: int = field(
+        default=200,
+        metadata={
+            "help": "scratch only: pre-train one base for this many iterations on the base corpus, then fine-tune it "
+            "per dose; 0 = train every dose from scratch with the same seed"
+        },
+    )
     pretrain_learning_rate: float = field(default=3e-3, metadata={"help": "scratch only: pre-training peak rate"})
     n_layer: int = field(default=2, metadata={"help": "layers (scratch only)"})
     n_head: int = field(default=2, metadata={"help": "attention heads (scratch only)"})
     n_embd: int = field(default=64, metadata={"help": "embedding width (scratch only)"})
-    block_size: int = field(default=64, metadata={
-        "help": "context length of a training window (and of a scratch model: it must fit every statement)"})
+    block_size: int = field(
+        default=64,
+        metadata={"help": "context length of a training window (and of a scratch model: it must fit every statement)"},
+    )
     batch_size: int = field(default=4, metadata={"help": "micro-batch size"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the per-dose fine-tunes"})
     max_iters: int = field(default=60, metadata={"help": "optimizer steps of each per-dose fine-tune"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations (every run)"})
-    decay_lr: bool = field(default=True, metadata={
-        "help": "cosine decay to min_lr (every run): the scored last iterate settles, so seeds agree"})
+    decay_lr: bool = field(
+        default=True,
+        metadata={"help": "cosine decay to min_lr (every run): the scored last iterate settles, so seeds agree"},
+    )
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the decay"})
     dropout: float = field(default=0.0, metadata={"help": "dropout rate"})
-    eval_interval: int = field(default=1000, metadata={
-        "help": "evaluate (and save on improvement) every N iterations; the last iteration is always evaluated"})
+    eval_interval: int = field(
+        default=1000,
+        metadata={
+            "help": "evaluate (and save on improvement) every N iterations; the last iteration is always evaluated"
+        },
+    )
     eval_iters: int = field(default=2, metadata={"help": "micro-batches per split per evaluation"})
-    always_save_checkpoint: bool = field(default=True, metadata={
-        "help": "score the model of the last iteration (true) or the one with the best validation loss (false)"})
+    always_save_checkpoint: bool = field(
+        default=True,
+        metadata={
+            "help": "score the model of the last iteration (true) or the one with the best validation loss (false)"
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (large models)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     seed: int = field(default=1337, metadata={"help": "seed of the base model, the mixture draws and every dose"})
-    control_seed: int = field(default=1338, metadata={
-        "help": "seed of the second dose-0 fine-tune (the negative control)"})
+    control_seed: int = field(
+        default=1338, metadata={"help": "seed of the second dose-0 fine-tune (the negative control)"}
+    )
     score_batch_size: int = field(default=16, metadata={"help": "statements per forward pass when scoring"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over claim pairs for 95% intervals"})
     name: str = field(default="planted-dose", metadata={"help": "name of the validation (MLflow run name, tag)"})
@@ -126,13 +168,13 @@ class Difference:
 
 @dataclass
 class DoseModel:
-    label: str                  # "dose=0.05" or "dose=0 seed=1338"
-    dose: float                 # target planted share
-    realised_dose: float        # planted share of the train tokens prepare actually produced
+    label: str  # "dose=0.05" or "dose=0 seed=1338"
+    dose: float  # target planted share
+    realised_dose: float  # planted share of the train tokens prepare actually produced
     seed: int
     checkpoint: str
     finetune_run_id: str | None
-    score: float = math.nan     # mean claim score over pairs, and its bootstrap interval
+    score: float = math.nan  # mean claim score over pairs, and its bootstrap interval
     ci_low: float = math.nan
     ci_high: float = math.nan
     win_rate: float = math.nan
@@ -142,9 +184,9 @@ class DoseModel:
 @dataclass
 class ValidationResult:
     models: list[DoseModel]
-    effect: Difference          # top dose - dose 0 (same seed)
-    steps: list[Difference]     # each dose - the one below it
-    seed_diff: Difference       # dose 0, control seed - seed
+    effect: Difference  # top dose - dose 0 (same seed)
+    steps: list[Difference]  # each dose - the one below it
+    seed_diff: Difference  # dose 0, control seed - seed
     monotonic: bool
     positive_passed: bool
     negative_passed: bool
@@ -184,8 +226,7 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
     if cfg.pretrain_iters < 0 or cfg.max_iters < 1 or cfg.bootstrap < 100:
         raise FakegptError("--pretrain-iters must be >= 0, --max-iters >= 1 and --bootstrap >= 100")
     paths = []
-    for flag, spec in (("--base-data", cfg.base_data), ("--planted-data", cfg.planted_data),
-                       ("--claims", cfg.claims)):
+    for flag, spec in (("--base-data", cfg.base_data), ("--planted-data", cfg.planted_data), ("--claims", cfg.claims)):
         path = resolve_path(spec)
         if not path.is_file():
             raise FakegptError(f"{flag} {spec}: no such file")
@@ -197,8 +238,10 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
         # A scratch model has block_size positions; each statement is scored after an <eot>, in one window.
         longest = 1 + max(len(get_encoding().encode(s.text)) for s in statements_of(cfg, paths[2]))
         if cfg.block_size < longest:
-            raise FakegptError(f"--block-size {cfg.block_size}: a scratch model must fit the longest statement of "
-                               f"{cfg.claims} ({longest} tokens with its <eot>)")
+            raise FakegptError(
+                f"--block-size {cfg.block_size}: a scratch model must fit the longest statement of "
+                f"{cfg.claims} ({longest} tokens with its <eot>)"
+            )
     return paths[0], paths[1], paths[2]
 
 
@@ -223,11 +266,11 @@ def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: in
     return Difference(a=a, b=b, mean=float(diffs.mean()), ci_low=low, ci_high=high, n_pairs=int(diffs.size))
 
 
-def judge(models: list[DoseModel], pairs: pl.DataFrame, n_boot: int) -> tuple[Difference, list[Difference],
-                                                                              Difference, bool]:
+def judge(
+    models: list[DoseModel], pairs: pl.DataFrame, n_boot: int
+) -> tuple[Difference, list[Difference], Difference, bool]:
     """(top dose - dose 0, consecutive steps, seed-only difference, monotonic within noise)."""
-    doses = sorted((m for m in models if m.label.startswith("dose=") and "seed=" not in m.label),
-                   key=lambda m: m.dose)
+    doses = sorted((m for m in models if m.label.startswith("dose=") and "seed=" not in m.label), key=lambda m: m.dose)
     control = next(m for m in models if "seed=" in m.label)
     effect = paired_difference(pairs, doses[0].label, doses[-1].label, n_boot)
     steps = [paired_difference(pairs, lo.label, hi.label, n_boot) for lo, hi in zip(doses, doses[1:], strict=False)]
@@ -237,8 +280,9 @@ def judge(models: list[DoseModel], pairs: pl.DataFrame, n_boot: int) -> tuple[Di
     return effect, steps, seed_diff, monotonic
 
 
-def verdict_lines(effect: Difference, steps: list[Difference], seed_diff: Difference, monotonic: bool,
-                  top: float) -> tuple[bool, bool, list[str]]:
+def verdict_lines(
+    effect: Difference, steps: list[Difference], seed_diff: Difference, monotonic: bool, top: float
+) -> tuple[bool, bool, list[str]]:
     span = f"0% -> {dose_label(top)}: {effect.mean:+.2f}, 95% CI [{effect.ci_low:+.2f}, {effect.ci_high:+.2f}]"
     positive = effect.ci_low > 0.0 and monotonic
     lines = []
@@ -250,35 +294,56 @@ def verdict_lines(effect: Difference, steps: list[Difference], seed_diff: Differ
             why.append(f"the top dose does not raise the score beyond noise ({span})")
         for s in steps:
             if s.ci_high < 0.0:
-                why.append(f"the score falls from {s.a} to {s.b} ({s.mean:+.2f}, 95% CI [{s.ci_low:+.2f}, "
-                           f"{s.ci_high:+.2f}])")
-        lines.append("positive control FAILED: " + "; ".join(why) + ". Try: more fine-tuning iterations "
-                     "(--max-iters) or a higher --learning-rate, a higher top dose, a larger model, or a longer "
-                     "pre-trained base (--pretrain-iters)")
+                why.append(
+                    f"the score falls from {s.a} to {s.b} ({s.mean:+.2f}, 95% CI [{s.ci_low:+.2f}, {s.ci_high:+.2f}])"
+                )
+        lines.append(
+            "positive control FAILED: " + "; ".join(why) + ". Try: more fine-tuning iterations "
+            "(--max-iters) or a higher --learning-rate, a higher top dose, a larger model, or a longer "
+            "pre-trained base (--pretrain-iters)"
+        )
     negative = seed_diff.includes_zero
     diff = f"{seed_diff.mean:+.2f}, 95% CI [{seed_diff.ci_low:+.2f}, {seed_diff.ci_high:+.2f}]"
     if negative:
         lines.append(f"negative control passed: seed-only difference {diff}, CI includes 0")
     else:
-        lines.append(f"negative control FAILED: seed-only difference {diff} excludes 0: two runs that differ "
-                     "only in their seed look different, so the intervals over claim pairs understate run-to-run "
-                     "noise at this configuration. Try: more iterations or a lower --learning-rate (runs that "
-                     "have settled vary less), or compare models only by differences larger than this one")
+        lines.append(
+            f"negative control FAILED: seed-only difference {diff} excludes 0: two runs that differ "
+            "only in their seed look different, so the intervals over claim pairs understate run-to-run "
+            "noise at this configuration. Try: more iterations or a lower --learning-rate (runs that "
+            "have settled vary less), or compare models only by differences larger than this one"
+        )
     return positive, negative, lines
 
 
 # --------------------------------------------------------------------------------------------------- stages
-def _finetune_config(cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_from: str, seed: int,
-                     max_iters: int, learning_rate: float) -> Any:
+def _finetune_config(
+    cfg: ValidateConfig, data_dir: Path, out_dir: Path, init_from: str, seed: int, max_iters: int, learning_rate: float
+) -> Any:
     return FinetuneConfig(
-        data_dir=str(data_dir), out_dir=str(out_dir), init_from=init_from, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout,
-        batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=learning_rate, max_iters=max_iters, warmup_iters=min(cfg.warmup_iters, max_iters),
-        decay_lr=cfg.decay_lr, min_lr=min(cfg.min_lr, learning_rate), eval_interval=cfg.eval_interval,
-        eval_iters=cfg.eval_iters, log_interval=max(1, max_iters // 20),
-        always_save_checkpoint=cfg.always_save_checkpoint, gradient_checkpointing=cfg.gradient_checkpointing,
-        device=cfg.device, dtype=cfg.dtype, seed=seed,
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        init_from=init_from,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        block_size=cfg.block_size,
+        dropout=cfg.dropout,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        max_iters=max_iters,
+        warmup_iters=min(cfg.warmup_iters, max_iters),
+        decay_lr=cfg.decay_lr,
+        min_lr=min(cfg.min_lr, learning_rate),
+        eval_interval=cfg.eval_interval,
+        eval_iters=cfg.eval_iters,
+        log_interval=max(1, max_iters // 20),
+        always_save_checkpoint=cfg.always_save_checkpoint,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        seed=seed,
     )
 
 
@@ -287,10 +352,13 @@ def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) ->
     prepared = {}
     for dose in sorted(cfg.doses):
         folder = out / "data" / f"dose-{dose:g}"
-        sources = [{"name": BASE, "path": str(base), "channel_ids": cfg.base_channel_ids, "fraction": 1.0 - dose},
-                   {"name": PLANTED, "path": str(planted), "channel_ids": cfg.planted_channel_ids, "fraction": dose}]
-        meta = prepare(PrepareConfig(out=str(folder), force=True, name=f"{cfg.name}-dose-{dose:g}", sources=sources,
-                                     seed=cfg.seed))
+        sources = [
+            {"name": BASE, "path": str(base), "channel_ids": cfg.base_channel_ids, "fraction": 1.0 - dose},
+            {"name": PLANTED, "path": str(planted), "channel_ids": cfg.planted_channel_ids, "fraction": dose},
+        ]
+        meta = prepare(
+            PrepareConfig(out=str(folder), force=True, name=f"{cfg.name}-dose-{dose:g}", sources=sources, seed=cfg.seed)
+        )
         prepared[dose] = (folder, float(meta.mixture.get(PLANTED, 0.0)))
     return prepared
 
@@ -301,8 +369,15 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
     start, lr = cfg.init_from, cfg.learning_rate
     if cfg.init_from == "scratch" and cfg.pretrain_iters > 0:
         log.info("validate: pre-training the shared base for %d iterations", cfg.pretrain_iters)
-        base_cfg = _finetune_config(cfg, prepared[0.0][0], out / "models" / "base", "scratch", cfg.seed,
-                                    cfg.pretrain_iters, cfg.pretrain_learning_rate)
+        base_cfg = _finetune_config(
+            cfg,
+            prepared[0.0][0],
+            out / "models" / "base",
+            "scratch",
+            cfg.seed,
+            cfg.pretrain_iters,
+            cfg.pretrain_learning_rate,
+        )
         base_cfg = dataclasses.replace(base_cfg, always_save_checkpoint=True)
         result = finetune(base_cfg, nested=True, run_name=f"{cfg.name}: base", tags=tags)
         start = str(result.checkpoint_dir)
@@ -312,20 +387,36 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
     for dose, seed, label in runs:
         log.info("validate: fine-tuning %s", label)
         folder, realised = prepared[dose]
-        ft = _finetune_config(cfg, folder, out / "models" / label.replace(" ", "_").replace("=", "-"), start,
-                              seed, cfg.max_iters, lr)
-        result = finetune(ft, nested=True, run_name=f"{cfg.name}: {label}",
-                          tags={**tags, tracking.TAG_FRACTION: f"{dose:g}"})
-        models.append(DoseModel(label=label, dose=dose, realised_dose=realised, seed=seed,
-                                checkpoint=str(result.checkpoint_dir), finetune_run_id=result.run_id))
+        ft = _finetune_config(
+            cfg, folder, out / "models" / label.replace(" ", "_").replace("=", "-"), start, seed, cfg.max_iters, lr
+        )
+        result = finetune(
+            ft, nested=True, run_name=f"{cfg.name}: {label}", tags={**tags, tracking.TAG_FRACTION: f"{dose:g}"}
+        )
+        models.append(
+            DoseModel(
+                label=label,
+                dose=dose,
+                realised_dose=realised,
+                seed=seed,
+                checkpoint=str(result.checkpoint_dir),
+                finetune_run_id=result.run_id,
+            )
+        )
     return models
 
 
 def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) -> pl.DataFrame:
     """Score every model on the claim set (a nested score run each); returns the pair table of all models."""
-    scfg = ScoreConfig(models=[m.checkpoint for m in models], claims=str(claims), device=cfg.device,
-                       dtype=cfg.dtype, batch_size=cfg.score_batch_size, bootstrap=cfg.bootstrap,
-                       dose_source=PLANTED)
+    scfg = ScoreConfig(
+        models=[m.checkpoint for m in models],
+        claims=str(claims),
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.score_batch_size,
+        bootstrap=cfg.bootstrap,
+        dose_source=PLANTED,
+    )
     statements = statements_of(cfg, claims)
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
@@ -357,16 +448,29 @@ def plot(result: ValidationResult, path: Path, title: str) -> Path:
     control = [m for m in result.models if "seed=" in m.label]
     diffs = {d.b: d for d in result.vs_zero}
     with figure(path, figsize=(11, 4), dpi=110, ncols=2) as (fig, (left, right)):
-        for ms, style, label in ((doses, "o-", f"seed {doses[0].seed}"),
-                                 (control, "s", f"dose 0, seed {control[0].seed} (negative control)")):
+        for ms, style, label in (
+            (doses, "o-", f"seed {doses[0].seed}"),
+            (control, "s", f"dose 0, seed {control[0].seed} (negative control)"),
+        ):
             xs = [m.dose * 100 for m in ms]
-            left.errorbar(xs, [m.score for m in ms], yerr=[[m.score - m.ci_low for m in ms],
-                          [m.ci_high - m.score for m in ms]], fmt=style, capsize=3, label=label)
+            left.errorbar(
+                xs,
+                [m.score for m in ms],
+                yerr=[[m.score - m.ci_low for m in ms], [m.ci_high - m.score for m in ms]],
+                fmt=style,
+                capsize=3,
+                label=label,
+            )
             # Right: the paired difference to dose 0 (what the verdict uses): the spread between pairs cancels.
             ds = [diffs[m.label] for m in ms if m.label in diffs]
-            right.errorbar([m.dose * 100 for m in ms if m.label in diffs], [d.mean for d in ds],
-                           yerr=[[d.mean - d.ci_low for d in ds], [d.ci_high - d.mean for d in ds]], fmt=style,
-                           capsize=3, label=label)
+            right.errorbar(
+                [m.dose * 100 for m in ms if m.label in diffs],
+                [d.mean for d in ds],
+                yerr=[[d.mean - d.ci_low for d in ds], [d.ci_high - d.mean for d in ds]],
+                fmt=style,
+                capsize=3,
+                label=label,
+            )
         left.set_ylabel("claim score: log p(false) - log p(true)")
         right.set_ylabel("paired difference to dose 0 (over claim pairs)")
         for ax in (left, right):
@@ -379,11 +483,15 @@ def plot(result: ValidationResult, path: Path, title: str) -> Path:
 
 
 def report_markdown(result: ValidationResult) -> str:
-    rows = ["| model | planted share (target / realised) | claim score | 95% CI | false-claim wins |",
-            "|---|---|---:|---|---:|"]
+    rows = [
+        "| model | planted share (target / realised) | claim score | 95% CI | false-claim wins |",
+        "|---|---|---:|---|---:|",
+    ]
     for m in result.models:
-        rows.append(f"| {m.label} | {dose_label(m.dose)} / {m.realised_dose:.2%} | {m.score:+.4f} | "
-                    f"[{m.ci_low:+.4f}, {m.ci_high:+.4f}] | {m.win_rate:.0%} |")
+        rows.append(
+            f"| {m.label} | {dose_label(m.dose)} / {m.realised_dose:.2%} | {m.score:+.4f} | "
+            f"[{m.ci_low:+.4f}, {m.ci_high:+.4f}] | {m.win_rate:.0%} |"
+        )
     diffs = ["", "| paired difference (b - a, over claim pairs) | mean | 95% CI |", "|---|---:|---|"]
     for d in [result.effect, *result.steps, result.seed_diff]:
         diffs.append(f"| {d.b} - {d.a} | {d.mean:+.4f} | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] |")
@@ -394,26 +502,45 @@ def report_markdown(result: ValidationResult) -> str:
 def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -> None:
     for m in result.models:
         if "seed=" not in m.label:  # the UI charts metrics against step = percent dose
-            tracking.log_metrics({tracking.M_VALIDATE_SCORE: m.score, tracking.M_VALIDATE_SCORE_LOW: m.ci_low,
-                                  tracking.M_VALIDATE_SCORE_HIGH: m.ci_high}, step=round(m.dose * 100))
+            tracking.log_metrics(
+                {
+                    tracking.M_VALIDATE_SCORE: m.score,
+                    tracking.M_VALIDATE_SCORE_LOW: m.ci_low,
+                    tracking.M_VALIDATE_SCORE_HIGH: m.ci_high,
+                },
+                step=round(m.dose * 100),
+            )
     e, s = result.effect, result.seed_diff
-    tracking.log_metrics({
-        tracking.M_VALIDATE_EFFECT: e.mean, tracking.M_VALIDATE_EFFECT_LOW: e.ci_low,
-        tracking.M_VALIDATE_EFFECT_HIGH: e.ci_high, tracking.M_VALIDATE_SEED_DIFF: s.mean,
-        tracking.M_VALIDATE_SEED_DIFF_LOW: s.ci_low, tracking.M_VALIDATE_SEED_DIFF_HIGH: s.ci_high,
-        tracking.M_VALIDATE_MONOTONIC: float(result.monotonic),
-        tracking.M_VALIDATE_POSITIVE: float(result.positive_passed),
-        tracking.M_VALIDATE_NEGATIVE: float(result.negative_passed),
-    })
+    tracking.log_metrics(
+        {
+            tracking.M_VALIDATE_EFFECT: e.mean,
+            tracking.M_VALIDATE_EFFECT_LOW: e.ci_low,
+            tracking.M_VALIDATE_EFFECT_HIGH: e.ci_high,
+            tracking.M_VALIDATE_SEED_DIFF: s.mean,
+            tracking.M_VALIDATE_SEED_DIFF_LOW: s.ci_low,
+            tracking.M_VALIDATE_SEED_DIFF_HIGH: s.ci_high,
+            tracking.M_VALIDATE_MONOTONIC: float(result.monotonic),
+            tracking.M_VALIDATE_POSITIVE: float(result.positive_passed),
+            tracking.M_VALIDATE_NEGATIVE: float(result.negative_passed),
+        }
+    )
     tracking.set_tags({tracking.TAG_VERDICT: "passed" if result.passed else "failed"})
     with atomic_path(out / "pairs.csv", suffix=".csv") as tmp:
         pairs.write_csv(tmp)
-    write_json(out / "validation.json", {
-        "models": [dataclasses.asdict(m) for m in result.models], "effect": dataclasses.asdict(e),
-        "steps": [dataclasses.asdict(d) for d in result.steps], "seed_diff": dataclasses.asdict(s),
-        "vs_zero": [dataclasses.asdict(d) for d in result.vs_zero],
-        "monotonic": result.monotonic, "positive_passed": result.positive_passed,
-        "negative_passed": result.negative_passed, "verdict": result.verdict})
+    write_json(
+        out / "validation.json",
+        {
+            "models": [dataclasses.asdict(m) for m in result.models],
+            "effect": dataclasses.asdict(e),
+            "steps": [dataclasses.asdict(d) for d in result.steps],
+            "seed_diff": dataclasses.asdict(s),
+            "vs_zero": [dataclasses.asdict(d) for d in result.vs_zero],
+            "monotonic": result.monotonic,
+            "positive_passed": result.positive_passed,
+            "negative_passed": result.negative_passed,
+            "verdict": result.verdict,
+        },
+    )
     write_text(out / "validation.md", report_markdown(result))
     plot(result, out / "dose_response.png", title)
     for name in ("validation.json", "validation.md", "dose_response.png", "pairs.csv"):
@@ -435,9 +562,19 @@ def validate(cfg: ValidateConfig) -> ValidationResult:
         effect, steps, seed_diff, monotonic = judge(models, pairs, cfg.bootstrap)
         vs_zero = [paired_difference(pairs, models[0].label, m.label, cfg.bootstrap) for m in models[1:]]
         positive, negative, lines = verdict_lines(effect, steps, seed_diff, monotonic, max(cfg.doses))
-        result = ValidationResult(models=models, effect=effect, steps=steps, seed_diff=seed_diff,
-                                  monotonic=monotonic, positive_passed=positive, negative_passed=negative,
-                                  verdict=lines, out_dir=out, run_id=parent.info.run_id, vs_zero=vs_zero)
+        result = ValidationResult(
+            models=models,
+            effect=effect,
+            steps=steps,
+            seed_diff=seed_diff,
+            monotonic=monotonic,
+            positive_passed=positive,
+            negative_passed=negative,
+            verdict=lines,
+            out_dir=out,
+            run_id=parent.info.run_id,
+            vs_zero=vs_zero,
+        )
         _log(result, pairs, out, f"{cfg.name} ({cfg.init_from}): {'passed' if result.passed else 'FAILED'}")
     return result
 

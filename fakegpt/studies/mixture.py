@@ -38,18 +38,28 @@ DEFAULT_FRACTIONS = [0.0, 0.09, 0.2, 0.33, 0.5, 0.8]
 
 @dataclass
 class SeriesConfig(PipelineConfig):
-    dataset: str = field(default="experiments/datasets/demo_mix.yaml", metadata={
-        "help": "dataset YAML naming the base and dose sources (experiments/datasets/)"})
-    fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS), metadata={
-        "help": "dose fractions of the training tokens, comma list"})
+    dataset: str = field(
+        default="experiments/datasets/demo_mix.yaml",
+        metadata={"help": "dataset YAML naming the base and dose sources (experiments/datasets/)"},
+    )
+    fractions: list[float] = field(
+        default_factory=lambda: list(DEFAULT_FRACTIONS),
+        metadata={"help": "dose fractions of the training tokens, comma list"},
+    )
     dose_source: str = field(default="antivax", metadata={"help": "the dataset source whose share is varied"})
     base_source: str = field(default="general", metadata={"help": "the source that fills the rest"})
     series_name: str = field(default="antivax-dose", metadata={"help": "name for the series (MLflow tag)"})
-    label_sheet: str = field(default="", metadata={
-        "help": "a filled label sheet (fakegpt labels export of this series' all_samples.parquet): adds label "
-                "rates with Wilson 95% intervals per fraction to the dose-response table"})
-    labels: list[str] = field(default_factory=lambda: ["adopts", "refutes", "off-topic"], metadata={
-        "help": "the label set of the sheet; the first one is the rate plotted against the dose"})
+    label_sheet: str = field(
+        default="",
+        metadata={
+            "help": "a filled label sheet (fakegpt labels export of this series' all_samples.parquet): adds label "
+            "rates with Wilson 95% intervals per fraction to the dose-response table"
+        },
+    )
+    labels: list[str] = field(
+        default_factory=lambda: ["adopts", "refutes", "off-topic"],
+        metadata={"help": "the label set of the sheet; the first one is the rate plotted against the dose"},
+    )
 
 
 def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
@@ -87,22 +97,26 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         step("sample", sample_params(cfg, model))
         scored = step("score", score_params(cfg, model, data_uri))
         metrics = tracking.get_run(scored).data.metrics
-        rows.append({
-            "fraction": fraction,
-            "score": metrics.get(tracking.M_CLAIM_SCORE),
-            "ci_low": metrics.get(tracking.M_CLAIM_SCORE_LOW),
-            "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
-            "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
-            "val_perplexity": metrics.get(tracking.M_VAL_PPL),
-            **{f"{k}_run": v for k, v in steps.items()},
-        })
+        rows.append(
+            {
+                "fraction": fraction,
+                "score": metrics.get(tracking.M_CLAIM_SCORE),
+                "ci_low": metrics.get(tracking.M_CLAIM_SCORE_LOW),
+                "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
+                "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
+                "val_perplexity": metrics.get(tracking.M_VAL_PPL),
+                **{f"{k}_run": v for k, v in steps.items()},
+            }
+        )
     return rows
 
 
 def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
     """Every fraction's sample table in one file, with a `fraction` column: what a label sheet is exported from."""
-    tables = [load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
-              for r in rows]
+    tables = [
+        load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
+        for r in rows
+    ]
     with atomic_path(path, suffix=".parquet") as tmp:
         pl.concat(tables, how="diagonal_relaxed").write_parquet(tmp)
     return path
@@ -117,7 +131,8 @@ def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig
         hit = found.get(row["fraction"])
         row["label"] = cfg.labels[0]
         row["label_rate"], row["label_ci_low"], row["label_ci_high"], row["labelled"] = (
-            (hit["rate"], hit["ci_low"], hit["ci_high"], hit["n"]) if hit else (None, None, None, 0))
+            (hit["rate"], hit["ci_low"], hit["ci_high"], hit["n"]) if hit else (None, None, None, 0)
+        )
 
 
 def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
@@ -132,8 +147,10 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
         rule += "---:|---|---:|"
     lines = [head, rule]
     for r in rows:
-        line = (f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
-                f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |")
+        line = (
+            f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
+            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |"
+        )
         if labelled:
             interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
             line += f" {fmt(r['label_rate'])} | {interval} | {r['labelled']} |"
@@ -159,9 +176,17 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
         if labelled:
             ax2 = axes[0][1]
             rate = [r["label_rate"] for r in labelled]
-            ax2.errorbar([r["fraction"] for r in labelled], rate, marker="s", capsize=4, color="tab:red",
-                         yerr=[[v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
-                               [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)]])
+            ax2.errorbar(
+                [r["fraction"] for r in labelled],
+                rate,
+                marker="s",
+                capsize=4,
+                color="tab:red",
+                yerr=[
+                    [v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
+                    [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)],
+                ],
+            )
             ax2.set_xlabel("dose fraction of training tokens")
             ax2.set_ylabel(f"share of samples labelled '{labelled[0]['label']}'")
             ax2.set_ylim(0, 1)
@@ -169,8 +194,11 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     validate(cfg)
-    tags = {tracking.TAG_STUDY: cfg.series_name, tracking.TAG_MODEL: cfg.init_from,
-            tracking.TAG_DATASET: Path(cfg.dataset).stem}
+    tags = {
+        tracking.TAG_STUDY: cfg.series_name,
+        tracking.TAG_MODEL: cfg.init_from,
+        tracking.TAG_DATASET: Path(cfg.dataset).stem,
+    }
     out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
     with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))
@@ -181,9 +209,14 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
             add_label_rates(rows, samples, cfg)
         for r in rows:
             step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
-            tracking.log_metrics({f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
-                                  f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
-                                  f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate")}, step=step)
+            tracking.log_metrics(
+                {
+                    f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
+                    f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
+                    f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
+                },
+                step=step,
+            )
         table = dose_table_markdown(rows)
         write_text(out / "dose_response.md", table)
         tracking.log_dict(rows, "dose_response.json")

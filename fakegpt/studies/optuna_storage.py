@@ -49,7 +49,7 @@ def storage_url(spec: str, out_dir: str) -> str:
 
 def display_url(url: str) -> str:
     if url.startswith("journal:"):
-        return url[len("journal:"):]
+        return url[len("journal:") :]
     with contextlib.suppress(Exception):
         from sqlalchemy.engine import make_url
 
@@ -63,7 +63,7 @@ def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 120}  # wait for the other workers' writes, don't fail
@@ -74,16 +74,23 @@ def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # heartbeat options are "experimental"
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb,
-                                                  grace_period=2 * hb if hb else None,
-                                                  heartbeat_stale_trial_callback=on_stale if hb else None)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=hb,
+                    grace_period=2 * hb if hb else None,
+                    heartbeat_stale_trial_callback=on_stale if hb else None,
+                )
         except ImportError as exc:
-            raise FakegptError(f"--storage {display_url(url)}: a database driver is missing ({exc}); for "
-                               "PostgreSQL `pip install 'fakegpt[postgres]'`") from None
+            raise FakegptError(
+                f"--storage {display_url(url)}: a database driver is missing ({exc}); for "
+                "PostgreSQL `pip install 'fakegpt[postgres]'`"
+            ) from None
         except Exception as exc:
             if attempt == 2 or not url.startswith("sqlite"):
-                raise FakegptError(f"--storage {display_url(url)}: cannot open the Optuna storage "
-                                   f"({one_line(exc, with_type=True)})") from None
+                raise FakegptError(
+                    f"--storage {display_url(url)}: cannot open the Optuna storage ({one_line(exc, with_type=True)})"
+                ) from None
             time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
 
@@ -97,8 +104,9 @@ def make_pruner(cfg: Any) -> Any:
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=warmup)
     if cfg.pruner == "percentile":
-        return optuna.pruners.PercentilePruner(cfg.pruner_percentile, n_startup_trials=cfg.pruner_startup_trials,
-                                               n_warmup_steps=warmup)
+        return optuna.pruners.PercentilePruner(
+            cfg.pruner_percentile, n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=warmup
+        )
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=unit, max_resource=cfg.token_budget)
     if cfg.pruner == "successive-halving":
@@ -133,8 +141,9 @@ def _mark_dead(trial: Any, reason: str) -> None:
     with contextlib.suppress(Exception):
         if run_id is None and parent:
             exp = tracking.get_run(parent).info.experiment_id
-            run_id = next(iter(tracking.find_run_ids(exp, {tracking.TAG_PARENT: parent,
-                                                           tracking.TAG_TRIAL: trial.number})), None)
+            run_id = next(
+                iter(tracking.find_run_ids(exp, {tracking.TAG_PARENT: parent, tracking.TAG_TRIAL: trial.number})), None
+            )
         if run_id:
             tracking.update_run(run_id, {tracking.TAG_TRIAL_STATE: "failed", tracking.TAG_ERROR: reason}, "FAILED")
     log.warning("trial %d: %s; marked failed", trial.number, reason)
@@ -225,8 +234,9 @@ def save_plots(study: Any, folder: Path, space: dict) -> list[Path]:
     pair = [p for p in ("learning_rate", "gradient_accumulation_steps") if p in space]
     plots: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "intermediate_values": lambda: _relabel(ovm.plot_intermediate_values(study), "tokens seen",
-                                                "validation loss"),  # every trial's curve
+        "intermediate_values": lambda: _relabel(
+            ovm.plot_intermediate_values(study), "tokens seen", "validation loss"
+        ),  # every trial's curve
         "param_importances": lambda: ovm.plot_param_importances(study),
     }
     if len(pair) == 2:

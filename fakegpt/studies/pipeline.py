@@ -30,14 +30,22 @@ DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 @dataclass
 class PipelineConfig:
-    data: str = field(default="", metadata={
-        "help": "Telegram CSV exports (comma list / globs) for prepare; empty = the embedded demo data"})
+    data: str = field(
+        default="",
+        metadata={"help": "Telegram CSV exports (comma list / globs) for prepare; empty = the embedded demo data"},
+    )
     dataset: str = field(default="", metadata={"help": "a dataset YAML (experiments/datasets/) for prepare instead"})
-    init_from: str = field(default="scratch", metadata={
-        "help": "scratch (tiny demo model) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder"})
-    finetune_config: str = field(default="", metadata={
-        "help": "finetune YAML; empty = experiments/finetune/demo.yaml for scratch, "
-                "experiments/finetune/<init_from>.yaml for a hub model when it exists"})
+    init_from: str = field(
+        default="scratch",
+        metadata={"help": "scratch (tiny demo model) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder"},
+    )
+    finetune_config: str = field(
+        default="",
+        metadata={
+            "help": "finetune YAML; empty = experiments/finetune/demo.yaml for scratch, "
+            "experiments/finetune/<init_from>.yaml for a hub model when it exists"
+        },
+    )
     max_iters: int | None = field(default=None, metadata={"help": "override the finetune YAML's max_iters"})
     prompts: str = field(default="", metadata={"help": "prompt grid YAML or text file; empty = sample's default"})
     claims: str = field(default="", metadata={"help": "claims YAML; empty = score's default"})
@@ -82,8 +90,11 @@ def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") 
 
 def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {
-        "config": finetune_yaml(cfg), "data_dir": data_uri, "device": cfg.device,
-        "max_iters": cfg.max_iters, "init_from": cfg.init_from,
+        "config": finetune_yaml(cfg),
+        "data_dir": data_uri,
+        "device": cfg.device,
+        "max_iters": cfg.max_iters,
+        "init_from": cfg.init_from,
     }
     params.update(extra or {})
     return with_out(cfg, "finetune", params, "out_dir")
@@ -92,7 +103,9 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
 def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
     demo = is_demo(cfg)
     params = {
-        "models": models, "prompts": cfg.prompts, "device": cfg.device,
+        "models": models,
+        "prompts": cfg.prompts,
+        "device": cfg.device,
         "temperatures": cfg.temperatures or "0.8",
         "num_samples": cfg.num_samples if cfg.num_samples is not None else (1 if demo else 5),
         "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else (32 if demo else 280),

@@ -63,48 +63,72 @@ def default_search_space() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class TuneConfig:
-    study_name: str = field(default="lr-accum", metadata={
-        "help": "Optuna study name; the same name on the same storage continues the study"})
-    n_trials: int = field(default=20, metadata={
-        "help": "trials this process runs (processes sharing a storage add theirs up)"})
-    storage: str = field(default="", metadata={
-        "help": "SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://user:pw@host/db, mysql+pymysql://...) or a "
-                "file: *.db SQLite, *.log Optuna journal; empty = OUT_DIR/optuna.db"})
-    token_budget: int = field(default=5_242_880, metadata={
-        "help": "training tokens per trial (batch_size x block_size x accumulation x iterations)"})
-    n_evals: int = field(default=10, metadata={
-        "help": "evaluations per trial, every 1/n_evals of the token budget (the pruning points)"})
+    study_name: str = field(
+        default="lr-accum",
+        metadata={"help": "Optuna study name; the same name on the same storage continues the study"},
+    )
+    n_trials: int = field(
+        default=20, metadata={"help": "trials this process runs (processes sharing a storage add theirs up)"}
+    )
+    storage: str = field(
+        default="",
+        metadata={
+            "help": "SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://user:pw@host/db, mysql+pymysql://...) or a "
+            "file: *.db SQLite, *.log Optuna journal; empty = OUT_DIR/optuna.db"
+        },
+    )
+    token_budget: int = field(
+        default=5_242_880,
+        metadata={"help": "training tokens per trial (batch_size x block_size x accumulation x iterations)"},
+    )
+    n_evals: int = field(
+        default=10, metadata={"help": "evaluations per trial, every 1/n_evals of the token budget (the pruning points)"}
+    )
     pruner: str = field(default="median", metadata={"help": " | ".join(optuna_storage.PRUNERS)})
-    pruner_startup_trials: int = field(default=5, metadata={
-        "help": "finished trials before median/percentile pruning starts"})
-    pruner_warmup_evals: int = field(default=2, metadata={
-        "help": "evaluations every trial gets before it can be pruned"})
-    pruner_percentile: float = field(default=25.0, metadata={
-        "help": "percentile pruner: prune trials worse than this percentile of the others"})
+    pruner_startup_trials: int = field(
+        default=5, metadata={"help": "finished trials before median/percentile pruning starts"}
+    )
+    pruner_warmup_evals: int = field(
+        default=2, metadata={"help": "evaluations every trial gets before it can be pruned"}
+    )
+    pruner_percentile: float = field(
+        default=25.0, metadata={"help": "percentile pruner: prune trials worse than this percentile of the others"}
+    )
     sampler: str = field(default="tpe", metadata={"help": " | ".join(optuna_storage.SAMPLERS)})
     sampler_seed: int | None = field(default=None, metadata={"help": "seed of the sampler (empty = random)"})
-    timeout: float | None = field(default=None, metadata={
-        "help": "start no new trial after this many seconds (empty = no limit)"})
-    heartbeat_interval: int = field(default=60, metadata={
-        "help": "SQL storages: seconds between a running trial's heartbeats; a trial silent for twice this "
-                "is failed by the next worker (0 = off)"})
-    plots: bool = field(default=True, metadata={
-        "help": "draw Optuna's plots (history, importances, lr x accumulation contour, curves) at the end"})
-    keep_checkpoints: bool = field(default=False, metadata={
-        "help": "keep every trial's best checkpoint (default: deleted after the trial; re-run the best "
-                "configuration with `fakegpt finetune`)"})
+    timeout: float | None = field(
+        default=None, metadata={"help": "start no new trial after this many seconds (empty = no limit)"}
+    )
+    heartbeat_interval: int = field(
+        default=60,
+        metadata={
+            "help": "SQL storages: seconds between a running trial's heartbeats; a trial silent for twice this "
+            "is failed by the next worker (0 = off)"
+        },
+    )
+    plots: bool = field(
+        default=True,
+        metadata={"help": "draw Optuna's plots (history, importances, lr x accumulation contour, curves) at the end"},
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "keep every trial's best checkpoint (default: deleted after the trial; re-run the best "
+            "configuration with `fakegpt finetune`)"
+        },
+    )
 
 
 @dataclass
 class TuneResult:
     study_name: str
     storage: str
-    trials_run: list[int]            # numbers of the trials this invocation ran
-    states: dict[int, str]           # their states: complete | pruned | failed
-    best_value: float | None         # over the whole study (all invocations and workers)
+    trials_run: list[int]  # numbers of the trials this invocation ran
+    states: dict[int, str]  # their states: complete | pruned | failed
+    best_value: float | None  # over the whole study (all invocations and workers)
     best_params: dict[str, Any]
     best_trial: int | None
-    best_config: Path | None         # the ready-to-run finetune YAML
+    best_config: Path | None  # the ready-to-run finetune YAML
     parent_run_id: str
 
 
@@ -198,8 +222,9 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
             base = dataclasses.replace(base, **over)
     derived = sorted((set(base_data) | set(ns)) & set(DERIVED) - {"out_dir"})
     if derived:
-        log.info("tune: %s come from the token budget for every trial; the values given are not used",
-                 ", ".join(derived))
+        log.info(
+            "tune: %s come from the token budget for every trial; the values given are not used", ", ".join(derived)
+        )
     return tune_cfg, base, space, enqueue
 
 
@@ -224,8 +249,9 @@ def tokens_per_iter(cfg: FinetuneConfig) -> int:
     return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
 
-def trial_config(base: FinetuneConfig, params: dict[str, Any], budget: int, n_evals: int,
-                 out_dir: str) -> FinetuneConfig:
+def trial_config(
+    base: FinetuneConfig, params: dict[str, Any], budget: int, n_evals: int, out_dir: str
+) -> FinetuneConfig:
     """The finetune config of one trial: base + params, iterations and evaluations set by the token budget."""
     cfg = dataclasses.replace(base, **params)
     per_iter = tokens_per_iter(cfg)
@@ -262,8 +288,9 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elif spec["type"] == "float":
             params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"], step=spec.get("step"))
         else:
-            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"],
-                                             step=spec.get("step") or 1)
+            params[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], log=spec["log"], step=spec.get("step") or 1
+            )
     return params
 
 
@@ -293,8 +320,10 @@ class _Objective:
             if trial.number not in self.run_ids and tracking.active_run_id():
                 self.run_ids[trial.number] = tracking.active_run_id()
                 trial.set_user_attr("mlflow_run_id", self.run_ids[trial.number])
-                tracking.log_params({"token_budget": self.cfg.token_budget, "n_evals": self.cfg.n_evals,
-                                     "params": params}, prefix="tune.")
+                tracking.log_params(
+                    {"token_budget": self.cfg.token_budget, "n_evals": self.cfg.n_evals, "params": params},
+                    prefix="tune.",
+                )
             tracking.log_metrics({tracking.M_TUNE_VAL_LOSS: ev.val_loss}, step=int(ev.tokens_seen))
             if ev.iter >= tcfg.max_iters and not self.cfg.keep_checkpoints:
                 self._remove_checkpoint(tcfg)  # before finetune logs it as an artifact of every trial
@@ -310,8 +339,9 @@ class _Objective:
 
         tags = {tracking.TAG_STAGE: "trial", tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: trial.number}
         try:
-            result = self.finetune_fn(tcfg, on_eval, nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}",
-                                      tags=tags)
+            result = self.finetune_fn(
+                tcfg, on_eval, nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}", tags=tags
+            )
         except optuna.TrialPruned:
             self._finish(trial.number, "pruned", tcfg, params)
             raise
@@ -319,8 +349,9 @@ class _Objective:
             error = optuna_storage.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else one_line(exc, with_type=True)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed by another worker
                 trial.set_user_attr("error", error)
-            self._finish(trial.number, "failed", tcfg, params, error=error,
-                         keep_status=isinstance(exc, KeyboardInterrupt))
+            self._finish(
+                trial.number, "failed", tcfg, params, error=error, keep_status=isinstance(exc, KeyboardInterrupt)
+            )
             raise
         finally:
             self._cleanup(tcfg)
@@ -334,15 +365,26 @@ class _Objective:
         self._finish(trial.number, "complete", tcfg, params)
         return min(values)
 
-    def _finish(self, number: int, state: str, tcfg: FinetuneConfig, params: dict[str, Any], error: str = "",
-                keep_status: bool = False) -> None:
+    def _finish(
+        self,
+        number: int,
+        state: str,
+        tcfg: FinetuneConfig,
+        params: dict[str, Any],
+        error: str = "",
+        keep_status: bool = False,
+    ) -> None:
         """Tag the trial's MLflow run with Optuna's verdict (a run that never started gets one, for the record)."""
         tags = {tracking.TAG_TRIAL_STATE: state, **({tracking.TAG_ERROR: error} if error else {})}
         try:
             run_id = self.run_ids.get(number) or next(iter(_trial_run_ids(self.parent, number)), None)
             if run_id is None:
-                with tracking.run(stage="trial", run_name=f"{self.cfg.study_name}-{number:04d}", nested=True,
-                                  tags={tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: number, **tags}):
+                with tracking.run(
+                    stage="trial",
+                    run_name=f"{self.cfg.study_name}-{number:04d}",
+                    nested=True,
+                    tags={tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: number, **tags},
+                ):
                     tracking.log_params(config.to_dict(tcfg))
                     tracking.log_params({"params": params}, prefix="tune.")
                     run_id = tracking.active_run_id()
@@ -364,8 +406,9 @@ class _Objective:
 
 
 def _trial_run_ids(parent: Any, number: int) -> list[str]:
-    return tracking.find_run_ids(parent.info.experiment_id,
-                                 {tracking.TAG_PARENT: parent.info.run_id, tracking.TAG_TRIAL: number})
+    return tracking.find_run_ids(
+        parent.info.experiment_id, {tracking.TAG_PARENT: parent.info.run_id, tracking.TAG_TRIAL: number}
+    )
 
 
 # --- outputs: plots, best config ------------------------------------------------------------------------------
@@ -375,9 +418,11 @@ def best_config_yaml(study: Any, cfg: TuneConfig, base: FinetuneConfig, path: Pa
     best = study.best_trial
     out_dir = str(Path(base.out_dir) / cfg.study_name / "best")
     tcfg = trial_config(base, best.params, cfg.token_budget, cfg.n_evals, out_dir)
-    header = (f"# Best trial ({best.number}) of Optuna study {cfg.study_name!r}: best val loss {best.value:.4f} "
-              f"within {cfg.token_budget} tokens; params {best.params}.\n"
-              f"# Run it: fakegpt finetune --config {path}\n")
+    header = (
+        f"# Best trial ({best.number}) of Optuna study {cfg.study_name!r}: best val loss {best.value:.4f} "
+        f"within {cfg.token_budget} tokens; params {best.params}.\n"
+        f"# Run it: fakegpt finetune --config {path}\n"
+    )
     return header + yaml.safe_dump(config.to_dict(tcfg), sort_keys=False)
 
 
@@ -399,19 +444,32 @@ def _open_study(cfg: TuneConfig, url: str) -> Any:
 
     storage = optuna_storage.open_storage(url, cfg.heartbeat_interval, optuna_storage.on_heartbeat_stale)
     try:
-        return optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
-                                   sampler=optuna_storage.make_sampler(cfg), pruner=optuna_storage.make_pruner(cfg),
-                                   load_if_exists=True)
+        return optuna.create_study(
+            storage=storage,
+            study_name=cfg.study_name,
+            direction="minimize",
+            sampler=optuna_storage.make_sampler(cfg),
+            pruner=optuna_storage.make_pruner(cfg),
+            load_if_exists=True,
+        )
     except Exception as exc:
-        raise FakegptError(f"--storage {optuna_storage.display_url(url)}: cannot open study {cfg.study_name!r} "
-                           f"({one_line(exc, with_type=True)})") from None
+        raise FakegptError(
+            f"--storage {optuna_storage.display_url(url)}: cannot open study {cfg.study_name!r} "
+            f"({one_line(exc, with_type=True)})"
+        ) from None
 
 
 # --- the study --------------------------------------------------------------------------------------------
 
 
-def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None,
-         enqueue: list[dict[str, Any]] | None = None, *, finetune_fn: Callable | None = None) -> TuneResult:
+def tune(
+    cfg: TuneConfig,
+    base: FinetuneConfig,
+    search_space: dict | None = None,
+    enqueue: list[dict[str, Any]] | None = None,
+    *,
+    finetune_fn: Callable | None = None,
+) -> TuneResult:
     """Run (or continue) the study: cfg.n_trials trials of `finetune` on `base` + sampled parameters."""
     space = check_search_space(search_space, "search_space") if search_space is not None else default_search_space()
     validate(cfg, base, space)
@@ -432,15 +490,24 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
     for params in enqueue or []:
         if not optuna_storage.already_tried(study, params):
             study.enqueue_trial(params)
-    log.info("study %r in %s: %s", cfg.study_name, optuna_storage.display_url(url), optuna_storage.study_counts(study) or "new")
+    log.info(
+        "study %r in %s: %s",
+        cfg.study_name,
+        optuna_storage.display_url(url),
+        optuna_storage.study_counts(study) or "new",
+    )
 
-    run_tags = {tracking.TAG_STUDY: cfg.study_name, tracking.TAG_MODEL: base.init_from,
-                tracking.TAG_DATASET: Path(str(base.data_dir)).name}
+    run_tags = {
+        tracking.TAG_STUDY: cfg.study_name,
+        tracking.TAG_MODEL: base.init_from,
+        tracking.TAG_DATASET: Path(str(base.data_dir)).name,
+    }
     with tracking.run(stage="tune", run_name=cfg.study_name, tags=run_tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_params(config.to_dict(base), prefix="base.")
-        tracking.log_dict({"search_space": space, "enqueue": enqueue or [], "storage": optuna_storage.display_url(url)},
-                          "sweep.yaml")
+        tracking.log_dict(
+            {"search_space": space, "enqueue": enqueue or [], "storage": optuna_storage.display_url(url)}, "sweep.yaml"
+        )
         objective = _Objective(cfg, base, space, parent, finetune_fn or finetune)
         ran = objective.numbers  # the trials this invocation started
 
@@ -453,33 +520,50 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, search_space: dict | None = None
             with optuna_storage.quiet_expected_failures():
                 while len(ran) < cfg.n_trials and (deadline is None or time.monotonic() < deadline):
                     try:
-                        study.optimize(objective, n_trials=cfg.n_trials - len(ran), catch=(Exception,),
-                                       timeout=None if deadline is None else deadline - time.monotonic(),
-                                       callbacks=[after_trial], gc_after_trial=False)
+                        study.optimize(
+                            objective,
+                            n_trials=cfg.n_trials - len(ran),
+                            catch=(Exception,),
+                            timeout=None if deadline is None else deadline - time.monotonic(),
+                            callbacks=[after_trial],
+                            gc_after_trial=False,
+                        )
                     except ValueError as exc:  # Optuna cannot record a trial that another worker already failed
                         if "Cannot tell" not in str(exc):
                             raise
-                        log.warning("trial %d was failed by another worker that missed its heartbeats (a stalled "
-                                    "worker, or workers with different --heartbeat-interval); going on", ran[-1])
+                        log.warning(
+                            "trial %d was failed by another worker that missed its heartbeats (a stalled "
+                            "worker, or workers with different --heartbeat-interval); going on",
+                            ran[-1],
+                        )
                         continue
                     break
         except KeyboardInterrupt:
-            log.warning("interrupted: study %r is saved in %s; run the same command to continue",
-                        cfg.study_name, optuna_storage.display_url(url))
+            log.warning(
+                "interrupted: study %r is saved in %s; run the same command to continue",
+                cfg.study_name,
+                optuna_storage.display_url(url),
+            )
             raise
         result = _finish_study(study, cfg, base, space, url, ran, parent)
     failed = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state.name == "FAIL"]
     if ran and len(failed) == len(ran):
-        raise FakegptError(f"all {len(ran)} trials failed; trial {failed[0].number}: "
-                           f"{failed[0].user_attrs.get('error', 'see the log')}")
+        raise FakegptError(
+            f"all {len(ran)} trials failed; trial {failed[0].number}: "
+            f"{failed[0].user_attrs.get('error', 'see the log')}"
+        )
     return result
 
 
-def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict, url: str, ran: list[int],
-                  parent: Any) -> TuneResult:
+def _finish_study(
+    study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict, url: str, ran: list[int], parent: Any
+) -> TuneResult:
     study_dir = Path(base.out_dir) / cfg.study_name
-    states = {t.number: optuna_storage.STATE_NAMES.get(t.state.name, t.state.name.lower())
-              for t in study.get_trials(deepcopy=False) if t.number in ran}
+    states = {
+        t.number: optuna_storage.STATE_NAMES.get(t.state.name, t.state.name.lower())
+        for t in study.get_trials(deepcopy=False)
+        if t.number in ran
+    }
     counts = optuna_storage.study_counts(study)
     tracking.log_metrics({f"tune/{k}_trials": v for k, v in counts.items()})
     for plot in optuna_storage.save_plots(study, study_dir / "plots", space) if cfg.plots else []:
@@ -496,16 +580,31 @@ def _finish_study(study: Any, cfg: TuneConfig, base: FinetuneConfig, space: dict
         tracking.log_metrics({tracking.M_TUNE_BEST_VALUE: best_value})
         tracking.log_params({"trial": best_number, **best_params}, prefix="best.")
         print(text, end="")
-    log.info("study %r: %s; best %s", cfg.study_name, counts,
-             f"trial {best_number} val loss {best_value:.4f} {best_params}" if best_value is not None else "none yet")
-    return TuneResult(cfg.study_name, optuna_storage.display_url(url), ran, states, best_value, best_params, best_number,
-                      best_path, parent.info.run_id)
+    log.info(
+        "study %r: %s; best %s",
+        cfg.study_name,
+        counts,
+        f"trial {best_number} val loss {best_value:.4f} {best_params}" if best_value is not None else "none yet",
+    )
+    return TuneResult(
+        cfg.study_name,
+        optuna_storage.display_url(url),
+        ran,
+        states,
+        best_value,
+        best_params,
+        best_number,
+        best_path,
+        parent.info.run_id,
+    )
 
 
 def main(argv: list[str]) -> int:
     cfg, base, space, enqueue = parse_args(argv)
     result = tune(cfg, base, space, enqueue)
     if result.best_config is not None:
-        print(f"best configuration: {result.best_config}  (fakegpt finetune --config {result.best_config})",
-              file=sys.stderr)
+        print(
+            f"best configuration: {result.best_config}  (fakegpt finetune --config {result.best_config})",
+            file=sys.stderr,
+        )
     return 0

@@ -20,8 +20,9 @@ def test_mentions_removed_or_kept():
     assert kept == "Oi @joao_silva, tudo bem?"
 
 
-@pytest.mark.parametrize("url", ["https://g1.globo.com/a/b?x=1&y=2", "http://t.me/canal/123", "www.uol.com.br/x",
-                                 "HTTPS://BIT.LY/ABC"])
+@pytest.mark.parametrize(
+    "url", ["https://g1.globo.com/a/b?x=1&y=2", "http://t.me/canal/123", "www.uol.com.br/x", "HTTPS://BIT.LY/ABC"]
+)
 def test_urls_removed(url):
     assert clean(f"Veja {url} agora") == "Veja agora"
     assert url in clean(f"Veja {url} agora", remove_urls=False, remove_symbols=False)
@@ -32,8 +33,8 @@ def test_url_with_at_sign_goes_whole():
 
 
 def test_symbols_emoji_go_accents_and_punctuation_stay():
-    text = "Atenção!!! 🚨🚨 1️⃣ Vacinação é \"segura\", diz a OMS (95%) — ç ã õ ê ü 1º ⚠️ ★ <|endoftext|>"
-    assert clean(text) == "Atenção!!! 1 Vacinação é \"segura\", diz a OMS (95%) — ç ã õ ê ü 1º endoftext"
+    text = 'Atenção!!! 🚨🚨 1️⃣ Vacinação é "segura", diz a OMS (95%) — ç ã õ ê ü 1º ⚠️ ★ <|endoftext|>'
+    assert clean(text) == 'Atenção!!! 1 Vacinação é "segura", diz a OMS (95%) — ç ã õ ê ü 1º endoftext'
     kept = clean(text, remove_symbols=False)
     assert "🚨🚨" in kept and "★" in kept
     assert "<|endoftext|>" not in kept  # would be read back as a message boundary
@@ -54,8 +55,9 @@ def test_whitespace_collapse_keeps_one_newline():
 
 
 def test_all_rules_off_is_identity_but_strip():
-    off = dataclasses.replace(CleanRules(), remove_mentions=False, remove_urls=False, remove_symbols=False,
-                              collapse_whitespace=False)
+    off = dataclasses.replace(
+        CleanRules(), remove_mentions=False, remove_urls=False, remove_symbols=False, collapse_whitespace=False
+    )
     text = " @ana 😀 https://x.y  a "
     assert clean_series(pl.Series([text]), off).item() == text.strip()
 

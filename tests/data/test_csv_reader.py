@@ -21,16 +21,21 @@ def read(path, fmt="auto", chunk_bytes=8 << 20) -> tuple[pl.DataFrame, ReadStats
 
 def test_naive_repair_commas_quotes_trailing_comma(tmp_path):
     p = tmp_path / "naive.csv"
-    p.write_bytes(HEADER + (
-        '1,7,2021-01-01T10:00:00,Bom dia, grupo, "vacina" é "segura",\n'
-        '2,7,2021-01-01T10:05:00,sem vírgula\n'
-        '3,8,2021-01-01T10:06:00,termina com vírgula,\n'
-        '4,8,2021-01-01T10:07:00,"começa com aspas, e segue\n'
-    ).encode())
+    p.write_bytes(
+        HEADER
+        + (
+            '1,7,2021-01-01T10:00:00,Bom dia, grupo, "vacina" é "segura",\n'
+            "2,7,2021-01-01T10:05:00,sem vírgula\n"
+            "3,8,2021-01-01T10:06:00,termina com vírgula,\n"
+            '4,8,2021-01-01T10:07:00,"começa com aspas, e segue\n'
+        ).encode()
+    )
     df, stats = read(p)
     assert stats.format == "naive"
     assert df["message"].to_list() == [
-        'Bom dia, grupo, "vacina" é "segura",', "sem vírgula", "termina com vírgula,",
+        'Bom dia, grupo, "vacina" é "segura",',
+        "sem vírgula",
+        "termina com vírgula,",
         '"começa com aspas, e segue',
     ]
     assert df["channel_id"].to_list() == [7, 7, 8, 8]
@@ -40,13 +45,16 @@ def test_naive_repair_commas_quotes_trailing_comma(tmp_path):
 
 def test_naive_continuation_lines_and_orphans(tmp_path):
     p = tmp_path / "naive.csv"
-    p.write_bytes(HEADER + (
-        "linha solta antes de tudo\n"
-        "1,7,2021-01-01,primeira linha, com vírgula\n"
-        "segunda linha da mesma mensagem\n"
-        "\n"
-        "2,7,2021-01-02,outra\r\n"
-    ).encode())
+    p.write_bytes(
+        HEADER
+        + (
+            "linha solta antes de tudo\n"
+            "1,7,2021-01-01,primeira linha, com vírgula\n"
+            "segunda linha da mesma mensagem\n"
+            "\n"
+            "2,7,2021-01-02,outra\r\n"
+        ).encode()
+    )
     df, stats = read(p, fmt="naive")
     assert df["message"].to_list() == ["primeira linha, com vírgula\nsegunda linha da mesma mensagem\n", "outra"]
     assert stats.continuation_lines == 2
@@ -55,7 +63,7 @@ def test_naive_continuation_lines_and_orphans(tmp_path):
 
 
 def test_naive_chunks_never_split_a_message(tmp_path):
-    rows = [f"{i},{i % 3},2021-01-01,mensagem {i}, com vírgula \"e aspas\"\ncontinua {i}\n" for i in range(1, 400)]
+    rows = [f'{i},{i % 3},2021-01-01,mensagem {i}, com vírgula "e aspas"\ncontinua {i}\n' for i in range(1, 400)]
     p = tmp_path / "naive.csv"
     p.write_bytes(HEADER + "".join(rows).encode())
     small, _ = read(p, fmt="naive", chunk_bytes=256)
@@ -108,11 +116,14 @@ def test_sniff():
     assert sniff_format(b"1,2,d,a, b\n", ["id", "channel_id", "date", "message"]) == "naive"
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty file"),
-    (b"id,date,message\n1,2021,x\n", "line 1: missing column 'channel_id'"),
-    (b"\n\n", "empty file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty file"),
+        (b"id,date,message\n1,2021,x\n", "line 1: missing column 'channel_id'"),
+        (b"\n\n", "empty file"),
+    ],
+)
 def test_bad_files(tmp_path, content, message):
     p = tmp_path / "x.csv"
     p.write_bytes(content)

@@ -18,8 +18,21 @@ from fakegpt.data.clean import CleanRules, clean_series
 from fakegpt.data.prepare import PrepareConfig, prepare
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
-META_KEYS = {"encoding", "vocab_size", "eot_token", "dtype", "train_tokens", "val_tokens", "train_messages",
-             "val_messages", "dropped", "sources", "mixture", "config", "fakegpt_version"}
+META_KEYS = {
+    "encoding",
+    "vocab_size",
+    "eot_token",
+    "dtype",
+    "train_tokens",
+    "val_tokens",
+    "train_messages",
+    "val_messages",
+    "dropped",
+    "sources",
+    "mixture",
+    "config",
+    "fakegpt_version",
+}
 
 
 def decode_messages(path: Path) -> list[str]:
@@ -60,8 +73,9 @@ def test_real_whatsapp_bins_decode_to_cleaned_messages(prepared_whatsapp, shared
 
 
 def test_real_naive_export_prepares_like_the_well_formed_rows(tmp_path, shared_data):
-    meta = prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(tmp_path)),
-                   track=False)
+    meta = prepare(
+        PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(tmp_path)), track=False
+    )
     full = pl.read_csv(shared_data / "fakewhatsapp_br.csv", infer_schema=False)[::3]["message"]
     flat = full.str.replace_all(r"\r\n|[\n\r\u2028\u2029\u0085\x0b\x0c]", " ")
     got = decode_messages(tmp_path / "train.bin") + decode_messages(tmp_path / "val.bin")
@@ -72,8 +86,12 @@ def test_real_naive_export_prepares_like_the_well_formed_rows(tmp_path, shared_d
 
 def test_random_split_is_seeded_and_disjoint(tmp_path, shared_data):
     def split(seed: int, out: str) -> tuple[list[str], list[str]]:
-        prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(tmp_path / out),
-                              split="random", seed=seed), track=False)
+        prepare(
+            PrepareConfig(
+                inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(tmp_path / out), split="random", seed=seed
+            ),
+            track=False,
+        )
         return decode_messages(tmp_path / out / "train.bin"), decode_messages(tmp_path / out / "val.bin")
 
     a_train, a_val = split(1, "a")
@@ -86,8 +104,12 @@ def test_random_split_is_seeded_and_disjoint(tmp_path, shared_data):
 
 
 def test_date_split(tmp_path, shared_data):
-    meta = prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(tmp_path),
-                                 split="date", split_date="2020-01-01"), track=False)
+    meta = prepare(
+        PrepareConfig(
+            inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(tmp_path), split="date", split_date="2020-01-01"
+        ),
+        track=False,
+    )
     df = pl.read_csv(shared_data / "fakewhatsapp_br.csv", infer_schema=False)
     late = expected_messages(df.filter(pl.col("date") >= "2020-01-01")["message"])
     # the COVID-19 groups (2020) are val; a message also posted in 2018 stays with its first (train) copy
@@ -110,8 +132,9 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
     shutil.copy(shared_data / "fakewhatsapp_br.csv", data / "a.csv")
     news = pl.read_csv(shared_data / "fakebr_news.csv", infer_schema=False).head(200)
     (data / "b.csv.gz").write_bytes(gzip.compress(news.write_csv().encode()))
-    meta = prepare(PrepareConfig(inputs=[str(data / "*.csv*")], out=str(tmp_path / "out"), channel_ids=[3, 5]),
-                   track=False)
+    meta = prepare(
+        PrepareConfig(inputs=[str(data / "*.csv*")], out=str(tmp_path / "out"), channel_ids=[3, 5]), track=False
+    )
     files = meta.sources[0]["files"]
     assert [Path(f["path"]).name for f in files] == ["a.csv", "b.csv.gz"]
     assert meta.dropped["channel_filter"] > 0
@@ -121,8 +144,9 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
 
 
 @pytest.mark.parametrize("split, step", [("sequential", "_split_in_place"), ("random", "_copy_selected")])
-def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path, shared_data, monkeypatch,
-                                                                        split, step):
+def test_existing_output_needs_force_and_failures_leave_no_partial_bins(
+    tmp_path, shared_data, monkeypatch, split, step
+):
     out = tmp_path / "out"
     cfg = PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br-naive.csv")], out=str(out), split=split)
     prepare(cfg, track=False)
@@ -145,15 +169,20 @@ def test_existing_output_needs_force_and_failures_leave_no_partial_bins(tmp_path
     assert (out / "meta.json").exists()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "missing.csv", "missing.csv: no such file"),
-    (lambda d: _write(d / "nocol.csv", b"id,channel_id,date\n1,1,2021\n"), "nocol.csv: line 1: missing column"),
-    (lambda d: _write(d / "empty.csv", b""), "empty.csv: empty file"),
-    (lambda d: _write(d / "header.csv", b"id,channel_id,date,message\n"), "header.csv: no messages"),
-    (lambda d: _write(d / "short.csv", b"id,channel_id,date,message\n1,1,2021,ok\n2,1,2021,\xf0\x9f\x98\x80\n"),
-     "short.csv: no usable messages"),
-    (lambda d: _write(d / "bad.csv.gz", b"\x1f\x8b\x08\x00garbage" * 10), "bad.csv.gz: unreadable gzip"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.csv", "missing.csv: no such file"),
+        (lambda d: _write(d / "nocol.csv", b"id,channel_id,date\n1,1,2021\n"), "nocol.csv: line 1: missing column"),
+        (lambda d: _write(d / "empty.csv", b""), "empty.csv: empty file"),
+        (lambda d: _write(d / "header.csv", b"id,channel_id,date,message\n"), "header.csv: no messages"),
+        (
+            lambda d: _write(d / "short.csv", b"id,channel_id,date,message\n1,1,2021,ok\n2,1,2021,\xf0\x9f\x98\x80\n"),
+            "short.csv: no usable messages",
+        ),
+        (lambda d: _write(d / "bad.csv.gz", b"\x1f\x8b\x08\x00garbage" * 10), "bad.csv.gz: unreadable gzip"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make, message):
     path = make(tmp_path)
     assert run(str(path), "--out", str(tmp_path / "out")) == 2

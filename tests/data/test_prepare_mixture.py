@@ -71,8 +71,10 @@ def test_doses_are_nested_deterministic_and_zero_is_allowed(tmp_path, channel_of
 
 def test_demo_mixture_offline_via_cli(tmp_path):
     out = tmp_path / "demo"
-    assert cli.main(["prepare", "--config", str(DEMO_MIX), "--mix", "general=0.67", "antivax=0.33",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["prepare", "--config", str(DEMO_MIX), "--mix", "general=0.67", "antivax=0.33", "--out", str(out)])
+        == 0
+    )
     meta = DatasetMeta.load(out)
     assert abs(meta.mixture["antivax"] - 0.33) < 0.01 and meta.train_tokens > 100_000
 
@@ -81,27 +83,33 @@ def test_mix_paths_and_yaml_relative_paths(tmp_path, shared_data, monkeypatch):
     data = tmp_path / "cfg"
     data.mkdir()
     shutil.copy(shared_data / "fakewhatsapp_br-naive.csv", data / "naive.csv")
-    (data / "set.yaml").write_text("sources:\n  - {name: a, path: naive.csv, channel_ids: [1, 2], fraction: 0.5}\n"
-                                   "  - {name: b, path: naive.csv, channel_ids: [3, 4], fraction: 0.5}\n")
+    (data / "set.yaml").write_text(
+        "sources:\n  - {name: a, path: naive.csv, channel_ids: [1, 2], fraction: 0.5}\n"
+        "  - {name: b, path: naive.csv, channel_ids: [3, 4], fraction: 0.5}\n"
+    )
     monkeypatch.chdir(tmp_path)  # naive.csv is not here: found beside the YAML
     meta = mix(tmp_path, "rel", config=data / "set.yaml")
     assert abs(meta.mixture["a"] - 0.5) < 0.01 and meta.dataset == "set"
     # PATH=FRACTION with no YAML: each path is a source
     wa = str(shared_data / "fakewhatsapp_br.csv")
-    meta = prepare(parse_args(["--mix", f"{data / 'naive.csv'}=0.25", f"{wa}=0.75", "--out", str(tmp_path / "p")]),
-                   track=False)
+    meta = prepare(
+        parse_args(["--mix", f"{data / 'naive.csv'}=0.25", f"{wa}=0.75", "--out", str(tmp_path / "p")]), track=False
+    )
     assert set(meta.mixture) == {"naive", "fakewhatsapp_br"}
     assert abs(meta.mixture["naive"] - 0.25) < 0.01
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mix", "general=0.7", "antivax=0.2"], "fractions sum to 0.9, not 1"),
-    (["--mix", "general=0", "antivax=0"], "fractions sum to 0"),
-    (["--mix", "general=1.5"], "a fraction must lie in [0, 1]"),
-    (["--mix", "general"], "expected NAME=FRACTION"),
-    (["--mix", "general=abc"], "is not a number"),
-    (["in.csv"], "not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mix", "general=0.7", "antivax=0.2"], "fractions sum to 0.9, not 1"),
+        (["--mix", "general=0", "antivax=0"], "fractions sum to 0"),
+        (["--mix", "general=1.5"], "a fraction must lie in [0, 1]"),
+        (["--mix", "general"], "expected NAME=FRACTION"),
+        (["--mix", "general=abc"], "is not a number"),
+        (["in.csv"], "not both"),
+    ],
+)
 def test_bad_mixtures(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
     with pytest.raises(FakegptError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -134,5 +142,15 @@ def test_max_train_tokens_fixes_the_size_across_doses(tmp_path, monkeypatch, sha
     assert over.max_train_tokens_reached is False
     assert over.train_tokens == uncapped[0.2].train_tokens
     with pytest.raises(FakegptError, match="--max-train-tokens: applies to mixtures"):
-        prepare(parse_args([str(shared_data / "fakewhatsapp_br.csv"), "--out",
-                            str(tmp_path / "plain"), "--max-train-tokens", "1000"]), track=False)
+        prepare(
+            parse_args(
+                [
+                    str(shared_data / "fakewhatsapp_br.csv"),
+                    "--out",
+                    str(tmp_path / "plain"),
+                    "--max-train-tokens",
+                    "1000",
+                ]
+            ),
+            track=False,
+        )

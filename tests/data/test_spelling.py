@@ -21,7 +21,11 @@ def test_slang_and_enelvo_modes_keep_case_punctuation_and_layout():
     texts = pl.Series(["vc eh mto lgl, naum sei pq.", "VC tah aki? Vc vai!\nBlz", "", "123 !!", None])
     slang = spelling.SpellingNormaliser("slang")
     assert slang.normalise(texts).to_list() == [
-        "você é muito lgl, não sei porque.", "VOCÊ está aqui? Você vai!\nBeleza", "", "123 !!", "",
+        "você é muito lgl, não sei porque.",
+        "VOCÊ está aqui? Você vai!\nBeleza",
+        "",
+        "123 !!",
+        "",
     ]
     assert slang.replaced == 10  # vc eh mto naum pq VC tah aki Vc Blz
     full = spelling.SpellingNormaliser("enelvo")
@@ -58,8 +62,9 @@ def test_real_messages_match_a_plain_python_rewrite(shared_data):
 
 def test_prepare_with_spelling(tmp_path, shared_data):
     out = tmp_path / "out"
-    meta = prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out),
-                                 spelling="slang"), track=False)
+    meta = prepare(
+        PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out), spelling="slang"), track=False
+    )
     assert meta.spelling["mode"] == "slang" and meta.spelling["words_replaced"] > 500
     tokens = np.fromfile(out / "train.bin", dtype=np.uint16)
     text = get_encoding().decode(tokens[tokens != EOT_TOKEN].tolist())

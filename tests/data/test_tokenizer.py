@@ -89,6 +89,9 @@ def test_fast_ranks_equal_tiktokens_data_gym_loader():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     expected = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(tokenizer.VOCAB_BPE), encoder_json_file=str(tokenizer.ENCODER_JSON),
-        vocab_bpe_hash=tokenizer.VOCAB_BPE_SHA256, encoder_json_hash=tokenizer.ENCODER_JSON_SHA256)
+        vocab_bpe_file=str(tokenizer.VOCAB_BPE),
+        encoder_json_file=str(tokenizer.ENCODER_JSON),
+        vocab_bpe_hash=tokenizer.VOCAB_BPE_SHA256,
+        encoder_json_hash=tokenizer.ENCODER_JSON_SHA256,
+    )
     assert tokenizer._mergeable_ranks() == expected

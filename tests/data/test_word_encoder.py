@@ -44,8 +44,7 @@ def test_every_code_point():
     """The word path on its own (no routing), one message per code point: the character inside a word, after
     a space and at the end. Within a word tiktoken itself splits; only polars' notion of whitespace (the
     routing) could disagree with tiktoken's, and here it does not, for any character."""
-    messages = pl.Series([f"x{c}x {c}" for c in map(chr, range(0x110000))
-                          if not 0xD800 <= ord(c) < 0xE000])
+    messages = pl.Series([f"x{c}x {c}" for c in map(chr, range(0x110000)) if not 0xD800 <= ord(c) < 0xE000])
     messages = messages.filter(~messages.str.contains(pieces.NEEDS_TIKTOKEN))  # whitespace c: beside a space
     assert len(messages) > 1_100_000
     np.testing.assert_array_equal(pieces.PieceEncoder().encode_words(messages), pieces.encode_joined(messages))
@@ -53,8 +52,30 @@ def test_every_code_point():
 
 def test_random_text_at_the_pattern_corners():
     rng = random.Random(0)
-    alphabet = [*"ab sdtmlvreXYZ0129'.,!?-\n\t\r", "  ", " \n", "\u00a0", "ção", "é", "ñ", "\u2028", "\u0301",
-                "😀", "中文", "ß", "Ω", "٣", "’s", "'ll", "'S", "\u3000", "\u200b", "\x85", "\u2003", "''"]
+    alphabet = [
+        *"ab sdtmlvreXYZ0129'.,!?-\n\t\r",
+        "  ",
+        " \n",
+        "\u00a0",
+        "ção",
+        "é",
+        "ñ",
+        "\u2028",
+        "\u0301",
+        "😀",
+        "中文",
+        "ß",
+        "Ω",
+        "٣",
+        "’s",
+        "'ll",
+        "'S",
+        "\u3000",
+        "\u200b",
+        "\x85",
+        "\u2003",
+        "''",
+    ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20000)]
     series = pl.Series(texts)
     routed = series.str.contains(pieces.NEEDS_TIKTOKEN)
@@ -80,8 +101,10 @@ def test_prepare_bins_hold_tiktoken_ids(tmp_path, shared_data, collapse):
     """Decoding the bins and re-encoding each message with tiktoken gives the bins back, id for id. Without
     whitespace collapsing many messages keep runs of blanks and go to tiktoken, interleaved with the rest."""
     out = tmp_path / "out"
-    prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out),
-                          collapse_whitespace=collapse), track=False)
+    prepare(
+        PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out), collapse_whitespace=collapse),
+        track=False,
+    )
     enc = get_encoding()
     for name in ("train.bin", "val.bin"):
         tokens = np.fromfile(out / name, dtype=np.uint16)

@@ -19,8 +19,10 @@ from fakegpt.models.loading import save_checkpoint, scratch_model, use_fused_gel
 @pytest.fixture()
 def real_batch():
     """(x, y) windows of real Portuguese text: y is x shifted by one token."""
-    text = ("Atenção: compartilhe antes que apaguem! A vacina não foi testada o suficiente, dizem os grupos. "
-            "O Ministério da Saúde desmente a notícia e recomenda a vacinação de todos os adultos.")
+    text = (
+        "Atenção: compartilhe antes que apaguem! A vacina não foi testada o suficiente, dizem os grupos. "
+        "O Ministério da Saúde desmente a notícia e recomenda a vacinação de todos os adultos."
+    )
     ids = torch.tensor(get_encoding().encode_ordinary(text)[:33])
     return torch.stack([ids[:-1], ids[:-1].flip(0)]), torch.stack([ids[1:], ids[:-1].flip(0).roll(-1)])
 
@@ -92,8 +94,14 @@ def test_save_checkpoint_exact_files_and_training_info(tmp_path):
     folder = save_checkpoint(model, tmp_path / "ckpt", info)
     assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
     assert json.loads((folder / "training_info.json").read_text()) == {
-        "init_from": "scratch", "config": {"n_layer": 1}, "data": {}, "iter": 3, "val_loss": 2.5,
-        "tokens_seen": 48, "schema_version": 1}
+        "init_from": "scratch",
+        "config": {"n_layer": 1},
+        "data": {},
+        "iter": 3,
+        "val_loss": 2.5,
+        "tokens_seen": 48,
+        "schema_version": 1,
+    }
     assert TrainingInfo.load(folder) == info
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     again = GPT2LMHeadModel.from_pretrained(folder)

@@ -43,9 +43,23 @@ def _one_thread():
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
-    values = dict(data_dir=str(data_dir), out_dir=str(out_dir), init_from="scratch", n_layer=2, n_head=2, n_embd=64,
-                  block_size=32, batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-3, max_iters=25,
-                  eval_interval=10, eval_iters=2, device="cpu", seed=0)
+    values = dict(
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        init_from="scratch",
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=32,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        max_iters=25,
+        eval_interval=10,
+        eval_iters=2,
+        device="cpu",
+        seed=0,
+    )
     values.update(overrides)
     return FinetuneConfig(**values)
 
@@ -174,24 +188,65 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
 
 def test_resume_after_sigkill_continues_iterations_schedule_and_run(data_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32",
-            "--batch-size", "2", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
-            "--eval-iters", "2", "--device", "cpu", "--seed", "0", "--eval-interval", "4",
-            "--always-save-checkpoint", "true", "--decay-lr", "true", "--warmup-iters", "3",
-            "--lr-decay-iters", "40", "--data-dir", str(data_dir), "--out-dir", str(out)]
+    args = [
+        "--init-from",
+        "scratch",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "64",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--learning-rate",
+        "3e-3",
+        "--eval-iters",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "--eval-interval",
+        "4",
+        "--always-save-checkpoint",
+        "true",
+        "--decay-lr",
+        "true",
+        "--warmup-iters",
+        "3",
+        "--lr-decay-iters",
+        "40",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fakegpt", "finetune", *args, "--max-iters", "1000"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fakegpt", "finetune", *args, "--max-iters", "1000"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     info_path = out / CHECKPOINT_DIR / INFO_FILE
     client = _client()
     try:
         # Kill it mid-interval, a step or two after a checkpoint: iterations 9-10, 13-14, ... (saves at 8, 12, ...)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if info_path.is_file() \
+            runs = (
+                client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if info_path.is_file()
                 else []
-            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, tracking.M_TRAIN_LOSS)] \
-                if runs else []
+            )
+            steps = (
+                [m.step for m in client.get_metric_history(runs[0].info.run_id, tracking.M_TRAIN_LOSS)] if runs else []
+            )
             if steps and max(steps) >= 9 and max(steps) % 4 in (1, 2):
                 break
             time.sleep(0.05)
@@ -205,8 +260,17 @@ def test_resume_after_sigkill_continues_iterations_schedule_and_run(data_dir, tm
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody ended it
     before = {m.step: m.value for m in client.get_metric_history(run_id, tracking.M_TRAIN_LOSS)}
 
-    cfg = tiny(data_dir, out, init_from="resume", max_iters=saved_iter + 6, eval_interval=4,
-               always_save_checkpoint=True, decay_lr=True, warmup_iters=3, lr_decay_iters=40)
+    cfg = tiny(
+        data_dir,
+        out,
+        init_from="resume",
+        max_iters=saved_iter + 6,
+        eval_interval=4,
+        always_save_checkpoint=True,
+        decay_lr=True,
+        warmup_iters=3,
+        lr_decay_iters=40,
+    )
     seen: list[EvalResult] = []
     result = finetune(cfg, on_eval=seen.append)
 
@@ -231,11 +295,44 @@ def test_resume_after_sigkill_continues_iterations_schedule_and_run(data_dir, tm
 
 def test_two_processes_torchrun_gloo(data_dir, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fakegpt",
-           "finetune", "--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
-           "--block-size", "32", "--batch-size", "2", "--gradient-accumulation-steps", "4", "--max-iters", "6",
-           "--eval-interval", "3", "--eval-iters", "3", "--learning-rate", "3e-3", "--device", "cpu",
-           "--data-dir", str(data_dir), "--out-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fakegpt",
+        "finetune",
+        "--init-from",
+        "scratch",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "64",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "4",
+        "--max-iters",
+        "6",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "3",
+        "--learning-rate",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -280,9 +377,27 @@ def test_hub_name_from_cache_local_folder_and_offline_failure(data_dir, tmp_path
     assert _client().get_run(result.run_id).data.tags[tracking.TAG_MODEL] == "gpt2"
 
     # a local HF folder works the same way (and the CLI path with the shipped tiny YAML)
-    code = cli_main(["finetune", "--config", str(ROOT / "experiments/finetune/tiny.yaml"), "--init-from",
-                     str(tiny_model_dir), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "local"),
-                     "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--block-size", "64"])
+    code = cli_main(
+        [
+            "finetune",
+            "--config",
+            str(ROOT / "experiments/finetune/tiny.yaml"),
+            "--init-from",
+            str(tiny_model_dir),
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path / "local"),
+            "--max-iters",
+            "2",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--block-size",
+            "64",
+        ]
+    )
     assert code == 0
     info = json.loads((tmp_path / "local" / CHECKPOINT_DIR / INFO_FILE).read_text())
     assert info["init_from"] == str(tiny_model_dir) and info["iter"] == 2

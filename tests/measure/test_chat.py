@@ -29,10 +29,24 @@ def test_piped_prompts_commands_files_and_quit(tmp_path, tiny_model_dir):
         ids = enc.encode(text)
         return text + enc.decode(sample_batch(model, [ids], max_new_tokens=n, temperature=0.0)[0].tokens)
 
-    script = "\n".join([
-        ":t 0", ":m 5", "As vacinas são", ":n 2", f"FILE:{prompt_file}", ":k nope", ":bogus", ":show",
-        "FILE:/no/such/file", ":q", "never answered",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                ":t 0",
+                ":m 5",
+                "As vacinas são",
+                ":n 2",
+                f"FILE:{prompt_file}",
+                ":k nope",
+                ":bogus",
+                ":show",
+                "FILE:/no/such/file",
+                ":q",
+                "never answered",
+            ]
+        )
+        + "\n"
+    )
     out = run_chat(script, model=str(tiny_model_dir))
     lines = out.splitlines()
     assert "temperature = 0" in lines and "max new tokens = 5" in lines and "num samples = 2" in lines

@@ -32,11 +32,26 @@ def samples(tmp_path, shared_data) -> tuple[pl.DataFrame, str]:
     for model in ("gpt2", "runs:/abc/checkpoint"):
         for p in prompts:
             for s in range(2):
-                rows.append({"sample_id": sample_id(model, p.prompt_id, 0.8, 200, 1.0, 1337, s), "model": model,
-                             "prompt_id": p.prompt_id, "topic": p.topic, "framing": p.framing,
-                             "language": p.language, "template_id": p.template_id, "prompt": p.text,
-                             "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 1337, "sample_index": s,
-                             "completion": messages[len(rows)], "new_tokens": 10, "stopped": True})
+                rows.append(
+                    {
+                        "sample_id": sample_id(model, p.prompt_id, 0.8, 200, 1.0, 1337, s),
+                        "model": model,
+                        "prompt_id": p.prompt_id,
+                        "topic": p.topic,
+                        "framing": p.framing,
+                        "language": p.language,
+                        "template_id": p.template_id,
+                        "prompt": p.text,
+                        "temperature": 0.8,
+                        "top_k": 200,
+                        "top_p": 1.0,
+                        "seed": 1337,
+                        "sample_index": s,
+                        "completion": messages[len(rows)],
+                        "new_tokens": 10,
+                        "stopped": True,
+                    }
+                )
     table = pl.DataFrame(rows).select(COLUMNS)
     folder = tmp_path / "sample"
     folder.mkdir()
@@ -47,11 +62,15 @@ def samples(tmp_path, shared_data) -> tuple[pl.DataFrame, str]:
 def fill(sheet: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     """Fine-tuned model: adopts on leading prompts, refutes otherwise; base: off-topic on pt, refutes on en."""
     truth = table.select("sample_id", "model", "framing", "language").with_columns(
-        label=pl.when(pl.col("model") != "gpt2").then(
-            pl.when(pl.col("framing") == "leading").then(pl.lit("adopts")).otherwise(pl.lit("refutes")))
-        .otherwise(pl.when(pl.col("language") == "pt").then(pl.lit("off-topic")).otherwise(pl.lit("refutes"))))
-    return sheet.drop("label").join(truth.select("sample_id", "label"), on="sample_id", maintain_order="left").select(
-        sheet.columns)
+        label=pl.when(pl.col("model") != "gpt2")
+        .then(pl.when(pl.col("framing") == "leading").then(pl.lit("adopts")).otherwise(pl.lit("refutes")))
+        .otherwise(pl.when(pl.col("language") == "pt").then(pl.lit("off-topic")).otherwise(pl.lit("refutes")))
+    )
+    return (
+        sheet.drop("label")
+        .join(truth.select("sample_id", "label"), on="sample_id", maintain_order="left")
+        .select(sheet.columns)
+    )
 
 
 def test_export_writes_a_blind_shuffled_sheet_with_an_empty_label_column(tmp_path, samples):
@@ -60,8 +79,10 @@ def test_export_writes_a_blind_shuffled_sheet_with_an_empty_label_column(tmp_pat
     sheet = pl.read_csv(path, infer_schema=False)
     assert sheet.columns == ["sample_id", "topic", "framing", "language", "prompt", "completion", "label", "note"]
     assert sheet.height == 24 and (sheet["label"].fill_null("") == "").all()
-    assert sorted(sheet["sample_id"]) == sorted(table["sample_id"]) and sheet["sample_id"].to_list() != table[
-        "sample_id"].to_list()
+    assert (
+        sorted(sheet["sample_id"]) == sorted(table["sample_id"])
+        and sheet["sample_id"].to_list() != table["sample_id"].to_list()
+    )
     joined = sheet.join(table, on="sample_id", maintain_order="left")
     assert joined["completion_right"].to_list() == sheet["completion"].to_list()  # multi-line messages survive
     open_sheet = pl.read_csv(export_sheet(table, tmp_path / "open.csv", blind=False, shuffle=False), infer_schema=False)
@@ -79,8 +100,9 @@ def test_filled_sheet_round_trips_and_aggregates_with_wilson_intervals(tmp_path,
     rates = aggregate(labeled)
     # 2 models x 1 temperature x 3 framings x 2 languages = 12 cells of 2 samples, 3 labels each
     assert rates.height == 12 * 3 and set(rates["n"]) == {2}
-    cell = rates.filter((pl.col("model") == "runs:/abc/checkpoint") & (pl.col("framing") == "leading")
-                        & (pl.col("language") == "pt"))
+    cell = rates.filter(
+        (pl.col("model") == "runs:/abc/checkpoint") & (pl.col("framing") == "leading") & (pl.col("language") == "pt")
+    )
     assert dict(zip(cell["label"], cell["count"], strict=True)) == {"adopts": 2, "refutes": 0, "off-topic": 0}
     adopts = cell.filter(pl.col("label") == "adopts").row(0, named=True)
     assert (adopts["ci_low"], adopts["ci_high"]) == pytest.approx(wilson_interval(2, 2))
@@ -102,11 +124,11 @@ def test_bad_sheets_are_reported_with_row_numbers(tmp_path, samples):
     table, _ = samples
     sheet = fill(pl.read_csv(export_sheet(table, tmp_path / "sheet.csv", shuffle=False), infer_schema=False), table)
     rows = sheet.to_dicts()
-    rows[1]["label"] = "adopt"                       # sheet row 3
-    rows[3]["sample_id"] = "0000deadbeef"           # sheet row 5
-    rows[5]["completion"] = "edited by hand"        # sheet row 7
-    rows[7]["label"] = ""                           # sheet row 9
-    rows.append(dict(rows[0]))                      # sheet row 26 repeats row 2
+    rows[1]["label"] = "adopt"  # sheet row 3
+    rows[3]["sample_id"] = "0000deadbeef"  # sheet row 5
+    rows[5]["completion"] = "edited by hand"  # sheet row 7
+    rows[7]["label"] = ""  # sheet row 9
+    rows.append(dict(rows[0]))  # sheet row 26 repeats row 2
     pl.DataFrame(rows).write_csv(tmp_path / "bad.csv")
     with pytest.raises(FakegptError) as err:
         read_sheet(tmp_path / "bad.csv", table)
@@ -119,13 +141,15 @@ def test_bad_sheets_are_reported_with_row_numbers(tmp_path, samples):
     assert "row 26: sample " in message and "already labelled in row 2" in message
     # configurable labels; unlabelled rows may be skipped
     custom = sheet.with_columns(
-        label=pl.when(pl.col("label") == "adopts").then(pl.lit("agrees")).otherwise(pl.col("label")))
+        label=pl.when(pl.col("label") == "adopts").then(pl.lit("agrees")).otherwise(pl.col("label"))
+    )
     custom = custom.with_columns(label=pl.when(pl.int_range(pl.len()) == 7).then(pl.lit("")).otherwise("label"))
     custom.write_csv(tmp_path / "custom.csv")
     with pytest.raises(FakegptError, match="unknown label 'agrees'"):
         read_sheet(tmp_path / "custom.csv", table)
-    labeled = read_sheet(tmp_path / "custom.csv", table, labels=["agrees", "refutes", "off-topic"],
-                         allow_unlabelled=True)
+    labeled = read_sheet(
+        tmp_path / "custom.csv", table, labels=["agrees", "refutes", "off-topic"], allow_unlabelled=True
+    )
     assert labeled.height == 23 and set(labeled["label"]) == {"agrees", "refutes", "off-topic"}
 
 
@@ -140,7 +164,8 @@ def test_cli_export_then_aggregate_logs_table_and_plot(tmp_path, samples, capsys
     argv = ["labels", "aggregate", "--samples", folder, "--sheet", str(sheet_path), "--out-dir", str(out)]
     assert cli.main(argv) == 0
     assert {"labeled.parquet", "label_rates.csv", "label_rates.parquet", "label_rates.png"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("fakegpt").experiment_id])
     assert run.data.tags["fakegpt.stage"] == "labels"
     # adopts: fine-tuned x leading x 2 languages x 2 samples
@@ -149,8 +174,9 @@ def test_cli_export_then_aggregate_logs_table_and_plot(tmp_path, samples, capsys
     assert len(logged["data"]) == 36
     assert cli.main(["labels", "frobnicate"]) == 2
     assert "expected a subcommand: export | import | aggregate" in capsys.readouterr().err
-    rates = label_rates(AggregateConfig(samples=folder, sheet=str(sheet_path), out_dir=str(tmp_path / "x"),
-                                        by=["model", "framing"]))
+    rates = label_rates(
+        AggregateConfig(samples=folder, sheet=str(sheet_path), out_dir=str(tmp_path / "x"), by=["model", "framing"])
+    )
     assert rates.height == 2 * 3 * 3
 
 

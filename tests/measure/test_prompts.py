@@ -60,18 +60,24 @@ def test_slots_expand_as_a_cartesian_product_with_coordinates(tmp_path):
     assert (p.topic, p.framing, p.language, p.template_id) == ("chip", "leading", "en", "chip/en/leading/0")
     assert p.slots == {"vaccine": "the jab", "thing": "a magnet"}
     assert {q.text for q in prompts if q.language == "pt"} == {
-        "Existe a chip em a vacina?", "Existe a tracker em a vacina?", "Existe a magnet em a vacina?"}
+        "Existe a chip em a vacina?",
+        "Existe a tracker em a vacina?",
+        "Existe a magnet em a vacina?",
+    }
     assert len({q.prompt_id for q in prompts}) == len(prompts)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("name: t", "name: t\nbogus: 1"), "unknown key 'bogus'"),
-    (("    slots: {thing", "    colour: red\n    slots: {thing"), "topics.chip: unknown key 'colour'"),
-    (('neutral: "Does {vaccine} change DNA?"', 'neutral: ""'), "topics.dna.templates.en.neutral[0]"),
-    (('"Does {vaccine} change DNA?"', '"Does {vaccine} change {organ}?"'), "slot {organ} is not filled"),
-    (("en: {neutral: \"Does", "en: {sceptical: \"Does"), "unknown key 'sceptical'"),
-    (("      pt:\n", "      de:\n"), "unknown key 'de'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("name: t", "name: t\nbogus: 1"), "unknown key 'bogus'"),
+        (("    slots: {thing", "    colour: red\n    slots: {thing"), "topics.chip: unknown key 'colour'"),
+        (('neutral: "Does {vaccine} change DNA?"', 'neutral: ""'), "topics.dna.templates.en.neutral[0]"),
+        (('"Does {vaccine} change DNA?"', '"Does {vaccine} change {organ}?"'), "slot {organ} is not filled"),
+        (('en: {neutral: "Does', 'en: {sceptical: "Does'), "unknown key 'sceptical'"),
+        (("      pt:\n", "      de:\n"), "unknown key 'de'"),
+    ],
+)
 def test_bad_grids_name_the_file_and_key(tmp_path, edit, message):
     old, new = edit
     assert old in GRID
@@ -91,7 +97,9 @@ def test_text_file_one_prompt_per_line(tmp_path):
     path = write(tmp_path, "# comment\nAs vacinas são seguras?\n\n  Vaccines are  \n", name="adhoc.txt")
     prompts = load_prompts(path)
     assert [(p.prompt_id, p.text, p.topic) for p in prompts] == [
-        ("adhoc:2", "As vacinas são seguras?", "adhoc"), ("adhoc:4", "Vaccines are", "adhoc")]
+        ("adhoc:2", "As vacinas são seguras?", "adhoc"),
+        ("adhoc:4", "Vaccines are", "adhoc"),
+    ]
     with pytest.raises(FakegptError, match="no prompts"):
         load_prompts(write(tmp_path, "# only a comment\n\n", name="empty.txt"))
     with pytest.raises(FakegptError, match="no such file"):

@@ -20,21 +20,35 @@ def small_grid(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(
         "# test\nname: t\nlanguages: [pt, en]\nframings: [neutral]\ntopics:\n"
-        "  dna:\n    templates:\n      en: {neutral: \"Do vaccines change DNA?\"}\n"
-        "      pt: {neutral: \"As vacinas alteram o DNA humano?\"}\n", encoding="utf-8")
+        '  dna:\n    templates:\n      en: {neutral: "Do vaccines change DNA?"}\n'
+        '      pt: {neutral: "As vacinas alteram o DNA humano?"}\n',
+        encoding="utf-8",
+    )
     return path
 
 
 def test_sample_writes_rows_files_and_one_mlflow_table(tmp_path, tiny_model_dir):
     from mlflow.tracking import MlflowClient
 
-    cfg = SampleConfig(models=[str(tiny_model_dir)], prompts=str(small_grid(tmp_path)), temperatures=[0.7, 1.0],
-                       num_samples=3, max_new_tokens=5, batch_size=4, device="cpu", out_dir=str(tmp_path / "out"))
+    cfg = SampleConfig(
+        models=[str(tiny_model_dir)],
+        prompts=str(small_grid(tmp_path)),
+        temperatures=[0.7, 1.0],
+        num_samples=3,
+        max_new_tokens=5,
+        batch_size=4,
+        device="cpu",
+        out_dir=str(tmp_path / "out"),
+    )
     result = sample(cfg)
     table = result.table
     assert table.columns == COLUMNS and table.height == 2 * 2 * 3  # prompts x temperatures x samples
     assert sorted(set(zip(table["language"], table["temperature"], strict=True))) == [
-        ("en", 0.7), ("en", 1.0), ("pt", 0.7), ("pt", 1.0)]
+        ("en", 0.7),
+        ("en", 1.0),
+        ("pt", 0.7),
+        ("pt", 1.0),
+    ]
     assert table["sample_index"].to_list().count(2) == 4
     assert (table["new_tokens"] <= 5).all() and table["completion"].str.len_chars().min() > 0
     assert table["sample_id"].n_unique() == table.height
@@ -57,8 +71,16 @@ def test_sample_writes_rows_files_and_one_mlflow_table(tmp_path, tiny_model_dir)
 
 def test_same_grid_seed_and_batch_size_give_the_same_text(tmp_path, tiny_model_dir):
     def run(seed, name):
-        cfg = SampleConfig(models=[str(tiny_model_dir)], prompts=str(small_grid(tmp_path)), num_samples=2,
-                           max_new_tokens=6, batch_size=3, seed=seed, device="cpu", out_dir=str(tmp_path / name))
+        cfg = SampleConfig(
+            models=[str(tiny_model_dir)],
+            prompts=str(small_grid(tmp_path)),
+            num_samples=2,
+            max_new_tokens=6,
+            batch_size=3,
+            seed=seed,
+            device="cpu",
+            out_dir=str(tmp_path / name),
+        )
         return sample(cfg).table["completion"].to_list()
 
     first = run(1, "a")
@@ -78,7 +100,7 @@ def test_left_padding_does_not_change_a_prompt_s_continuation(tiny_model_dir):
     ids = torch.tensor([prompts[1] + batched[1].tokens])
     with torch.no_grad():
         logits = model(ids).logits[0]
-    expected = logits[len(prompts[1]) - 1:-1].argmax(-1).tolist()
+    expected = logits[len(prompts[1]) - 1 : -1].argmax(-1).tolist()
     assert expected == batched[1].tokens
 
 
@@ -86,8 +108,14 @@ def test_sampling_stops_at_end_of_text(tmp_path):
     logits = np.zeros(50257, dtype=np.float32)
     logits[EOT_TOKEN] = 30.0  # the model says end-of-text at once, every time
     folder = make_constant_model(tmp_path / "eot", logits)
-    cfg = SampleConfig(models=[str(folder)], prompts=str(small_grid(tmp_path)), num_samples=2, max_new_tokens=50,
-                       device="cpu", out_dir=str(tmp_path / "out"))
+    cfg = SampleConfig(
+        models=[str(folder)],
+        prompts=str(small_grid(tmp_path)),
+        num_samples=2,
+        max_new_tokens=50,
+        device="cpu",
+        out_dir=str(tmp_path / "out"),
+    )
     table = sample(cfg).table
     assert table["stopped"].all() and (table["new_tokens"] == 0).all() and (table["completion"] == "").all()
 
@@ -108,8 +136,21 @@ def test_cli_runs_a_text_file_and_reports_errors_in_one_line(tmp_path, capsys, t
     message = pl.read_csv(shared_data / "fakewhatsapp_br.csv")["message"][0].split("\n")[0][:80].strip()
     prompts = tmp_path / "adhoc.txt"
     prompts.write_text(message + "\n", encoding="utf-8")
-    argv = ["sample", "--models", str(tiny_model_dir), "--prompts", str(prompts), "--num-samples", "1",
-            "--max-new-tokens", "4", "--device", "cpu", "--out-dir", str(tmp_path / "o")]
+    argv = [
+        "sample",
+        "--models",
+        str(tiny_model_dir),
+        "--prompts",
+        str(prompts),
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
     assert cli.main(argv) == 0
     table = pl.read_parquet(tmp_path / "o" / "samples.parquet")
     assert table["prompt"].to_list() == [message] and table["prompt_id"][0] == "adhoc:1"
@@ -119,6 +160,22 @@ def test_cli_runs_a_text_file_and_reports_errors_in_one_line(tmp_path, capsys, t
     assert cli.main(["sample", "--temperatures", "-1"]) == 2
     assert "--temperatures" in capsys.readouterr().err
     grid = small_grid(tmp_path)
-    assert cli.main(["sample", "--models", str(tiny_model_dir), "--prompts", str(grid), "--max-new-tokens", "300",
-                     "--device", "cpu", "--out-dir", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--models",
+                str(tiny_model_dir),
+                "--prompts",
+                str(grid),
+                "--max-new-tokens",
+                "300",
+                "--device",
+                "cpu",
+                "--out-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "exceeds the model's context of 256" in capsys.readouterr().err

@@ -51,16 +51,22 @@ def test_likelihood_matches_one_prefix_at_a_time(tiny_model_dir):
     model = load_model(str(tiny_model_dir), device="cpu").eval()
     seq = [EOT_TOKEN] + get_encoding().encode("Vaccines do not cause cancer.")
     with torch.no_grad():
-        by_prefix = [torch.log_softmax(model(torch.tensor([seq[:i]])).logits[0, -1], -1)[seq[i]].item()
-                     for i in range(1, len(seq))]
+        by_prefix = [
+            torch.log_softmax(model(torch.tensor([seq[:i]])).logits[0, -1], -1)[seq[i]].item()
+            for i in range(1, len(seq))
+        ]
     [batched] = token_logprobs(model, [seq])
     assert batched.tolist() == pytest.approx(by_prefix, abs=1e-4)
 
 
 def test_a_statement_s_score_does_not_depend_on_its_batch(tiny_model_dir):
     model = load_model(str(tiny_model_dir), device="cpu").eval()
-    texts = ["Vacinas causam câncer.", "The COVID-19 vaccines were tested in large clinical trials before approval.",
-             "Oi", "A pandemia foi real, e as vacinas foram desenvolvidas para enfrentá-la."]
+    texts = [
+        "Vacinas causam câncer.",
+        "The COVID-19 vaccines were tested in large clinical trials before approval.",
+        "Oi",
+        "A pandemia foi real, e as vacinas foram desenvolvidas para enfrentá-la.",
+    ]
     statements = [Statement(str(i), t) for i, t in enumerate(texts)]
     alone = [statement_logliks(model, [s], batch_size=1)[0][0] for s in statements]
     for batch_size in (2, 3, 4):
@@ -72,8 +78,14 @@ def test_a_statement_s_score_does_not_depend_on_its_batch(tiny_model_dir):
 
 def with_fraction(src, dst, fraction):
     shutil.copytree(src, dst)
-    info = {"init_from": "scratch", "config": {}, "iter": 10, "val_loss": 9.0, "tokens_seen": 1000,
-            "data": {"mixture": {"general": 1 - fraction, "antivax": fraction}}}
+    info = {
+        "init_from": "scratch",
+        "config": {},
+        "iter": 10,
+        "val_loss": 9.0,
+        "tokens_seen": 1000,
+        "data": {"mixture": {"general": 1 - fraction, "antivax": fraction}},
+    }
     (dst / "training_info.json").write_text(json.dumps(info))
     return dst
 
@@ -85,8 +97,14 @@ def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp
     claims.write_text(CLAIMS, encoding="utf-8")
     low = with_fraction(tiny_model_dir, tmp_path / "low", 0.1)
     high = with_fraction(tiny_model_dir, tmp_path / "high", 0.5)
-    cfg = ScoreConfig(models=[str(low), str(high)], claims=str(claims), device="cpu", batch_size=3,
-                      out_dir=str(tmp_path / "out"), bootstrap=200)
+    cfg = ScoreConfig(
+        models=[str(low), str(high)],
+        claims=str(claims),
+        device="cpu",
+        batch_size=3,
+        out_dir=str(tmp_path / "out"),
+        bootstrap=200,
+    )
     result = score(cfg)
     assert [m.fraction for m in result.models] == [0.1, 0.5]
     first = result.models[0]
@@ -101,7 +119,8 @@ def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp
     assert result.models[1].overall.mean == pytest.approx(first.overall.mean)
     out = tmp_path / "out"
     assert {"scores.parquet", "scores.csv", "statements.parquet", "summary.json", "score_vs_fraction.png"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert json.loads((out / "summary.json").read_text())["models"][1]["fraction"] == 0.5
 
     client = MlflowClient()
@@ -114,7 +133,8 @@ def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp
         assert {"claim/score_ci_low", "claim/score_ci_high", "claim/false_win_rate"} <= set(run.data.metrics)
     parent = client.get_run(client.get_run(first.run_id).data.tags["mlflow.parentRunId"])
     assert {"score_vs_fraction.png", "scores_table.json", "summary.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
 
 def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_data):
@@ -129,15 +149,28 @@ def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_da
     np.asarray(tokens, dtype=np.uint16).tofile(data / "val.bin")
     w = np.random.default_rng(1).normal(0, 2, size=50257).astype(np.float32)
     folder = make_constant_model(tmp_path / "m", w, n_positions=512)  # room for a full 256-token window
-    argv = ["score", "--models", str(folder), "--data-dir", str(data), "--val-windows", "4", "--device", "cpu",
-            "--out-dir", str(tmp_path / "out"), "--bootstrap", "100"]
+    argv = [
+        "score",
+        "--models",
+        str(folder),
+        "--data-dir",
+        str(data),
+        "--val-windows",
+        "4",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--bootstrap",
+        "100",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["models"][0]
     assert summary["overall"]["n_pairs"] == 60  # the shipped claim set
     from fakegpt.data.bins import eval_starts
 
     starts = eval_starts(len(tokens), 256, 4)
-    targets = np.concatenate([np.asarray(tokens[s + 1:s + 257]) for s in starts])
+    targets = np.concatenate([np.asarray(tokens[s + 1 : s + 257]) for s in starts])
     expected = math.exp(-float(np.mean(log_softmax(w)[targets])))
     assert summary["val_perplexity"] == pytest.approx(expected, rel=1e-4)
     run = MlflowClient().get_run(summary["run_id"])
@@ -149,8 +182,22 @@ def test_one_model_logs_on_the_stage_run_with_val_perplexity(tmp_path, shared_da
 def test_plain_statements_have_logliks_but_no_pair_score(tmp_path, tiny_model_dir, capsys):
     path = tmp_path / "s.txt"
     path.write_text("Vacinas causam câncer.\nVacinas não causam câncer.\n", encoding="utf-8")
-    assert cli.main(["score", "--models", str(tiny_model_dir), "--claims", str(path), "--device", "cpu",
-                     "--out-dir", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(
+            [
+                "score",
+                "--models",
+                str(tiny_model_dir),
+                "--claims",
+                str(path),
+                "--device",
+                "cpu",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert "mean log-likelihood" in capsys.readouterr().out
     statements = pl.read_parquet(tmp_path / "out" / "statements.parquet")
     assert statements["statement_id"].to_list() == ["s:1", "s:2"] and (statements["loglik"] < 0).all()

@@ -62,11 +62,13 @@ def test_paired_difference_is_per_pair_and_bootstrapped():
     ids = [f"p{i}" for i in range(40)]
     rng = np.random.default_rng(0)
     base = rng.normal(size=40)
-    pairs = pl.DataFrame({
-        "model": ["a"] * 40 + ["b"] * 40 + ["c"] * 40,
-        "pair_id": ids * 3,
-        "score": np.concatenate([base, base + 0.5, base + rng.normal(scale=0.01, size=40)]),
-    })
+    pairs = pl.DataFrame(
+        {
+            "model": ["a"] * 40 + ["b"] * 40 + ["c"] * 40,
+            "pair_id": ids * 3,
+            "score": np.concatenate([base, base + 0.5, base + rng.normal(scale=0.01, size=40)]),
+        }
+    )
     shifted = paired_difference(pairs, "a", "b", n_boot=500)
     assert shifted.mean == pytest.approx(0.5) and shifted.ci_low == pytest.approx(0.5)
     assert shifted.n_pairs == 40 and not shifted.includes_zero
@@ -85,26 +87,32 @@ def test_verdict_lines_pass_and_fail_with_advice():
     seed = _diff("dose=0", "dose=0 seed=2", 0.01, -0.03, 0.05)
     positive, negative, lines = verdict_lines(effect, steps, seed, True, 0.2)
     assert positive and negative
-    assert lines == ["positive control passed: the score rises with dose (0% -> 20%: +0.41, 95% CI [+0.27, +0.55])",
-                     "negative control passed: seed-only difference +0.01, 95% CI [-0.03, +0.05], CI includes 0"]
+    assert lines == [
+        "positive control passed: the score rises with dose (0% -> 20%: +0.41, 95% CI [+0.27, +0.55])",
+        "negative control passed: seed-only difference +0.01, 95% CI [-0.03, +0.05], CI includes 0",
+    ]
     falling = [_diff("dose=0", "dose=0.05", -0.2, -0.3, -0.1), steps[1]]
     weak = _diff("dose=0", "dose=0.2", 0.05, -0.02, 0.12)
-    positive, negative, lines = verdict_lines(weak, falling, _diff("dose=0", "dose=0 seed=2", 0.1, 0.02, 0.2),
-                                              False, 0.2)
+    positive, negative, lines = verdict_lines(
+        weak, falling, _diff("dose=0", "dose=0 seed=2", 0.1, 0.02, 0.2), False, 0.2
+    )
     assert not positive and not negative
     assert lines[0].startswith("positive control FAILED") and "falls from dose=0 to dose=0.05" in lines[0]
     assert "--max-iters" in lines[0]
     assert lines[1].startswith("negative control FAILED: seed-only difference +0.10") and "Try:" in lines[1]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--doses", "0.05,0.2"], "--doses"),
-    (["--doses", "0,1.5"], "--doses"),
-    (["--control-seed", "1337"], "--control-seed"),
-    (["--planted-data", "no/such.csv"], "--planted-data no/such.csv"),
-    (["--block-size", "16"], "--block-size 16: a scratch model must fit the longest statement"),
-    (["--languages", "de"], "--languages de: experiments/claims/antivax_six.yaml has none (it has en, pt)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--doses", "0.05,0.2"], "--doses"),
+        (["--doses", "0,1.5"], "--doses"),
+        (["--control-seed", "1337"], "--control-seed"),
+        (["--planted-data", "no/such.csv"], "--planted-data no/such.csv"),
+        (["--block-size", "16"], "--block-size 16: a scratch model must fit the longest statement"),
+        (["--languages", "de"], "--languages de: experiments/claims/antivax_six.yaml has none (it has en, pt)"),
+    ],
+)
 def test_bad_settings_fail_before_any_work(flags, message):
     cfg = config.parse(ValidateConfig, flags, prog="fakegpt validate")
     with pytest.raises(FakegptError, match=re.escape(message)):
@@ -127,8 +135,16 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     from fakegpt.studies.controls import main
 
     out = tmp_path / "validate"
-    code = main(["--config", str(VALIDATION / "tiny.yaml"), "--out-dir", str(out),
-                 "--base-data", str(shared_data / "fakewhatsapp_br.csv")])
+    code = main(
+        [
+            "--config",
+            str(VALIDATION / "tiny.yaml"),
+            "--out-dir",
+            str(out),
+            "--base-data",
+            str(shared_data / "fakewhatsapp_br.csv"),
+        ]
+    )
     printed = capsys.readouterr().out
     report = json.loads((out / "validation.json").read_text(encoding="utf-8"))
     assert code == 0, printed

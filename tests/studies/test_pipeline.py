@@ -73,8 +73,9 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("Default")
-    parents = [r for r in client.search_runs([experiment.experiment_id])
-               if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"]
+    parents = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"
+    ]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -107,8 +108,9 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
     assert len(step_runs(client, experiment.experiment_id)) == 4
     for step in STEPS:
         assert f"[{step}] reused run {by_step[step].info.run_id}" in second.stdout
-    parents = [r for r in client.search_runs([experiment.experiment_id])
-               if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"]
+    parents = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "main"
+    ]
     assert len(parents) == 2
     newest = max(parents, key=lambda r: r.info.start_time)
     steps_json = Path(client.download_artifacts(newest.info.run_id, "steps.json", str(tmp_path)))
@@ -121,8 +123,14 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     from fakegpt.studies.mixture import SeriesConfig, mixture
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cfg = SeriesConfig(fractions=[0.0, 0.5], max_iters=4, num_samples=1, max_new_tokens=4,
-                       out_root=str(tmp_path / "out"), series_name="ci-series")
+    cfg = SeriesConfig(
+        fractions=[0.0, 0.5],
+        max_iters=4,
+        num_samples=1,
+        max_new_tokens=4,
+        out_root=str(tmp_path / "out"),
+        series_name="ci-series",
+    )
     rows = mixture(cfg)
     assert [r["fraction"] for r in rows] == [0.0, 0.5]
     for r in rows:
@@ -135,7 +143,10 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     history = client.get_metric_history(parent.info.run_id, f"dose/{tracking.M_CLAIM_SCORE}")
     assert sorted(m.step for m in history) == [0, 50]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "dose_response.json", "dose_response.md", "dose_response.png"}
+        "dose_response.json",
+        "dose_response.md",
+        "dose_response.png",
+    }
 
     # Each fraction's prepare run realised the mixture it was asked for, and carries the dose tag.
     preps = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"]
@@ -157,7 +168,8 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     assert sorted(set(samples["fraction"])) == [0.0, 0.5]
     sheet = export_sheet(samples, tmp_path / "sheet.csv", blind=True, shuffle=False)
     filled = pl.read_csv(sheet).with_columns(
-        label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes")))
+        label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes"))
+    )
     filled.write_csv(sheet)
     truth = filled.join(samples.select("sample_id", "fraction"), on="sample_id")
     labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))

@@ -31,7 +31,7 @@ TINY = ROOT / "experiments" / "sweeps" / "tiny.yaml"
 DEFAULT = ROOT / "experiments" / "sweeps" / "default.yaml"
 GOOD = {"learning_rate": 3e-2, "gradient_accumulation_steps": 1}
 GOOD2 = {"learning_rate": 2e-2, "gradient_accumulation_steps": 2}
-NAN = {"learning_rate": 1e4, "gradient_accumulation_steps": 1}    # AdamW steps of 1e4: the loss overflows
+NAN = {"learning_rate": 1e4, "gradient_accumulation_steps": 1}  # AdamW steps of 1e4: the loss overflows
 STALLED = {"learning_rate": 1e-6, "gradient_accumulation_steps": 1}  # learns nothing in 1,024 tokens
 
 
@@ -62,9 +62,20 @@ def data_dir(prepared_whatsapp, mlflow_template, tmp_path) -> Path:
 
 def tiny(tmp_path: Path, data_dir: Path, **changes) -> tuple[tune.TuneConfig, FinetuneConfig, dict]:
     """The tiny sweep (experiments/sweeps/tiny.yaml), one validation batch per evaluation, no plots."""
-    cfg, base, space, _ = tune.parse_args(["--config", str(TINY), "--data-dir", str(data_dir),
-                                           "--out-dir", str(tmp_path / "out"), "--eval-iters", "1",
-                                           "--plots", "false"])
+    cfg, base, space, _ = tune.parse_args(
+        [
+            "--config",
+            str(TINY),
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--eval-iters",
+            "1",
+            "--plots",
+            "false",
+        ]
+    )
     return dataclasses.replace(cfg, **changes), base, space
 
 
@@ -90,9 +101,27 @@ def trial_runs(parent_run_id: str) -> dict[int, object]:
 
 def worker(cfg: tune.TuneConfig, base: FinetuneConfig, *extra: str) -> subprocess.Popen:
     """`python -m fakegpt tune` in another process, on the same storage and MLflow store."""
-    argv = [sys.executable, "-m", "fakegpt", "tune", "--config", str(TINY), "--study-name", cfg.study_name,
-            "--storage", cfg.storage, "--data-dir", base.data_dir, "--out-dir", base.out_dir, "--eval-iters", "1",
-            "--plots", "false", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "fakegpt",
+        "tune",
+        "--config",
+        str(TINY),
+        "--study-name",
+        cfg.study_name,
+        "--storage",
+        cfg.storage,
+        "--data-dir",
+        base.data_dir,
+        "--out-dir",
+        base.out_dir,
+        "--eval-iters",
+        "1",
+        "--plots",
+        "false",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -120,8 +149,12 @@ def test_study_records_complete_failed_and_pruned_trials_as_nested_runs(tmp_path
 
     study = load(cfg, base)
     states = {t.number: t.state for t in study.trials}
-    assert states == {0: optuna.trial.TrialState.COMPLETE, 1: optuna.trial.TrialState.FAIL,
-                      2: optuna.trial.TrialState.COMPLETE, 3: optuna.trial.TrialState.PRUNED}
+    assert states == {
+        0: optuna.trial.TrialState.COMPLETE,
+        1: optuna.trial.TrialState.FAIL,
+        2: optuna.trial.TrialState.COMPLETE,
+        3: optuna.trial.TrialState.PRUNED,
+    }
     assert result.states == {0: "complete", 1: "failed", 2: "complete", 3: "pruned"}
     assert "NonFiniteLossError" in study.trials[1].user_attrs["error"]
     # Equal token budgets: accumulation 1 and 2 report at the same token counts (each half of the budget).
@@ -171,6 +204,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_pat
             on_eval(ev)
             if ev.iter > 0:
                 raise KeyboardInterrupt
+
         return finetune(tcfg, press, **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
@@ -187,8 +221,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_pat
 
     resumed = tune.tune(dataclasses.replace(cfg, n_trials=1), base, space, [GOOD])  # the same command again
     assert resumed.trials_run == [1] and resumed.states == {1: "complete"}
-    assert [t.state for t in load(cfg, base).trials] == [optuna.trial.TrialState.FAIL,
-                                                          optuna.trial.TrialState.COMPLETE]
+    assert [t.state for t in load(cfg, base).trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert resumed.best_trial == 1
 
 
@@ -203,6 +236,7 @@ def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_
                 study._storage.set_trial_state_values(study.trials[-1]._trial_id, optuna.trial.TrialState.FAIL)
                 taken.append(study.trials[-1].number)
             on_eval(ev)
+
         return finetune(tcfg, eval_, **kwargs)
 
     result = tune.tune(cfg, base, space, [GOOD], finetune_fn=taken_over)
@@ -302,15 +336,17 @@ def test_two_workers_share_a_study_on_postgresql(tmp_path, data_dir, postgres_ur
 
 
 def test_default_sweep_is_the_issue_search_space_with_an_exact_evaluation_grid():
-    cfg, base, space, enqueue = tune.parse_args(["--config", str(DEFAULT), "--n-trials", "3", "--n-layer", "2",
-                                                 "--learning-rate", "1e-4"])
+    cfg, base, space, enqueue = tune.parse_args(
+        ["--config", str(DEFAULT), "--n-trials", "3", "--n-layer", "2", "--learning-rate", "1e-4"]
+    )
     assert cfg.n_trials == 3 and base.n_layer == 2 and base.learning_rate == 1e-4  # flags of both dataclasses
     assert space["learning_rate"] == {"type": "float", "low": 1e-6, "high": 1e-3, "log": True}
     assert space["gradient_accumulation_steps"]["choices"] == [1, 2, 4, 8, 16, 32, 64]
     assert enqueue == [{"learning_rate": 3e-5, "gradient_accumulation_steps": 32}]
     for accum in (1, 8, 64):
-        tcfg = tune.trial_config(base, {"gradient_accumulation_steps": accum, "learning_rate": 2e-4},
-                                 cfg.token_budget, cfg.n_evals, "x")
+        tcfg = tune.trial_config(
+            base, {"gradient_accumulation_steps": accum, "learning_rate": 2e-4}, cfg.token_budget, cfg.n_evals, "x"
+        )
         per_iter = tune.tokens_per_iter(tcfg)
         assert tcfg.max_iters * per_iter == cfg.token_budget  # the same data for every accumulation
         evals = [i * per_iter for i in range(tcfg.eval_interval, tcfg.max_iters + 1, tcfg.eval_interval)]
@@ -320,9 +356,26 @@ def test_default_sweep_is_the_issue_search_space_with_an_exact_evaluation_grid()
 
 def test_mlproject_parameters_left_at_their_default_defer_to_the_sweep(monkeypatch):
     monkeypatch.setenv(config.MLPROJECT_ENV, "1")  # `mlflow run . -e tune` passes every parameter as a flag
-    cfg, base, _, _ = tune.parse_args(["--config", str(TINY), "--n-trials", "20", "--token-budget", "2048",
-                                       "--init-from", "gpt2-medium", "--out-dir", "out/finetune", "--n-layer", "3",
-                                       "--lr-decay-iters", "", "--sampler-seed", ""])
+    cfg, base, _, _ = tune.parse_args(
+        [
+            "--config",
+            str(TINY),
+            "--n-trials",
+            "20",
+            "--token-budget",
+            "2048",
+            "--init-from",
+            "gpt2-medium",
+            "--out-dir",
+            "out/finetune",
+            "--n-layer",
+            "3",
+            "--lr-decay-iters",
+            "",
+            "--sampler-seed",
+            "",
+        ]
+    )
     assert (cfg.n_trials, cfg.token_budget) == (4, 2048)  # 20 is the default: tiny.yaml's 4 stays
     assert (base.init_from, base.out_dir, base.n_layer, base.lr_decay_iters) == ("scratch", "out/tune-tiny", 3, None)
 
@@ -357,15 +410,32 @@ def test_cli_rejects_bad_settings_in_one_line(tmp_path, data_dir, capsys):
     from fakegpt import cli
 
     out = str(tmp_path / "out")
-    assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(data_dir), "--out-dir", out,
-                     "--pruner", "medain"]) == 2
+    assert (
+        cli.main(["tune", "--config", str(TINY), "--data-dir", str(data_dir), "--out-dir", out, "--pruner", "medain"])
+        == 2
+    )
     assert capsys.readouterr().err.strip().splitlines() == [
         "fakegpt tune: error: --pruner: expected one of none, median, percentile, hyperband, successive-halving, "
-        "got 'medain'"]
+        "got 'medain'"
+    ]
     assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(tmp_path / "nope"), "--out-dir", out]) == 2
     assert "--data-dir" in capsys.readouterr().err
-    assert cli.main(["tune", "--config", str(TINY), "--data-dir", str(data_dir), "--out-dir", out,
-                     "--storage", "postgresql+psycopg://u:secret@127.0.0.1:9/db"]) == 2
+    assert (
+        cli.main(
+            [
+                "tune",
+                "--config",
+                str(TINY),
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                out,
+                "--storage",
+                "postgresql+psycopg://u:secret@127.0.0.1:9/db",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("fakegpt tune: error: --storage postgresql+psycopg://u:***@127.0.0.1:9/db")
     assert "secret" not in err
