@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from tests.test_prepare import decode_messages
+from test_prepare import decode_messages
 
 from fakegpt import cli
 from fakegpt.data.clean import clean_series
