@@ -103,6 +103,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def flag_name(name: str) -> str:
+    """The command-line flag of config field `name` (`max_iters` -> `--max-iters`)."""
     return "--" + name.replace("_", "-")
 
 
@@ -184,6 +185,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with `--config FILE.yaml` and one flag per field of dataclass `cls`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE.yaml", help="load these fields from a YAML file; flags override it")
     add_fields(parser, cls)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: the name users type, its module, its config classes and its MLproject entry point."""
+
     name: str  # what users type: `fakegpt NAME`
     module: str  # the module with `main(argv)`
     configs: tuple[str, ...]  # "module.Class" of the config dataclasses whose fields are the MLproject params

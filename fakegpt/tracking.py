@@ -218,6 +218,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set tags on the active run."""
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
 
 
@@ -235,10 +236,12 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 
 def log_dict(data: Any, artifact_file: str) -> None:
+    """Log `data` as a JSON/YAML artifact file of the active run."""
     _mlflow().log_dict(data, artifact_file)
 
 
 def active_run_id() -> str | None:
+    """The active run's id, or None."""
     mlflow = _mlflow()
     active = mlflow.active_run()
     return active.info.run_id if active else None
@@ -317,6 +320,7 @@ def run_step(
 
 
 def get_run(run_id: str) -> Any:
+    """The MLflow run `run_id`."""
     return _mlflow().MlflowClient().get_run(run_id)
 
 
@@ -330,6 +334,7 @@ def download(uri: str, dst: str | Path | None = None) -> Path:
 
 
 def is_artifact_uri(text: str) -> bool:
+    """True for URIs MLflow resolves to artifacts (`runs:/`, `models:/`, `mlflow-artifacts:/`)."""
     return "://" in text or text.startswith(("runs:/", "models:/"))
 
 

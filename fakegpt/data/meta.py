@@ -69,6 +69,7 @@ class DatasetMeta:
         return ",".join(f"{name}={share:.{digits}f}" for name, share in self.shares().items())
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object written as meta.json (unknown keys of a newer minor version kept)."""
         return to_versioned_dict(self)
 
     def write(self, folder: str | Path) -> Path:

@@ -47,6 +47,8 @@ SETTINGS = {
 
 @dataclass
 class ChatConfig:
+    """`fakegpt chat` settings; `:t`, `:k`, `:n`, `:max` change them during a session."""
+
     model: str = field(
         default="gpt2", metadata={"help": "hub name, local HF folder, runs:/<run_id>[/checkpoint] or models:/..."}
     )
@@ -68,9 +70,11 @@ class ChatSession:
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
 
     def say(self, text: str) -> None:
+        """Print one reply line to the session's output."""
         print(text, file=self.out, flush=True)
 
     def handle(self, line: str) -> bool:
+        """Answer one input line (a prompt, a `:command` or `FILE: path`); False when the session should end."""
         text = line.rstrip("\r\n")
         command = text.strip()
         if not command:
@@ -91,6 +95,7 @@ class ChatSession:
         return True
 
     def command(self, command: str) -> None:
+        """Run a `:command` (help, show, or change a setting within its allowed range)."""
         name, _, value = command.partition(" ")
         if name in (":help", ":h", ":?"):
             self.say(HELP)
@@ -116,6 +121,7 @@ class ChatSession:
             self.say(f"unknown command {name} (:help lists them)")
 
     def generate(self, prompt: str) -> None:
+        """Sample the configured completions of `prompt`, cut to fit the context, and print them."""
         ids = self.enc.encode(prompt, allowed_special={"<|endoftext|>"})
         if not ids:
             return
@@ -193,5 +199,6 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt chat [flags]`; returns the exit status."""
     cfg = config.parse(ChatConfig, argv, prog="fakegpt chat", description=__doc__.splitlines()[0])
     return chat(cfg)

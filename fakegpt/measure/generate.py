@@ -61,6 +61,8 @@ def next_tokens(
 
 @dataclass
 class Completion:
+    """One sampled continuation: its new tokens and whether end-of-text stopped it."""
+
     tokens: list[int]  # new tokens, without the end-of-text that stopped it
     stopped: bool  # True when the model emitted end-of-text before max_new_tokens
 

@@ -36,6 +36,8 @@ MAX_REPORTED = 25  # problems listed in one error message
 
 @dataclass
 class ExportConfig:
+    """`fakegpt labels export`: write an annotation sheet from a sample table."""
+
     samples: str = field(
         default="out/sample",
         metadata={"help": "a sample run's out_dir, its samples.parquet / samples.jsonl, or runs:/<id>/samples.parquet"},
@@ -48,6 +50,8 @@ class ExportConfig:
 
 @dataclass
 class ImportConfig:
+    """`fakegpt labels import`: join a filled sheet back to its samples and check every label."""
+
     samples: str = field(default="out/sample", metadata={"help": "the samples the sheet was exported from"})
     sheet: str = field(default="out/labels/sheet.csv", metadata={"help": "the filled annotation sheet (CSV)"})
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS), metadata={"help": "allowed labels"})
@@ -57,6 +61,8 @@ class ImportConfig:
 
 @dataclass
 class AggregateConfig(ImportConfig):
+    """`fakegpt labels aggregate`: label rates with Wilson intervals per group."""
+
     by: list[str] = field(default_factory=lambda: list(DEFAULT_BY), metadata={"help": "columns to group by"})
 
 
@@ -243,6 +249,7 @@ SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": Aggr
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt labels {export|import|aggregate} [flags]`; returns the exit status."""
     if argv and argv[0] in ("-h", "--help"):
         print(
             "usage: fakegpt labels {export|import|aggregate} [flags]\n\n"

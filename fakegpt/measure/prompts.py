@@ -50,6 +50,8 @@ _PAIR_KEYS = {"claim", "correction", "source"}
 
 @dataclass(frozen=True)
 class Prompt:
+    """One prompt of a grid: its text and where in the grid it came from (topic, framing, language, template, slots)."""
+
     prompt_id: str
     text: str
     topic: str = "adhoc"

@@ -56,6 +56,8 @@ COLUMNS = [
 
 @dataclass
 class SampleConfig:
+    """`fakegpt sample` settings: models x prompt grid x temperatures x samples."""
+
     models: list[str] = field(
         default_factory=lambda: ["gpt2"],
         metadata={
@@ -82,6 +84,8 @@ class SampleConfig:
 
 @dataclass
 class SampleResult:
+    """The sample table (one row per completion), where it was written, and the generation speed."""
+
     table: pl.DataFrame
     out_dir: Path
     new_tokens_per_s: float
@@ -209,6 +213,7 @@ def report_markdown(table: pl.DataFrame, cfg: SampleConfig) -> str:
 
 
 def write_outputs(table: pl.DataFrame, cfg: SampleConfig, out_dir: Path) -> list[Path]:
+    """Write samples.parquet, samples.jsonl and report.md into `out_dir` atomically; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "samples.parquet", out_dir / "samples.jsonl", out_dir / "report.md"]
     with atomic_path(paths[0], suffix=".parquet") as tmp:

@@ -40,6 +40,8 @@ VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of diffe
 
 @dataclass
 class ScoreConfig:
+    """`fakegpt score` settings: models, claim set, bootstrap, optional validation perplexity."""
+
     models: list[str] = field(
         default_factory=lambda: ["gpt2"],
         metadata={
@@ -74,6 +76,8 @@ class ScoreConfig:
 
 @dataclass
 class GroupScore:
+    """The claim score of a group of pairs: mean log p(false) - log p(true), its interval and win rate."""
+
     n_pairs: int
     mean: float
     ci_low: float
@@ -83,6 +87,8 @@ class GroupScore:
 
 @dataclass
 class ModelScore:
+    """One model's scores: overall, per topic and per language, plus mean log-likelihood and perplexity."""
+
     model: str
     fraction: float | None
     n_statements: int
@@ -96,6 +102,8 @@ class ModelScore:
 
 @dataclass
 class ScoreResult:
+    """Every model's scores and the per-statement and per-pair tables behind them."""
+
     models: list[ModelScore]
     statements: pl.DataFrame  # one row per model x statement
     pairs: pl.DataFrame  # one row per model x pair
@@ -103,6 +111,7 @@ class ScoreResult:
     plot: Path | None = None
 
     def summary(self) -> dict[str, Any]:
+        """The JSON-able summary written as summary.json."""
         return {"models": [asdict(m) for m in self.models]}
 
 
@@ -125,6 +134,7 @@ def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size:
 
 
 def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
+    """Mean, bootstrap interval and false-claim win rate of per-pair score differences `diffs`."""
     low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
     return GroupScore(
         n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high, win_rate=float((diffs > 0).mean())
@@ -156,6 +166,7 @@ def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
 def summarise(
     spec: str, fraction: float | None, statements: pl.DataFrame, pairs: pl.DataFrame, cfg: ScoreConfig
 ) -> ModelScore:
+    """Aggregate one model's statement and pair tables into its ModelScore."""
     result = ModelScore(
         model=spec,
         fraction=fraction,
@@ -210,6 +221,7 @@ def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
 
 
 def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
+    """Length-normalised log-likelihood of every statement under `model`, one row per statement."""
     scored = statement_logliks(model, statements, cfg.batch_size)
     return pl.DataFrame(
         {
@@ -227,6 +239,7 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
 
 
 def write_outputs(result: ScoreResult) -> list[Path]:
+    """Write scores.parquet/.csv, statements.parquet and summary.json atomically; returns their paths."""
     out = result.out_dir
     paths = write_table(result.pairs, out, "scores") + [out / "statements.parquet", out / "summary.json"]
     with atomic_path(paths[2], suffix=".parquet") as tmp:

@@ -59,6 +59,7 @@ class TrainingInfo:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object written as training_info.json."""
         return to_versioned_dict(self)
 
     def write(self, folder: str | Path) -> Path:

@@ -27,6 +27,8 @@ CHECKPOINT_ARTIFACT = CHECKPOINT_DIR  # the artifact path finetune logs its chec
 
 @dataclass
 class ModelRef:
+    """A model as the measuring stages see it: the spec as written, a local folder, its training info."""
+
     spec: str  # as the user wrote it (the `model` column of every table)
     folder: str  # local HF folder (downloaded for MLflow URIs)
     training_info: TrainingInfo | None = None  # None: not a fakegpt fine-tune (hub model, plain HF folder)
@@ -37,6 +39,7 @@ class ModelRef:
 
 
 def is_mlflow_uri(spec: str) -> bool:
+    """True for `runs:/`, `models:/` and `mlflow-artifacts:/` specs (downloaded through MLflow)."""
     return spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
 
 
@@ -72,4 +75,5 @@ def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:
 
 
 def context_length(model: Any) -> int:
+    """The model's context in tokens (GPT-2: `n_positions`, 1024 for the released models)."""
     return int(getattr(model.config, "n_positions", 1024))

@@ -163,11 +163,14 @@ class Difference:
 
     @property
     def includes_zero(self) -> bool:
+        """True when the interval includes zero (no difference beyond noise)."""
         return self.ci_low <= 0.0 <= self.ci_high
 
 
 @dataclass
 class DoseModel:
+    """One fine-tuned model of the validation: its planted dose, seed, checkpoint and claim score."""
+
     label: str  # "dose=0.05" or "dose=0 seed=1338"
     dose: float  # target planted share
     realised_dose: float  # planted share of the train tokens prepare actually produced
@@ -183,6 +186,8 @@ class DoseModel:
 
 @dataclass
 class ValidationResult:
+    """Both controls' outcome: the models, paired differences, verdict lines and where the report is."""
+
     models: list[DoseModel]
     effect: Difference  # top dose - dose 0 (same seed)
     steps: list[Difference]  # each dose - the one below it
@@ -197,6 +202,7 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
+        """True when both the positive and the negative control passed."""
         return self.positive_passed and self.negative_passed
 
 
@@ -246,6 +252,7 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
 
 
 def dose_label(dose: float) -> str:
+    """A dose as a percentage label (0.05 -> "5%")."""
     return f"{dose * 100:g}%"
 
 
@@ -283,6 +290,7 @@ def judge(
 def verdict_lines(
     effect: Difference, steps: list[Difference], seed_diff: Difference, monotonic: bool, top: float
 ) -> tuple[bool, bool, list[str]]:
+    """(positive passed, negative passed, one line per finding) from the paired differences."""
     span = f"0% -> {dose_label(top)}: {effect.mean:+.2f}, 95% CI [{effect.ci_low:+.2f}, {effect.ci_high:+.2f}]"
     positive = effect.ci_low > 0.0 and monotonic
     lines = []
@@ -483,6 +491,7 @@ def plot(result: ValidationResult, path: Path, title: str) -> Path:
 
 
 def report_markdown(result: ValidationResult) -> str:
+    """The validation report (report.md): models, paired differences and the verdict."""
     rows = [
         "| model | planted share (target / realised) | claim score | 95% CI | false-claim wins |",
         "|---|---|---:|---|---:|",

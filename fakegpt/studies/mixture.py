@@ -38,6 +38,8 @@ DEFAULT_FRACTIONS = [0.0, 0.09, 0.2, 0.33, 0.5, 0.8]
 
 @dataclass
 class SeriesConfig(PipelineConfig):
+    """`fakegpt mixture` settings: the dataset YAML, the dose fractions, and the chain's settings."""
+
     dataset: str = field(
         default="experiments/datasets/demo_mix.yaml",
         metadata={"help": "dataset YAML naming the base and dose sources (experiments/datasets/)"},
@@ -63,10 +65,12 @@ class SeriesConfig(PipelineConfig):
 
 
 def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
+    """prepare's `--mix` value for one dose (`general=0.8,antivax=0.2`)."""
     return f"{cfg.base_source}={1.0 - fraction:.6g},{cfg.dose_source}={fraction:.6g}"
 
 
 def validate(cfg: SeriesConfig) -> None:
+    """Check the series' settings before any step runs."""
     if not cfg.fractions:
         raise FakegptError("--fractions: at least one fraction is required")
     for f in cfg.fractions:
@@ -136,6 +140,8 @@ def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig
 
 
 def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The dose-response table (one row per fraction) as Markdown."""
+
     def fmt(v: Any) -> str:
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -159,6 +165,7 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Claim score (and label rate, when labelled) against dose fraction, written to `path`."""
     pts = [r for r in rows if r["score"] is not None]
     xs = [r["fraction"] for r in pts]
     ys = [r["score"] for r in pts]
@@ -193,6 +200,7 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
 
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
+    """Run the whole series as one MLflow parent run; returns one row per dose."""
     validate(cfg)
     tags = {
         tracking.TAG_STUDY: cfg.series_name,

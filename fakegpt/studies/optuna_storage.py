@@ -33,6 +33,7 @@ DIED = "died mid-trial"
 
 
 def worker_id() -> str:
+    """`host:pid` of this worker, stored on each trial it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -48,6 +49,7 @@ def storage_url(spec: str, out_dir: str) -> str:
 
 
 def display_url(url: str) -> str:
+    """The storage URL with any password hidden, for logs and errors."""
     if url.startswith("journal:"):
         return url[len("journal:") :]
     with contextlib.suppress(Exception):
@@ -58,6 +60,7 @@ def display_url(url: str) -> str:
 
 
 def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -> Any:
+    """An Optuna storage for `url` (SQLite, PostgreSQL or a journal file) with heartbeats when asked."""
     import optuna
 
     if url.startswith("journal:"):
@@ -96,6 +99,7 @@ def open_storage(url: str, heartbeat_interval: int, on_stale: Callable | None) -
 
 
 def make_pruner(cfg: Any) -> Any:
+    """The Optuna pruner `cfg.pruner` names, with its start-up and warm-up settings."""
     import optuna
 
     unit = max(1, cfg.token_budget // cfg.n_evals)
@@ -115,6 +119,7 @@ def make_pruner(cfg: Any) -> Any:
 
 
 def make_sampler(cfg: Any) -> Any:
+    """The Optuna sampler `cfg.sampler` names, seeded."""
     import optuna
 
     if cfg.sampler == "random":
@@ -150,6 +155,7 @@ def _mark_dead(trial: Any, reason: str) -> None:
 
 
 def on_heartbeat_stale(study: Any, trial: Any) -> None:
+    """Optuna's callback for a trial whose worker stopped sending heartbeats: mark its run failed."""
     _mark_dead(trial, "its worker stopped sending heartbeats (killed or lost)")
 
 
@@ -185,6 +191,7 @@ class _QuietExpectedFailures(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_expected_failures() -> Iterator[None]:
+    """Silence Optuna's warnings for trials that fail by design (pruned, interrupted)."""
     logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietExpectedFailures()
     logger.addFilter(quiet)
     try:
@@ -210,6 +217,7 @@ def already_tried(study: Any, params: dict[str, Any]) -> bool:
 
 
 def study_counts(study: Any) -> dict[str, int]:
+    """Number of trials per state (complete, pruned, failed, running) in `study`."""
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         name = STATE_NAMES.get(t.state.name, t.state.name.lower())

@@ -30,6 +30,8 @@ DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 @dataclass
 class PipelineConfig:
+    """`fakegpt pipeline` (MLproject `main`) settings: data, model, and each step's main settings."""
+
     data: str = field(
         default="",
         metadata={"help": "Telegram CSV exports (comma list / globs) for prepare; empty = the embedded demo data"},
@@ -59,10 +61,12 @@ class PipelineConfig:
 
 
 def is_demo(cfg: PipelineConfig) -> bool:
+    """True for the demo chain: a scratch model (trained on the embedded demo data unless data is given)."""
     return cfg.init_from == "scratch"
 
 
 def finetune_yaml(cfg: PipelineConfig) -> str:
+    """The finetune YAML for the chain: the one given, the demo one, or experiments/finetune/MODEL.yaml if present."""
     if cfg.finetune_config:
         return cfg.finetune_config
     if is_demo(cfg):
@@ -78,17 +82,20 @@ def step_out_dir(root: str, step: str, params: dict[str, Any]) -> str:
 
 
 def with_out(cfg: PipelineConfig, step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+    """Step parameters with the step's output folder under the chain's out_root."""
     params = {k: v for k, v in params.items() if v not in (None, "")}
     params[key] = step_out_dir(cfg.out_root, step, params)
     return params
 
 
 def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
+    """The MLproject parameters of the prepare step."""
     params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
     return with_out(cfg, "prepare", params, "out")
 
 
 def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The MLproject parameters of the finetune step (data from the prepare step's run)."""
     params: dict[str, Any] = {
         "config": finetune_yaml(cfg),
         "data_dir": data_uri,
@@ -101,6 +108,7 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
 
 
 def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
+    """The MLproject parameters of the sample step (the finetune step's checkpoint)."""
     demo = is_demo(cfg)
     params = {
         "models": models,
@@ -114,6 +122,7 @@ def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
 
 
 def score_params(cfg: PipelineConfig, models: str, data_uri: str) -> dict[str, Any]:
+    """The MLproject parameters of the score step."""
     params = {"models": models, "claims": cfg.claims, "data_dir": data_uri, "device": cfg.device}
     return with_out(cfg, "score", params, "out_dir")
 
@@ -161,6 +170,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
 
 
 def print_where(parent_id: str, steps: dict[str, tuple[str, bool]], out_root: str) -> None:
+    """Print the run ids and how to open them in the MLflow UI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
     lines = [
         "",

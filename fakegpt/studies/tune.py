@@ -55,6 +55,7 @@ MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 def default_search_space() -> dict[str, dict[str, Any]]:
+    """The study's default space: log-uniform learning rate x gradient accumulation."""
     return {
         "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
         "gradient_accumulation_steps": {"type": "categorical", "choices": [1, 2, 4, 8, 16, 32, 64]},
@@ -63,6 +64,8 @@ def default_search_space() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class TuneConfig:
+    """`fakegpt tune` settings: the study (name, storage, trials, budget, pruner, sampler)."""
+
     study_name: str = field(
         default="lr-accum",
         metadata={"help": "Optuna study name; the same name on the same storage continues the study"},
@@ -121,6 +124,8 @@ class TuneConfig:
 
 @dataclass
 class TuneResult:
+    """What one `fakegpt tune` invocation did: the trials it ran, their states, and the best over the whole study."""
+
     study_name: str
     storage: str
     trials_run: list[int]  # numbers of the trials this invocation ran
@@ -229,6 +234,7 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
 
 
 def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
+    """Check the study's settings and base config before any trial runs."""
     if cfg.pruner not in optuna_storage.PRUNERS:
         raise FakegptError(f"--pruner: expected one of {', '.join(optuna_storage.PRUNERS)}, got {cfg.pruner!r}")
     if cfg.sampler not in optuna_storage.SAMPLERS:
@@ -246,6 +252,7 @@ def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
 
 
 def tokens_per_iter(cfg: FinetuneConfig) -> int:
+    """Tokens per optimizer step: micro-batch x block x accumulation steps."""
     return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
 
@@ -281,6 +288,7 @@ def grid_step(tokens_seen: int, budget: int, n_evals: int, final: bool) -> int:
 
 
 def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Draw one trial's parameters from `space`."""
     params: dict[str, Any] = {}
     for name, spec in space.items():
         if spec["type"] == "categorical":
@@ -415,6 +423,7 @@ def _trial_run_ids(parent: Any, number: int) -> list[str]:
 
 
 def best_config_yaml(study: Any, cfg: TuneConfig, base: FinetuneConfig, path: Path) -> str:
+    """The best trial's finetune configuration as YAML text (a header says how to run it from `path`)."""
     best = study.best_trial
     out_dir = str(Path(base.out_dir) / cfg.study_name / "best")
     tcfg = trial_config(base, best.params, cfg.token_budget, cfg.n_evals, out_dir)
