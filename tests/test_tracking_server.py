@@ -19,6 +19,8 @@ import pytest
 from fakegpt import tracking
 from fakegpt.errors import FakegptError
 
+pytestmark = pytest.mark.slow  # starts a real tracking server (tens of seconds)
+
 
 def free_port() -> int:
     with socket.socket() as s:

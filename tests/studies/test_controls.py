@@ -130,6 +130,7 @@ def test_validation_yamls_are_valid_configs(name):
         assert cfg.languages == ["pt"]
 
 
+@pytest.mark.slow
 def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     """The CI configuration: planted effect detected and rising with dose; two seeds at dose 0 agree."""
     from fakegpt.studies.controls import main

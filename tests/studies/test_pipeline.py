@@ -62,6 +62,7 @@ def step_runs(client, experiment_id: str) -> list:
     return [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) in STEPS]
 
 
+@pytest.mark.slow
 def test_main_entry_point_end_to_end_then_reused(tmp_path):
     from mlflow import MlflowClient
 
@@ -117,6 +118,7 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
     assert all(entry["reused"] for entry in json.loads(steps_json.read_text()).values())
 
 
+@pytest.mark.slow
 def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

@@ -196,6 +196,7 @@ def test_study_records_complete_failed_and_pruned_trials_as_nested_runs(tmp_path
     assert best_cfg.max_iters * tune.tokens_per_iter(best_cfg) == cfg.token_budget
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
 
@@ -225,6 +226,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_pat
     assert resumed.best_trial == 1
 
 
+@pytest.mark.slow
 def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
     taken: list[int] = []
@@ -244,6 +246,7 @@ def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_
     assert result.states == {0: "failed", 1: "complete"}
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name="shared", heartbeat_interval=2)
     cfg = dataclasses.replace(cfg, storage=str(tmp_path / "optuna.db"))  # the default kind: one SQLite file
@@ -275,6 +278,7 @@ def test_two_processes_share_one_study_and_a_stale_trial_is_failed(tmp_path, dat
     assert "best configuration:" in out
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_a_failed_trial_not_a_complete_one(tmp_path, data_dir):
     import mlflow
 
@@ -314,6 +318,7 @@ def postgres_url() -> str:
     return url
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_on_postgresql(tmp_path, data_dir, postgres_url):
     name = f"pg-{uuid.uuid4().hex[:8]}"
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=1, study_name=name, storage=postgres_url)
