@@ -257,6 +257,8 @@ def output_dir(final: str | Path, names: tuple[str, ...]) -> Iterator[Path]:
     work = None
     try:
         fd = _lock(final)
+        for stale in final.glob(".work-*.tmp"):  # left by a killed run; no other run can be using them now
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".work-", suffix=".tmp", dir=final))
         yield work
         last = final / names[-1]

@@ -544,6 +544,7 @@ def test_a_claimed_output_folder_refuses_a_second_run(ctx: Ctx, capsys):
         assert_refused(["prepare", str(ctx.small_csv), "--out", str(out)], (str(out), "in use"), capsys, ctx.root)
     finally:
         os.close(fd)
+    (out / ".work-killed.tmp").mkdir()  # what a SIGKILLed run leaves: the next run that claims the folder clears it
     assert cli.main(["prepare", str(ctx.small_csv), "--out", str(out)]) == 0  # released: the next run may
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
