@@ -401,6 +401,12 @@ def _finetune(c: Ctx, *extra: str) -> list[str]:
 
 
 FINETUNE = [
+    Case(
+        "empty-val-bin",
+        lambda c: ["tune", "--data-dir", str(data_with_val(c, np.zeros(0))), "--n-trials", "1", "--device", "cpu"],
+        ("val.bin", "empty"),
+        False,
+    ),
     Case("truncated-weights", damaged(truncated_weights, _finetune), ("model.safetensors",), True),
     Case(
         "config-yaml-latin1",
@@ -418,6 +424,12 @@ FINETUNE = [
 
 TUNE = [
     Case(
+        "empty-val-bin",
+        lambda c: ["tune", "--data-dir", str(data_with_val(c, np.zeros(0))), "--n-trials", "1", "--device", "cpu"],
+        ("val.bin", "empty"),
+        False,
+    ),
+    Case(
         "config-yaml-latin1",
         lambda c: ["tune", "--config", str(latin1(c.root / "sweep.yaml", "# \u00e9\n"))],
         ("sweep.yaml", "UTF-8"),
@@ -426,6 +438,18 @@ TUNE = [
 ]
 
 VALIDATE = [
+    Case(
+        "binary-base-data",  # used to leave its new --out-dir behind
+        lambda c: ["validate", "--base-data", str(binary_csv(c)), "--out-dir", "vo"],
+        ("export.csv", "binary"),
+        True,
+    ),
+    Case(
+        "base-channel-typo",  # the first dose's prepare fails: the new --out-dir goes with it
+        lambda c: ["validate", "--base-data", str(c.small_csv), "--base-channel-ids", "77", "--out-dir", "vo"],
+        ("channel_ids [77]", "no usable messages"),
+        True,
+    ),
     Case(
         "config-yaml-latin1",
         lambda c: ["validate", "--config", str(latin1(c.root / "v.yaml", "# \u00e9\n"))],
