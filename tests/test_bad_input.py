@@ -401,12 +401,7 @@ def _finetune(c: Ctx, *extra: str) -> list[str]:
 
 
 FINETUNE = [
-    Case(
-        "empty-val-bin",
-        lambda c: ["tune", "--data-dir", str(data_with_val(c, np.zeros(0))), "--n-trials", "1", "--device", "cpu"],
-        ("val.bin", "empty"),
-        False,
-    ),
+    Case("empty-val-bin", damaged(lambda c: data_with_val(c, np.zeros(0)), _finetune), ("val.bin", "empty"), False),
     Case("truncated-weights", damaged(truncated_weights, _finetune), ("model.safetensors",), True),
     Case(
         "config-yaml-latin1",
@@ -423,6 +418,12 @@ FINETUNE = [
 ]
 
 TUNE = [
+    Case(
+        "empty-val-bin",
+        lambda c: ["tune", "--data-dir", str(data_with_val(c, np.zeros(0))), "--n-trials", "1", "--device", "cpu"],
+        ("val.bin", "empty"),
+        False,
+    ),
     Case(
         "empty-val-bin",
         lambda c: ["tune", "--data-dir", str(data_with_val(c, np.zeros(0))), "--n-trials", "1", "--device", "cpu"],
