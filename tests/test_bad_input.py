@@ -149,8 +149,10 @@ def garbled_weights(c: Ctx) -> Path:
 
 
 def binary_csv(c: Ctx) -> Path:
+    """A spreadsheet (.xlsx: a zip) given instead of its CSV export; a CR before the first LF, as in most
+    binary files, used to crash the header check with a traceback."""
     path = c.root / "export.csv"
-    path.write_bytes(bytes(range(256)) * 200)
+    path.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\r\x8a" + bytes(range(255, -1, -1)) * 200)
     return path
 
 
