@@ -292,6 +292,12 @@ LABELS = [
         False,
     ),
     Case(
+        "export-sheet-is-a-folder",
+        lambda c: ["labels", "export", "--samples", str(c.samples), "--sheet", str(c.data)],
+        ("--sheet", "folder"),
+        True,  # named a temporary file instead
+    ),
+    Case(
         "import-missing-sheet",
         lambda c: ["labels", "import", "--samples", str(c.samples), "--sheet", "gone.csv", "--out-dir", "lab"],
         ("gone.csv",),
@@ -395,6 +401,7 @@ CHAT = [
     Case("temperature-nan", lambda c: _chat(c, "--temperature", "nan"), ("--temperature",), True),
     Case("temperature-negative", lambda c: _chat(c, "--temperature", "-1"), ("--temperature",), False),
     Case("num-samples-zero", lambda c: _chat(c, "--num-samples", "0"), ("--num-samples",), False),
+    Case("top-k-negative", lambda c: _chat(c, "--top-k", "-1"), ("--top-k",), False),
 ]
 
 
@@ -402,7 +409,13 @@ def _finetune(c: Ctx, *extra: str) -> list[str]:
     return ["finetune", "--data-dir", str(c.data), "--init-from", str(c.model), "--out-dir", "ft", "--device", "cpu"]
 
 
+def text_vocab_size(c: Ctx) -> None:
+    meta = c.data / "meta.json"
+    meta.write_text(meta.read_text().replace('"vocab_size": 50257', '"vocab_size": "50257 ids"'), encoding="utf-8")
+
+
 FINETUNE = [
+    Case("meta-vocab-size-not-a-number", damaged(text_vocab_size, _finetune), ("meta.json", "vocab_size"), False),
     Case("empty-val-bin", damaged(lambda c: data_with_val(c, np.zeros(0)), _finetune), ("val.bin", "empty"), False),
     Case("truncated-weights", damaged(truncated_weights, _finetune), ("model.safetensors",), True),
     Case(
