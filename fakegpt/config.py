@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from fakegpt.errors import FakegptError
+from fakegpt.files import read_text
 
 T = TypeVar("T")
 
@@ -86,9 +88,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise FakegptError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise FakegptError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # no setting of any stage means anything with NaN or infinity
+            raise FakegptError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if inner is str:
         if isinstance(value, (dict, list)):
             raise FakegptError(f"{where}: expected a string, got {value!r}")
@@ -110,12 +115,7 @@ def flag_name(name: str) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad YAML or a non-mapping is a one-line error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FakegptError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise FakegptError(f"{path}: cannot read ({exc.strerror})") from None
+    text = read_text(path)  # missing, unreadable or not UTF-8: one line naming the file (and line)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -133,7 +133,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Build `cls` from a mapping, validating keys and types. `source` names the file for errors."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise FakegptError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
     values = {k: coerce(v, hints[k], f"{source}: key {k!r}") for k, v in data.items()}

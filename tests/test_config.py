@@ -104,3 +104,17 @@ def test_every_stage_has_help(capsys):
             code = exc.code
         assert code == 0, stage
         assert "usage: fakegpt" in capsys.readouterr().out, stage
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_numbers_are_refused_naming_the_flag(text):
+    from dataclasses import dataclass
+
+    from fakegpt.config import parse
+
+    @dataclass
+    class Cfg:
+        temperature: float = 0.8
+
+    with pytest.raises(FakegptError, match="--temperature: expected a finite number"):
+        parse(Cfg, [f"--temperature={text}"], prog="x")

@@ -40,3 +40,13 @@ def eval_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
     """The fixed window starts used for every evaluation of a split (same for every run on the data)."""
     rng = np.random.default_rng(EVAL_SEED)
     return rng.integers(0, n_tokens - block_size, size=n_windows)
+
+
+def check_vocab(data: np.ndarray, vocab_size: int, path: str | Path) -> None:
+    """Every token id in `data` (a memmapped bin) is a row of a model with `vocab_size` embeddings."""
+    top = int(data.max()) if len(data) else 0
+    if top >= vocab_size:
+        raise FakegptError(
+            f"{path}: token id {top} is beyond the model's vocabulary ({vocab_size} ids); "
+            "the bins were made with another tokenizer or are damaged"
+        )

@@ -42,7 +42,7 @@ from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import FORMATS, ReadStats, check_header, read_batches
 from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.errors import FakegptError
-from fakegpt.files import atomic_path
+from fakegpt.files import atomic_path, check_text_input, output_dir
 
 log = logging.getLogger(__name__)
 
@@ -384,13 +384,14 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         s.files = mixture.resolve_files(s, cfg.source_root)
         for f in s.files:
             if f != mixture.DEMO:
+                check_text_input(f)  # binary or CR-only files: a clear error before the CSV reader sees them
                 check_header(f)
     if not track:
-        return _prepare(cfg, sources, out)
+        return _prepare_into(cfg, sources, out)
     name = _dataset_name(cfg)
     with tracking.run(stage="prepare", run_name=f"prepare:{name}", tags={tracking.TAG_DATASET: name}, nested=True):
         tracking.log_params(config.to_dict(cfg))
-        meta = _prepare(cfg, sources, out)
+        meta = _prepare_into(cfg, sources, out)
         metrics = {
             tracking.M_DATA_TRAIN_TOKENS: meta.train_tokens,
             tracking.M_DATA_VAL_TOKENS: meta.val_tokens,
@@ -419,6 +420,16 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def _prepare_into(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
+    """Claim `out` (one run at a time), build the dataset in a work folder and move it in only when complete
+    (files.output_dir): a failure leaves an old dataset whole, and a new folder is removed again."""
+    with output_dir(out, OUTPUT_FILES) as work:
+        _check_out(out, cfg.force)  # again, now that no other run can write here
+        meta = _prepare(cfg, sources, work)
+    _report(out, meta)
+    return meta
+
+
 def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
@@ -436,6 +447,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
             files = ", ".join(f for s in sources for f in s.files)
             raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
         fractions = [s.fraction for s in sources]
+        _check_sources_used(sources, lengths, train, reader.dropped)
         if fractions[0] is not None:
             train = mixture.select(
                 lengths,
@@ -463,8 +475,24 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
         meta.write(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _report(out, meta)
     return meta
+
+
+def _check_sources_used(
+    sources: list[mixture.Source], lengths: list[np.ndarray], train: list[np.ndarray], dropped: Counter[str]
+) -> None:
+    """Every source of several must bring train messages: an empty one (a channel_ids typo) would silently
+    give a mixture of 0 tokens, or a dataset without that source."""
+    if len(sources) < 2:
+        return
+    for s, length, tr in zip(sources, lengths, train, strict=True):
+        if not len(length) or (s.fraction and not int(length[tr].sum())):
+            what = "no usable messages" if not len(length) else "no train messages (all fell in val)"
+            channels = f" with channel_ids {s.channel_ids}" if s.channel_ids else ""
+            raise FakegptError(
+                f"source {s.name!r} ({', '.join(s.patterns)}{channels}): {what}; check its path and channel_ids "
+                f"(dropped over all sources: {_drop_text(dropped)})"
+            )
 
 
 def _drop_text(dropped: Counter[str]) -> str:

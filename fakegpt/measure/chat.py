@@ -10,6 +10,7 @@ in ~/.fakegpt_chat_history or $FAKEGPT_CHAT_HISTORY). Models load from the same 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import sample_batch
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-from fakegpt.models.refs import context_length, load_for_inference, resolve_model
+from fakegpt.models.refs import configured_context, context_length, load_for_inference, resolve_model
 
 HELP = """commands:
   :t VALUE   temperature (0 = greedy)        :k VALUE   top-k (0 = off)
@@ -112,8 +113,11 @@ class ChatSession:
             except ValueError:
                 self.say(f"{name}: expected {'a number' if kind is float else 'an integer'}, got {value.strip()!r}")
                 return
-            if parsed < minimum:
-                self.say(f"{name}: must be at least {minimum}")
+            if not math.isfinite(parsed) or parsed < minimum:
+                self.say(f"{name}: must be a number of at least {minimum}")
+                return
+            if setting == "max_new_tokens" and parsed >= context_length(self.model):
+                self.say(f"{name}: must be below the model's context of {context_length(self.model)} tokens")
                 return
             setattr(self.cfg, setting, parsed)
             self.say(f"{setting.replace('_', ' ')} = {parsed:g}")
@@ -170,14 +174,31 @@ def _setup_history() -> None:
     atexit.register(save)
 
 
+def validate(cfg: ChatConfig) -> None:
+    """Reject bad settings before loading the model, naming the flag."""
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise FakegptError(f"{config.flag_name(name)}: must be at least 1, got {getattr(cfg, name)}")
+    if cfg.top_k < 0:
+        raise FakegptError(f"--top-k: must be >= 0 (0 = off), got {cfg.top_k}")
+    if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
+        raise FakegptError(f"--temperature: must be a number >= 0 (0 = greedy), got {cfg.temperature}")
+
+
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run the loop until `:q` or end of input. Piped input gets no prompt marker and no banner."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.top_k < 0 or cfg.temperature < 0:
-        raise FakegptError("--num-samples and --max-new-tokens must be >= 1, --top-k and --temperature >= 0")
+    validate(cfg)
+    ref = resolve_model(cfg.model)  # config.json and weight headers checked here
+    limit = configured_context(ref)
+    if cfg.max_new_tokens >= limit:
+        raise FakegptError(
+            f"--max-new-tokens {cfg.max_new_tokens}: leaves no room for a prompt in the context of model "
+            f"{cfg.model} ({limit} tokens)"
+        )
     device = resolve_device(cfg.device)
-    model = load_for_inference(resolve_model(cfg.model), device, torch_dtype(resolve_dtype(cfg.dtype, device)))
+    model = load_for_inference(ref, device, torch_dtype(resolve_dtype(cfg.dtype, device)))
     session = ChatSession(model, cfg, stdout)
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:

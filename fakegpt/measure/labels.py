@@ -46,6 +46,9 @@ class ExportConfig:
     blind: bool = field(default=True, metadata={"help": "leave out the model and temperature columns"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle the rows (seeded) so models are interleaved"})
     seed: int = field(default=0, metadata={"help": "shuffle seed"})
+    force: bool = field(
+        default=False, metadata={"help": "replace an existing sheet (it may hold labels people entered)"}
+    )
 
 
 @dataclass
@@ -83,17 +86,35 @@ def load_samples(spec: str | Path) -> pl.DataFrame:
     return table
 
 
+def check_sheet_free(path: str | Path, force: bool = False) -> None:
+    """A sheet people may have filled in is never replaced without --force."""
+    path = Path(path)
+    if path.is_dir():
+        raise FakegptError(f"--sheet {path}: is a folder; give a CSV file name")
+    if path.exists() and not force:
+        raise FakegptError(
+            f"--sheet {path}: already exists (it may hold labels people entered); use --force to replace it"
+        )
+
+
 def export_sheet(
-    samples: pl.DataFrame, path: str | Path, blind: bool = True, shuffle: bool = True, seed: int = 0
+    samples: pl.DataFrame,
+    path: str | Path,
+    blind: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Write the annotation sheet: one row per sample, `label` and `note` empty."""
+    """Write the annotation sheet: one row per sample, `label` and `note` empty. An existing sheet is replaced
+    only with `force`, and then only once the new one is complete."""
+    check_sheet_free(path, force)
     context = [c for c in SHEET_COLUMNS[1:-2] if c in samples.columns]
     unblind = [] if blind else [c for c in UNBLIND_COLUMNS if c in samples.columns]
     sheet = samples.select(["sample_id"] + unblind + context).with_columns(label=pl.lit(""), note=pl.lit(""))
     if shuffle:
         sheet = sheet.sample(fraction=1.0, shuffle=True, seed=seed)
     path = Path(path)
-    with atomic_path(path, suffix=".csv") as tmp:
+    with atomic_path(path, suffix=".csv", replace=force) as tmp:
         sheet.write_csv(tmp)
     return path
 
@@ -153,8 +174,9 @@ def read_sheet(
             continue
         kept[sid] = label
     if problems:
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise FakegptError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+        # one line (the CLI prints one line), so every reported row reaches the user
+        more = f"; ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise FakegptError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems[:MAX_REPORTED]) + more)
     if not kept:
         raise FakegptError(f"{path}: no labelled rows")
     labelled = pl.DataFrame({"sample_id": list(kept), "label": list(kept.values())})
@@ -264,8 +286,9 @@ def main(argv: list[str]) -> int:
         SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}", description=__doc__.splitlines()[0]
     )
     if isinstance(cfg, ExportConfig):
+        check_sheet_free(cfg.sheet, cfg.force)  # before reading the samples
         samples = load_samples(cfg.samples)
-        path = export_sheet(samples, cfg.sheet, cfg.blind, cfg.shuffle, cfg.seed)
+        path = export_sheet(samples, cfg.sheet, cfg.blind, cfg.shuffle, cfg.seed, cfg.force)
         print(f"{samples.height} rows -> {path} (fill the `label` column with: {', '.join(DEFAULT_LABELS)})")
     elif isinstance(cfg, AggregateConfig):
         rates = label_rates(cfg)

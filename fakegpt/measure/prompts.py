@@ -36,6 +36,7 @@ from typing import Any
 
 from fakegpt.config import load_yaml
 from fakegpt.errors import FakegptError
+from fakegpt.files import read_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = "experiments/prompts/antivax_six.yaml"
@@ -133,12 +134,7 @@ def _template_slots(template: str, where: str) -> list[str]:
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FakegptError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FakegptError(f"{path}: cannot read ({exc})") from None
+    text = read_text(path)  # missing, unreadable or not UTF-8: one line naming the file (and line)
     lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
     if not lines:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from fakegpt.files import atomic_path, write_text
 from fakegpt.measure.generate import sample_batch
 from fakegpt.measure.prompts import DEFAULT_PROMPTS, Prompt, load_prompts, resolve_path
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-from fakegpt.models.refs import context_length, load_for_inference, resolve_model
+from fakegpt.models.refs import ModelRef, configured_context, context_length, load_for_inference, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def validate(cfg: SampleConfig) -> None:
     """Reject bad combinations before loading any model."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
-    if not cfg.temperatures or any(t < 0 for t in cfg.temperatures):
+    if not cfg.temperatures or any(not math.isfinite(t) or t < 0 for t in cfg.temperatures):
         raise FakegptError(f"--temperatures: expected values >= 0, got {cfg.temperatures}")
     for name in ("num_samples", "max_new_tokens", "batch_size"):
         if getattr(cfg, name) < 1:
@@ -120,6 +121,20 @@ def sample_id(model: str, prompt_id: str, temperature: float, top_k: int, top_p:
 
 def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="seq", disable=not sys.stderr.isatty(), leave=False)
+
+
+def check_fits(prompts: list[Prompt], prompts_path: Path, cfg: SampleConfig, refs: list[ModelRef]) -> None:
+    """Every prompt plus --max-new-tokens fits every model's context (read from config.json, before loading)."""
+    enc = get_encoding()
+    longest = max(prompts, key=lambda p: len(enc.encode(p.text, allowed_special={"<|endoftext|>"})))
+    n = len(enc.encode(longest.text, allowed_special={"<|endoftext|>"}))
+    for ref in refs:
+        limit = configured_context(ref)
+        if n + cfg.max_new_tokens > limit:
+            raise FakegptError(
+                f"{prompts_path}: prompt {longest.prompt_id!r} ({n} tokens) + --max-new-tokens {cfg.max_new_tokens} "
+                f"exceeds the context of model {ref.spec} ({limit} tokens)"
+            )
 
 
 def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig) -> tuple[list[dict], int, float]:
@@ -229,6 +244,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
     validate(cfg)
     prompts_path = resolve_path(cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(prompts_path)  # validated before any model is loaded
+    refs = [resolve_model(spec) for spec in cfg.models]  # config.json and weight headers checked here
+    check_fits(prompts, prompts_path, cfg, refs)
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     out_dir = Path(cfg.out_dir)
@@ -238,8 +255,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         tracking.log_artifact(prompts_path, "prompts")
         rows: list[dict] = []
         produced, seconds = 0, 0.0
-        for spec in cfg.models:
-            ref = resolve_model(spec)
+        for spec, ref in zip(cfg.models, refs, strict=True):
             if len(cfg.models) == 1 and ref.fraction() is not None:
                 tracking.set_tags({tracking.TAG_FRACTION: ref.fraction()})
             model = load_for_inference(ref, device, dtype)

@@ -22,14 +22,15 @@ import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
-from fakegpt.data.bins import eval_starts, open_bin
+from fakegpt.data.bins import check_vocab, eval_starts, open_bin
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_table
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-from fakegpt.models.refs import context_length, load_for_inference, resolve_model
+from fakegpt.models.loading import model_config
+from fakegpt.models.refs import ModelRef, context_length, load_for_inference, resolve_model
 from fakegpt.plots import figure
 from fakegpt.stats import bootstrap_ci
 
@@ -127,6 +128,7 @@ def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size:
     """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
+    check_vocab(data, int(model.config.vocab_size), Path(data_dir) / "val.bin")
     starts = eval_starts(len(data), block, n_windows)
     windows = [np.asarray(data[s : s + block + 1]).astype(np.int64).tolist() for s in starts]
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
@@ -248,24 +250,50 @@ def write_outputs(result: ScoreResult) -> list[Path]:
     return paths
 
 
-def score(cfg: ScoreConfig) -> ScoreResult:
-    """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
+def validate(cfg: ScoreConfig) -> None:
+    """Reject bad settings before loading anything, naming the flag."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
-    if cfg.batch_size < 1 or cfg.val_windows < 1 or cfg.bootstrap < 1:
-        raise FakegptError("--batch-size, --val-windows and --bootstrap must be at least 1")
+    for name in ("batch_size", "val_windows", "bootstrap"):
+        if getattr(cfg, name) < 1:
+            raise FakegptError(f"{config.flag_name(name)}: must be at least 1, got {getattr(cfg, name)}")
+
+
+def check_inputs(cfg: ScoreConfig, claims_path: Path, statements: list[Statement], refs: list[ModelRef]) -> Path | None:
+    """Every statement fits every model's context, and the validation bin fits its vocabulary (from config.json,
+    before any model is loaded). Returns the local data folder (downloaded once for all models), if any."""
+    enc = get_encoding()
+    lengths = [len(enc.encode(s.text)) + 1 for s in statements]  # + the <eot> context
+    longest = max(range(len(statements)), key=lengths.__getitem__)
+    data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None
+    for ref in refs:
+        hf = model_config(ref.folder)
+        limit, vocab = int(hf.get("n_positions", 1024)), int(hf.get("vocab_size", 50257))
+        if lengths[longest] > limit:
+            raise FakegptError(
+                f"{claims_path}: statement {statements[longest].statement_id!r} is {lengths[longest]} tokens, "
+                f"longer than the context of model {ref.spec} ({limit} tokens)"
+            )
+        if data_dir is not None:
+            check_vocab(open_bin(data_dir, "val", min(VAL_BLOCK, limit - 1)), vocab, Path(data_dir) / "val.bin")
+    return data_dir
+
+
+def score(cfg: ScoreConfig) -> ScoreResult:
+    """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
+    validate(cfg)
     claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
     statements = load_claims(claims_path)
+    refs = [resolve_model(spec) for spec in cfg.models]  # config.json and weight headers checked here
+    data_dir = check_inputs(cfg, claims_path, statements, refs)
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     several = len(cfg.models) > 1
     with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
-        data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None  # downloaded once for all models
         tables, pair_tables, scores = [], [], []
-        for spec in cfg.models:
-            ref = resolve_model(spec)
+        for spec, ref in zip(cfg.models, refs, strict=True):
             fraction = ref.fraction(cfg.dose_source)
             model = load_for_inference(ref, device, dtype)
             table = score_model(model, spec, statements, cfg)

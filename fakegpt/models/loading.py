@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fakegpt.data.tokenizer import VOCAB_SIZE, write_hf_tokenizer_files
-from fakegpt.errors import FakegptError
-from fakegpt.files import atomic_dir
+from fakegpt.errors import FakegptError, one_line
+from fakegpt.files import atomic_dir, read_json_object
 from fakegpt.models.checkpoint import TrainingInfo
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -47,6 +47,7 @@ def resolve_pretrained(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FakegptError(f"{spec}: not an HF model folder (no config.json)")
+        check_model_files(path)
         return str(path)
     if spec not in HUB_MODELS and "/" not in spec:
         raise FakegptError(f"{spec!r} is neither a local model folder nor a known hub name ({', '.join(HUB_MODELS)})")
@@ -78,6 +79,39 @@ def resolve_pretrained(spec: str) -> str:
         raise FakegptError(f"model {spec!r}: download from the Hugging Face hub failed ({exc})") from None
 
 
+def model_config(folder: str | Path) -> dict[str, Any]:
+    """FOLDER/config.json as a mapping, with the numbers fakegpt relies on checked; a one-line error otherwise."""
+    path = Path(folder) / "config.json"
+    data = read_json_object(path)
+    if not data:
+        raise FakegptError(f"{path}: missing or empty (not an HF model folder)")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FakegptError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return data
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Read config.json and the header of every *.safetensors file in `folder` (no weights are loaded), so an
+    interrupted copy or a damaged file is a one-line error naming it before any work starts."""
+    folder = Path(folder)
+    model_config(folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        raise FakegptError(f"{folder}: no model weights (model.safetensors)")
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # SafetensorError and OSError: truncated, garbled header, unreadable
+            raise FakegptError(
+                f"{path}: damaged or incomplete model weights ({one_line(exc)}); copy or save the model again"
+            ) from None
+
+
 def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs: Any):
     """GPT2LMHeadModel from a hub name or local folder, with SDPA attention."""
     from transformers import GPT2LMHeadModel
@@ -85,8 +119,10 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs
     folder = resolve_pretrained(spec)
     try:
         model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FakegptError(f"{spec}: cannot load model ({exc})") from None
+    except FakegptError:
+        raise
+    except Exception as exc:  # damaged weights or config, shapes that do not match the config, ...
+        raise FakegptError(f"{folder}: cannot load the model ({one_line(exc)})") from None
     if device is not None:
         model.to(device)
     return model

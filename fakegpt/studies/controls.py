@@ -22,9 +22,12 @@ its children; `fakegpt validate` exits 0 when both controls pass and 1 when eith
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from fakegpt import config, tracking
 from fakegpt.data.prepare import PrepareConfig, prepare
 from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
-from fakegpt.files import atomic_path, write_json, write_text
+from fakegpt.files import atomic_path, check_text_input, write_json, write_text
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import finetune
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
@@ -236,6 +239,8 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
         path = resolve_path(spec)
         if not path.is_file():
             raise FakegptError(f"{flag} {spec}: no such file")
+        if flag != "--claims":
+            check_text_input(path)  # a binary or CR-only CSV: refused now, not after the first prepare
         paths.append(path)
     if not cfg.base_channel_ids or not cfg.planted_channel_ids:
         raise FakegptError("--base-channel-ids and --planted-channel-ids must each name at least one channel")
@@ -560,7 +565,26 @@ def validate(cfg: ValidateConfig) -> ValidationResult:
     """Run the planted-dose experiment and both controls; everything on one parent MLflow run."""
     base, planted, claims = check(cfg)
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise FakegptError(f"--out-dir {out}: exists and is not a folder")
+    with _removed_on_failure(out):
+        return _validate(cfg, base, planted, claims, out)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path) -> Iterator[None]:
+    """A failed run into a folder it created removes that folder (an existing one is left as it is)."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _validate(cfg: ValidateConfig, base: Path, planted: Path, claims: Path, out: Path) -> ValidationResult:
     tags = {tracking.TAG_STUDY: cfg.name, tracking.TAG_MODEL: cfg.init_from}
     with tracking.run(stage="validate", run_name=f"validate: {cfg.name}", tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))

@@ -24,9 +24,12 @@ from fakegpt.plots import figure
 from fakegpt.studies.pipeline import (
     PROJECT_DIR,
     PipelineConfig,
+    check_steps,
+    child_python,
     finetune_params,
     prepare_params,
     print_where,
+    resolve_user_paths,
     sample_params,
     score_params,
 )
@@ -70,14 +73,36 @@ def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
 
 
 def validate(cfg: SeriesConfig) -> None:
-    """Check the series' settings before any step runs."""
+    """Check, before any step runs: the series' own settings, its dataset's source names, the label sheet, then
+    every step's configuration."""
     if not cfg.fractions:
         raise FakegptError("--fractions: at least one fraction is required")
     for f in cfg.fractions:
         if not 0.0 <= f <= 1.0:
             raise FakegptError(f"--fractions: {f} is not between 0 and 1")
-    if not (PROJECT_DIR / cfg.dataset).is_file() and not Path(cfg.dataset).is_file():
+    dataset = Path(cfg.dataset) if Path(cfg.dataset).is_file() else PROJECT_DIR / cfg.dataset
+    if not dataset.is_file():
         raise FakegptError(f"--dataset: {cfg.dataset}: no such file")
+    names = source_names(dataset)
+    for flag, name in (("--dose-source", cfg.dose_source), ("--base-source", cfg.base_source)):
+        if name not in names:
+            raise FakegptError(f"{flag} {name!r}: no source of that name in {dataset} (sources: {', '.join(names)})")
+    if cfg.dose_source == cfg.base_source:
+        raise FakegptError(f"--dose-source and --base-source name the same source {cfg.dose_source!r}")
+    if cfg.label_sheet and not Path(cfg.label_sheet).is_file():
+        raise FakegptError(f"--label-sheet {cfg.label_sheet}: no such file")
+    if not cfg.labels:
+        raise FakegptError("--labels: give at least one label")
+    check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
+
+
+def source_names(dataset: Path) -> list[str]:
+    """The source names of a dataset YAML (what --dose-source and --base-source must name)."""
+    from fakegpt.data import prepare as prep
+    from fakegpt.data import sources
+
+    pcfg = prep.parse_args(["--config", str(dataset)])
+    return [s.name for s in sources.build_sources([], pcfg.sources, [], [])]
 
 
 def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
@@ -201,6 +226,7 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """Run the whole series as one MLflow parent run; returns one row per dose."""
+    cfg = resolve_user_paths(cfg)
     validate(cfg)
     tags = {
         tracking.TAG_STUDY: cfg.series_name,
@@ -208,7 +234,10 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tracking.TAG_DATASET: Path(cfg.dataset).stem,
     }
     out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
-    with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
+    with (
+        tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent,
+        child_python(),
+    ):
         tracking.log_params(config.to_dict(cfg))
         rows = run_series(cfg)
         samples = all_samples(rows, out / "all_samples.parquet")

@@ -11,10 +11,17 @@ a small prompt grid. `-P init_from=gpt2-xl -P data=exports/*.csv` makes it the r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import glob
 import hashlib
 import json
 import logging
 import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +140,99 @@ def models_to_measure(cfg: PipelineConfig, finetune_run: str) -> str:
     return tuned if is_demo(cfg) else f"{cfg.init_from},{tuned}"
 
 
+def _is_uri(text: str) -> bool:
+    return "://" in text or text.startswith(("runs:/", "models:/", "demo:"))
+
+
+def from_user(path: str) -> str:
+    """A relative path as the user meant it: from their working folder (child steps run in the checkout).
+
+    A path found only in the checkout (the shipped experiments/ files) stays relative, so the child finds it."""
+    if not path or _is_uri(path) or Path(path).expanduser().is_absolute():
+        return path
+    here = Path.cwd() / Path(path).expanduser()
+    found_here = glob.glob(str(here)) if glob.has_magic(path) else here.exists()
+    found_in_checkout = glob.glob(str(PROJECT_DIR / path)) if glob.has_magic(path) else (PROJECT_DIR / path).exists()
+    return str(here) if found_here or not found_in_checkout else path
+
+
+def resolve_user_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """The configuration with every file the steps read made absolute from the user's working folder."""
+    data = ",".join(from_user(p.strip()) for p in cfg.data.split(",") if p.strip())
+    changes = {k: from_user(getattr(cfg, k)) for k in ("dataset", "finetune_config", "prompts", "claims")}
+    if hasattr(cfg, "label_sheet"):
+        changes["label_sheet"] = from_user(cfg.label_sheet)  # type: ignore[attr-defined]
+    return dataclasses.replace(cfg, data=data, **changes)
+
+
+@contextlib.contextmanager
+def child_python() -> Iterator[None]:
+    """Make `python` in the steps' MLproject commands this very interpreter (sys.executable), whatever is first
+    on PATH: `.venv/bin/fakegpt pipeline` works without activating the venv. The environment is inherited."""
+    with tempfile.TemporaryDirectory(prefix="fakegpt-python-") as folder:
+        shim = Path(folder) / "python"
+        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n', encoding="utf-8")
+        shim.chmod(0o755)
+        old = os.environ.get("PATH")
+        os.environ["PATH"] = folder + (os.pathsep + old if old else "")
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = old
+
+
+def _step_argv(cls: type, params: dict[str, Any]) -> list[str]:
+    """The flags a step's MLproject command gets from `params` (its YAML found beside the checkout too)."""
+    positional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")}
+    argv: list[str] = []
+    for key, value in params.items():
+        if value in (None, ""):
+            continue
+        if key == "config":
+            path = Path(str(value))
+            argv += ["--config", str(path if path.exists() or path.is_absolute() else PROJECT_DIR / path)]
+        elif key in positional:
+            argv.insert(0, str(value))
+        else:
+            argv += [config.flag_name(key), str(value)]
+    return argv
+
+
+def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
+    """Parse and validate the configuration of every step (and read the files they will read) before any step
+    runs: a bad --num-samples or prompt file is refused at once, not after prepare and fine-tune."""
+    from fakegpt.data import prepare as prep
+    from fakegpt.data import sources
+    from fakegpt.files import check_text_input
+    from fakegpt.finetune import checks
+    from fakegpt.finetune.config import FinetuneConfig
+    from fakegpt.measure import sample, score
+    from fakegpt.measure.prompts import DEFAULT_CLAIMS, DEFAULT_PROMPTS, load_claims, load_prompts, resolve_path
+    from fakegpt.models.loading import resolve_pretrained
+
+    data = cfg.data if mixes is None else ""  # a series prepares its dataset YAML's sources only
+    for mix in mixes or [""]:
+        pcfg = prep.parse_args(_step_argv(prep.PrepareConfig, prepare_params(cfg, data, cfg.dataset, mix)))
+        prep.validate(pcfg)
+        for src in sources.build_sources(pcfg.inputs, pcfg.sources, pcfg.mix, pcfg.channel_ids):
+            for f in sources.resolve_files(src, pcfg.source_root or str(PROJECT_DIR)):
+                if f != sources.DEMO:
+                    check_text_input(f)
+    fcfg = config.parse(FinetuneConfig, _step_argv(FinetuneConfig, finetune_params(cfg, "runs:/x/data")), "finetune")
+    checks._check_numbers(fcfg, 1)
+    if fcfg.init_from not in ("scratch", "resume"):
+        resolve_pretrained(fcfg.init_from)
+    scfg = config.parse(sample.SampleConfig, _step_argv(sample.SampleConfig, sample_params(cfg, "m")), "sample")
+    sample.validate(scfg)
+    load_prompts(resolve_path(scfg.prompts or DEFAULT_PROMPTS))
+    ccfg = config.parse(score.ScoreConfig, _step_argv(score.ScoreConfig, score_params(cfg, "m", "")), "score")
+    score.validate(ccfg)
+    load_claims(resolve_path(ccfg.claims or DEFAULT_CLAIMS))
+
+
 def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     """Run the four steps as child runs of the active run; returns {step: (run_id, reused)}."""
     steps: dict[str, tuple[str, bool]] = {}
@@ -156,8 +256,13 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     """The whole chain under one parent run (joining the run `mlflow run -e main` started)."""
     if not (PROJECT_DIR / "MLproject").is_file():
         raise FakegptError(f"{PROJECT_DIR}: no MLproject file (run from a fakegpt checkout)")
+    cfg = resolve_user_paths(cfg)
+    check_steps(cfg)
     tags = {tracking.TAG_MODEL: cfg.init_from, tracking.TAG_DATASET: cfg.dataset or cfg.data or "demo"}
-    with tracking.run(stage="main", run_name=f"main-{Path(cfg.init_from).name}", tags=tags) as parent:
+    with (
+        tracking.run(stage="main", run_name=f"main-{Path(cfg.init_from).name}", tags=tags) as parent,
+        child_python(),
+    ):
         tracking.log_params(config.to_dict(cfg))
         steps = run_chain(cfg)
         tracking.log_dict({k: {"run_id": r, "reused": u} for k, (r, u) in steps.items()}, "steps.json")

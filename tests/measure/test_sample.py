@@ -178,4 +178,5 @@ def test_cli_runs_a_text_file_and_reports_errors_in_one_line(tmp_path, capsys, t
         )
         == 2
     )
-    assert "exceeds the model's context of 256" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exceeds the context of model" in err and "(256 tokens)" in err
