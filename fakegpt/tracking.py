@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fakegpt"
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, latency) unless the experiment says it holds
+# model training; "finetuning" opens it on the runs table, where fakegpt's runs are compared.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"
+TAG_RUN_NAME = "mlflow.runName"
 
 # --- names defined once, so the compare view lines up runs of different stages and models -------------------
 TAG_STAGE = "fakegpt.stage"  # prepare | finetune | sample | score | tune | trial | main | mixture | ...
@@ -42,7 +48,9 @@ TAG_ERROR = "fakegpt.error"  # one-line error of a failed run
 M_TRAIN_LOSS = "train/loss"
 M_VAL_LOSS = "val/loss"
 M_LR = "lr"
-M_TOKENS_PER_S = "tokens_per_s"
+M_TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # training steps only (evaluation and checkpoint time excluded)
+M_TRAIN_TOKENS_PER_S_TOTAL = "train/tokens_per_s_total"  # end to end: evaluation and checkpoint writes included
+M_PREPARE_TOKENS_PER_S = "prepare/tokens_per_s"  # prepare's tokenizer throughput over the whole run
 M_TOKENS_SEEN = "tokens_seen"
 M_MFU = "mfu"
 M_GPU_MEM = "gpu/peak_mem_gb"
@@ -156,7 +164,8 @@ def run(
         # mlflow.start_run itself joins MLFLOW_RUN_ID when given no run_id: hide it while a child starts.
         hidden = os.environ.pop("MLFLOW_RUN_ID", None) if not joined else None
         try:
-            active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested, **extra)
+            name = None if joined else run_name or default_run_name(stage, tags or {})
+            active = mlflow.start_run(run_id=joined, run_name=name, nested=nested, **extra)
         finally:
             if hidden is not None:
                 os.environ["MLFLOW_RUN_ID"] = hidden
@@ -168,7 +177,10 @@ def run(
     try:
         all_tags = {TAG_STAGE: stage, TAG_VERSION: __version__}
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        if joined and not run_id:  # `mlflow run` named it at random ("funny-yak-295"): name it by what it is
+            all_tags[TAG_RUN_NAME] = run_name or default_run_name(stage, all_tags)
         mlflow.set_tags(all_tags)
+        mark_experiment(active.info.experiment_id)
         yield active
     except KeyboardInterrupt:
         status = "KILLED"
@@ -179,6 +191,32 @@ def run(
     finally:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+
+def default_run_name(stage: str, tags: Mapping[str, Any]) -> str:
+    """ "finetune gpt2-medium antivax_mix general=0.80,antivax=0.20": stage, model, data, dose, from the run's tags."""
+    parts = [stage]
+    model = str(tags.get(TAG_MODEL) or "")
+    if model:
+        short = []
+        for spec in model.split(","):
+            match = re.match(r"(?:runs|models):/+([^/]+)", spec)
+            short.append(f"run {match.group(1)[:8]}" if match else Path(spec.rstrip("/")).name or spec)
+        parts.append(",".join(short))
+    for key in (TAG_DATASET, TAG_MIX):
+        if tags.get(key):
+            parts.append(str(tags[key]))
+    if tags.get(TAG_FRACTION) not in (None, "") and not tags.get(TAG_MIX):
+        parts.append(f"dose {tags[TAG_FRACTION]}")
+    return " ".join(parts)[:250]
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (once), so MLflow's UI opens it on the runs table."""
+    with contextlib.suppress(Exception):  # a read-only or older store: the runs are fine without the tag
+        client = _mlflow().MlflowClient()
+        if TAG_EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
 
 def _has_psutil() -> bool:
@@ -251,72 +289,46 @@ def active_run_id() -> str | None:
 TAG_ENTRY_POINT = "mlflow.project.entryPoint"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_STEP_KEY = "fakegpt.step_key"  # content key of a chained step (fakegpt.studies.steps): what reuse matches
+TAG_CODE_STATE = "fakegpt.code_state"  # git commit + hash of uncommitted changes the step ran with
 
 
-def git_commit(project_dir: str | Path) -> str | None:
-    """The project's git commit (what MLflow records as the code version), or None outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def find_finished_step(entry_point: str, parameters: Mapping[str, str], commit: str | None) -> str | None:
-    """Run id of a FINISHED run of `entry_point` with exactly these parameter values and code version."""
+def find_finished_run(tags: Mapping[str, str]) -> str | None:
+    """Id of the newest FINISHED run in the active run's experiment carrying all these tags, or None."""
     mlflow = _mlflow()
-    client = mlflow.MlflowClient()
     active = mlflow.active_run()
-    experiment_id = active.info.experiment_id if active else None
-    if experiment_id is None:
+    if active is None:
         return None
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and attributes.status = 'FINISHED'",
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+    runs = mlflow.MlflowClient().search_runs(
+        [active.info.experiment_id],
+        filter_string=" and ".join(clauses),
         order_by=["attributes.start_time DESC"],
-        max_results=200,
+        max_results=1,
     )
-    for found in runs:
-        if commit is not None and found.data.tags.get(TAG_GIT_COMMIT) != commit:
-            continue
-        if all(found.data.params.get(k) == str(v) for k, v in parameters.items()):
-            return found.info.run_id
-    return None
+    return runs[0].info.run_id if runs else None
 
 
-def run_step(
-    project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str, reuse: bool = True
-) -> tuple[str, bool]:
-    """Run an MLproject entry point as a child of the active run; reuse a finished identical run.
+def run_entry_point(project_dir: str | Path, entry_point: str, params: Mapping[str, str], env_manager: str) -> str:
+    """Run an MLproject entry point synchronously as a child of the active run; returns its run id.
 
-    Returns (run_id, reused). `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit
-    the `--env-manager local` of the command that started the parent.
+    `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit the `--env-manager local` of the
+    command that started the parent.
     """
     mlflow = _mlflow()
-    params = {k: ("" if v is None else str(v)) for k, v in parameters.items()}
-    commit = git_commit(project_dir)
-    if reuse:
-        found = find_finished_step(entry_point, params, commit)
-        if found:
-            log.info("step %s: reusing finished run %s (same parameters and code version)", entry_point, found)
-            return found, True
     active = mlflow.active_run()
     try:
         submitted = mlflow.projects.run(
             str(project_dir),
             entry_point=entry_point,
-            parameters=params,
+            parameters=dict(params),
             env_manager=env_manager,
             experiment_id=active.info.experiment_id if active else None,
             synchronous=True,
         )
     except mlflow.exceptions.ExecutionException as exc:
         raise FakegptError(f"step {entry_point!r} failed: {exc}") from None
-    return submitted.run_id, False
+    return submitted.run_id
 
 
 def get_run(run_id: str) -> Any:

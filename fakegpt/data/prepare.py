@@ -388,7 +388,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     if not track:
         return _prepare(cfg, sources, out)
     name = _dataset_name(cfg)
-    with tracking.run(stage="prepare", run_name=f"prepare:{name}", tags={tracking.TAG_DATASET: name}, nested=True):
+    with tracking.run(stage="prepare", run_name=None, tags={tracking.TAG_DATASET: name}, nested=True):
         tracking.log_params(config.to_dict(cfg))
         meta = _prepare(cfg, sources, out)
         metrics = {
@@ -399,7 +399,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
             tracking.M_DATA_REPAIRED_ROWS: meta.read["repaired_rows"],
             tracking.M_DATA_INVALID_UTF8: meta.read["invalid_utf8"],
             tracking.M_DATA_BAD_ROWS: meta.read["bad_rows"],
-            tracking.M_TOKENS_PER_S: meta.timing["tokens_per_s"],
+            tracking.M_PREPARE_TOKENS_PER_S: meta.timing["tokens_per_s"],
             tracking.M_DATA_SECONDS: meta.timing["seconds"],
         }
         metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta.dropped.items()})

@@ -228,7 +228,7 @@ def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
     labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)
     rates = aggregate(labeled, cfg.labels, cfg.by)
     out_dir = Path(cfg.out_dir)
-    with tracking.run(stage="labels", run_name="labels"):
+    with tracking.run(stage="labels", run_name=None):
         tracking.log_params(config.to_dict(cfg))
         paths = write_table(labeled, out_dir, "labeled") + write_table(rates, out_dir, "label_rates")
         paths.append(plot_rates(rates, cfg.by, out_dir / "label_rates.png"))

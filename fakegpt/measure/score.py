@@ -259,7 +259,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     several = len(cfg.models) > 1
-    with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
+    with tracking.run(stage="score", run_name=None, tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
         data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None  # downloaded once for all models

@@ -30,6 +30,7 @@ from fakegpt.studies.pipeline import (
     sample_params,
     score_params,
 )
+from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         steps: dict[str, str] = {}
 
         def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
-            run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+            run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
             tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
             tracking.update_run(run_id, tags=tags)
             steps[name] = run_id
@@ -208,7 +209,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tracking.TAG_DATASET: Path(cfg.dataset).stem,
     }
     out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
-    with tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent:
+    with tracking.run(stage="mixture", run_name=None, tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         rows = run_series(cfg)
         samples = all_samples(rows, out / "all_samples.parquet")

@@ -3,7 +3,8 @@
 Each stage runs as an MLflow project entry point in a child run of this one, and hands its output to the
 next by artifact URI (the pattern of MLflow's multistep-workflow example): prepare logs the bins under
 `data/`, finetune logs the best model under `checkpoint/`, and the next steps read `runs:/<id>/...`.
-A step whose FINISHED run with the same parameters and code version exists is reused, not run again.
+A step whose FINISHED run has the same content key (parameters, the content of every input file, fakegpt's
+version and code state: fakegpt/studies/steps.py) is reused, not run again.
 
 With no parameters it is the embedded default: the bundled demo messages, a tiny scratch GPT-2 on the CPU,
 a small prompt grid. `-P init_from=gpt2-xl -P data=exports/*.csv` makes it the real study.
@@ -21,6 +22,7 @@ from typing import Any
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
+from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,13 @@ class PipelineConfig:
     max_new_tokens: int | None = field(default=None, metadata={"help": "empty = 280, demo 32"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     env_manager: str = field(default="local", metadata={"help": "environment manager for the child steps"})
-    reuse: bool = field(default=True, metadata={"help": "reuse finished steps with the same parameters"})
+    reuse: str = field(
+        default="true",
+        metadata={
+            "help": "true: reuse a finished step whose parameters, input files and code are the same | false: "
+            "never | force: also when the code state is unknown (no git checkout)"
+        },
+    )
     out_root: str = field(default="out", metadata={"help": "folder under which each step writes its outputs"})
 
 
@@ -138,7 +146,7 @@ def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     steps: dict[str, tuple[str, bool]] = {}
 
     def step(name: str, params: dict[str, Any]) -> str:
-        run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
         steps[name] = (run_id, reused)
         print(f"[{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
         return run_id
@@ -157,7 +165,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     if not (PROJECT_DIR / "MLproject").is_file():
         raise FakegptError(f"{PROJECT_DIR}: no MLproject file (run from a fakegpt checkout)")
     tags = {tracking.TAG_MODEL: cfg.init_from, tracking.TAG_DATASET: cfg.dataset or cfg.data or "demo"}
-    with tracking.run(stage="main", run_name=f"main-{Path(cfg.init_from).name}", tags=tags) as parent:
+    with tracking.run(stage="main", run_name=None, tags=tags) as parent:
         tracking.log_params(config.to_dict(cfg))
         steps = run_chain(cfg)
         tracking.log_dict({k: {"run_id": r, "reused": u} for k, (r, u) in steps.items()}, "steps.json")

@@ -218,7 +218,7 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     (r,) = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
     assert r.data.tags["fakegpt.stage"] == "prepare" and r.data.tags["fakegpt.dataset"] == "demo"
     assert r.data.metrics["data/train_tokens"] == meta["train_tokens"]
-    assert r.data.metrics["tokens_per_s"] > 0 and "data/dropped/duplicate" in r.data.metrics
+    assert r.data.metrics["prepare/tokens_per_s"] > 0 and "data/dropped/duplicate" in r.data.metrics
     assert r.data.params["split"] == "sequential"
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)]
     assert "meta.json" in arts
