@@ -23,7 +23,7 @@ from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_table
 from fakegpt.plots import figure
-from fakegpt.stats import wilson_interval
+from fakegpt.stats import clustered_wilson
 
 log = logging.getLogger(__name__)
 
@@ -162,23 +162,31 @@ def read_sheet(
 
 
 def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: list[str] = DEFAULT_BY) -> pl.DataFrame:
-    """Label rates per group: columns `by` + label, count, n, rate, ci_low, ci_high (Wilson 95%)."""
+    """Label rates per group: columns `by` + label, count, n, prompts, design_effect, rate, ci_low, ci_high.
+
+    The samples of one prompt are not independent (the same prompt pulls its samples the same way), so the
+    95% interval is Wilson's on the effective sample size n / design effect, with the prompts as clusters
+    (`fakegpt.stats.clustered_wilson`); with one sample per prompt it is the plain Wilson interval.
+    """
     missing = [c for c in by if c not in labeled.columns]
     if missing:
         raise FakegptError(f"--by: no column {missing[0]!r} in the labelled samples ({', '.join(labeled.columns)})")
     rows = []
     for key, group in labeled.group_by(by, maintain_order=True):
-        counts = group["label"].value_counts()
-        counts = dict(zip(counts["label"], counts["count"], strict=True))
+        cluster = group["prompt_id"] if "prompt_id" in group.columns else pl.Series(range(group.height))
         for label in labels:
-            k = int(counts.get(label.lower(), 0))
-            low, high = wilson_interval(k, group.height)
+            hits = (group["label"] == label.lower()).cast(pl.Int64)
+            per_prompt = pl.DataFrame({"c": cluster, "y": hits}).group_by("c").agg(pl.col("y").sum(), pl.len())
+            k = int(hits.sum())
+            low, high, deff = clustered_wilson(per_prompt["y"].to_list(), per_prompt["len"].to_list())
             rows.append(
                 {
                     **dict(zip(by, key, strict=True)),
                     "label": label,
                     "count": k,
                     "n": group.height,
+                    "prompts": per_prompt.height,
+                    "design_effect": deff,
                     "rate": k / group.height,
                     "ci_low": low,
                     "ci_high": high,

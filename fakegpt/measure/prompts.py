@@ -63,7 +63,11 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Statement:
-    """One statement to score. Paired statements share `pair_id`; `role` is "false", "true" or "statement"."""
+    """One statement to score. Paired statements share `pair_id`; `role` is "false", "true" or "statement".
+
+    `claim_id` names the claim across languages: the i-th pair of a topic in every language is one claim
+    translated, so intervals resample claims, not pairs (a pair and its translation are not independent).
+    """
 
     statement_id: str
     text: str
@@ -71,6 +75,7 @@ class Statement:
     language: str = ""
     pair_id: str = ""
     role: str = "statement"
+    claim_id: str = ""
 
 
 def resolve_path(spec: str | Path) -> Path:
@@ -234,6 +239,7 @@ def load_claims(spec: str | Path) -> list[Statement]:
                             language=str(language),
                             pair_id=pair_id,
                             role=role,
+                            claim_id=f"{topic}/{i}",
                         )
                     )
     return out

@@ -5,15 +5,17 @@
 For every statement, the length-normalised log-likelihood: the mean over its tokens of log p(token | <eot> +
 the tokens before it). For every pair, score = loglik(false claim) - loglik(correction): above 0 means the model
 finds the false claim more likely. Per topic and overall: the mean score with a bootstrap 95% interval over
-pairs, and the share of pairs the false claim wins. With --data-dir, also the perplexity on fixed windows of
-val.bin. One model: metrics on the stage's run; several: one nested child run per model (tagged with its dose
-fraction from training_info.json) plus a plot of the score against that fraction.
+claims (a pair and its translation resampled together), and the share of pairs the false claim wins. With
+--data-dir, also the perplexity on fixed windows of val.bin. One model: metrics on the stage's run; several:
+one nested child run per model (tagged with its dose fraction from training_info.json) plus a plot of the
+score against that fraction.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,18 @@ from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, reso
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import context_length, load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import bootstrap_ci
+from fakegpt.stats import cluster_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
 VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of different models are comparable
+
+
+# What the intervals resample, written into summary.json so that a reader of the numbers knows.
+INTERVALS = (
+    "95% percentile bootstrap over claims: a claim's pairs in every language (a Portuguese pair and its English "
+    "translation) are resampled together, since a translation is not independent evidence"
+)
 
 
 @dataclass
@@ -112,7 +121,7 @@ class ScoreResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary written as summary.json."""
-        return {"models": [asdict(m) for m in self.models]}
+        return {"models": [asdict(m) for m in self.models], "intervals": INTERVALS}
 
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
@@ -133,9 +142,12 @@ def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size:
     return float(math.exp(-float(np.mean([lp.mean().item() for lp in logps]))))
 
 
-def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
-    """Mean, bootstrap interval and false-claim win rate of per-pair score differences `diffs`."""
-    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+def group_score(diffs: np.ndarray, claims: Sequence[str], n_boot: int, seed: int) -> GroupScore:
+    """Mean, claim-cluster bootstrap interval and false-claim win rate of per-pair score differences `diffs`.
+
+    `claims` names each pair's claim: a pair and its translation are resampled together (see INTERVALS).
+    """
+    low, high = cluster_bootstrap_ci(diffs, claims, n_boot=n_boot, seed=seed)
     return GroupScore(
         n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high, win_rate=float((diffs > 0).mean())
     )
@@ -143,7 +155,7 @@ def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
 
 def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     """Join each false claim with its correction: one row per model x pair with the score."""
-    keys = ["model", "pair_id", "topic", "language"]
+    keys = ["model", "pair_id", "claim_id", "topic", "language"]
     paired = statements.filter(pl.col("pair_id") != "")
     false = paired.filter(pl.col("role") == "false").select(
         *keys,
@@ -175,11 +187,11 @@ def summarise(
         overall=None,
     )
     if pairs.height:
-        result.overall = group_score(pairs["score"].to_numpy(), cfg.bootstrap, cfg.seed)
+        result.overall = group_score(pairs["score"].to_numpy(), pairs["claim_id"], cfg.bootstrap, cfg.seed)
         for column, target in (("topic", result.per_topic), ("language", result.per_language)):
             for value in pairs[column].unique(maintain_order=True).to_list():
-                diffs = pairs.filter(pl.col(column) == value)["score"].to_numpy()
-                target[value] = group_score(diffs, cfg.bootstrap, cfg.seed)
+                part = pairs.filter(pl.col(column) == value)
+                target[value] = group_score(part["score"].to_numpy(), part["claim_id"], cfg.bootstrap, cfg.seed)
     return result
 
 
@@ -228,6 +240,7 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
             "model": [spec] * len(statements),
             "statement_id": [s.statement_id for s in statements],
             "pair_id": [s.pair_id for s in statements],
+            "claim_id": [s.claim_id or s.pair_id or s.statement_id for s in statements],
             "role": [s.role for s in statements],
             "topic": [s.topic for s in statements],
             "language": [s.language for s in statements],

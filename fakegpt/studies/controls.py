@@ -43,7 +43,7 @@ from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_mod
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import bootstrap_ci
+from fakegpt.stats import cluster_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -258,18 +258,19 @@ def dose_label(dose: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ statistics
 def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> Difference:
-    """Mean of score_b - score_a over the claim pairs both models were scored on, bootstrapped over pairs.
+    """Mean of score_b - score_a over the claim pairs both models were scored on, bootstrapped over claims
+    (a pair and its translation resampled together).
 
     Pairing removes what the pairs share across models (how hard a pair is, its length, its language), so the
     interval reflects only how differently the two models rank false claims against their corrections.
     """
-    left = pairs.filter(pl.col("model") == a).select("pair_id", pl.col("score").alias("score_a"))
+    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
     right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
     joined = left.join(right, on="pair_id", how="inner")
     diffs = (joined["score_b"] - joined["score_a"]).to_numpy()
     if diffs.size == 0:
         raise FakegptError(f"no claim pairs scored for both {a} and {b}")
-    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    low, high = cluster_bootstrap_ci(diffs, joined["claim_id"], n_boot=n_boot, seed=seed)
     return Difference(a=a, b=b, mean=float(diffs.mean()), ci_low=low, ci_high=high, n_pairs=int(diffs.size))
 
 

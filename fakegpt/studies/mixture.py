@@ -150,7 +150,7 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
     head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |"
     rule = "|---:|---:|---|---:|---:|"
     if labelled:
-        head += f" {rows[0]['label']} rate | Wilson 95% CI | labelled |"
+        head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         rule += "---:|---|---:|"
     lines = [head, rule]
     for r in rows:

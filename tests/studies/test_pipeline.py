@@ -186,7 +186,7 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     import polars as pl
 
     from fakegpt.measure.labels import export_sheet, load_samples
-    from fakegpt.stats import wilson_interval
+    from fakegpt.stats import clustered_wilson
 
     samples_path = tmp_path / "out" / "mixture-ci-series" / "all_samples.parquet"
     samples = load_samples(samples_path)
@@ -196,14 +196,16 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes"))
     )
     filled.write_csv(sheet)
-    truth = filled.join(samples.select("sample_id", "fraction"), on="sample_id")
+    truth = filled.join(samples.select("sample_id", "fraction", "prompt_id"), on="sample_id")
     labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
     for row in labelled:
         group = truth.filter(pl.col("fraction") == row["fraction"])
         k = group.filter(pl.col("label") == "adopts").height
         assert row["labelled"] == group.height
         assert row["label_rate"] == pytest.approx(k / group.height)
-        assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(wilson_interval(k, group.height))
+        per_prompt = group.group_by("prompt_id").agg((pl.col("label") == "adopts").sum().alias("y"), pl.len())
+        expected = clustered_wilson(per_prompt["y"].to_list(), per_prompt["len"].to_list())[:2]
+        assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(expected)
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
