@@ -16,6 +16,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,16 @@ def run(
     run_id: str | None = None,
     experiment: str | None = None,
     killed: Callable[[BaseException], bool] | None = None,
-    system_metrics: bool = False,
+    system_metrics: bool | None = None,
 ) -> Iterator[Any]:
     """Start (or join) an MLflow run for a stage and yield the active run.
 
     Joins, in order: an explicit `run_id` (resume), MLFLOW_RUN_ID set by `mlflow run`, else starts a new run
     in MLFLOW_EXPERIMENT_NAME / `experiment` / "fakegpt", nested under the active run when `nested`.
     The run ends KILLED on Ctrl-C or when `killed(exc)` is true (a deliberate stop), FAILED on other errors.
-    `system_metrics` logs CPU/GPU/memory use alongside when MLflow's dependencies for it (psutil) are present.
+    `system_metrics` logs CPU/GPU/memory use alongside (MLflow's system metrics, `fakegpt[metrics]`: psutil, and
+    nvidia-ml-py for GPUs); by default on for a stage's own run, off for nested children (trials, per-model runs),
+    whose parent already samples the same machine.
     """
     setup()
     mlflow = _mlflow()
@@ -160,7 +163,9 @@ def run(
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
                 mlflow.set_experiment(name)
-        extra = {"log_system_metrics": True} if system_metrics and _has_psutil() else {}
+        child = nested and mlflow.active_run() is not None
+        sample_system = (not child) if system_metrics is None else system_metrics
+        extra = {"log_system_metrics": True} if sample_system and _has_psutil() else {}
         # mlflow.start_run itself joins MLFLOW_RUN_ID when given no run_id: hide it while a child starts.
         hidden = os.environ.pop("MLFLOW_RUN_ID", None) if not joined else None
         try:
@@ -217,6 +222,24 @@ def mark_experiment(experiment_id: str) -> None:
         client = _mlflow().MlflowClient()
         if TAG_EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
             client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+
+
+def log_dataset_input(name: str, source: str, fingerprint: Mapping[str, str], context: str) -> None:
+    """Record a prepared dataset as an input of the active run (MLflow's Dataset lineage and the runs table's
+    Dataset column): its name, where it lies, and the bins' sha256 and token counts as digest and tags."""
+    mlflow = _mlflow()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tags = {k: str(v) for k, v in fingerprint.items() if k != "digest"}
+    try:  # a folder, or the runs:/ URI it was downloaded from: MLflow picks the matching source type
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local-file source types
+            warnings.simplefilter("ignore", UserWarning)
+            source_obj = resolve_dataset_source(source)
+        dataset = MetaDataset(source_obj, name=name, digest=fingerprint["digest"])
+        mlflow.log_input(dataset, context=context, tags=tags)
+    except Exception as exc:  # lineage is a convenience: never fail a finished prepare or a training run for it
+        log.warning("could not record dataset %s as an MLflow input (%s)", name, exc)
 
 
 def _has_psutil() -> bool:

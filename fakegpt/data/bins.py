@@ -7,6 +7,7 @@ run on the same data folder sees the same tokens and loss curves of different ru
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,21 @@ def eval_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
     """The fixed window starts used for every evaluation of a split (same for every run on the data)."""
     rng = np.random.default_rng(EVAL_SEED)
     return rng.integers(0, n_tokens - block_size, size=n_windows)
+
+
+def fingerprint(data_dir: str | Path) -> dict[str, str]:
+    """sha256 and token count of each bin: what identifies a prepared dataset in MLflow's lineage.
+
+    Two folders with the same fingerprint hold the same tokens, whatever their names or where they were made.
+    """
+    out: dict[str, str] = {}
+    for split in SPLITS:
+        path = Path(data_dir) / f"{split}.bin"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        out[f"{split}_sha256"] = digest.hexdigest()
+        out[f"{split}_tokens"] = str(path.stat().st_size // 2)
+    out["digest"] = hashlib.sha256((out["train_sha256"] + out["val_sha256"]).encode()).hexdigest()[:16]
+    return out

@@ -34,9 +34,9 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
+from fakegpt.data import bins, spelling, tokenizer
 from fakegpt.data import demo as demo_data
 from fakegpt.data import sources as mixture
-from fakegpt.data import spelling, tokenizer
 from fakegpt.data import word_encoder as pieces
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import FORMATS, ReadStats, check_header, read_batches
@@ -408,6 +408,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         if meta.mixture:
             tracking.set_tags({tracking.TAG_MIX: meta.mixture_tag(digits=3)})
         tracking.log_artifact(out / META_FILE)
+        tracking.log_dataset_input(meta.dataset, str(out.resolve()), bins.fingerprint(out), context="prepared")
         if cfg.log_data:  # later steps of a pipeline read the bins from the run, wherever it ran
             for name in OUTPUT_FILES:
                 tracking.log_artifact(out / name, artifact_path="data")

@@ -24,7 +24,9 @@ import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
+from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
+from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_table
@@ -276,6 +278,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
         data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None  # downloaded once for all models
+        if data_dir is not None:
+            name = DatasetMeta.load(data_dir).dataset if (Path(data_dir) / META_FILE).is_file() else data_dir.name
+            tracking.log_dataset_input(name, cfg.data_dir, bins.fingerprint(data_dir), context="evaluation")
         tables, pair_tables, scores = [], [], []
         for spec in cfg.models:
             ref = resolve_model(spec)

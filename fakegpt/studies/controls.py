@@ -140,7 +140,10 @@ class ValidateConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (large models)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto", metadata={"help": "training dtype: auto | float32 | bfloat16 | float16"})
+    score_dtype: str = field(
+        default="float32", metadata={"help": "scoring dtype, as `fakegpt score --dtype` (float32 by default)"}
+    )
     seed: int = field(default=1337, metadata={"help": "seed of the base model, the mixture draws and every dose"})
     control_seed: int = field(
         default=1338, metadata={"help": "seed of the second dose-0 fine-tune (the negative control)"}
@@ -421,14 +424,14 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
         models=[m.checkpoint for m in models],
         claims=str(claims),
         device=cfg.device,
-        dtype=cfg.dtype,
+        dtype=cfg.score_dtype,
         batch_size=cfg.score_batch_size,
         bootstrap=cfg.bootstrap,
         dose_source=PLANTED,
     )
     statements = statements_of(cfg, claims)
     device = resolve_device(cfg.device)
-    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
+    dtype = torch_dtype(resolve_dtype(cfg.score_dtype, device))
     tables = []
     for m in models:
         model = load_for_inference(resolve_model(m.checkpoint), device, dtype)
