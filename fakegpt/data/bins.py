@@ -44,18 +44,21 @@ def eval_starts(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
 
 
 def fingerprint(data_dir: str | Path) -> dict[str, str]:
-    """sha256 and token count of each bin: what identifies a prepared dataset in MLflow's lineage.
+    """sha256 and token count of each bin present: what identifies a prepared dataset in MLflow's lineage.
 
     Two folders with the same fingerprint hold the same tokens, whatever their names or where they were made.
     """
     out: dict[str, str] = {}
     for split in SPLITS:
         path = Path(data_dir) / f"{split}.bin"
+        if not path.is_file():  # score reads val.bin alone
+            continue
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)
         out[f"{split}_sha256"] = digest.hexdigest()
         out[f"{split}_tokens"] = str(path.stat().st_size // 2)
-    out["digest"] = hashlib.sha256((out["train_sha256"] + out["val_sha256"]).encode()).hexdigest()[:16]
+    joined = "".join(out.get(f"{split}_sha256", "") for split in SPLITS)
+    out["digest"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
     return out

@@ -66,6 +66,7 @@ def test_paired_difference_is_per_pair_and_bootstrapped():
         {
             "model": ["a"] * 40 + ["b"] * 40 + ["c"] * 40,
             "pair_id": ids * 3,
+            "claim_id": ids * 3,  # one language: each pair is its own claim
             "score": np.concatenate([base, base + 0.5, base + rng.normal(scale=0.01, size=40)]),
         }
     )
