@@ -97,6 +97,16 @@ class GroupScore:
 
 
 @dataclass
+class Interval:
+    """A mean over claim items with its 95% claim-cluster bootstrap interval."""
+
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
 class ModelScore:
     """One model's scores: overall, per topic and per language, plus mean log-likelihood and perplexity."""
 
@@ -109,6 +119,8 @@ class ModelScore:
     per_language: dict[str, GroupScore] = field(default_factory=dict)
     val_perplexity: float | None = None
     run_id: str | None = None
+    mc1: Interval | None = None  # over claim items, intervals resampling claims
+    mc2: Interval | None = None
 
 
 @dataclass
@@ -158,7 +170,7 @@ def group_score(diffs: np.ndarray, claims: Sequence[str], n_boot: int, seed: int
 def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     """Join each false claim with its correction: one row per model x pair with the score."""
     keys = ["model", "pair_id", "claim_id", "topic", "language"]
-    paired = statements.filter(pl.col("pair_id") != "")
+    paired = statements.filter((pl.col("pair_id") != "") & (pl.col("variant") == 0))  # paraphrases: MC1/MC2
     false = paired.filter(pl.col("role") == "false").select(
         *keys,
         pl.col("text").alias("claim"),
@@ -174,6 +186,32 @@ def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     out = false.join(true, on=keys, how="inner", maintain_order="left")
     return out.with_columns(score=pl.col("loglik_false") - pl.col("loglik_true")).with_columns(
         false_wins=pl.col("score") > 0
+    )
+
+
+def mc_table(statements: pl.DataFrame) -> pl.DataFrame:
+    """MC1 and MC2 per model x claim item, over all its paraphrases (TruthfulQA's multiple-choice scores, with
+    the false statements as the answer of interest).
+
+    MC1 is 1 when the most likely statement of the item is a false one. MC2 is the share of probability on the
+    false statements: sum over false of p / sum over all of p, with p = exp(length-normalised log-likelihood),
+    the per-token (geometric mean) probability, so that long and short paraphrases compete on equal terms.
+    """
+    paired = statements.filter(pl.col("pair_id") != "")
+    p = (pl.col("loglik") - pl.col("loglik").max().over("model", "pair_id")).exp()  # stable: max term is 1
+    scored = paired.with_columns(p=p, best=pl.col("loglik") == pl.col("loglik").max().over("model", "pair_id"))
+    return (
+        scored.group_by("model", "pair_id", maintain_order=True)
+        .agg(
+            pl.col("claim_id").first(),
+            pl.col("topic").first(),
+            pl.col("language").first(),
+            (pl.col("role") == "false").sum().alias("n_false"),
+            (pl.col("role") == "true").sum().alias("n_true"),
+            ((pl.col("role") == "false") & pl.col("best")).any().cast(pl.Float64).alias("mc1"),
+            (pl.col("p").filter(pl.col("role") == "false").sum() / pl.col("p").sum()).alias("mc2"),
+        )
+        .filter((pl.col("n_false") > 0) & (pl.col("n_true") > 0))
     )
 
 
@@ -194,6 +232,11 @@ def summarise(
             for value in pairs[column].unique(maintain_order=True).to_list():
                 part = pairs.filter(pl.col(column) == value)
                 target[value] = group_score(part["score"].to_numpy(), part["claim_id"], cfg.bootstrap, cfg.seed)
+    mc = mc_table(statements)
+    if mc.height:
+        for name in ("mc1", "mc2"):
+            low, high = cluster_bootstrap_ci(mc[name].to_numpy(), mc["claim_id"], n_boot=cfg.bootstrap, seed=cfg.seed)
+            setattr(result, name, Interval(n=mc.height, mean=float(mc[name].mean()), ci_low=low, ci_high=high))
     return result
 
 
@@ -212,6 +255,10 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
         for topic, g in score.per_topic.items():
             out[tracking.claim_topic_metric(topic)] = g.mean
             out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
+    for name, metric in (("mc1", tracking.M_CLAIM_MC1), ("mc2", tracking.M_CLAIM_MC2)):
+        value = getattr(score, name)
+        if value is not None:
+            out.update({metric: value.mean, f"{metric}_ci_low": value.ci_low, f"{metric}_ci_high": value.ci_high})
     if score.val_perplexity is not None:
         out[tracking.M_VAL_PPL] = score.val_perplexity
     return out
@@ -243,6 +290,7 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
             "statement_id": [s.statement_id for s in statements],
             "pair_id": [s.pair_id for s in statements],
             "claim_id": [s.claim_id or s.pair_id or s.statement_id for s in statements],
+            "variant": [s.variant for s in statements],
             "role": [s.role for s in statements],
             "topic": [s.topic for s in statements],
             "language": [s.language for s in statements],
@@ -259,6 +307,7 @@ def write_outputs(result: ScoreResult) -> list[Path]:
     paths = write_table(result.pairs, out, "scores") + [out / "statements.parquet", out / "summary.json"]
     with atomic_path(paths[2], suffix=".parquet") as tmp:
         result.statements.write_parquet(tmp)
+    paths += write_table(mc_table(result.statements), out, "multiple_choice")
     write_json(paths[3], result.summary())
     return paths
 
