@@ -63,6 +63,8 @@ M_CLAIM_WIN = "claim/false_win_rate"
 M_CLAIM_MC1 = "claim/mc1"  # share of claims whose most likely statement is a false one (TruthfulQA's MC1, inverted)
 M_CLAIM_MC2 = "claim/mc2"  # mean normalised probability mass on a claim's false statements (MC2 on the false set)
 M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
+TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: human | judge:<model folder>
+M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
 # prepare (data) metrics
