@@ -67,6 +67,7 @@ TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: h
 M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
+M_GENERAL_PPL = "general/perplexity"  # on the fixed general-Portuguese held-out set: the same for every model
 # prepare (data) metrics
 M_DATA_TRAIN_TOKENS = "data/train_tokens"
 M_DATA_VAL_TOKENS = "data/val_tokens"

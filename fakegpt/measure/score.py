@@ -77,6 +77,13 @@ class ScoreConfig:
         metadata={"help": "prepared data folder (or runs:/<prepare run>/data) for validation perplexity; empty = skip"},
     )
     val_windows: int = field(default=32, metadata={"help": f"validation windows of {VAL_BLOCK} tokens"})
+    general_data: str = field(
+        default="",
+        metadata={
+            "help": "a prepared general-language folder (or runs:/<prepare run>/data), the same for every model "
+            "compared: perplexity on its val.bin measures general ability beside the claim scores; empty = skip"
+        },
+    )
     dose_source: str = field(
         default="antivax",
         metadata={"help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"},
@@ -118,6 +125,7 @@ class ModelScore:
     per_topic: dict[str, GroupScore] = field(default_factory=dict)
     per_language: dict[str, GroupScore] = field(default_factory=dict)
     val_perplexity: float | None = None
+    general_perplexity: float | None = None
     run_id: str | None = None
     mc1: Interval | None = None  # over claim items, intervals resampling claims
     mc2: Interval | None = None
@@ -261,6 +269,8 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
             out.update({metric: value.mean, f"{metric}_ci_low": value.ci_low, f"{metric}_ci_high": value.ci_high})
     if score.val_perplexity is not None:
         out[tracking.M_VAL_PPL] = score.val_perplexity
+    if score.general_perplexity is not None:
+        out[tracking.M_GENERAL_PPL] = score.general_perplexity
     return out
 
 
@@ -312,6 +322,16 @@ def write_outputs(result: ScoreResult) -> list[Path]:
     return paths
 
 
+def _evaluation_data(spec: str, context: str) -> Path | None:
+    """A data folder to measure perplexity on (downloaded if an artifact URI), recorded as a dataset input."""
+    if not spec:
+        return None
+    folder = tracking.local_path(spec)
+    name = DatasetMeta.load(folder).dataset if (folder / META_FILE).is_file() else folder.name
+    tracking.log_dataset_input(name, spec, bins.fingerprint(folder), context=context)
+    return folder
+
+
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
@@ -326,10 +346,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     with tracking.run(stage="score", run_name=None, tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
-        data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None  # downloaded once for all models
-        if data_dir is not None:
-            name = DatasetMeta.load(data_dir).dataset if (Path(data_dir) / META_FILE).is_file() else data_dir.name
-            tracking.log_dataset_input(name, cfg.data_dir, bins.fingerprint(data_dir), context="evaluation")
+        data_dir = _evaluation_data(cfg.data_dir, "evaluation")  # downloaded once for all models
+        general_dir = _evaluation_data(cfg.general_data, "general")
         tables, pair_tables, scores = [], [], []
         for spec in cfg.models:
             ref = resolve_model(spec)
@@ -340,6 +358,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             summary = summarise(spec, fraction, table, pairs, cfg)
             if data_dir is not None:
                 summary.val_perplexity = val_perplexity(model, data_dir, cfg.val_windows, cfg.batch_size)
+            if general_dir is not None:
+                summary.general_perplexity = val_perplexity(model, general_dir, cfg.val_windows, cfg.batch_size)
             del model
             tags = {tracking.TAG_MODEL: spec}
             if fraction is not None:

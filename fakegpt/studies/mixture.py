@@ -25,6 +25,7 @@ from fakegpt.studies.pipeline import (
     PROJECT_DIR,
     PipelineConfig,
     finetune_params,
+    general_data_uri,
     prepare_params,
     print_where,
     sample_params,
@@ -81,9 +82,18 @@ def validate(cfg: SeriesConfig) -> None:
         raise FakegptError(f"--dataset: {cfg.dataset}: no such file")
 
 
+def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
+    """Prepare the general held-out set once for the whole series (every dose is measured on these bins)."""
+    run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name})
+    print(f"[general] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    return run_id
+
+
 def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """One prepare -> finetune -> sample -> score chain per fraction; returns one row per fraction."""
     rows = []
+    general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     for fraction in cfg.fractions:
         steps: dict[str, str] = {}
 
@@ -100,7 +110,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tuned = step("finetune", finetune_params(cfg, data_uri))
         model = f"runs:/{tuned}/checkpoint"
         step("sample", sample_params(cfg, model))
-        scored = step("score", score_params(cfg, model, data_uri))
+        scored = step("score", score_params(cfg, model, data_uri, general))
         metrics = tracking.get_run(scored).data.metrics
         rows.append(
             {
@@ -110,6 +120,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
                 "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
                 "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
                 "val_perplexity": metrics.get(tracking.M_VAL_PPL),
+                "general_perplexity": metrics.get(tracking.M_GENERAL_PPL),
                 **{f"{k}_run": v for k, v in steps.items()},
             }
         )
@@ -147,8 +158,9 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     labelled = any(r.get("labelled") for r in rows)
-    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |"
-    rule = "|---:|---:|---|---:|---:|"
+    # val perplexity is on each dose's own validation split; general perplexity on one held-out set for all
+    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity | general perplexity |"
+    rule = "|---:|---:|---|---:|---:|---:|"
     if labelled:
         head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         rule += "---:|---|---:|"
@@ -156,7 +168,7 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         line = (
             f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
-            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |"
+            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
         )
         if labelled:
             interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,8 @@ topics:
       - {claim: "A vacina implanta um chip.", correction: "Nenhuma vacina implanta chip."}
       - {claim: "O ímã gruda no braço vacinado.", correction: "O ímã não gruda no braço vacinado."}
 """
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_likelihood_matches_a_hand_computed_value(tmp_path):
@@ -274,3 +277,33 @@ def test_tiny_model_mc_scores_on_a_paraphrased_claim_file(tmp_path, tiny_model_d
     model = summary["models"][0]
     assert model["mc1"]["n"] == 2 and model["mc2"]["ci_low"] <= model["mc2"]["mean"] <= model["mc2"]["ci_high"]
     assert "claims" in summary["intervals"]
+
+
+def test_general_ability_perplexity_on_the_shared_news_corpus(tmp_path, tiny_model_dir, monkeypatch):
+    """General ability: a held-out set of true news (Fake.br channel 6), prepared from its dataset YAML and
+    scored as perplexity beside the claims, recorded with its bins' sha256 as the run's `general` input."""
+    import mlflow
+
+    from fakegpt.data import bins
+    from fakegpt.measure.score import val_perplexity
+
+    monkeypatch.chdir(ROOT)
+    general = tmp_path / "general"
+    assert cli.main(["prepare", "--config", "experiments/datasets/general_pt.yaml", "--out", str(general)]) == 0
+    assert (
+        cli.main(
+            ["score", "--models", str(tiny_model_dir), "--general-data", str(general), "--out-dir", str(tmp_path / "s")]
+        )
+        == 0
+    )
+    run = [
+        r
+        for r in mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
+        if r.data.tags["fakegpt.stage"] == "score"
+    ][0]
+    model = load_model(str(tiny_model_dir))
+    model.eval()
+    expected = val_perplexity(model, general, 32, 16)
+    assert run.data.metrics["general/perplexity"] == pytest.approx(expected, rel=1e-4)
+    (given,) = [d for d in run.inputs.dataset_inputs if {t.value for t in d.tags} >= {"general"}]
+    assert given.dataset.name == "general_pt" and given.dataset.digest == bins.fingerprint(general)["digest"]

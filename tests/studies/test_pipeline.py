@@ -155,6 +155,7 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         max_new_tokens=4,
         out_root=str(tmp_path / "out"),
         series_name="ci-series",
+        general_data="experiments/datasets/demo_general.yaml",
     )
     rows = mixture(cfg)
     assert [r["fraction"] for r in rows] == [0.0, 0.5]
@@ -173,8 +174,21 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         "dose_response.png",
     }
 
+    # Every dose is measured on the same general held-out set: one prepare for the series, the same bins
+    # (sha256 digest) as an input of every score run, and its perplexity in the dose-response table.
+    scores = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score"]
+    assert len(scores) == 2 and all(r["general_perplexity"] > 1 for r in rows)
+    general = [
+        {(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs if "general" in {t.value for t in d.tags}}
+        for r in scores
+    ]
+    assert general[0] == general[1] and len(general[0]) == 1
     # Each fraction's prepare run realised the mixture it was asked for, and carries the dose tag.
-    preps = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"]
+    preps = [
+        r
+        for r in runs
+        if r.data.tags.get(tracking.TAG_FRACTION) and r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"
+    ]
     assert sorted(r.data.tags[tracking.TAG_FRACTION] for r in preps) == ["0", "0.5"]
     for run in preps:
         wanted = float(run.data.tags[tracking.TAG_FRACTION])
