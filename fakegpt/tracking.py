@@ -229,19 +229,31 @@ def mark_experiment(experiment_id: str) -> None:
             client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
 
+def _dataset_source(source: str) -> Any:
+    """An MLflow DatasetSource for a folder or artifact URI (`runs:/<id>/data` -> the artifact store's own URI)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if source.startswith("runs:/"):
+        source = RunsArtifactRepository.get_underlying_uri(source)
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local-file source types
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(source)
+    except Exception:  # an artifact store MLflow has no dataset source type for (mlflow-artifacts:/ on a server)
+        return HTTPDatasetSource(url=source)
+
+
 def log_dataset_input(name: str, source: str, fingerprint: Mapping[str, str], context: str) -> None:
     """Record a prepared dataset as an input of the active run (MLflow's Dataset lineage and the runs table's
     Dataset column): its name, where it lies, and the bins' sha256 and token counts as digest and tags."""
     mlflow = _mlflow()
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     tags = {k: str(v) for k, v in fingerprint.items() if k != "digest"}
-    try:  # a folder, or the runs:/ URI it was downloaded from: MLflow picks the matching source type
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local-file source types
-            warnings.simplefilter("ignore", UserWarning)
-            source_obj = resolve_dataset_source(source)
-        dataset = MetaDataset(source_obj, name=name, digest=fingerprint["digest"])
+    try:
+        dataset = MetaDataset(_dataset_source(source), name=name, digest=fingerprint["digest"])
         mlflow.log_input(dataset, context=context, tags=tags)
     except Exception as exc:  # lineage is a convenience: never fail a finished prepare or a training run for it
         log.warning("could not record dataset %s as an MLflow input (%s)", name, exc)
