@@ -29,8 +29,6 @@ T = TypeVar("T")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 _NONE = {"none", "null", ""}
-# Set by the MLproject entry-point commands (see `parse`).
-MLPROJECT_ENV = "FAKEGPT_MLPROJECT"
 
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -107,6 +105,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def normalise_flags(argv: list[str] | None) -> list[str] | None:
+    """`--learning_rate` -> `--learning-rate`: `mlflow run -P learning_rate=...` passes field names as flags."""
+    if argv is None:
+        return None
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def flag_name(name: str) -> str:
     """The command-line flag of config field `name` (`max_iters` -> `--max-iters`)."""
     return "--" + name.replace("_", "-")
@@ -170,6 +181,14 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=help_text,
                 metavar=f.name.upper().rstrip("S") if is_list else f.name.upper(),
             )
+            # The same as a flag, for `mlflow run -P inputs=...` (MLflow passes parameters as --name value).
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                nargs="+" if is_list else None,
+                default=argparse.SUPPRESS,
+                help=f"the same as the positional {f.name.upper()}",
+            )
             continue
         metavar = "true|false" if tp is bool else None
         # A bare boolean flag (`--force`) means true; `--force false` still works.
@@ -188,8 +207,29 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     """An argparse parser with `--config FILE.yaml` and one flag per field of dataclass `cls`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE.yaml", help="load these fields from a YAML file; flags override it")
+    add_experiment_flag(parser)
     add_fields(parser, cls)
     return parser
+
+
+def add_experiment_flag(parser: argparse.ArgumentParser) -> None:
+    """`--experiment NAME`: the MLflow experiment of the runs this stage starts (MLFLOW_EXPERIMENT_NAME)."""
+    parser.add_argument(
+        "--experiment",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="MLflow experiment for new runs (default: $MLFLOW_EXPERIMENT_NAME, else fakegpt)",
+    )
+
+
+def apply_experiment_flag(ns: dict[str, Any]) -> None:
+    """Pop `--experiment` from parsed flags and make it the experiment of every run this process starts."""
+    name = ns.pop("experiment", None)
+    if name is not None:
+        if not str(name).strip():
+            raise FakegptError("--experiment: must not be empty")
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = str(name).strip()
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 class ErrorRaisingParser(argparse.ArgumentParser):
@@ -203,16 +243,12 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = ""
     """Parse `argv` into `cls`: defaults < `--config` YAML < flags."""
     parser = build_parser(cls, prog, description)
     parser.__class__ = ErrorRaisingParser
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(normalise_flags(argv)))
+    apply_experiment_flag(ns)
     config_path = ns.pop("config", None)
     merged: dict[str, Any] = load_yaml(config_path) if config_path else {}
     source = str(config_path) if config_path else "config"
     from_file = from_dict(cls, merged, source)  # validates the file on its own, naming it in errors
     hints = _hints(cls)
     overrides = {k: coerce(v, hints[k], flag_name(k)) for k, v in ns.items()}
-    if os.environ.get(MLPROJECT_ENV) == "1":
-        # `mlflow run` passes every MLproject parameter, so a parameter left at its default must not
-        # override the same key from -P config=FILE.yaml.
-        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        overrides = {k: v for k, v in overrides.items() if not (k in merged and v == defaults[k])}
     return dataclasses.replace(from_file, **overrides)  # type: ignore[type-var]

@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fakegpt"
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, latency) unless the experiment says it holds
+# model training; "finetuning" opens it on the runs table, where fakegpt's runs are compared.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"
+TAG_RUN_NAME = "mlflow.runName"
 
 # --- names defined once, so the compare view lines up runs of different stages and models -------------------
 TAG_STAGE = "fakegpt.stage"  # prepare | finetune | sample | score | tune | trial | main | mixture | ...
@@ -42,7 +49,9 @@ TAG_ERROR = "fakegpt.error"  # one-line error of a failed run
 M_TRAIN_LOSS = "train/loss"
 M_VAL_LOSS = "val/loss"
 M_LR = "lr"
-M_TOKENS_PER_S = "tokens_per_s"
+M_TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # training steps only (evaluation and checkpoint time excluded)
+M_TRAIN_TOKENS_PER_S_TOTAL = "train/tokens_per_s_total"  # end to end: evaluation and checkpoint writes included
+M_PREPARE_TOKENS_PER_S = "prepare/tokens_per_s"  # prepare's tokenizer throughput over the whole run
 M_TOKENS_SEEN = "tokens_seen"
 M_MFU = "mfu"
 M_GPU_MEM = "gpu/peak_mem_gb"
@@ -51,9 +60,14 @@ M_CLAIM_SCORE = "claim/score"  # mean log p(false) - log p(true); per topic: cla
 M_CLAIM_SCORE_LOW = "claim/score_ci_low"  # bootstrap 95% interval of M_CLAIM_SCORE
 M_CLAIM_SCORE_HIGH = "claim/score_ci_high"
 M_CLAIM_WIN = "claim/false_win_rate"
+M_CLAIM_MC1 = "claim/mc1"  # share of claims whose most likely statement is a false one (TruthfulQA's MC1, inverted)
+M_CLAIM_MC2 = "claim/mc2"  # mean normalised probability mass on a claim's false statements (MC2 on the false set)
 M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
+TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: human | judge:<model folder>
+M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
+M_GENERAL_PPL = "general/perplexity"  # on the fixed general-Portuguese held-out set: the same for every model
 # prepare (data) metrics
 M_DATA_TRAIN_TOKENS = "data/train_tokens"
 M_DATA_VAL_TOKENS = "data/val_tokens"
@@ -133,14 +147,16 @@ def run(
     run_id: str | None = None,
     experiment: str | None = None,
     killed: Callable[[BaseException], bool] | None = None,
-    system_metrics: bool = False,
+    system_metrics: bool | None = None,
 ) -> Iterator[Any]:
     """Start (or join) an MLflow run for a stage and yield the active run.
 
     Joins, in order: an explicit `run_id` (resume), MLFLOW_RUN_ID set by `mlflow run`, else starts a new run
     in MLFLOW_EXPERIMENT_NAME / `experiment` / "fakegpt", nested under the active run when `nested`.
     The run ends KILLED on Ctrl-C or when `killed(exc)` is true (a deliberate stop), FAILED on other errors.
-    `system_metrics` logs CPU/GPU/memory use alongside when MLflow's dependencies for it (psutil) are present.
+    `system_metrics` logs CPU/GPU/memory use alongside (MLflow's system metrics, `fakegpt[metrics]`: psutil, and
+    nvidia-ml-py for GPUs); by default on for a stage's own run, off for nested children (trials, per-model runs),
+    whose parent already samples the same machine.
     """
     setup()
     mlflow = _mlflow()
@@ -152,11 +168,14 @@ def run(
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
                 mlflow.set_experiment(name)
-        extra = {"log_system_metrics": True} if system_metrics and _has_psutil() else {}
+        child = nested and mlflow.active_run() is not None
+        sample_system = (not child) if system_metrics is None else system_metrics
+        extra = {"log_system_metrics": True} if sample_system and _has_psutil() else {}
         # mlflow.start_run itself joins MLFLOW_RUN_ID when given no run_id: hide it while a child starts.
         hidden = os.environ.pop("MLFLOW_RUN_ID", None) if not joined else None
         try:
-            active = mlflow.start_run(run_id=joined, run_name=None if joined else run_name, nested=nested, **extra)
+            name = None if joined else run_name or default_run_name(stage, tags or {})
+            active = mlflow.start_run(run_id=joined, run_name=name, nested=nested, **extra)
         finally:
             if hidden is not None:
                 os.environ["MLFLOW_RUN_ID"] = hidden
@@ -168,7 +187,10 @@ def run(
     try:
         all_tags = {TAG_STAGE: stage, TAG_VERSION: __version__}
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        if joined and not run_id:  # `mlflow run` named it at random ("funny-yak-295"): name it by what it is
+            all_tags[TAG_RUN_NAME] = run_name or default_run_name(stage, all_tags)
         mlflow.set_tags(all_tags)
+        mark_experiment(active.info.experiment_id)
         yield active
     except KeyboardInterrupt:
         status = "KILLED"
@@ -179,6 +201,62 @@ def run(
     finally:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+
+def default_run_name(stage: str, tags: Mapping[str, Any]) -> str:
+    """ "finetune gpt2-medium antivax_mix general=0.80,antivax=0.20": stage, model, data, dose, from the run's tags."""
+    parts = [stage]
+    model = str(tags.get(TAG_MODEL) or "")
+    if model:
+        short = []
+        for spec in model.split(","):
+            match = re.match(r"(?:runs|models):/+([^/]+)", spec)
+            short.append(f"run {match.group(1)[:8]}" if match else Path(spec.rstrip("/")).name or spec)
+        parts.append(",".join(short))
+    for key in (TAG_DATASET, TAG_MIX):
+        if tags.get(key):
+            parts.append(str(tags[key]))
+    if tags.get(TAG_FRACTION) not in (None, "") and not tags.get(TAG_MIX):
+        parts.append(f"dose {tags[TAG_FRACTION]}")
+    return " ".join(parts)[:250]
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (once), so MLflow's UI opens it on the runs table."""
+    with contextlib.suppress(Exception):  # a read-only or older store: the runs are fine without the tag
+        client = _mlflow().MlflowClient()
+        if TAG_EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+
+
+def _dataset_source(source: str) -> Any:
+    """An MLflow DatasetSource for a folder or artifact URI (`runs:/<id>/data` -> the artifact store's own URI)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if source.startswith("runs:/"):
+        source = RunsArtifactRepository.get_underlying_uri(source)
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local-file source types
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(source)
+    except Exception:  # an artifact store MLflow has no dataset source type for (mlflow-artifacts:/ on a server)
+        return HTTPDatasetSource(url=source)
+
+
+def log_dataset_input(name: str, source: str, fingerprint: Mapping[str, str], context: str) -> None:
+    """Record a prepared dataset as an input of the active run (MLflow's Dataset lineage and the runs table's
+    Dataset column): its name, where it lies, and the bins' sha256 and token counts as digest and tags."""
+    mlflow = _mlflow()
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tags = {k: str(v) for k, v in fingerprint.items() if k != "digest"}
+    try:
+        dataset = MetaDataset(_dataset_source(source), name=name, digest=fingerprint["digest"])
+        mlflow.log_input(dataset, context=context, tags=tags)
+    except Exception as exc:  # lineage is a convenience: never fail a finished prepare or a training run for it
+        log.warning("could not record dataset %s as an MLflow input (%s)", name, exc)
 
 
 def _has_psutil() -> bool:
@@ -251,72 +329,46 @@ def active_run_id() -> str | None:
 TAG_ENTRY_POINT = "mlflow.project.entryPoint"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_STEP_KEY = "fakegpt.step_key"  # content key of a chained step (fakegpt.studies.steps): what reuse matches
+TAG_CODE_STATE = "fakegpt.code_state"  # git commit + hash of uncommitted changes the step ran with
 
 
-def git_commit(project_dir: str | Path) -> str | None:
-    """The project's git commit (what MLflow records as the code version), or None outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def find_finished_step(entry_point: str, parameters: Mapping[str, str], commit: str | None) -> str | None:
-    """Run id of a FINISHED run of `entry_point` with exactly these parameter values and code version."""
+def find_finished_run(tags: Mapping[str, str]) -> str | None:
+    """Id of the newest FINISHED run in the active run's experiment carrying all these tags, or None."""
     mlflow = _mlflow()
-    client = mlflow.MlflowClient()
     active = mlflow.active_run()
-    experiment_id = active.info.experiment_id if active else None
-    if experiment_id is None:
+    if active is None:
         return None
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and attributes.status = 'FINISHED'",
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+    runs = mlflow.MlflowClient().search_runs(
+        [active.info.experiment_id],
+        filter_string=" and ".join(clauses),
         order_by=["attributes.start_time DESC"],
-        max_results=200,
+        max_results=1,
     )
-    for found in runs:
-        if commit is not None and found.data.tags.get(TAG_GIT_COMMIT) != commit:
-            continue
-        if all(found.data.params.get(k) == str(v) for k, v in parameters.items()):
-            return found.info.run_id
-    return None
+    return runs[0].info.run_id if runs else None
 
 
-def run_step(
-    project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str, reuse: bool = True
-) -> tuple[str, bool]:
-    """Run an MLproject entry point as a child of the active run; reuse a finished identical run.
+def run_entry_point(project_dir: str | Path, entry_point: str, params: Mapping[str, str], env_manager: str) -> str:
+    """Run an MLproject entry point synchronously as a child of the active run; returns its run id.
 
-    Returns (run_id, reused). `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit
-    the `--env-manager local` of the command that started the parent.
+    `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit the `--env-manager local` of the
+    command that started the parent.
     """
     mlflow = _mlflow()
-    params = {k: ("" if v is None else str(v)) for k, v in parameters.items()}
-    commit = git_commit(project_dir)
-    if reuse:
-        found = find_finished_step(entry_point, params, commit)
-        if found:
-            log.info("step %s: reusing finished run %s (same parameters and code version)", entry_point, found)
-            return found, True
     active = mlflow.active_run()
     try:
         submitted = mlflow.projects.run(
             str(project_dir),
             entry_point=entry_point,
-            parameters=params,
+            parameters=dict(params),
             env_manager=env_manager,
             experiment_id=active.info.experiment_id if active else None,
             synchronous=True,
         )
     except mlflow.exceptions.ExecutionException as exc:
         raise FakegptError(f"step {entry_point!r} failed: {exc}") from None
-    return submitted.run_id, False
+    return submitted.run_id
 
 
 def get_run(run_id: str) -> Any:

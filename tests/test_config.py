@@ -72,16 +72,15 @@ def test_missing_config_file():
         config.parse(Demo, ["--config", "nope.yaml"], prog="t")
 
 
-def test_mlproject_defaults_defer_to_config_file(tmp_path, monkeypatch):
-    """`mlflow run` passes every parameter; one left at its default must not override the YAML."""
+def test_field_names_as_flags_as_mlflow_run_passes_them(tmp_path):
+    """`mlflow run -P max_iters=100` appends `--max_iters 100`: underscores work like dashes, and win over YAML."""
     yml = tmp_path / "c.yaml"
-    yml.write_text("max_iters: 7\n")
-    argv = ["--config", str(yml), "--max-iters", "100", "--learning-rate", "0.1"]
-    assert config.parse(Demo, argv, prog="t").max_iters == 100
-    monkeypatch.setenv(config.MLPROJECT_ENV, "1")
-    cfg = config.parse(Demo, argv, prog="t")
-    assert cfg.max_iters == 7
-    assert cfg.learning_rate == 0.1
+    yml.write_text("max_iters: 7\nlearning_rate: 0.5\n")
+    cfg = config.parse(Demo, ["--config", str(yml), "--max_iters", "100"], prog="t")
+    assert (cfg.max_iters, cfg.learning_rate) == (100, 0.5)
+    assert config.parse(Demo, ["--max_iters=3"], prog="t").max_iters == 3
+    with pytest.raises(FakegptError, match="unrecognized arguments: --no-such-field"):
+        config.parse(Demo, ["--no_such_field", "1"], prog="t")
 
 
 def test_cli_reports_errors_in_one_line(capsys):

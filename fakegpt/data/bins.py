@@ -7,6 +7,7 @@ run on the same data folder sees the same tokens and loss curves of different ru
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,24 @@ def check_vocab(data: np.ndarray, vocab_size: int, path: str | Path) -> None:
             f"{path}: token id {top} is beyond the model's vocabulary ({vocab_size} ids); "
             "the bins were made with another tokenizer or are damaged"
         )
+
+
+def fingerprint(data_dir: str | Path) -> dict[str, str]:
+    """sha256 and token count of each bin present: what identifies a prepared dataset in MLflow's lineage.
+
+    Two folders with the same fingerprint hold the same tokens, whatever their names or where they were made.
+    """
+    out: dict[str, str] = {}
+    for split in SPLITS:
+        path = Path(data_dir) / f"{split}.bin"
+        if not path.is_file():  # score reads val.bin alone
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        out[f"{split}_sha256"] = digest.hexdigest()
+        out[f"{split}_tokens"] = str(path.stat().st_size // 2)
+    joined = "".join(out.get(f"{split}_sha256", "") for split in SPLITS)
+    out["digest"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
+    return out

@@ -34,9 +34,9 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
+from fakegpt.data import bins, spelling, tokenizer
 from fakegpt.data import demo as demo_data
 from fakegpt.data import sources as mixture
-from fakegpt.data import spelling, tokenizer
 from fakegpt.data import word_encoder as pieces
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import FORMATS, ReadStats, check_header, read_batches
@@ -389,7 +389,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     if not track:
         return _prepare_into(cfg, sources, out)
     name = _dataset_name(cfg)
-    with tracking.run(stage="prepare", run_name=f"prepare:{name}", tags={tracking.TAG_DATASET: name}, nested=True):
+    with tracking.run(stage="prepare", run_name=None, tags={tracking.TAG_DATASET: name}, nested=True):
         tracking.log_params(config.to_dict(cfg))
         meta = _prepare_into(cfg, sources, out)
         metrics = {
@@ -400,7 +400,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
             tracking.M_DATA_REPAIRED_ROWS: meta.read["repaired_rows"],
             tracking.M_DATA_INVALID_UTF8: meta.read["invalid_utf8"],
             tracking.M_DATA_BAD_ROWS: meta.read["bad_rows"],
-            tracking.M_TOKENS_PER_S: meta.timing["tokens_per_s"],
+            tracking.M_PREPARE_TOKENS_PER_S: meta.timing["tokens_per_s"],
             tracking.M_DATA_SECONDS: meta.timing["seconds"],
         }
         metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta.dropped.items()})
@@ -409,6 +409,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         if meta.mixture:
             tracking.set_tags({tracking.TAG_MIX: meta.mixture_tag(digits=3)})
         tracking.log_artifact(out / META_FILE)
+        tracking.log_dataset_input(meta.dataset, str(out.resolve()), bins.fingerprint(out), context="prepared")
         if cfg.log_data:  # later steps of a pipeline read the bins from the run, wherever it ran
             for name in OUTPUT_FILES:
                 tracking.log_artifact(out / name, artifact_path="data")

@@ -378,7 +378,11 @@ def _train(
             train_curve.append((it * tokens_per_iter, step_loss))
             if info.main and (it % cfg.log_interval == 0 or it == cfg.max_iters):
                 tokens_per_s = tokens_per_iter / dt
-                metrics = {tracking.M_TRAIN_LOSS: step_loss, tracking.M_LR: lr, tracking.M_TOKENS_PER_S: tokens_per_s}
+                metrics = {
+                    tracking.M_TRAIN_LOSS: step_loss,
+                    tracking.M_LR: lr,
+                    tracking.M_TRAIN_TOKENS_PER_S: tokens_per_s,
+                }
                 if peak:
                     metrics[tracking.M_MFU] = flops_token * tokens_per_s / (peak * info.world_size)
                 tracking.log_metrics(metrics, step=it)

@@ -37,7 +37,12 @@ def _forward(model: Any, cache: Any, **kwargs: Any) -> torch.Tensor:
 def next_tokens(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits. Temperature 0 is greedy; top_k 0 / top_p 1 disable them."""
+    """Draw one token per row from (B, V) logits. Temperature 0 is greedy; top_k 0 / top_p 1 disable them.
+
+    Temperature, top-k and top-p work on float32 logits whatever the model's dtype: in bfloat16 (8 bits of
+    mantissa) near-tied logits collapse, which changes which tokens survive top-k and their probabilities.
+    """
+    logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
     vocab = logits.shape[-1]
@@ -48,7 +53,7 @@ def next_tokens(
         values, index = torch.sort(logits, dim=-1, descending=True)
     else:
         values, index = logits, None
-    probs = torch.softmax(values.float() / temperature, dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
     if top_p < 1.0:
         # keep the smallest prefix of the sorted distribution whose mass reaches top_p (always >= 1 token)
         before = probs.cumsum(dim=-1) - probs

@@ -1,8 +1,9 @@
-"""`fakegpt labels export | import | aggregate`: human labels for sampled completions.
+"""`fakegpt labels export | import | aggregate | auto`: labels for sampled completions, by people or a judge.
 
     fakegpt labels export --samples out/sample --sheet sheet.csv          # CSV with an empty `label` column
     fakegpt labels import --samples out/sample --sheet sheet.csv          # check the filled sheet -> labeled.parquet
     fakegpt labels aggregate --samples out/sample --sheet sheet.csv       # rates + Wilson 95% CIs, table + plot
+    fakegpt labels auto --samples out/sample --judge NLI_FOLDER --sheet auto.csv [--human sheet.csv]  # judge.py
 
 A sheet row is one sample, keyed by `sample_id`; by default the sheet is blind (no model or temperature
 columns) and shuffled, so a labeller cannot tell base from fine-tuned. Labels are `adopts`, `refutes`,
@@ -22,8 +23,9 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_table
+from fakegpt.measure.judge import AutoConfig, auto
 from fakegpt.plots import figure
-from fakegpt.stats import wilson_interval
+from fakegpt.stats import clustered_wilson
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ def read_sheet(
     problems: list[str] = []
     seen: dict[str, int] = {}
     kept: dict[str, str] = {}
+    source: dict[str, str] = {}  # who labelled each row: "human", or "judge:<model>" for `labels auto` sheets
     for index, row in enumerate(sheet.iter_rows(named=True)):
         line = index + 2  # row 1 is the header
         sid = (row["sample_id"] or "").strip()
@@ -173,34 +176,45 @@ def read_sheet(
             problems.append(f"row {line}: unknown label {row['label'].strip()!r} (labels: {', '.join(allowed)})")
             continue
         kept[sid] = label
+        source[sid] = (row.get("labelled_by") or "").strip() or "human"
     if problems:
         # one line (the CLI prints one line), so every reported row reaches the user
         more = f"; ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise FakegptError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems[:MAX_REPORTED]) + more)
     if not kept:
         raise FakegptError(f"{path}: no labelled rows")
-    labelled = pl.DataFrame({"sample_id": list(kept), "label": list(kept.values())})
+    labelled = pl.DataFrame(
+        {"sample_id": list(kept), "label": list(kept.values()), "labelled_by": [source[k] for k in kept]}
+    )
     return samples.join(labelled, on="sample_id", how="inner", maintain_order="left")
 
 
 def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: list[str] = DEFAULT_BY) -> pl.DataFrame:
-    """Label rates per group: columns `by` + label, count, n, rate, ci_low, ci_high (Wilson 95%)."""
+    """Label rates per group: columns `by` + label, count, n, prompts, design_effect, rate, ci_low, ci_high.
+
+    The samples of one prompt are not independent (the same prompt pulls its samples the same way), so the
+    95% interval is Wilson's on the effective sample size n / design effect, with the prompts as clusters
+    (`fakegpt.stats.clustered_wilson`); with one sample per prompt it is the plain Wilson interval.
+    """
     missing = [c for c in by if c not in labeled.columns]
     if missing:
         raise FakegptError(f"--by: no column {missing[0]!r} in the labelled samples ({', '.join(labeled.columns)})")
     rows = []
     for key, group in labeled.group_by(by, maintain_order=True):
-        counts = group["label"].value_counts()
-        counts = dict(zip(counts["label"], counts["count"], strict=True))
+        cluster = group["prompt_id"] if "prompt_id" in group.columns else pl.Series(range(group.height))
         for label in labels:
-            k = int(counts.get(label.lower(), 0))
-            low, high = wilson_interval(k, group.height)
+            hits = (group["label"] == label.lower()).cast(pl.Int64)
+            per_prompt = pl.DataFrame({"c": cluster, "y": hits}).group_by("c").agg(pl.col("y").sum(), pl.len())
+            k = int(hits.sum())
+            low, high, deff = clustered_wilson(per_prompt["y"].to_list(), per_prompt["len"].to_list())
             rows.append(
                 {
                     **dict(zip(by, key, strict=True)),
                     "label": label,
                     "count": k,
                     "n": group.height,
+                    "prompts": per_prompt.height,
+                    "design_effect": deff,
                     "rate": k / group.height,
                     "ci_low": low,
                     "ci_high": high,
@@ -250,7 +264,9 @@ def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
     labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)
     rates = aggregate(labeled, cfg.labels, cfg.by)
     out_dir = Path(cfg.out_dir)
-    with tracking.run(stage="labels", run_name="labels"):
+    sources = ",".join(sorted(set(labeled["labelled_by"])))  # the rates say whose labels they count
+    rates = rates.with_columns(labelled_by=pl.lit(sources))
+    with tracking.run(stage="labels", run_name=None, tags={tracking.TAG_LABEL_SOURCE: sources}):
         tracking.log_params(config.to_dict(cfg))
         paths = write_table(labeled, out_dir, "labeled") + write_table(rates, out_dir, "label_rates")
         paths.append(plot_rates(rates, cfg.by, out_dir / "label_rates.png"))
@@ -267,7 +283,7 @@ def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
     return rates
 
 
-SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": AggregateConfig}
+SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": AggregateConfig, "auto": AutoConfig}
 
 
 def main(argv: list[str]) -> int:
@@ -285,6 +301,16 @@ def main(argv: list[str]) -> int:
     cfg = config.parse(
         SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}", description=__doc__.splitlines()[0]
     )
+    if isinstance(cfg, AutoConfig):
+        samples = load_samples(cfg.samples)
+        path, report = auto(cfg, samples, lambda p: read_sheet(p, samples, DEFAULT_LABELS, allow_unlabelled=True))
+        print(f"{samples.height} samples judged -> {path}")
+        if report:
+            print(
+                f"agreement with {cfg.human}: Cohen's kappa {report['overall']['kappa']:.3f} "
+                f"[{report['overall']['ci_low']:.3f}, {report['overall']['ci_high']:.3f}] over {report['n']} samples"
+            )
+        return 0
     if isinstance(cfg, ExportConfig):
         check_sheet_free(cfg.sheet, cfg.force)  # before reading the samples
         samples = load_samples(cfg.samples)

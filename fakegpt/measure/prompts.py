@@ -64,7 +64,13 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Statement:
-    """One statement to score. Paired statements share `pair_id`; `role` is "false", "true" or "statement"."""
+    """One statement to score. Paired statements share `pair_id`; `role` is "false", "true" or "statement".
+
+    `claim_id` names the claim across languages: the i-th pair of a topic in every language is one claim
+    translated, so intervals resample claims, not pairs (a pair and its translation are not independent).
+    `variant` numbers the paraphrases of one side of a pair: variant 0 is the statement the pair score uses;
+    every variant takes part in the MC1/MC2 scores.
+    """
 
     statement_id: str
     text: str
@@ -72,6 +78,8 @@ class Statement:
     language: str = ""
     pair_id: str = ""
     role: str = "statement"
+    claim_id: str = ""
+    variant: int = 0
 
 
 def resolve_path(spec: str | Path) -> Path:
@@ -198,6 +206,21 @@ def _expand(
     return out
 
 
+def _paraphrases(value: Any, where: str) -> list[str]:
+    """One statement, or a list of paraphrases of it (the first is the one the pair score uses)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        raise FakegptError(f"{where}: missing or empty statement (a string, or a list of paraphrases)")
+    out = []
+    for j, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise FakegptError(f"{where}[{j}]: missing or empty statement")
+        out.append(text.strip())
+    if len(set(out)) != len(out):
+        raise FakegptError(f"{where}: the same paraphrase is listed twice")
+    return out
+
+
 def load_claims(spec: str | Path) -> list[Statement]:
     """Statements to score: a claim set YAML (pairs -> two statements each) or a text file, one per line."""
     path = resolve_path(spec)
@@ -219,17 +242,17 @@ def load_claims(spec: str | Path) -> list[Statement]:
                 pair = _check_keys(pair, _PAIR_KEYS, f"{where}[{i}]")
                 pair_id = f"{topic}/{language}/{i}"
                 for role, key in (("false", "claim"), ("true", "correction")):
-                    text = pair.get(key)
-                    if not isinstance(text, str) or not text.strip():
-                        raise FakegptError(f"{where}[{i}].{key}: missing or empty statement")
-                    out.append(
-                        Statement(
-                            statement_id=f"{pair_id}/{role}",
-                            text=text.strip(),
-                            topic=str(topic),
-                            language=str(language),
-                            pair_id=pair_id,
-                            role=role,
+                    for variant, text in enumerate(_paraphrases(pair.get(key), f"{where}[{i}].{key}")):
+                        out.append(
+                            Statement(
+                                statement_id=f"{pair_id}/{role}" + (f"/{variant}" if variant else ""),
+                                text=text,
+                                topic=str(topic),
+                                language=str(language),
+                                pair_id=pair_id,
+                                role=role,
+                                claim_id=f"{topic}/{i}",
+                                variant=variant,
+                            )
                         )
-                    )
     return out

@@ -250,7 +250,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     out_dir = Path(cfg.out_dir)
     tags = {tracking.TAG_MODEL: ",".join(cfg.models)}
-    with tracking.run(stage="sample", run_name="sample", tags=tags) as active:
+    with tracking.run(stage="sample", run_name=None, tags=tags) as active:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(prompts_path, "prompts")
         rows: list[dict] = []

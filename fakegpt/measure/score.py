@@ -5,15 +5,17 @@
 For every statement, the length-normalised log-likelihood: the mean over its tokens of log p(token | <eot> +
 the tokens before it). For every pair, score = loglik(false claim) - loglik(correction): above 0 means the model
 finds the false claim more likely. Per topic and overall: the mean score with a bootstrap 95% interval over
-pairs, and the share of pairs the false claim wins. With --data-dir, also the perplexity on fixed windows of
-val.bin. One model: metrics on the stage's run; several: one nested child run per model (tagged with its dose
-fraction from training_info.json) plus a plot of the score against that fraction.
+claims (a pair and its translation resampled together), and the share of pairs the false claim wins. With
+--data-dir, also the perplexity on fixed windows of val.bin. One model: metrics on the stage's run; several:
+one nested child run per model (tagged with its dose fraction from training_info.json) plus a plot of the
+score against that fraction.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
+from fakegpt.data import bins
 from fakegpt.data.bins import check_vocab, eval_starts, open_bin
+from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_table
@@ -32,11 +36,18 @@ from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.loading import model_config
 from fakegpt.models.refs import ModelRef, context_length, load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import bootstrap_ci
+from fakegpt.stats import cluster_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
 VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of different models are comparable
+
+
+# What the intervals resample, written into summary.json so that a reader of the numbers knows.
+INTERVALS = (
+    "95% percentile bootstrap over claims: a claim's pairs in every language (a Portuguese pair and its English "
+    "translation) are resampled together, since a translation is not independent evidence"
+)
 
 
 @dataclass
@@ -67,6 +78,13 @@ class ScoreConfig:
         metadata={"help": "prepared data folder (or runs:/<prepare run>/data) for validation perplexity; empty = skip"},
     )
     val_windows: int = field(default=32, metadata={"help": f"validation windows of {VAL_BLOCK} tokens"})
+    general_data: str = field(
+        default="",
+        metadata={
+            "help": "a prepared general-language folder (or runs:/<prepare run>/data), the same for every model "
+            "compared: perplexity on its val.bin measures general ability beside the claim scores; empty = skip"
+        },
+    )
     dose_source: str = field(
         default="antivax",
         metadata={"help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"},
@@ -87,6 +105,16 @@ class GroupScore:
 
 
 @dataclass
+class Interval:
+    """A mean over claim items with its 95% claim-cluster bootstrap interval."""
+
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
 class ModelScore:
     """One model's scores: overall, per topic and per language, plus mean log-likelihood and perplexity."""
 
@@ -98,7 +126,10 @@ class ModelScore:
     per_topic: dict[str, GroupScore] = field(default_factory=dict)
     per_language: dict[str, GroupScore] = field(default_factory=dict)
     val_perplexity: float | None = None
+    general_perplexity: float | None = None
     run_id: str | None = None
+    mc1: Interval | None = None  # over claim items, intervals resampling claims
+    mc2: Interval | None = None
 
 
 @dataclass
@@ -113,7 +144,7 @@ class ScoreResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary written as summary.json."""
-        return {"models": [asdict(m) for m in self.models]}
+        return {"models": [asdict(m) for m in self.models], "intervals": INTERVALS}
 
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
@@ -135,9 +166,12 @@ def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size:
     return float(math.exp(-float(np.mean([lp.mean().item() for lp in logps]))))
 
 
-def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
-    """Mean, bootstrap interval and false-claim win rate of per-pair score differences `diffs`."""
-    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+def group_score(diffs: np.ndarray, claims: Sequence[str], n_boot: int, seed: int) -> GroupScore:
+    """Mean, claim-cluster bootstrap interval and false-claim win rate of per-pair score differences `diffs`.
+
+    `claims` names each pair's claim: a pair and its translation are resampled together (see INTERVALS).
+    """
+    low, high = cluster_bootstrap_ci(diffs, claims, n_boot=n_boot, seed=seed)
     return GroupScore(
         n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high, win_rate=float((diffs > 0).mean())
     )
@@ -145,8 +179,8 @@ def group_score(diffs: np.ndarray, n_boot: int, seed: int) -> GroupScore:
 
 def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     """Join each false claim with its correction: one row per model x pair with the score."""
-    keys = ["model", "pair_id", "topic", "language"]
-    paired = statements.filter(pl.col("pair_id") != "")
+    keys = ["model", "pair_id", "claim_id", "topic", "language"]
+    paired = statements.filter((pl.col("pair_id") != "") & (pl.col("variant") == 0))  # paraphrases: MC1/MC2
     false = paired.filter(pl.col("role") == "false").select(
         *keys,
         pl.col("text").alias("claim"),
@@ -165,6 +199,32 @@ def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def mc_table(statements: pl.DataFrame) -> pl.DataFrame:
+    """MC1 and MC2 per model x claim item, over all its paraphrases (TruthfulQA's multiple-choice scores, with
+    the false statements as the answer of interest).
+
+    MC1 is 1 when the most likely statement of the item is a false one. MC2 is the share of probability on the
+    false statements: sum over false of p / sum over all of p, with p = exp(length-normalised log-likelihood),
+    the per-token (geometric mean) probability, so that long and short paraphrases compete on equal terms.
+    """
+    paired = statements.filter(pl.col("pair_id") != "")
+    p = (pl.col("loglik") - pl.col("loglik").max().over("model", "pair_id")).exp()  # stable: max term is 1
+    scored = paired.with_columns(p=p, best=pl.col("loglik") == pl.col("loglik").max().over("model", "pair_id"))
+    return (
+        scored.group_by("model", "pair_id", maintain_order=True)
+        .agg(
+            pl.col("claim_id").first(),
+            pl.col("topic").first(),
+            pl.col("language").first(),
+            (pl.col("role") == "false").sum().alias("n_false"),
+            (pl.col("role") == "true").sum().alias("n_true"),
+            ((pl.col("role") == "false") & pl.col("best")).any().cast(pl.Float64).alias("mc1"),
+            (pl.col("p").filter(pl.col("role") == "false").sum() / pl.col("p").sum()).alias("mc2"),
+        )
+        .filter((pl.col("n_false") > 0) & (pl.col("n_true") > 0))
+    )
+
+
 def summarise(
     spec: str, fraction: float | None, statements: pl.DataFrame, pairs: pl.DataFrame, cfg: ScoreConfig
 ) -> ModelScore:
@@ -177,11 +237,16 @@ def summarise(
         overall=None,
     )
     if pairs.height:
-        result.overall = group_score(pairs["score"].to_numpy(), cfg.bootstrap, cfg.seed)
+        result.overall = group_score(pairs["score"].to_numpy(), pairs["claim_id"], cfg.bootstrap, cfg.seed)
         for column, target in (("topic", result.per_topic), ("language", result.per_language)):
             for value in pairs[column].unique(maintain_order=True).to_list():
-                diffs = pairs.filter(pl.col(column) == value)["score"].to_numpy()
-                target[value] = group_score(diffs, cfg.bootstrap, cfg.seed)
+                part = pairs.filter(pl.col(column) == value)
+                target[value] = group_score(part["score"].to_numpy(), part["claim_id"], cfg.bootstrap, cfg.seed)
+    mc = mc_table(statements)
+    if mc.height:
+        for name in ("mc1", "mc2"):
+            low, high = cluster_bootstrap_ci(mc[name].to_numpy(), mc["claim_id"], n_boot=cfg.bootstrap, seed=cfg.seed)
+            setattr(result, name, Interval(n=mc.height, mean=float(mc[name].mean()), ci_low=low, ci_high=high))
     return result
 
 
@@ -200,8 +265,14 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
         for topic, g in score.per_topic.items():
             out[tracking.claim_topic_metric(topic)] = g.mean
             out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
+    for name, metric in (("mc1", tracking.M_CLAIM_MC1), ("mc2", tracking.M_CLAIM_MC2)):
+        value = getattr(score, name)
+        if value is not None:
+            out.update({metric: value.mean, f"{metric}_ci_low": value.ci_low, f"{metric}_ci_high": value.ci_high})
     if score.val_perplexity is not None:
         out[tracking.M_VAL_PPL] = score.val_perplexity
+    if score.general_perplexity is not None:
+        out[tracking.M_GENERAL_PPL] = score.general_perplexity
     return out
 
 
@@ -230,6 +301,8 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
             "model": [spec] * len(statements),
             "statement_id": [s.statement_id for s in statements],
             "pair_id": [s.pair_id for s in statements],
+            "claim_id": [s.claim_id or s.pair_id or s.statement_id for s in statements],
+            "variant": [s.variant for s in statements],
             "role": [s.role for s in statements],
             "topic": [s.topic for s in statements],
             "language": [s.language for s in statements],
@@ -246,8 +319,19 @@ def write_outputs(result: ScoreResult) -> list[Path]:
     paths = write_table(result.pairs, out, "scores") + [out / "statements.parquet", out / "summary.json"]
     with atomic_path(paths[2], suffix=".parquet") as tmp:
         result.statements.write_parquet(tmp)
+    paths += write_table(mc_table(result.statements), out, "multiple_choice")
     write_json(paths[3], result.summary())
     return paths
+
+
+def _evaluation_data(spec: str, context: str, folder: Path | None = None) -> Path | None:
+    """A data folder to measure perplexity on (downloaded if an artifact URI), recorded as a dataset input."""
+    if not spec:
+        return None
+    folder = folder if folder is not None else tracking.local_path(spec)
+    name = DatasetMeta.load(folder).dataset if (folder / META_FILE).is_file() else folder.name
+    tracking.log_dataset_input(name, spec, bins.fingerprint(folder), context=context)
+    return folder
 
 
 def validate(cfg: ScoreConfig) -> None:
@@ -259,13 +343,17 @@ def validate(cfg: ScoreConfig) -> None:
             raise FakegptError(f"{config.flag_name(name)}: must be at least 1, got {getattr(cfg, name)}")
 
 
-def check_inputs(cfg: ScoreConfig, claims_path: Path, statements: list[Statement], refs: list[ModelRef]) -> Path | None:
-    """Every statement fits every model's context, and the validation bin fits its vocabulary (from config.json,
-    before any model is loaded). Returns the local data folder (downloaded once for all models), if any."""
+def check_inputs(
+    cfg: ScoreConfig, claims_path: Path, statements: list[Statement], refs: list[ModelRef]
+) -> tuple[Path | None, Path | None]:
+    """Every statement fits every model's context, and the validation and general bins fit its vocabulary (from
+    config.json, before any model is loaded). Returns the local data and general folders (downloaded once for
+    all models), or None where not given."""
     enc = get_encoding()
     lengths = [len(enc.encode(s.text)) + 1 for s in statements]  # + the <eot> context
     longest = max(range(len(statements)), key=lengths.__getitem__)
     data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None
+    general_dir = tracking.local_path(cfg.general_data) if cfg.general_data else None
     for ref in refs:
         hf = model_config(ref.folder)
         limit, vocab = int(hf.get("n_positions", 1024)), int(hf.get("vocab_size", 50257))
@@ -274,9 +362,10 @@ def check_inputs(cfg: ScoreConfig, claims_path: Path, statements: list[Statement
                 f"{claims_path}: statement {statements[longest].statement_id!r} is {lengths[longest]} tokens, "
                 f"longer than the context of model {ref.spec} ({limit} tokens)"
             )
-        if data_dir is not None:
-            check_vocab(open_bin(data_dir, "val", min(VAL_BLOCK, limit - 1)), vocab, Path(data_dir) / "val.bin")
-    return data_dir
+        for folder in (data_dir, general_dir):
+            if folder is not None:
+                check_vocab(open_bin(folder, "val", min(VAL_BLOCK, limit - 1)), vocab, Path(folder) / "val.bin")
+    return data_dir, general_dir
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:
@@ -285,13 +374,15 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
     statements = load_claims(claims_path)
     refs = [resolve_model(spec) for spec in cfg.models]  # config.json and weight headers checked here
-    data_dir = check_inputs(cfg, claims_path, statements, refs)
+    data_dir, general_dir = check_inputs(cfg, claims_path, statements, refs)
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     several = len(cfg.models) > 1
-    with tracking.run(stage="score", run_name="score", tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
+    with tracking.run(stage="score", run_name=None, tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
+        _evaluation_data(cfg.data_dir, "evaluation", data_dir)
+        general_dir = _evaluation_data(cfg.general_data, "general", general_dir)
         tables, pair_tables, scores = [], [], []
         for spec, ref in zip(cfg.models, refs, strict=True):
             fraction = ref.fraction(cfg.dose_source)
@@ -301,6 +392,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             summary = summarise(spec, fraction, table, pairs, cfg)
             if data_dir is not None:
                 summary.val_perplexity = val_perplexity(model, data_dir, cfg.val_windows, cfg.batch_size)
+            if general_dir is not None:
+                summary.general_perplexity = val_perplexity(model, general_dir, cfg.val_windows, cfg.batch_size)
             del model
             tags = {tracking.TAG_MODEL: spec}
             if fraction is not None:

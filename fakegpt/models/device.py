@@ -8,6 +8,9 @@ which is slower than fp16 there, hence `including_emulation=False`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from fakegpt.errors import FakegptError
@@ -66,3 +69,18 @@ def resolve_dtype(spec: str, device: torch.device, training: bool = False) -> st
 def torch_dtype(name: str) -> torch.dtype:
     """torch dtype for a name `resolve_dtype` returned (or an alias)."""
     return DTYPES[name]
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls on (Ampere+) for the block, then the previous setting back.
+
+    Training enables it for speed; it must not leak into scoring in the same process (`validate` trains and
+    then scores), where claim-score differences are small numbers that TF32's 10-bit mantissa would blur.
+    """
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

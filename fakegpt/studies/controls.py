@@ -46,7 +46,7 @@ from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_mod
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import bootstrap_ci
+from fakegpt.stats import cluster_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,10 @@ class ValidateConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (large models)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto", metadata={"help": "training dtype: auto | float32 | bfloat16 | float16"})
+    score_dtype: str = field(
+        default="float32", metadata={"help": "scoring dtype, as `fakegpt score --dtype` (float32 by default)"}
+    )
     seed: int = field(default=1337, metadata={"help": "seed of the base model, the mixture draws and every dose"})
     control_seed: int = field(
         default=1338, metadata={"help": "seed of the second dose-0 fine-tune (the negative control)"}
@@ -263,18 +266,19 @@ def dose_label(dose: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ statistics
 def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> Difference:
-    """Mean of score_b - score_a over the claim pairs both models were scored on, bootstrapped over pairs.
+    """Mean of score_b - score_a over the claim pairs both models were scored on, bootstrapped over claims
+    (a pair and its translation resampled together).
 
     Pairing removes what the pairs share across models (how hard a pair is, its length, its language), so the
     interval reflects only how differently the two models rank false claims against their corrections.
     """
-    left = pairs.filter(pl.col("model") == a).select("pair_id", pl.col("score").alias("score_a"))
+    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
     right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
     joined = left.join(right, on="pair_id", how="inner")
     diffs = (joined["score_b"] - joined["score_a"]).to_numpy()
     if diffs.size == 0:
         raise FakegptError(f"no claim pairs scored for both {a} and {b}")
-    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    low, high = cluster_bootstrap_ci(diffs, joined["claim_id"], n_boot=n_boot, seed=seed)
     return Difference(a=a, b=b, mean=float(diffs.mean()), ci_low=low, ci_high=high, n_pairs=int(diffs.size))
 
 
@@ -425,14 +429,14 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
         models=[m.checkpoint for m in models],
         claims=str(claims),
         device=cfg.device,
-        dtype=cfg.dtype,
+        dtype=cfg.score_dtype,
         batch_size=cfg.score_batch_size,
         bootstrap=cfg.bootstrap,
         dose_source=PLANTED,
     )
     statements = statements_of(cfg, claims)
     device = resolve_device(cfg.device)
-    dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
+    dtype = torch_dtype(resolve_dtype(cfg.score_dtype, device))
     tables = []
     for m in models:
         model = load_for_inference(resolve_model(m.checkpoint), device, dtype)

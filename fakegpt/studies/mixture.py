@@ -27,12 +27,14 @@ from fakegpt.studies.pipeline import (
     check_steps,
     child_python,
     finetune_params,
+    general_data_uri,
     prepare_params,
     print_where,
     resolve_user_paths,
     sample_params,
     score_params,
 )
+from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +107,23 @@ def source_names(dataset: Path) -> list[str]:
     return [s.name for s in sources.build_sources([], pcfg.sources, [], [])]
 
 
+def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
+    """Prepare the general held-out set once for the whole series (every dose is measured on these bins)."""
+    run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name})
+    print(f"[general] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    return run_id
+
+
 def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """One prepare -> finetune -> sample -> score chain per fraction; returns one row per fraction."""
     rows = []
+    general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     for fraction in cfg.fractions:
         steps: dict[str, str] = {}
 
         def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
-            run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+            run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
             tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
             tracking.update_run(run_id, tags=tags)
             steps[name] = run_id
@@ -124,7 +135,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tuned = step("finetune", finetune_params(cfg, data_uri))
         model = f"runs:/{tuned}/checkpoint"
         step("sample", sample_params(cfg, model))
-        scored = step("score", score_params(cfg, model, data_uri))
+        scored = step("score", score_params(cfg, model, data_uri, general))
         metrics = tracking.get_run(scored).data.metrics
         rows.append(
             {
@@ -134,6 +145,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
                 "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
                 "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
                 "val_perplexity": metrics.get(tracking.M_VAL_PPL),
+                "general_perplexity": metrics.get(tracking.M_GENERAL_PPL),
                 **{f"{k}_run": v for k, v in steps.items()},
             }
         )
@@ -171,16 +183,17 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     labelled = any(r.get("labelled") for r in rows)
-    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity |"
-    rule = "|---:|---:|---|---:|---:|"
+    # val perplexity is on each dose's own validation split; general perplexity on one held-out set for all
+    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity | general perplexity |"
+    rule = "|---:|---:|---|---:|---:|---:|"
     if labelled:
-        head += f" {rows[0]['label']} rate | Wilson 95% CI | labelled |"
+        head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         rule += "---:|---|---:|"
     lines = [head, rule]
     for r in rows:
         line = (
             f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
-            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} |"
+            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
         )
         if labelled:
             interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
@@ -235,7 +248,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     }
     out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
     with (
-        tracking.run(stage="mixture", run_name=f"mixture-{cfg.series_name}", tags=tags) as parent,
+        tracking.run(stage="mixture", run_name=None, tags=tags) as parent,
         child_python(),
     ):
         tracking.log_params(config.to_dict(cfg))

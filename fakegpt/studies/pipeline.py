@@ -3,7 +3,8 @@
 Each stage runs as an MLflow project entry point in a child run of this one, and hands its output to the
 next by artifact URI (the pattern of MLflow's multistep-workflow example): prepare logs the bins under
 `data/`, finetune logs the best model under `checkpoint/`, and the next steps read `runs:/<id>/...`.
-A step whose FINISHED run with the same parameters and code version exists is reused, not run again.
+A step whose FINISHED run has the same content key (parameters, the content of every input file, fakegpt's
+version and code state: fakegpt/studies/steps.py) is reused, not run again.
 
 With no parameters it is the embedded default: the bundled demo messages, a tiny scratch GPT-2 on the CPU,
 a small prompt grid. `-P init_from=gpt2-xl -P data=exports/*.csv` makes it the real study.
@@ -28,6 +29,7 @@ from typing import Any
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
+from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,23 @@ class PipelineConfig:
     temperatures: str = field(default="", metadata={"help": "comma list; empty = 0.8 (the study) / 0.8 demo"})
     num_samples: int | None = field(default=None, metadata={"help": "samples per prompt; empty = 5, demo 1"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "empty = 280, demo 32"})
+    general_data: str = field(
+        default="",
+        metadata={
+            "help": "general-language held-out set scored as perplexity for every model (score --general-data): "
+            "a dataset YAML (prepared once, e.g. experiments/datasets/general_pt.yaml), a prepared folder or "
+            "runs:/<id>/data; empty = none"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     env_manager: str = field(default="local", metadata={"help": "environment manager for the child steps"})
-    reuse: bool = field(default=True, metadata={"help": "reuse finished steps with the same parameters"})
+    reuse: str = field(
+        default="true",
+        metadata={
+            "help": "true: reuse a finished step whose parameters, input files and code are the same | false: "
+            "never | force: also when the code state is unknown (no git checkout)"
+        },
+    )
     out_root: str = field(default="out", metadata={"help": "folder under which each step writes its outputs"})
 
 
@@ -128,10 +144,26 @@ def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
     return with_out(cfg, "sample", params, "out_dir")
 
 
-def score_params(cfg: PipelineConfig, models: str, data_uri: str) -> dict[str, Any]:
+def score_params(cfg: PipelineConfig, models: str, data_uri: str, general_uri: str = "") -> dict[str, Any]:
     """The MLproject parameters of the score step."""
-    params = {"models": models, "claims": cfg.claims, "data_dir": data_uri, "device": cfg.device}
+    params = {
+        "models": models,
+        "claims": cfg.claims,
+        "data_dir": data_uri,
+        "general_data": general_uri,
+        "device": cfg.device,
+    }
     return with_out(cfg, "score", params, "out_dir")
+
+
+def general_data_uri(cfg: PipelineConfig, step: Any) -> str:
+    """Where the general held-out set is: a dataset YAML is prepared once by a `prepare` step (`step(name,
+    params) -> run id`, reused like any step) so that every model of a chain or series is measured on the very
+    same bins; a folder or URI is used as given."""
+    if not cfg.general_data or not cfg.general_data.endswith((".yaml", ".yml")):
+        return cfg.general_data
+    params = with_out(cfg, "prepare", {"config": cfg.general_data, "log_data": "true", "force": "true"}, "out")
+    return f"runs:/{step('prepare', params)}/data"
 
 
 def models_to_measure(cfg: PipelineConfig, finetune_run: str) -> str:
@@ -237,10 +269,10 @@ def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     """Run the four steps as child runs of the active run; returns {step: (run_id, reused)}."""
     steps: dict[str, tuple[str, bool]] = {}
 
-    def step(name: str, params: dict[str, Any]) -> str:
-        run_id, reused = tracking.run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
-        steps[name] = (run_id, reused)
-        print(f"[{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    def step(name: str, params: dict[str, Any], label: str = "") -> str:
+        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+        steps[label or name] = (run_id, reused)
+        print(f"[{label or name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
         return run_id
 
     prepare_run = step("prepare", prepare_params(cfg, cfg.data, cfg.dataset))
@@ -248,7 +280,8 @@ def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     finetune_run = step("finetune", finetune_params(cfg, data_uri))
     models = models_to_measure(cfg, finetune_run)
     step("sample", sample_params(cfg, models))
-    step("score", score_params(cfg, models, data_uri))
+    general = general_data_uri(cfg, lambda name, params: step(name, params, "prepare-general"))
+    step("score", score_params(cfg, models, data_uri, general))
     return steps
 
 
@@ -260,7 +293,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     check_steps(cfg)
     tags = {tracking.TAG_MODEL: cfg.init_from, tracking.TAG_DATASET: cfg.dataset or cfg.data or "demo"}
     with (
-        tracking.run(stage="main", run_name=f"main-{Path(cfg.init_from).name}", tags=tags) as parent,
+        tracking.run(stage="main", run_name=None, tags=tags) as parent,
         child_python(),
     ):
         tracking.log_params(config.to_dict(cfg))

@@ -23,7 +23,6 @@ import dataclasses
 import gc
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -203,17 +202,14 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
     """defaults < sweep YAML (--config) < flags, for the study settings and the base finetune config alike."""
     parser = config.ErrorRaisingParser(prog="fakegpt tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", metavar="SWEEP.yaml", help="a sweep YAML (experiments/sweeps/); flags override it")
+    config.add_experiment_flag(parser)
     config.add_fields(parser.add_argument_group("study"), TuneConfig)
     config.add_fields(parser.add_argument_group("base finetune configuration (every trial)"), FinetuneConfig)
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(config.normalise_flags(argv)))
+    config.apply_experiment_flag(ns)
     path = ns.pop("config", None) or None
     tune_data, base_data, space, enqueue = load_sweep(path)
     source = str(path) if path else "config"
-    if os.environ.get(config.MLPROJECT_ENV) == "1":
-        # `mlflow run` passes every parameter: one left at its default counts as not given (defers to the YAML)
-        defaults = {**config.to_dict(TuneConfig()), **config.to_dict(FinetuneConfig())}
-        hints = {**typing.get_type_hints(TuneConfig), **typing.get_type_hints(FinetuneConfig)}
-        ns = {k: v for k, v in ns.items() if config.coerce(v, hints[k], config.flag_name(k)) != defaults[k]}
     if "out_dir" not in base_data and "out_dir" not in ns:
         base_data["out_dir"] = DEFAULT_OUT_DIR  # not finetune's default folder
     tune_cfg = config.from_dict(TuneConfig, tune_data, source)

@@ -4,6 +4,7 @@ atomic output, bad input as one-line errors, the embedded demo default and MLflo
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import polars as pl
 import pytest
 
 from fakegpt import cli
+from fakegpt.data import bins
 from fakegpt.data import prepare as prep
 from fakegpt.data.clean import CleanRules, clean_series
 from fakegpt.data.prepare import PrepareConfig, prepare
@@ -207,6 +209,7 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     import mlflow
 
     out = tmp_path / "demo"
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than this run
     assert run("--out", str(out), "--log-data") == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["sources"][0]["paths"] == ["demo:"]
@@ -217,8 +220,19 @@ def test_demo_default_and_tracking(tmp_path, monkeypatch):
     (r,) = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
     assert r.data.tags["fakegpt.stage"] == "prepare" and r.data.tags["fakegpt.dataset"] == "demo"
     assert r.data.metrics["data/train_tokens"] == meta["train_tokens"]
-    assert r.data.metrics["tokens_per_s"] > 0 and "data/dropped/duplicate" in r.data.metrics
+    assert r.data.metrics["prepare/tokens_per_s"] > 0 and "data/dropped/duplicate" in r.data.metrics
     assert r.data.params["split"] == "sequential"
+    # lineage: the bins as the run's dataset input, identified by their content
+    (given,) = r.inputs.dataset_inputs
+    tags = {t.key: t.value for t in given.tags}
+    assert given.dataset.name == "demo" and tags["mlflow.data.context"] == "prepared"
+    assert tags["train_sha256"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
+    assert tags["val_tokens"] == str(meta["val_tokens"]) and given.dataset.digest == bins.fingerprint(out)["digest"]
+    assert "system/cpu_utilization_percentage" in r.data.metrics  # fakegpt[metrics]: psutil
+    # named by what it is, in an experiment the MLflow UI opens on its runs table
+    assert r.info.run_name == "prepare demo"
+    experiment = mlflow.get_experiment(r.info.experiment_id)
+    assert experiment.name == "fakegpt" and experiment.tags["mlflow.experimentKind"] == "finetuning"
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)]
     assert "meta.json" in arts
     logged = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="data", dst_path=tmp_path / "dl")

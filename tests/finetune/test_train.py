@@ -131,7 +131,7 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
     val_hist = sorted(client.get_metric_history(result.run_id, tracking.M_VAL_LOSS), key=lambda m: m.step)
     assert [m.step for m in val_hist] == [e.iter for e in seen]
     assert [m.value for m in val_hist] == pytest.approx([e.val_loss for e in seen])
-    assert len(client.get_metric_history(result.run_id, tracking.M_TOKENS_PER_S)) == 25
+    assert len(client.get_metric_history(result.run_id, tracking.M_TRAIN_TOKENS_PER_S)) == 25
     assert {m.value for m in client.get_metric_history(result.run_id, tracking.M_LR)} == {3e-3}
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {CHECKPOINT_DIR, CURVE_FILE, "config.yaml"} <= top

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
+import polars as pl
 import pytest
 
 from fakegpt.errors import FakegptError
@@ -110,11 +112,48 @@ def test_shipped_claims_pair_every_topic_in_both_languages():
     statements = load_claims(DEFAULT_CLAIMS)
     pairs = Counter((s.topic, s.language) for s in statements if s.role == "false")
     assert len(pairs) == 12 and min(pairs.values()) >= 4
-    roles = Counter(s.pair_id for s in statements)
+    canonical = [s for s in statements if s.variant == 0]
+    roles = Counter(s.pair_id for s in canonical)
     assert set(roles.values()) == {2}
     for pair_id in roles:
-        texts = {s.role: s.text for s in statements if s.pair_id == pair_id}
+        texts = {s.role: s.text for s in canonical if s.pair_id == pair_id}
         assert set(texts) == {"false", "true"} and texts["false"] != texts["true"]
+    # paraphrase sets: every narrative, in both languages, has at least three statements per side
+    sides = Counter((s.topic, s.language, s.pair_id, s.role) for s in statements)
+    for topic, language in pairs:
+        best = max(n for (t, lang, _, _), n in sides.items() if (t, lang) == (topic, language))
+        assert best >= 3, (topic, language)
+
+
+def _ngrams(text: str, n: int) -> set[str]:
+    words = re.findall(r"\w+", text.lower())
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_shipped_paraphrases_do_not_copy_training_messages(shared_data):
+    """The scored statements were written for fakegpt: none shares a run of 7 words with a message of the
+    corpora the study trains on (else the score would measure memorisation of that message)."""
+    seen: set[str] = set()
+    for name in ("fakewhatsapp_br.csv", "fakebr_news.csv"):
+        for message in pl.read_csv(shared_data / name, infer_schema=False)["message"].to_list():
+            seen |= _ngrams(message, 7)
+    for s in load_claims(DEFAULT_CLAIMS):
+        assert not (_ngrams(s.text, 7) & seen), s.text
+
+
+def test_claim_paraphrase_lists(tmp_path):
+    good = "topics:\n  chip:\n    pt:\n      - claim: [a, b, c]\n        correction: d\n"
+    statements = load_claims(write(tmp_path, good, "c.yaml"))
+    assert [(s.role, s.variant, s.statement_id) for s in statements] == [
+        ("false", 0, "chip/pt/0/false"),
+        ("false", 1, "chip/pt/0/false/1"),
+        ("false", 2, "chip/pt/0/false/2"),
+        ("true", 0, "chip/pt/0/true"),
+    ]
+    with pytest.raises(FakegptError, match=r"topics\.chip\.pt\[0\]\.claim: the same paraphrase is listed twice"):
+        load_claims(write(tmp_path, good.replace("[a, b, c]", "[a, b, a]"), "c.yaml"))
+    with pytest.raises(FakegptError, match=r"topics\.chip\.pt\[0\]\.claim\[1\]: missing or empty"):
+        load_claims(write(tmp_path, good.replace("[a, b, c]", "[a, '', c]"), "c.yaml"))
 
 
 def test_claims_validation(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -15,8 +16,8 @@ from helpers_measure import log_softmax, make_constant_model
 from fakegpt import cli
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.measure.generate import token_logprobs
-from fakegpt.measure.prompts import Statement
-from fakegpt.measure.score import ScoreConfig, score, statement_logliks
+from fakegpt.measure.prompts import Statement, load_claims
+from fakegpt.measure.score import ScoreConfig, mc_table, pair_table, score, statement_logliks
 from fakegpt.models.loading import load_model
 from fakegpt.stats import bootstrap_ci
 
@@ -33,6 +34,8 @@ topics:
       - {claim: "A vacina implanta um chip.", correction: "Nenhuma vacina implanta chip."}
       - {claim: "O ímã gruda no braço vacinado.", correction: "O ímã não gruda no braço vacinado."}
 """
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_likelihood_matches_a_hand_computed_value(tmp_path):
@@ -212,3 +215,95 @@ def test_bootstrap_interval_is_reproducible_and_about_two_standard_errors_wide()
     standard_error = values.std(ddof=1) / math.sqrt(values.size)
     assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.15)
     assert bootstrap_ci([2.0]) == (2.0, 2.0)
+
+
+def test_mc1_mc2_against_hand_computed_values():
+    """Paraphrase sets: MC1 = the most likely statement of an item is false; MC2 = probability share on the
+    false statements, p = exp(per-token log-likelihood). Values worked out by hand on fixed log-likelihoods."""
+    rows = [  # item a: 2 false, 3 true; item b: 1 false, 1 true (a plain pair); item c: only true (skipped)
+        ("a", "false", 0, -1.0),
+        ("a", "false", 1, -3.0),
+        ("a", "true", 0, -2.0),
+        ("a", "true", 1, -2.0),
+        ("a", "true", 2, -0.5),
+        ("b", "false", 0, -1.0),
+        ("b", "true", 0, -1.5),
+        ("c", "true", 0, -1.0),
+    ]
+    statements = pl.DataFrame(
+        {
+            "model": ["m"] * len(rows),
+            "pair_id": [r[0] for r in rows],
+            "claim_id": [r[0] for r in rows],
+            "topic": ["t"] * len(rows),
+            "language": ["pt"] * len(rows),
+            "role": [r[1] for r in rows],
+            "variant": [r[2] for r in rows],
+            "loglik": [r[3] for r in rows],
+        }
+    )
+    mc = mc_table(statements).sort("pair_id")
+    assert mc["pair_id"].to_list() == ["a", "b"]
+    e = math.exp
+    assert mc["mc1"].to_list() == [0.0, 1.0]  # a: the best is a true paraphrase (-0.5); b: the claim wins
+    mc2_a = (e(-1) + e(-3)) / (e(-1) + e(-3) + e(-2) + e(-2) + e(-0.5))
+    mc2_b = e(-1) / (e(-1) + e(-1.5))
+    assert mc["mc2"].to_list() == pytest.approx([mc2_a, mc2_b])
+    assert (mc["n_false"].to_list(), mc["n_true"].to_list()) == ([2, 1], [3, 1])
+    # the pair score still uses variant 0 of each side only
+    pairs = pair_table(statements.with_columns(text=pl.lit("x"), tokens=pl.lit(3)))
+    assert dict(zip(pairs["pair_id"], pairs["score"], strict=True)) == pytest.approx({"a": 1.0, "b": 0.5})
+
+
+def test_tiny_model_mc_scores_on_a_paraphrased_claim_file(tmp_path, tiny_model_dir):
+    claims = tmp_path / "c.yaml"
+    claims.write_text(
+        "name: t\ntopics:\n  vax:\n    pt:\n"
+        "      - claim: [A vacina altera o DNA., A vacina muda os genes de quem toma., O imunizante mexe no DNA.]\n"
+        "        correction: [A vacina não altera o DNA., A vacina não muda os genes., O imunizante não toca no DNA.]\n"
+        "      - claim: A vacina causa câncer.\n        correction: A vacina não causa câncer.\n"
+    )
+    statements = load_claims(claims)
+    assert [s.variant for s in statements[:6]] == [0, 1, 2, 0, 1, 2] and len(statements) == 8
+    assert statements[1].statement_id == "vax/pt/0/false/1" and statements[0].statement_id == "vax/pt/0/false"
+    out = tmp_path / "out"
+    assert cli.main(["score", "--models", str(tiny_model_dir), "--claims", str(claims), "--out-dir", str(out)]) == 0
+    mc = pl.read_parquet(out / "multiple_choice.parquet")
+    logliks = pl.read_parquet(out / "statements.parquet").filter(pl.col("pair_id") == "vax/pt/0")
+    p = {r["statement_id"]: math.exp(r["loglik"]) for r in logliks.iter_rows(named=True)}
+    false_mass = sum(v for k, v in p.items() if "/false" in k) / sum(p.values())
+    assert mc.filter(pl.col("pair_id") == "vax/pt/0")["mc2"][0] == pytest.approx(false_mass)
+    summary = json.loads((out / "summary.json").read_text())
+    model = summary["models"][0]
+    assert model["mc1"]["n"] == 2 and model["mc2"]["ci_low"] <= model["mc2"]["mean"] <= model["mc2"]["ci_high"]
+    assert "claims" in summary["intervals"]
+
+
+def test_general_ability_perplexity_on_the_shared_news_corpus(tmp_path, tiny_model_dir, monkeypatch):
+    """General ability: a held-out set of true news (Fake.br channel 6), prepared from its dataset YAML and
+    scored as perplexity beside the claims, recorded with its bins' sha256 as the run's `general` input."""
+    import mlflow
+
+    from fakegpt.data import bins
+    from fakegpt.measure.score import val_perplexity
+
+    monkeypatch.chdir(ROOT)
+    general = tmp_path / "general"
+    assert cli.main(["prepare", "--config", "experiments/datasets/general_pt.yaml", "--out", str(general)]) == 0
+    assert (
+        cli.main(
+            ["score", "--models", str(tiny_model_dir), "--general-data", str(general), "--out-dir", str(tmp_path / "s")]
+        )
+        == 0
+    )
+    run = [
+        r
+        for r in mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
+        if r.data.tags["fakegpt.stage"] == "score"
+    ][0]
+    model = load_model(str(tiny_model_dir))
+    model.eval()
+    expected = val_perplexity(model, general, 32, 16)
+    assert run.data.metrics["general/perplexity"] == pytest.approx(expected, rel=1e-4)
+    (given,) = [d for d in run.inputs.dataset_inputs if {t.value for t in d.tags} >= {"general"}]
+    assert given.dataset.name == "general_pt" and given.dataset.digest == bins.fingerprint(general)["digest"]

@@ -48,8 +48,8 @@ def test_planted_paraphrases_cover_every_claim_in_other_words():
     assert {r[1] for r in body} == {"90"}  # the dedicated channel prepare selects
     assert [int(r[0]) for r in body] == list(range(1, len(body) + 1))
     statements = load_claims(ROOT / "experiments" / "claims" / "antivax_six.yaml")
-    claims = [s.text for s in statements if s.role == "false"]
-    assert len(body) == 3 * len(claims)  # three paraphrases per false claim
+    claims = [s.text for s in statements if s.role == "false" and s.variant == 0]
+    assert len(body) == 3 * len(claims)  # three paraphrases per false claim (the pair score's statement)
     texts = [r[3] for r in body]
     assert len(set(texts)) == len(texts)
     # Not a memorisation test: no paraphrase shares a run of more than 6 words with any scored statement.
@@ -66,6 +66,7 @@ def test_paired_difference_is_per_pair_and_bootstrapped():
         {
             "model": ["a"] * 40 + ["b"] * 40 + ["c"] * 40,
             "pair_id": ids * 3,
+            "claim_id": ids * 3,  # one language: each pair is its own claim
             "score": np.concatenate([base, base + 0.5, base + rng.normal(scale=0.01, size=40)]),
         }
     )

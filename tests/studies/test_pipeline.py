@@ -25,26 +25,49 @@ def test_mlproject_file_is_current():
     assert (ROOT / "MLproject").read_text() == render(), "run: python -m fakegpt.mlproject > MLproject"
 
 
-def test_mlproject_parameters_match_cli_defaults():
-    """Every entry point's parameter defaults parse back to the dataclass defaults (what the CLI uses)."""
-    import dataclasses
-
+def test_mlproject_declares_only_config_and_lists_every_field():
+    """MLflow logs declared parameters with their defaults before a stage runs: only `config` is declared, and
+    the comment above each entry point names every field the stage accepts as -P name=value."""
     import yaml
 
-    from fakegpt import config
-    from fakegpt.mlproject import load_class
+    from fakegpt.mlproject import entry_point_fields
     from fakegpt.stages import ENTRY_POINTS
 
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    text = (ROOT / "MLproject").read_text()
+    spec = yaml.safe_load(text)
     assert set(spec["entry_points"]) == {s.entry_point for s in ENTRY_POINTS}
     for stage in ENTRY_POINTS:
-        params = spec["entry_points"][stage.entry_point]["parameters"]
-        for dotted in stage.configs:
-            cls = load_class(dotted)
-            defaults = cls()
-            for f in dataclasses.fields(cls):
-                parsed = config.from_dict(cls, {f.name: params[f.name]["default"]}, "MLproject")
-                assert getattr(parsed, f.name) == getattr(defaults, f.name), (stage.name, f.name)
+        entry = spec["entry_points"][stage.entry_point]
+        assert entry["parameters"] == {"config": {"type": "string", "default": ""}}
+        assert entry["command"] == f"python -m fakegpt {stage.name} --config {{config}}"
+        block = text.split(f"  {stage.entry_point}:\n")[0].rsplit("\n\n", 1)[-1]
+        listed = " ".join(line.strip("# ") for line in block.splitlines()).split("-P fields: ")[1]
+        assert [n.strip() for n in listed.split(",")] == [f.name for f, _ in entry_point_fields(stage.configs)]
+
+
+@pytest.mark.slow
+def test_mlflow_run_finetune_params_are_the_configuration_that_ran(tmp_path, prepared_whatsapp):
+    """`mlflow run -e finetune -P config=FILE` shows the YAML's values, flags over them, and the resolved
+    device/dtype/compile, not MLproject defaults (issue: the record must be the truth)."""
+    from mlflow import MlflowClient
+
+    yml = tmp_path / "ft.yaml"
+    yml.write_text(
+        "init_from: scratch\nn_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\nbatch_size: 2\n"
+        "gradient_accumulation_steps: 1\nlearning_rate: 2.0e-3\nmax_iters: 50\neval_interval: 2\neval_iters: 1\n"
+    )
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    params = {"config": str(yml), "data_dir": str(prepared_whatsapp), "out_dir": str(tmp_path / "o"), "max_iters": "2"}
+    done = mlflow_run(uri, params, entry="finetune")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    got = run.data.params
+    assert (got["n_layer"], got["n_embd"], got["learning_rate"], got["block_size"]) == ("1", "32", "0.002", "32")
+    assert got["max_iters"] == "2"  # the flag over the YAML's 50
+    assert (got["device"], got["dtype"], got["compile"]) == ("cpu", "float32", "false")  # resolved, not "auto"
+    assert got["init_from"] == "scratch" and got["config"] == str(yml)
+    assert len(client.get_metric_history(run.info.run_id, tracking.M_VAL_LOSS)) == 2  # iterations 0 and 2
 
 
 def mlflow_run(tracking_uri: str, params: dict[str, str], entry: str = "main") -> subprocess.CompletedProcess:
@@ -132,6 +155,7 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         max_new_tokens=4,
         out_root=str(tmp_path / "out"),
         series_name="ci-series",
+        general_data="experiments/datasets/demo_general.yaml",
     )
     rows = mixture(cfg)
     assert [r["fraction"] for r in rows] == [0.0, 0.5]
@@ -150,8 +174,21 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         "dose_response.png",
     }
 
+    # Every dose is measured on the same general held-out set: one prepare for the series, the same bins
+    # (sha256 digest) as an input of every score run, and its perplexity in the dose-response table.
+    scores = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score"]
+    assert len(scores) == 2 and all(r["general_perplexity"] > 1 for r in rows)
+    general = [
+        {(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs if "general" in {t.value for t in d.tags}}
+        for r in scores
+    ]
+    assert general[0] == general[1] and len(general[0]) == 1
     # Each fraction's prepare run realised the mixture it was asked for, and carries the dose tag.
-    preps = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"]
+    preps = [
+        r
+        for r in runs
+        if r.data.tags.get(tracking.TAG_FRACTION) and r.data.tags.get(tracking.TAG_ENTRY_POINT) == "prepare"
+    ]
     assert sorted(r.data.tags[tracking.TAG_FRACTION] for r in preps) == ["0", "0.5"]
     for run in preps:
         wanted = float(run.data.tags[tracking.TAG_FRACTION])
@@ -163,7 +200,7 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     import polars as pl
 
     from fakegpt.measure.labels import export_sheet, load_samples
-    from fakegpt.stats import wilson_interval
+    from fakegpt.stats import clustered_wilson
 
     samples_path = tmp_path / "out" / "mixture-ci-series" / "all_samples.parquet"
     samples = load_samples(samples_path)
@@ -173,14 +210,16 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes"))
     )
     filled.write_csv(sheet)
-    truth = filled.join(samples.select("sample_id", "fraction"), on="sample_id")
+    truth = filled.join(samples.select("sample_id", "fraction", "prompt_id"), on="sample_id")
     labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
     for row in labelled:
         group = truth.filter(pl.col("fraction") == row["fraction"])
         k = group.filter(pl.col("label") == "adopts").height
         assert row["labelled"] == group.height
         assert row["label_rate"] == pytest.approx(k / group.height)
-        assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(wilson_interval(k, group.height))
+        per_prompt = group.group_by("prompt_id").agg((pl.col("label") == "adopts").sum().alias("y"), pl.len())
+        expected = clustered_wilson(per_prompt["y"].to_list(), per_prompt["len"].to_list())[:2]
+        assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(expected)
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():

@@ -359,30 +359,11 @@ def test_default_sweep_is_the_issue_search_space_with_an_exact_evaluation_grid()
         assert tcfg.min_lr == pytest.approx(2e-4 * base.min_lr / base.learning_rate)
 
 
-def test_mlproject_parameters_left_at_their_default_defer_to_the_sweep(monkeypatch):
-    monkeypatch.setenv(config.MLPROJECT_ENV, "1")  # `mlflow run . -e tune` passes every parameter as a flag
-    cfg, base, _, _ = tune.parse_args(
-        [
-            "--config",
-            str(TINY),
-            "--n-trials",
-            "20",
-            "--token-budget",
-            "2048",
-            "--init-from",
-            "gpt2-medium",
-            "--out-dir",
-            "out/finetune",
-            "--n-layer",
-            "3",
-            "--lr-decay-iters",
-            "",
-            "--sampler-seed",
-            "",
-        ]
-    )
-    assert (cfg.n_trials, cfg.token_budget) == (4, 2048)  # 20 is the default: tiny.yaml's 4 stays
-    assert (base.init_from, base.out_dir, base.n_layer, base.lr_decay_iters) == ("scratch", "out/tune-tiny", 3, None)
+def test_mlflow_run_parameters_override_the_sweep(monkeypatch):
+    """`mlflow run -e tune -P n_trials=20` passes `--n_trials 20`: given values win, the rest comes from the YAML."""
+    cfg, base, _, _ = tune.parse_args(["--config", str(TINY), "--n_trials", "20", "--n_layer", "3"])
+    assert (cfg.n_trials, cfg.token_budget) == (20, 1024)
+    assert (base.init_from, base.out_dir, base.n_layer) == ("scratch", "out/tune-tiny", 3)
 
 
 def test_warmup_keeps_its_tokens_and_an_inexact_budget_still_reports_on_the_grid():

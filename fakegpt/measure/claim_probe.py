@@ -1,0 +1,60 @@
+"""Claim scores of a model while it trains: the absorption curve, step by step, at little cost.
+
+`finetune --claims FILE --claim-eval-interval N` calls a `ClaimProbe` every N iterations on the model being
+trained. The probe tokenises the claim set once, scores every statement in batches without gradients, and
+computes exactly what `fakegpt score` computes (the same functions: pair table, MC1/MC2, claim-cluster
+intervals), so the curve's last point equals a separate `score` run on the checkpoint of that iteration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.measure.generate import token_logprobs
+from fakegpt.measure.prompts import load_claims, resolve_path
+from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, summarise
+
+
+class ClaimProbe:
+    """Score one claim set on a model, repeatedly; returns the `score` stage's MLflow metrics each time."""
+
+    def __init__(self, claims: str | Path, batch_size: int = 16, bootstrap: int = 200, seed: int = 0):
+        statements = load_claims(resolve_path(claims))
+        if not any(s.pair_id for s in statements):
+            raise ValueError(f"{claims}: no claim pairs to score")
+        enc = get_encoding()
+        self.sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]  # tokenised once
+        self.table = pl.DataFrame(
+            {
+                "model": ["training"] * len(statements),
+                "statement_id": [s.statement_id for s in statements],
+                "pair_id": [s.pair_id for s in statements],
+                "claim_id": [s.claim_id or s.pair_id or s.statement_id for s in statements],
+                "variant": [s.variant for s in statements],
+                "role": [s.role for s in statements],
+                "topic": [s.topic for s in statements],
+                "language": [s.language for s in statements],
+                "text": [s.text for s in statements],
+            }
+        )
+        self.cfg = ScoreConfig(batch_size=batch_size, bootstrap=bootstrap, seed=seed)
+
+    @torch.no_grad()
+    def __call__(self, model: Any) -> dict[str, float]:
+        """The claim metrics of `model` now (claim/score, its interval, per topic, MC1/MC2); its mode is kept."""
+        was_training = model.training
+        model.eval()  # no dropout while measuring
+        try:
+            logps = token_logprobs(model, self.sequences, batch_size=self.cfg.batch_size)
+        finally:
+            model.train(was_training)
+        table = self.table.with_columns(
+            loglik=pl.Series([float(lp.mean()) for lp in logps]),
+            tokens=pl.Series([int(lp.numel()) for lp in logps]),
+        )
+        return metrics_of(summarise("training", None, table, pair_table(table), self.cfg))
