@@ -50,6 +50,8 @@ class ReadStats:
     invalid_utf8: int = 0  # invalid UTF-8 sequences, decoded as U+FFFD
     bytes_read: int = 0
     sha256: str = ""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # messages a reader dropped, by reason
+    chats: list[dict] = dataclasses.field(default_factory=list)  # Telegram JSON: one record per chat
 
     def bad(self, where: str, why: str) -> None:
         self.bad_rows += 1
@@ -92,11 +94,13 @@ def _read(f: BinaryIO, n: int, path: str) -> bytes:
         raise FakegptError(f"{path}: unreadable gzip file ({exc})") from None
 
 
-def _header(line: bytes, path: str) -> list[str]:
+def _header(line: bytes, path: str, columns: dict[str, str] | None = None) -> list[str]:
     text = line.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
     if not text.strip():
         raise FakegptError(f"{path}: line 1: empty header line (expected columns {', '.join(REQUIRED)})")
     names = [n.strip().lower() for n in next(csv.reader([text]))]
+    if columns:
+        return map_header(names, columns, path)
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise FakegptError(
@@ -104,6 +108,26 @@ def _header(line: bytes, path: str) -> list[str]:
             f"needs {', '.join(REQUIRED)})"
         )
     return names
+
+
+def map_header(names: list[str], columns: dict[str, str], path: str) -> list[str]:
+    """Rename the header's columns by `columns` (field -> the file's column name; `--columns`), so the rest
+    reads the file as if it had the standard names. The file must have each mapped column; `id` may be absent."""
+    lower = {v.strip().lower(): k for k, v in columns.items()}
+    for field, col in columns.items():
+        if col.strip().lower() not in names:
+            raise FakegptError(
+                f"{path}: line 1: --columns {field}={col}: no column {col!r} (header has: {', '.join(names)})"
+            )
+    # A standard name that another field's mapping replaces must not be read as that field too.
+    renamed = [lower.get(n, f"_unused_{n}" if n in columns else n) for n in names]
+    missing = [c for c in REQUIRED[1:] if c not in renamed]
+    if missing:
+        raise FakegptError(
+            f"{path}: line 1: no column for {missing[0]!r} (header has: {', '.join(names)}); "
+            f"map one with --columns {missing[0]}=NAME"
+        )
+    return renamed
 
 
 def _csv_cut(buf: bytes) -> int:
@@ -230,9 +254,9 @@ def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: Re
     return df.select("channel_id", "date", "message")
 
 
-def check_header(path: str) -> None:
+def check_header(path: str, columns: dict[str, str] | None = None) -> None:
     """Fail fast (before any tracking run starts) on a missing, empty, unreadable or header-less file."""
-    for _ in read_batches(path, stats=ReadStats(), header_only=True):
+    for _ in read_batches(path, stats=ReadStats(), header_only=True, columns=columns):
         pass
 
 
@@ -243,11 +267,12 @@ def read_batches(
     raw: BinaryIO | None = None,
     stats: ReadStats | None = None,
     header_only: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Yield DataFrames (channel_id, date, message) from one export; `stats` is filled in as it goes.
 
     `raw` reads from an open binary stream instead of `path` (the embedded demo data); `path` then only names
-    it in messages.
+    it in messages. `columns` maps fields to the file's own column names (`--columns message=text,...`).
     """
     if fmt not in FORMATS:
         raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -275,7 +300,7 @@ def read_batches(
                 break
             head += more
             nl = head.find(b"\n")
-        names = _header(head[:nl], path)
+        names = _header(head[:nl], path, columns)
         body = head[nl + 1 :]
         while not body.strip():
             more = _read(f, _SNIFF_BYTES, path)
