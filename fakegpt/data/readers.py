@@ -86,7 +86,12 @@ def read_batches(
     stats = stats if stats is not None else ReadStats()
     kind = detect(path, fmt, raw)
     if kind in ("auto", "csv", "naive"):
-        yield from csv_reader.read_batches(path, kind, chunk_bytes, raw, stats, header_only, columns)
+        batches = csv_reader.read_batches(path, kind, chunk_bytes, raw, stats, header_only, columns)
+        if not columns:  # the standard layouts, exactly as before
+            yield from batches
+            return
+        for df in batches:  # a collector's CSV: epoch or zoned ISO dates as well
+            yield df.with_columns(date=tables.dates(df["date"]))
         return
     stats.format = kind
     if kind == "parquet":
