@@ -172,7 +172,7 @@ def read_export(
     pending = -1  # index in `batch` where the current chat's messages start while its id (or type) is unknown
     root_keys: set[str] = set()
     found_chat = False
-    last = ""  # the last message read, for error messages
+    last: tuple[Any, Any] | None = None  # (message id, chat) of the last message read, for error messages
     m_id = m_type = m_unix = m_date = m_text = m_fwd = None
     parts: list[str] | None = None
     media = has_messages = False
@@ -197,7 +197,7 @@ def read_export(
                 elif event == "end_map":
                     assert chat is not None
                     chat.messages += 1
-                    last = f"message id {m_id} of chat {chat.name or chat.id!r}"
+                    last = (m_id, chat.name or chat.id)
                     if parts is not None:
                         m_text = "".join(parts)
                     if m_type == "service":
@@ -211,8 +211,6 @@ def read_export(
                         if m_fwd:
                             chat.forwards += 1
                             chat.forwarded_from[m_fwd] += 1
-                        if pending < 0 and not ready(chat):
-                            pending = len(batch)
                         batch.ids.append(m_id)
                         batch.chan.append(chat.id)
                         batch.unix.append(m_unix)
@@ -281,7 +279,7 @@ def read_export(
                     chat.id = _int(value)
     except ijson.JSONError as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        after = f" after {last}" if last else ""
+        after = f" after message id {last[0]} of chat {last[1]!r}" if last else ""
         raise FakegptError(
             f"{path}: malformed or truncated JSON near byte {src.count}{after} ({detail[:120]})"
         ) from None
