@@ -238,6 +238,7 @@ class _Reader:
         self.by_time = cfg.dedupe and cfg.overlap == "first-in-time" and len(sources) > 1
         self.source_seen: list[set[int]] = [set() for _ in sources]
         self.keys: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
+        self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
         self._source = 0
 
     def _put(self, item: Any) -> None:
@@ -292,6 +293,8 @@ class _Reader:
             df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
             self.dropped["channel_filter"] += n - df.height
         cols = [clean_expr("message", self.rules).alias("text"), pl.col("date")]
+        if "forwarded_from" in df.columns:  # Telegram JSON: the display name a forward came from
+            cols.append(pl.col("forwarded_from"))
         if cfg.split == "date":
             n = df.height
             df = df.filter(pl.col("date").str.contains(r"^\s*\d{4}-\d{2}-\d{2}"))
@@ -313,6 +316,8 @@ class _Reader:
             df = df.filter(pl.Series(keep))
             if self.by_time:
                 self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
+        if "forwarded_from" in df.columns:
+            self.forwards[self._source] += int(df["forwarded_from"].is_not_null().sum())
         if cfg.split == "random":
             val = self.rng.random(df.height) < cfg.val_fraction
         elif cfg.split == "date":
@@ -606,7 +611,7 @@ def _meta(
     t_tok: float,
 ) -> DatasetMeta:
     per_source = []
-    for s, length, tr, va in zip(sources, lengths, train, val, strict=True):
+    for si, (s, length, tr, va) in enumerate(zip(sources, lengths, train, val, strict=True)):
         keys = ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
         files = [
             {k: f[k] for k in keys} | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
@@ -624,6 +629,7 @@ def _meta(
                 "val_tokens": int(length[va].sum()),
                 "train_messages": int(tr.sum()),
                 "val_messages": int(va.sum()),
+                "forwards": reader.forwards[si],
             }
         )
     train_tokens = sum(p["train_tokens"] for p in per_source)

@@ -103,6 +103,12 @@ def test_parquet_and_csv_with_their_own_names(tmp_path, rows):
         parse_args(["--config", str(tmp_path / "set.yaml"), *RAW, "--out", str(tmp_path / "c")]), track=False
     )
     assert decode_messages(tmp_path / "c" / "train.bin") == want and meta.sources[0]["files"][0]["format"] == "csv"
+    (tmp_path / "top.yaml").write_text(  # the top-level key, as a mapping, for plain input files
+        f"inputs: [{tmp_path / 't.csv'}]\ncolumns: {{message: content, channel_id: chat, date: posted_at}}\n"
+    )
+    top = prepare(parse_args(["--config", str(tmp_path / "top.yaml"), *RAW, "--out", str(tmp_path / "top")]), False)
+    assert decode_messages(tmp_path / "top" / "train.bin") == want
+    assert top.config["columns"] == ["message=content", "channel_id=chat", "date=posted_at"]
 
 
 def test_unknown_columns_are_one_line_errors(tmp_path, capsys, rows, shared_data):

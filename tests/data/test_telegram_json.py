@@ -4,6 +4,7 @@ truncated or foreign JSON rejected as one line."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def test_per_chat_export_every_message_shape(tmp_path, chats):
         f"Fonte {k}": sum(i % 4 == 1 and i % 3 == k for i in range(rows.height)) for k in (0, 1, 2)
     }
     assert meta["dropped"]["service"] == c["dropped"]["service"] and meta["dropped"]["media_only"] > 0
+    assert meta["sources"][0]["forwards"] == c["forwards"]  # no forward was a duplicate or too short
 
 
 def test_reader_batches_carry_ids_utc_dates_and_forwards(tmp_path, chats):
@@ -126,15 +128,15 @@ def test_chat_types_filter_and_yaml_channel_ids(tmp_path, chats, account_export)
     )
 
 
-def test_format_flag_and_content_detection(tmp_path, chats):
+def test_format_flag_content_detection_and_gzip(tmp_path, chats):
     export = tg.write(tmp_path / "history.txt", tg.chat(chats[BASE + 2].head(40), 9, "g"))  # no .json suffix
+    (tmp_path / "result.json.gz").write_bytes(gzip.compress(export.read_bytes()))
     raw_run(tmp_path, "auto", str(export))
     raw_run(tmp_path, "flag", str(export), "--format", "telegram-json")
-    assert (
-        bins(tmp_path / "auto")
-        == bins(tmp_path / "flag")
-        == expected_messages(chats[BASE + 2].head(40)["message"], OFF, 1)
-    )
+    meta = raw_run(tmp_path, "gz", str(tmp_path / "result.json.gz"))
+    want = expected_messages(chats[BASE + 2].head(40)["message"], OFF, 1)
+    assert bins(tmp_path / "auto") == bins(tmp_path / "flag") == bins(tmp_path / "gz") == want
+    assert meta["sources"][0]["files"][0]["bytes_read"] == (tmp_path / "result.json.gz").stat().st_size
 
 
 def test_id_after_messages_is_applied_to_them(tmp_path, chats):
