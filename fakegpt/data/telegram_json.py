@@ -104,8 +104,8 @@ class Chat:
 
 
 def looks_like_json(head: bytes) -> bool:
-    """True when the first non-blank byte (after a BOM) opens a JSON object: an export, not a CSV."""
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
+    """True when the first non-blank byte (after a BOM) opens a JSON object or array: JSON, not a CSV."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
 
 
 class _Batch:
@@ -280,13 +280,14 @@ def read_export(
     except ijson.JSONError as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         after = f" after message id {last[0]} of chat {last[1]!r}" if last else ""
+        hint = "" if found_chat else "; if it holds one JSON object per line, use --format jsonl"
         raise FakegptError(
-            f"{path}: malformed or truncated JSON near byte {src.count}{after} ({detail[:120]})"
+            f"{path}: malformed or truncated JSON near byte {src.count}{after} ({detail[:120]}){hint}"
         ) from None
     except UnicodeDecodeError as exc:
         raise FakegptError(f"{path}: invalid UTF-8 near byte {src.count} ({exc.reason})") from None
     if not found_chat:
-        keys = ", ".join(sorted(root_keys)[:8]) or "none"
+        keys = ", ".join(sorted(root_keys)[:8]) or "none (the top level is not an object)"
         raise FakegptError(
             f"{path}: not a Telegram Desktop export (expected `messages` or `chats.list` at the top level; "
             f"top-level keys: {keys})"

@@ -170,6 +170,12 @@ def test_truncated_and_foreign_json_are_one_line_errors(tmp_path, capsys, chats)
     other.write_text(json.dumps({"data": [{"text": "olá", "id": 1}], "version": 2}))
     line = _error(capsys, str(other), "--out", str(out))
     assert "other.json: not a Telegram Desktop export" in line and "data, version" in line
+    other.write_text(json.dumps([{"text": "olá"}]))
+    assert "not a Telegram Desktop export" in _error(capsys, str(other), "--out", str(out))
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name
+    lines.write_text("".join(json.dumps({"text": f"mensagem {i}", "peer_id": 1, "date": 0}) + "\n" for i in (1, 2)))
+    assert "use --format jsonl" in _error(capsys, str(lines), "--out", str(out))
+    assert cli.main(["prepare", str(lines), "--format", "jsonl", "--out", str(tmp_path / "ok")]) == 0
     assert "--chat-types: unknown chat type 'channel'" in _error(
         capsys, str(other), "--chat-types", "channel", "--out", str(out)
     )
