@@ -60,13 +60,19 @@ def detect(path: str, fmt: str = "auto", raw: BinaryIO | None = None) -> str:
 
 
 def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> None:
-    """Fail fast (before a tracking run starts) on a missing, empty or header-less file or an unknown column."""
+    """Fail fast (before a tracking run starts) on a missing, empty or header-less file, an unknown column, or
+    JSON that is not a Telegram export."""
     kind = detect(path, fmt)
     if kind == telegram_json.FORMAT:
         if columns:
             raise FakegptError(
                 f"{path}: --columns applies to CSV, JSON Lines and Parquet tables, not to a Telegram export"
             )
+        raw = _open_raw(path)
+        try:
+            telegram_json.check_export(_open(path, raw)[0], path)
+        finally:
+            raw.close()
         return
     for _ in read_batches(path, kind, header_only=True, columns=columns):
         pass

@@ -153,6 +153,32 @@ class _Counting:
         return data
 
 
+def check_export(f: BinaryIO, path: str) -> None:
+    """Fail fast (before a tracking run starts) on JSON that is not a Telegram export: read the top-level keys
+    until one that holds messages (`messages`, `chats`, `left_chats`) shows up; the rest is left unread."""
+    src = _Counting(f)
+    keys: list[str] = []
+    try:
+        for prefix, event, value in ijson.parse(src, buf_size=1 << 16):
+            if prefix == "" and event == "map_key":
+                if value in ("messages", "chats", "left_chats"):
+                    return
+                keys.append(value)
+            elif prefix == "" and event == "start_array":
+                break  # (an end_map goes on: bytes after the object mean JSON Lines, reported below)
+    except ijson.JSONError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FakegptError(
+            f"{path}: malformed or truncated JSON near byte {src.count} ({detail[:120]}); "
+            "if it holds one JSON object per line, use --format jsonl"
+        ) from None
+    shown = ", ".join(sorted(keys)[:8]) or "none (the top level is not an object)"
+    raise FakegptError(
+        f"{path}: not a Telegram Desktop export (expected `messages` or `chats.list` at the top level; "
+        f"top-level keys: {shown})"
+    )
+
+
 def read_export(
     f: BinaryIO,
     path: str,
