@@ -57,6 +57,9 @@ class DatasetMeta:
     config: dict[str, Any]  # prepare's resolved configuration
     fakegpt_version: str
     schema_version: int = SCHEMA_VERSION
+    # Mixtures (several sources, dedupe on): the rule for a cleaned text found in several sources
+    # ("first-in-time" or "first-read"), how many copies it dropped, and the counts per pair "KEPT>DROPPED_FROM".
+    overlap: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer minor version added; kept on round trip
 
     def shares(self) -> dict[str, float]:

@@ -141,7 +141,8 @@ class PrepareConfig:
         default="first-in-time",
         metadata={
             "help": "mixtures with dedupe: a cleaned message in several sources stays only in the source where it "
-            "appears first in time (first-in-time), or in the source read first (first-read, the old rule)"
+            "appears first in time (first-in-time), or in the source read first (first-read, the old rule); "
+            "meta.json's overlap and the data/overlap/KEPT/DROPPED metrics count the copies per source pair"
         },
     )
     split: str = dataclasses.field(
@@ -238,6 +239,8 @@ class _Reader:
         self.by_time = cfg.dedupe and cfg.overlap == "first-in-time" and len(sources) > 1
         self.source_seen: list[set[int]] = [set() for _ in sources]
         self.keys: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
+        self.owner: dict[int, int] = {}  # first-read with several sources: text hash -> the source that has it
+        self.read_pairs: Counter[tuple[int, int]] = Counter()  # (kept in, dropped from) -> copies
         self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
         self._source = 0
 
@@ -308,11 +311,14 @@ class _Reader:
         self.dropped["too_short"] += n - df.height
         if cfg.dedupe and df.height:
             # 64-bit hashes of the cleaned text, remembered across batches (~80 bytes a message, never the text).
-            seen = self.source_seen[self._source] if self.by_time else self.seen
-            add = seen.add
             hashes = df["text"].hash(seed=0).to_numpy()
-            keep = np.fromiter((not (h in seen or add(h)) for h in hashes.tolist()), dtype=bool, count=len(hashes))
-            self.dropped["duplicate"] += int(len(keep) - keep.sum())
+            if self.by_time or len(self.sources) == 1:
+                seen = self.source_seen[self._source] if self.by_time else self.seen
+                add = seen.add
+                keep = np.fromiter((not (h in seen or add(h)) for h in hashes.tolist()), bool, count=len(hashes))
+                self.dropped["duplicate"] += int(len(keep) - keep.sum())
+            else:
+                keep = self._first_read(hashes)
             df = df.filter(pl.Series(keep))
             if self.by_time:
                 self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
@@ -325,6 +331,22 @@ class _Reader:
         else:
             val = None
         return df["text"], val
+
+    def _first_read(self, hashes: np.ndarray) -> np.ndarray:
+        """Dedupe across sources, the source read first keeping a text (--overlap first-read); copies in a later
+        source are counted per pair, as the time rule counts them."""
+        owner, si = self.owner, self._source
+        keep = np.zeros(len(hashes), dtype=bool)
+        for j, h in enumerate(hashes.tolist()):
+            first = owner.setdefault(h, si)
+            if first != si:
+                self.read_pairs[(first, si)] += 1
+            elif h in self.seen:  # a repeat within this source
+                self.dropped["duplicate"] += 1
+            else:
+                self.seen.add(h)
+                keep[j] = True
+        return keep
 
 
 _NO_TIME = np.iinfo(np.int64).max  # a message without a readable date counts as the latest
@@ -510,8 +532,8 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         }
         metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta.dropped.items()})
         metrics.update({tracking.M_DATA_MIX_PREFIX + k: v for k, v in meta.mixture.items()})
-        overlap = meta.extra.get("overlap", {})
-        metrics.update({tracking.overlap_metric(*k.split(">", 1)): v for k, v in overlap.get("pairs", {}).items()})
+        pairs = meta.overlap.get("pairs", {})
+        metrics.update({tracking.overlap_metric(*k.split(">", 1)): v for k, v in pairs.items()})
         tracking.log_metrics(metrics)
         if meta.mixture:
             tracking.set_tags({tracking.TAG_MIX: meta.mixture_tag(digits=3)})
@@ -538,12 +560,16 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
         parts = [sink.finish() for sink in sinks]
         lengths = [p[0] for p in parts]
         drop, pairs = _overlap(reader) if reader.by_time else ([np.zeros(len(x), bool) for x in lengths], {})
+        if reader.read_pairs:
+            names = [s.name for s in sources]
+            pairs = {f"{names[a]}>{names[b]}": n for (a, b), n in sorted(reader.read_pairs.items())}
         if pairs:
             reader.dropped["cross_source"] += sum(pairs.values())
             log.info(
-                "%d messages found in more than one source were kept only where they appear first in time "
-                "(--overlap first-in-time): %s",
+                "%d messages found in more than one source were kept only where they appear %s (--overlap %s): %s",
                 sum(pairs.values()),
+                "first in time" if cfg.overlap == "first-in-time" else "in the source read first",
+                cfg.overlap,
                 ", ".join(f"{k} {v}" for k, v in pairs.items()),
             )
         val = [_split_flags(p[1], d, cfg) for p, d in zip(parts, drop, strict=True)]
@@ -577,7 +603,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
         if len(sources) > 1 and cfg.dedupe:
-            meta.extra["overlap"] = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
+            meta.overlap = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
         meta.timing["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
         meta.write(out)
     finally:

@@ -55,7 +55,7 @@ def test_first_in_time_keeps_each_shared_message_in_its_earliest_source(series):
     want_general = [m for m in expected_messages(gen["message"], OFF, 1) if m not in late_texts]
     want_antivax = [m for m in expected_messages(antivax["message"], OFF, 1) if m not in early_texts]
     assert decode_messages(folder / "time" / "train.bin") == want_general + want_antivax
-    assert meta.extra["overlap"] == {
+    assert meta.overlap == {
         "rule": "first-in-time",
         "dropped": 35,
         "pairs": {"general>antivax": 20, "antivax>general": 15},
@@ -75,8 +75,8 @@ def test_first_read_keeps_the_old_rule(series):
         m for m in expected_messages(antivax["message"], OFF, 1) if m not in shared
     ]
     assert decode_messages(folder / "read" / "train.bin") == want
-    assert meta.extra["overlap"] == {"rule": "first-read", "dropped": 0, "pairs": {}}
-    assert meta.dropped["duplicate"] == 35 and meta.dropped["cross_source"] == 0
+    assert meta.overlap == {"rule": "first-read", "dropped": 35, "pairs": {"general>antivax": 35}}
+    assert meta.dropped["duplicate"] == 0 and meta.dropped["cross_source"] == 35
 
 
 def test_overlap_with_fractions_and_sequential_split(series):
@@ -86,4 +86,4 @@ def test_overlap_with_fractions_and_sequential_split(series):
     train = decode_messages(folder / "mix" / "train.bin")
     val = decode_messages(folder / "mix" / "val.bin")
     assert len(train) + len(val) == len(set(train) | set(val))  # every message once
-    assert meta.extra["overlap"]["dropped"] == 35 and abs(meta.mixture["antivax"] - 0.5) < 0.02
+    assert meta.overlap["dropped"] == 35 and abs(meta.mixture["antivax"] - 0.5) < 0.02
