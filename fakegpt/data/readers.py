@@ -8,6 +8,7 @@ a CSV (well-formed or naive, sniffed as before). `columns` (`--columns`) maps fi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -59,6 +60,13 @@ def detect(path: str, fmt: str = "auto", raw: BinaryIO | None = None) -> str:
     return telegram_json.FORMAT if telegram_json.looks_like_json(head) else "auto"
 
 
+def _in_child(path: str, raw: BinaryIO | None) -> bool:
+    """Parse a large Telegram export in a child process, where there is a second core to run it on."""
+    if raw is not None or (os.cpu_count() or 1) < 2:
+        return False
+    return Path(path).stat().st_size >= telegram_json.CHILD_PROCESS_BYTES
+
+
 def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> None:
     """Fail fast (before a tracking run starts) on a missing, empty or header-less file, an unknown column, or
     JSON that is not a Telegram export."""
@@ -106,6 +114,13 @@ def read_batches(
             hashing = csv_reader._HashingReader(f)
             stats.sha256 = hashing.finish()
             stats.bytes_read = hashing.count
+        return
+    if kind == telegram_json.FORMAT and not header_only and _in_child(path, raw):
+        for df in telegram_json.read_export_in_child(path, chunk_bytes, chat_types, stats):
+            stats.rows += df.height
+            yield df
+        reasons = telegram_json.DROP_REASONS
+        stats.skipped = {r: sum(c["dropped"][r] for c in stats.chats) for r in reasons}
         return
     f = raw if raw is not None else _open_raw(path)
     try:

@@ -20,6 +20,8 @@ changes) and messages without text (media only, or empty) are dropped and counte
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import queue
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -46,6 +48,9 @@ MEDIA_KEYS = frozenset(
     | {"place_name", "game_title", "invoice_information", "live_location_period_seconds", "mime_type"}
 )
 DROP_REASONS = ("service", "media_only", "empty_text", "chat_type")
+# Exports larger than this are parsed in a child process: the parse is Python work per JSON event, which would
+# otherwise hold the GIL that prepare's tokenizer threads need (the child costs ~1 s to start).
+CHILD_PROCESS_BYTES = 32 << 20
 _TOP_FORWARD_SOURCES = 10  # forward origins listed per chat in meta.json
 # Where chat objects sit: the root of a per-chat export, the two lists of a whole-account export.
 _ROOTS = {"": "", "chats.list.item": "chats.list.item.", "left_chats.list.item": "left_chats.list.item."}
@@ -329,3 +334,54 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _child(path: str, chunk_bytes: int, chat_types: frozenset[str] | None, q: Any) -> None:
+    """In a child process: parse the export and put ("batch", frame, bytes read) items, then ("done", chats,
+    sha256, bytes) or ("error", message) on `q`."""
+    from fakegpt.data.csv_reader import _open
+
+    try:
+        with open(path, "rb") as raw:
+            stream, hashing = _open(path, raw)  # type: ignore[arg-type]
+            chats: list[dict[str, Any]] = []
+            for df in read_export(stream, path, chunk_bytes, chat_types, chats):
+                q.put(("batch", df, hashing.count))
+            q.put(("done", chats, hashing.finish(), hashing.count))
+    except FakegptError as exc:
+        q.put(("error", str(exc)))
+    except Exception as exc:  # noqa: BLE001 (handed to the parent, which names the file)
+        q.put(("error", f"{path}: {type(exc).__name__}: {exc}"))
+
+
+def read_export_in_child(
+    path: str, chunk_bytes: int, chat_types: frozenset[str] | None, stats: Any
+) -> Iterator[pl.DataFrame]:
+    """`read_export` run in a child process (so the parse runs beside the tokenizer, not under its GIL); fills
+    `stats.bytes_read`, `stats.chats` and `stats.sha256`. Stopping early ends the child."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads running
+    q = ctx.Queue(maxsize=2)
+    proc = ctx.Process(target=_child, args=(path, chunk_bytes, chat_types, q), daemon=True)
+    proc.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=1.0)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise FakegptError(f"{path}: the JSON reader process ended (exit code {proc.exitcode})") from None
+                continue
+            if item[0] == "batch":
+                stats.bytes_read = item[2]
+                yield item[1]
+            elif item[0] == "done":
+                stats.chats.extend(item[1])
+                stats.sha256, stats.bytes_read = item[2], item[3]
+                return
+            else:
+                raise FakegptError(item[1])
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+        q.close()

@@ -179,3 +179,21 @@ def test_truncated_and_foreign_json_are_one_line_errors(tmp_path, capsys, chats)
     assert "--chat-types: unknown chat type 'channel'" in _error(
         capsys, str(other), "--chat-types", "channel", "--out", str(out)
     )
+
+
+def test_large_exports_are_parsed_in_a_child_process(tmp_path, capsys, chats, account_export, monkeypatch):
+    """Above CHILD_PROCESS_BYTES the parse runs in a child process: the same bins, chat records and sha256,
+    and its errors still one line."""
+    import hashlib
+
+    inline = raw_run(tmp_path, "inline", str(account_export), "--dedupe", "false")
+    monkeypatch.setattr(telegram_json, "CHILD_PROCESS_BYTES", 0)
+    child = raw_run(tmp_path, "child", str(account_export), "--dedupe", "false")
+    assert bins(tmp_path / "child") == bins(tmp_path / "inline")
+    (a,), (b,) = inline["sources"][0]["files"], child["sources"][0]["files"]
+    assert a == b and b["sha256"] == hashlib.sha256(account_export.read_bytes()).hexdigest()
+    assert child["dropped"] == inline["dropped"]
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(account_export.read_bytes()[:200_000])
+    line = _error(capsys, str(cut), "--out", str(tmp_path / "out"))
+    assert "cut.json: malformed or truncated JSON near byte" in line and "after message id" in line
