@@ -13,9 +13,10 @@ beside every text (so each message's text is in the file twice), forwards, edits
 message before every fifth message.
 
 Then it runs `fakegpt prepare` in a child process on each file, alternating, `--repeat` times, and reports for
-each: prepare's own time (meta.json's timing), the whole command's wall time, input MB/s, tokens/s and the
-child's peak RSS (os.wait4, per child). The bins of the two runs must be byte-identical. The issue's targets:
-peak RSS under 1 GB on the 1.2 GB export, and JSON throughput within 1.5x of CSV (ratio <= 1.5).
+each: prepare's own time (meta.json's timing), the whole command's wall and CPU time, input MB/s, tokens/s,
+the peak RSS of its largest process (os.wait4) and of its whole process tree (prepare parses an export over
+32 MiB in a child process; /proc sampled every 50 ms). The bins of the two runs must be byte-identical. The
+issue's targets: peak RSS under 1 GB on the 1.2 GB export, and JSON throughput within 1.5x of CSV.
 """
 
 from __future__ import annotations
@@ -128,7 +129,13 @@ def run_prepare(path: Path, out: Path, work: Path) -> dict[str, float]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    tree_peak = 0
+    while True:  # sample the RSS of prepare and its children (the JSON reader process) every 50 ms
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        tree_peak = max(tree_peak, _tree_rss_kb(proc.pid))
+        time.sleep(0.05)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -140,10 +147,26 @@ def run_prepare(path: Path, out: Path, work: Path) -> dict[str, float]:
         "wall": wall,
         "prepare": meta["timing"]["seconds"],
         "cpu": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux; the largest single process of the tree
+        "tree_mb": tree_peak / 1024,  # the most the whole process tree held at once (sampled)
         "tokens": tokens,
         "messages": meta["train_messages"] + meta["val_messages"],
     }
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident KiB of `pid` and its descendants now (Linux /proc); 0 where it cannot be read."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:")), 0)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def main() -> None:
@@ -180,15 +203,16 @@ def main() -> None:
                 f"{kind:4}: prepare() {r['prepare']:7.1f} s  command {r['wall']:7.1f} s  CPU {r['cpu']:7.1f} s  "
                 f"{sizes[kind] / 1e6 / r['prepare']:6.1f} MB/s of input  {r['messages'] / r['prepare']:8.0f} msg/s  "
                 f"{r['tokens'] / r['prepare'] / 1e6:5.2f} M tokens/s  "
-                f"peak RSS {max(x['rss_mb'] for x in runs[kind]):6.0f} MB"
+                f"peak RSS {max(x['rss_mb'] for x in runs[kind]):5.0f} MB (largest process), "
+                f"{max(x['tree_mb'] for x in runs[kind]):5.0f} MB (process tree, sampled)"
             )
         ratio = best["json"]["prepare"] / best["csv"]["prepare"]
         cpu = min(r["cpu"] for r in runs["json"]) / min(r["cpu"] for r in runs["csv"])
         print(
             f"same bins: yes ({best['json']['tokens']} tokens, {best['json']['messages']} messages); "
             f"JSON/CSV time ratio {ratio:.2f} (target <= 1.5), CPU-time ratio {cpu:.2f} (steadier on a busy "
-            f"machine); JSON peak RSS "
-            f"{max(x['rss_mb'] for x in runs['json']):.0f} MB (target < 1024)"
+            f"machine); JSON peak RSS of the process tree "
+            f"{max(x['tree_mb'] for x in runs['json']):.0f} MB (target < 1024)"
         )
 
 

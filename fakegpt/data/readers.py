@@ -67,6 +67,14 @@ def _in_child(path: str, raw: BinaryIO | None) -> bool:
     return Path(path).stat().st_size >= telegram_json.CHILD_PROCESS_BYTES
 
 
+def _counted(batches: Iterator[pl.DataFrame], stats: ReadStats) -> Iterator[pl.DataFrame]:
+    """Telegram batches, counted into `stats`; at the end, the chats' drops summed by reason."""
+    for df in batches:
+        stats.rows += df.height
+        yield df
+    stats.skipped = {r: sum(c["dropped"][r] for c in stats.chats) for r in telegram_json.DROP_REASONS}
+
+
 def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> None:
     """Fail fast (before a tracking run starts) on a missing, empty or header-less file, an unknown column, or
     JSON that is not a Telegram export."""
@@ -116,11 +124,7 @@ def read_batches(
             stats.bytes_read = hashing.count
         return
     if kind == telegram_json.FORMAT and not header_only and _in_child(path, raw):
-        for df in telegram_json.read_export_in_child(path, chunk_bytes, chat_types, stats):
-            stats.rows += df.height
-            yield df
-        reasons = telegram_json.DROP_REASONS
-        stats.skipped = {r: sum(c["dropped"][r] for c in stats.chats) for r in reasons}
+        yield from _counted(telegram_json.read_export_in_child(path, chunk_bytes, chat_types, stats), stats)
         return
     f = raw if raw is not None else _open_raw(path)
     try:
@@ -136,11 +140,9 @@ def read_batches(
             def progress() -> None:
                 stats.bytes_read = hashing.count
 
-            reasons = telegram_json.DROP_REASONS
-            for df in telegram_json.read_export(stream, path, chunk_bytes, chat_types, stats.chats, progress):
-                stats.rows += df.height
-                yield df
-            stats.skipped = {r: sum(c["dropped"][r] for c in stats.chats) for r in reasons}
+            yield from _counted(
+                telegram_json.read_export(stream, path, chunk_bytes, chat_types, stats.chats, progress), stats
+            )
         stats.sha256 = hashing.finish()
         stats.bytes_read = hashing.count
     finally:
