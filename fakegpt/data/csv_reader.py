@@ -11,7 +11,8 @@ numbers stay known for error messages.
   comma and all; a line that does not start like that continues the previous message. Nothing is cut at the
   first comma (what polars does with `quote_char=None, truncate_ragged_lines=True`).
 
-Each batch is a DataFrame with `channel_id` (Int64), `date` (String), `message` (String).
+Each batch is a DataFrame with `channel_id` (Int64), `date` (String), `message` (String), and
+`forwarded_from` (String) where the header has that column (or `--columns` maps one to it).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
     cols = list(schema)
     try:
         df = pl.read_csv(piece, has_header=False, schema=schema, encoding="utf8-lossy", infer_schema=False)
-        df = df.select(cols[names.index(c)] for c in REQUIRED[1:])
+        wanted = [*REQUIRED[1:], *(["forwarded_from"] if "forwarded_from" in names else [])]
+        df = df.select(cols[names.index(c)] for c in wanted)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if len(first) > 160:  # polars quotes the whole offending field, which can be an entire article
@@ -214,7 +216,7 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
             f"{path}: lines {line}-{last}: malformed CSV ({first}); if the message column is not quoted, "
             "use --format naive"
         ) from None
-    df.columns = list(REQUIRED[1:])
+    df.columns = wanted
     return df
 
 

@@ -102,8 +102,8 @@ class PrepareConfig:
     columns: list[str] = dataclasses.field(
         default_factory=list,
         metadata={
-            "help": "the table's own column names: FIELD=COLUMN for id, channel_id, date, message "
-            "(e.g. message=text,channel_id=peer_id); CSV, JSON Lines and Parquet"
+            "help": "the table's own column names: FIELD=COLUMN for id, channel_id, date, message and "
+            "forwarded_from (e.g. message=text,channel_id=peer_id); CSV, JSON Lines and Parquet"
         },
     )
     chat_types: list[str] = dataclasses.field(

@@ -21,13 +21,15 @@ import polars as pl
 from fakegpt.data.csv_reader import ReadStats
 from fakegpt.errors import FakegptError
 
-FIELDS = ("id", "channel_id", "date", "message")
+FIELDS = ("id", "channel_id", "date", "message", "forwarded_from")
+OPTIONAL = ("id", "forwarded_from")  # read where the table has them
 # Column names tried, in order, for a field `--columns` does not map (JSON Lines and Parquet only).
 CANDIDATES = {
     "id": ("id", "message_id"),
     "channel_id": ("channel_id", "peer_id", "chat_id", "chat"),
     "date": ("date", "timestamp", "date_unixtime"),
     "message": ("message", "text", "content"),
+    "forwarded_from": ("forwarded_from", "fwd_from"),  # Telethon: {"_": "MessageFwdHeader", "from_name", "from_id"}
 }
 _PEER_KEYS = ("channel_id", "chat_id", "user_id", "id")  # inside a Telethon peer object
 _NUMBER = re.compile(r"^\s*-?\d+(\.\d*)?\s*$")
@@ -49,7 +51,7 @@ def parse_columns(items: list[str] | dict[str, Any], where: str = "--columns") -
 
 
 def resolve(available: list[str], columns: dict[str, str], path: str) -> dict[str, str]:
-    """field -> the file's column, for channel_id, date and message (and id where present)."""
+    """field -> the file's column, for channel_id, date and message (and id, forwarded_from where present)."""
     out = {}
     for field in FIELDS:
         if field in columns:
@@ -61,7 +63,7 @@ def resolve(available: list[str], columns: dict[str, str], path: str) -> dict[st
             out[field] = columns[field]
             continue
         found = next((c for c in CANDIDATES[field] if c in available), None)
-        if found is None and field != "id":
+        if found is None and field not in OPTIONAL:
             raise FakegptError(
                 f"{path}: no column for {field!r} (the file has: {', '.join(available[:20])}); "
                 f"map one with --columns {field}=NAME"
@@ -124,7 +126,26 @@ def _frame(df: pl.DataFrame, cols: dict[str, str]) -> pl.DataFrame:
     }
     if "id" in cols:
         out["id"] = df[cols["id"]].cast(pl.Int64, strict=False)
+    if "forwarded_from" in cols:
+        fwd = df[cols["forwarded_from"]]
+        out["forwarded_from"] = (
+            fwd if fwd.dtype == pl.String else pl.Series([forward_label(v) for v in fwd.to_list()], dtype=pl.String)
+        )
     return pl.DataFrame(out)
+
+
+def forward_label(value: Any) -> str | None:
+    """Where a forward came from: a name, or a Telethon forward header's `from_name` or origin id; else None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        if value.get("from_name"):
+            return str(value["from_name"])
+        origin = value.get("from_id")
+        if isinstance(origin, dict):
+            origin = next((origin[k] for k in _PEER_KEYS if k in origin), None)
+        return str(origin) if origin is not None else "unknown"
+    return str(value)
 
 
 def _count_bad(df: pl.DataFrame, stats: ReadStats, path: str, where: str) -> pl.DataFrame:
@@ -184,6 +205,9 @@ def _rows_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     data: dict[str, pl.Series] = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
+        if key == "forwarded_from":
+            data[key] = pl.Series(key, [forward_label(v) for v in values], dtype=pl.String)
+            continue
         if any(isinstance(v, dict) for v in values):
             # A peer object: keep the id it carries (Telethon `{"_": "PeerChannel", "channel_id": N}`)
             values = [next((v[k] for k in _PEER_KEYS if k in v), None) if isinstance(v, dict) else v for v in values]

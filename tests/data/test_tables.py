@@ -13,7 +13,7 @@ from test_prepare import decode_messages, expected_messages
 from test_telegram_json import BASE, OFF, RAW, _error, marked
 
 from fakegpt import cli
-from fakegpt.data import tables
+from fakegpt.data import readers, tables
 from fakegpt.data.prepare import parse_args, prepare
 
 
@@ -35,7 +35,11 @@ def telethon_jsonl(rows: pl.DataFrame, path) -> None:
             if i % 3 == 2:  # the same instant written in Brasília time
                 date = dt.datetime.fromtimestamp(when, dt.timezone(dt.timedelta(hours=-3))).isoformat()
             obj = {"_": "Message", "id": i + 1, "peer_id": peer, "date": date, "text": r["message"], "out": False}
-            f.write(json.dumps(obj | {"media": None, "fwd_from": None}, ensure_ascii=False) + "\n")
+            fwd = None
+            if i % 5 == 0:  # a forward: Telethon's header names the origin channel, or the sender's name
+                origin = {"_": "PeerChannel", "channel_id": 555} if i % 10 else None
+                fwd = {"_": "MessageFwdHeader", "date": date, "from_id": origin, "from_name": None if origin else "Zé"}
+            f.write(json.dumps(obj | {"media": None, "fwd_from": fwd}, ensure_ascii=False) + "\n")
 
 
 def run(tmp_path, out: str, *args: str) -> list[str]:
@@ -48,6 +52,10 @@ def test_telethon_jsonl_with_a_column_map(tmp_path, rows):
     telethon_jsonl(rows, path)
     got = run(tmp_path, "all", str(path), "--columns", "message=text,channel_id=peer_id,date=date,id=id")
     assert got == expected_messages(rows["message"], OFF, 1)
+    meta = json.loads((tmp_path / "all" / "meta.json").read_text())
+    assert meta["sources"][0]["forwards"] == len(range(0, rows.height, 5))  # fwd_from found without a map
+    frame = pl.concat(list(readers.read_batches(str(path), columns={"message": "text"})))
+    assert frame["forwarded_from"].head(11).to_list() == ["Zé"] + [None] * 4 + ["555"] + [None] * 4 + ["Zé"]
     # a bare id and a marked id select the same chat, whichever way the file spells it
     four = expected_messages(rows.filter(pl.col("channel_id") == "4")["message"], OFF, 1)
     assert (
