@@ -46,7 +46,8 @@ class DatasetMeta:
     dropped: dict[str, int]  # messages dropped, by reason
     read: dict[str, Any]  # what the readers found: rows, repaired rows, bad rows with examples
     # per source: name, paths, channel_ids, files (with sha256; Telegram JSON: per-chat records), token counts,
-    # forwards (messages kept after cleaning and dedupe that the export marks as forwarded)
+    # forwards (messages kept after cleaning and dedupe that the export marks as forwarded) and
+    # messages_by_channel (messages kept after cleaning and dedupe, per channel_id)
     sources: list[dict[str, Any]]
     mixture: dict[str, float]  # realised train-token share per source; {} for a plain (unmixed) run
     max_train_tokens_reached: bool | None  # None without a cap; False: the scarcest source ran out first

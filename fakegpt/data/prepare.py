@@ -242,6 +242,7 @@ class _Reader:
         self.owner: dict[int, int] = {}  # first-read with several sources: text hash -> the source that has it
         self.read_pairs: Counter[tuple[int, int]] = Counter()  # (kept in, dropped from) -> copies
         self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
+        self.by_channel: list[Counter[int]] = [Counter() for _ in sources]  # kept messages per channel_id
         self._source = 0
 
     def _put(self, item: Any) -> None:
@@ -295,7 +296,7 @@ class _Reader:
             n = df.height
             df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
             self.dropped["channel_filter"] += n - df.height
-        cols = [clean_expr("message", self.rules).alias("text"), pl.col("date")]
+        cols = [clean_expr("message", self.rules).alias("text"), pl.col("date"), pl.col("channel_id")]
         if "forwarded_from" in df.columns:  # Telegram JSON: the display name a forward came from
             cols.append(pl.col("forwarded_from"))
         if cfg.split == "date":
@@ -324,6 +325,7 @@ class _Reader:
                 self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
         if "forwarded_from" in df.columns:
             self.forwards[self._source] += int(df["forwarded_from"].is_not_null().sum())
+        self.by_channel[self._source].update(dict(df["channel_id"].value_counts().iter_rows()))
         if cfg.split == "random":
             val = self.rng.random(df.height) < cfg.val_fraction
         elif cfg.split == "date":
@@ -656,6 +658,8 @@ def _meta(
                 "train_messages": int(tr.sum()),
                 "val_messages": int(va.sum()),
                 "forwards": reader.forwards[si],
+                # after cleaning and dedupe, before the overlap rule and a mixture's draw
+                "messages_by_channel": {str(k): v for k, v in sorted(reader.by_channel[si].items())},
             }
         )
     train_tokens = sum(p["train_tokens"] for p in per_source)

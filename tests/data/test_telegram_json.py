@@ -104,6 +104,7 @@ def test_whole_account_export_left_chats_and_per_chat_contents(tmp_path, chats, 
     records = meta["sources"][0]["files"][0]["chats"]
     assert [(r["id"], r["left"]) for r in records] == [(BASE + c, c == 5) for c in (1, 2, 3, 4, 5)]
     assert [r["kept"] for r in records] == [chats[BASE + c].height for c in (1, 2, 3, 4, 5)]
+    assert meta["sources"][0]["messages_by_channel"] == {str(BASE + c): chats[BASE + c].height for c in range(1, 6)}
     # Each chat on its own, selected by its bare id or by its -100-marked id
     for c, ident in ((2, BASE + 2), (4, marked(BASE + 4)), (5, marked(BASE + 5))):
         raw_run(tmp_path, f"c{c}", str(account_export), "--channel-ids", str(ident))
