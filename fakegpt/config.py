@@ -52,6 +52,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(inner) or (str,)
         items: list[Any] = []
+        if isinstance(value, dict) and item_tp is str:  # a YAML mapping for a KEY=VALUE list (`columns:`, `mix:`)
+            value = [f"{k}={v}" for k, v in value.items()]
         raw = value if isinstance(value, (list, tuple)) else [value]
         for item in raw:
             if isinstance(item, str):

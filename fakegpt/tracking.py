@@ -79,6 +79,14 @@ M_DATA_BAD_ROWS = "data/bad_rows"
 M_DATA_SECONDS = "data/seconds"
 M_DATA_DROPPED_PREFIX = "data/dropped/"  # + reason: too_short, duplicate, channel_filter, ...
 M_DATA_MIX_PREFIX = "data/mixture/"  # + source name: realised train-token fraction
+M_DATA_OVERLAP_PREFIX = "data/overlap/"  # + KEPT/DROPPED: messages in both sources, kept only in KEPT
+
+
+def overlap_metric(kept: str, dropped: str) -> str:
+    """The metric counting messages found in sources `kept` and `dropped` and kept only in `kept`."""
+    return f"{M_DATA_OVERLAP_PREFIX}{kept}/{dropped}"
+
+
 M_EVAL_TRAIN_LOSS = "eval/train_loss"  # train-split loss on fixed windows at each evaluation (nanoGPT's estimate)
 M_BEST_VAL_LOSS = "val/best_loss"
 TAG_RESUMED_FROM = "fakegpt.resumed_from"  # a resumed fine-tune whose original run is not in this store

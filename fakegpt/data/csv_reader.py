@@ -11,7 +11,8 @@ numbers stay known for error messages.
   comma and all; a line that does not start like that continues the previous message. Nothing is cut at the
   first comma (what polars does with `quote_char=None, truncate_ragged_lines=True`).
 
-Each batch is a DataFrame with `channel_id` (Int64), `date` (String), `message` (String).
+Each batch is a DataFrame with `channel_id` (Int64), `date` (String), `message` (String), and
+`forwarded_from` (String) where the header has that column (or `--columns` maps one to it).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ReadStats:
     invalid_utf8: int = 0  # invalid UTF-8 sequences, decoded as U+FFFD
     bytes_read: int = 0
     sha256: str = ""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # messages a reader dropped, by reason
+    chats: list[dict] = dataclasses.field(default_factory=list)  # Telegram JSON: one record per chat
 
     def bad(self, where: str, why: str) -> None:
         self.bad_rows += 1
@@ -92,11 +95,13 @@ def _read(f: BinaryIO, n: int, path: str) -> bytes:
         raise FakegptError(f"{path}: unreadable gzip file ({exc})") from None
 
 
-def _header(line: bytes, path: str) -> list[str]:
+def _header(line: bytes, path: str, columns: dict[str, str] | None = None) -> list[str]:
     text = line.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
     if not text.strip():
         raise FakegptError(f"{path}: line 1: empty header line (expected columns {', '.join(REQUIRED)})")
     names = [n.strip().lower() for n in next(csv.reader([text]))]
+    if columns:
+        return map_header(names, columns, path)
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise FakegptError(
@@ -104,6 +109,26 @@ def _header(line: bytes, path: str) -> list[str]:
             f"needs {', '.join(REQUIRED)})"
         )
     return names
+
+
+def map_header(names: list[str], columns: dict[str, str], path: str) -> list[str]:
+    """Rename the header's columns by `columns` (field -> the file's column name; `--columns`), so the rest
+    reads the file as if it had the standard names. The file must have each mapped column; `id` may be absent."""
+    lower = {v.strip().lower(): k for k, v in columns.items()}
+    for field, col in columns.items():
+        if col.strip().lower() not in names:
+            raise FakegptError(
+                f"{path}: line 1: --columns {field}={col}: no column {col!r} (header has: {', '.join(names)})"
+            )
+    # A standard name that another field's mapping replaces must not be read as that field too.
+    renamed = [lower.get(n, f"_unused_{n}" if n in columns else n) for n in names]
+    missing = [c for c in REQUIRED[1:] if c not in renamed]
+    if missing:
+        raise FakegptError(
+            f"{path}: line 1: no column for {missing[0]!r} (header has: {', '.join(names)}); "
+            f"map one with --columns {missing[0]}=NAME"
+        )
+    return renamed
 
 
 def _csv_cut(buf: bytes) -> int:
@@ -180,7 +205,8 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
     cols = list(schema)
     try:
         df = pl.read_csv(piece, has_header=False, schema=schema, encoding="utf8-lossy", infer_schema=False)
-        df = df.select(cols[names.index(c)] for c in REQUIRED[1:])
+        wanted = [*REQUIRED[1:], *(["forwarded_from"] if "forwarded_from" in names else [])]
+        df = df.select(cols[names.index(c)] for c in wanted)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if len(first) > 160:  # polars quotes the whole offending field, which can be an entire article
@@ -190,7 +216,7 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
             f"{path}: lines {line}-{last}: malformed CSV ({first}); if the message column is not quoted, "
             "use --format naive"
         ) from None
-    df.columns = list(REQUIRED[1:])
+    df.columns = wanted
     return df
 
 
@@ -230,9 +256,9 @@ def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: Re
     return df.select("channel_id", "date", "message")
 
 
-def check_header(path: str) -> None:
+def check_header(path: str, columns: dict[str, str] | None = None) -> None:
     """Fail fast (before any tracking run starts) on a missing, empty, unreadable or header-less file."""
-    for _ in read_batches(path, stats=ReadStats(), header_only=True):
+    for _ in read_batches(path, stats=ReadStats(), header_only=True, columns=columns):
         pass
 
 
@@ -243,11 +269,12 @@ def read_batches(
     raw: BinaryIO | None = None,
     stats: ReadStats | None = None,
     header_only: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Yield DataFrames (channel_id, date, message) from one export; `stats` is filled in as it goes.
 
     `raw` reads from an open binary stream instead of `path` (the embedded demo data); `path` then only names
-    it in messages.
+    it in messages. `columns` maps fields to the file's own column names (`--columns message=text,...`).
     """
     if fmt not in FORMATS:
         raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -275,7 +302,7 @@ def read_batches(
                 break
             head += more
             nl = head.find(b"\n")
-        names = _header(head[:nl], path)
+        names = _header(head[:nl], path, columns)
         body = head[nl + 1 :]
         while not body.strip():
             more = _read(f, _SNIFF_BYTES, path)

@@ -45,7 +45,10 @@ class DatasetMeta:
     val_messages: int
     dropped: dict[str, int]  # messages dropped, by reason
     read: dict[str, Any]  # what the readers found: rows, repaired rows, bad rows with examples
-    sources: list[dict[str, Any]]  # per source: name, paths, channel_ids, files (with sha256), token counts
+    # per source: name, paths, channel_ids, files (with sha256; Telegram JSON: per-chat records), token counts,
+    # forwards (messages kept after cleaning and dedupe that the export marks as forwarded) and
+    # messages_by_channel (messages kept after cleaning and dedupe, per channel_id)
+    sources: list[dict[str, Any]]
     mixture: dict[str, float]  # realised train-token share per source; {} for a plain (unmixed) run
     max_train_tokens_reached: bool | None  # None without a cap; False: the scarcest source ran out first
     mixture_val: dict[str, float]
@@ -55,6 +58,9 @@ class DatasetMeta:
     config: dict[str, Any]  # prepare's resolved configuration
     fakegpt_version: str
     schema_version: int = SCHEMA_VERSION
+    # Mixtures (several sources, dedupe on): the rule for a cleaned text found in several sources
+    # ("first-in-time" or "first-read"), how many copies it dropped, and the counts per pair "KEPT>DROPPED_FROM".
+    overlap: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer minor version added; kept on round trip
 
     def shares(self) -> dict[str, float]:

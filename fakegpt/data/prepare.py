@@ -1,8 +1,11 @@
-"""`fakegpt prepare`: Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json).
+"""`fakegpt prepare`: Telegram exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json).
+
+Inputs: CSV (well-formed or naive), Telegram Desktop's JSON export (per chat or whole account), and collectors'
+JSON Lines / Parquet tables with a column map (fakegpt.data.readers picks the reader).
 
 Pipeline, streamed in batches so memory stays flat however large the input:
 
-    reader thread:  CSV chunk (csvread) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
+    reader thread:  batch (readers) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
     main thread:    batch -> parts of thousands of messages -> pieces.PieceEncoder on a thread pool -> uint16 file
 
 Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
@@ -34,19 +37,23 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
-from fakegpt.data import bins, spelling, tokenizer
+from fakegpt.data import bins, readers, spelling, tokenizer
 from fakegpt.data import demo as demo_data
 from fakegpt.data import sources as mixture
 from fakegpt.data import word_encoder as pieces
 from fakegpt.data.clean import CleanRules, clean_expr
-from fakegpt.data.csv_reader import FORMATS, ReadStats, check_header, read_batches
+from fakegpt.data.csv_reader import ReadStats
 from fakegpt.data.meta import META_FILE, DatasetMeta
+from fakegpt.data.readers import FORMATS
+from fakegpt.data.tables import parse_columns
+from fakegpt.data.telegram_json import CHAT_TYPES, DROP_REASONS
 from fakegpt.errors import FakegptError
-from fakegpt.files import atomic_path, check_text_input, output_dir
+from fakegpt.files import atomic_path, output_dir
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("sequential", "random", "date")
+OVERLAP_RULES = ("first-in-time", "first-read")
 OUTPUT_FILES = ("train.bin", "val.bin", META_FILE)
 DTYPE = np.uint16
 _CHUNK_MESSAGES = 2000  # messages per tokenizer call: big enough that thread-pool overhead vanishes
@@ -60,7 +67,8 @@ class PrepareConfig:
         default_factory=list,
         metadata={
             "positional": True,
-            "help": "Telegram CSV exports (files or globs, .gz allowed); none: the embedded demo data",
+            "help": "Telegram exports: CSV, Telegram Desktop result.json, JSON Lines or Parquet (files or globs, "
+            ".gz allowed); none: the embedded demo data",
         },
     )
     out: str = dataclasses.field(default="out/prepared", metadata={"help": "output folder"})
@@ -78,10 +86,29 @@ class PrepareConfig:
         metadata={"help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"},
     )
     channel_ids: list[int] = dataclasses.field(
-        default_factory=list, metadata={"help": "keep only these channel_ids (plain runs; sources set their own)"}
+        default_factory=list,
+        metadata={
+            "help": "keep only these channel_ids (plain runs; sources set their own); a Bot API marked id "
+            "(-100 followed by the id) selects the same chat as the bare id"
+        },
     )
     format: str = dataclasses.field(
-        default="auto", metadata={"help": "input format: auto, csv (RFC 4180) or naive (message column not quoted)"}
+        default="auto",
+        metadata={
+            "help": "input format: auto (by extension, then content), csv (RFC 4180), naive (message column not "
+            "quoted), telegram-json (Telegram Desktop result.json), jsonl or parquet"
+        },
+    )
+    columns: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "help": "the table's own column names: FIELD=COLUMN for id, channel_id, date, message and "
+            "forwarded_from (e.g. message=text,channel_id=peer_id); CSV, JSON Lines and Parquet"
+        },
+    )
+    chat_types: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": f"Telegram JSON: keep only chats of these types ({', '.join(CHAT_TYPES)}); none: all"},
     )
     remove_mentions: bool = dataclasses.field(default=True, metadata={"help": "remove @usernames"})
     remove_urls: bool = dataclasses.field(default=True, metadata={"help": "remove http(s):// and www. URLs"})
@@ -109,6 +136,14 @@ class PrepareConfig:
     )
     dedupe: bool = dataclasses.field(
         default=True, metadata={"help": "drop exact duplicates of an earlier cleaned message (forwards)"}
+    )
+    overlap: str = dataclasses.field(
+        default="first-in-time",
+        metadata={
+            "help": "mixtures with dedupe: a cleaned message in several sources stays only in the source where it "
+            "appears first in time (first-in-time), or in the source read first (first-read, the old rule); "
+            "meta.json's overlap and the data/overlap/KEPT/DROPPED metrics count the copies per source pair"
+        },
     )
     split: str = dataclasses.field(
         default="sequential",
@@ -143,6 +178,12 @@ def validate(cfg: PrepareConfig) -> None:
         raise FakegptError(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
     if cfg.format not in FORMATS:
         raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.overlap not in OVERLAP_RULES:
+        raise FakegptError(f"--overlap: expected one of {', '.join(OVERLAP_RULES)}, got {cfg.overlap!r}")
+    unknown = [t for t in cfg.chat_types if t not in CHAT_TYPES]
+    if unknown:
+        raise FakegptError(f"--chat-types: unknown chat type {unknown[0]!r} (types: {', '.join(CHAT_TYPES)})")
+    parse_columns(cfg.columns)
     if cfg.split != "date" and not 0.0 <= cfg.val_fraction < 1.0:
         raise FakegptError(f"--val-fraction: must lie in [0, 1), got {cfg.val_fraction}")
     if cfg.split == "date":
@@ -191,6 +232,18 @@ class _Reader:
         self.seen: set[int] = set()
         self.spelling = spelling.SpellingNormaliser(cfg.spelling)
         self.rng = np.random.default_rng(cfg.seed)
+        self.columns = parse_columns(cfg.columns)
+        self.chat_types = frozenset(cfg.chat_types) or None
+        # Cross-source overlap by time: each source dedupes on its own, and remembers (hash, time) of every
+        # message it keeps, so that a text found in several sources can stay only in its earliest one.
+        self.by_time = cfg.dedupe and cfg.overlap == "first-in-time" and len(sources) > 1
+        self.source_seen: list[set[int]] = [set() for _ in sources]
+        self.keys: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
+        self.owner: dict[int, int] = {}  # first-read with several sources: text hash -> the source that has it
+        self.read_pairs: Counter[tuple[int, int]] = Counter()  # (kept in, dropped from) -> copies
+        self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
+        self.by_channel: list[Counter[int]] = [Counter() for _ in sources]  # kept messages per channel_id
+        self._source = 0
 
     def _put(self, item: Any) -> None:
         while not self.stop.is_set():
@@ -203,6 +256,7 @@ class _Reader:
     def run(self) -> None:
         try:
             for si, src in enumerate(self.sources):
+                self._source = si
                 for path in src.files:
                     self._read_file(si, src, path)
                     if self.stop.is_set():
@@ -217,21 +271,34 @@ class _Reader:
         if path == mixture.DEMO:
             raw = io.BytesIO(demo_data.demo_csv())
         seen_bytes = 0
-        for df in read_batches(path, self.cfg.format, self.cfg.chunk_mb << 20, raw=raw, stats=stats):
+        batches = readers.read_batches(
+            path,
+            src.format or self.cfg.format,
+            self.cfg.chunk_mb << 20,
+            raw=raw,
+            stats=stats,
+            columns=src.columns if src.columns is not None else self.columns,
+            chat_types=self.chat_types,
+        )
+        for df in batches:
             if self.stop.is_set():
                 return
             texts, val = self._process(df, src)
             self._put(_Batch(si, texts, val, stats.bytes_read - seen_bytes))
             seen_bytes = stats.bytes_read
+        self.dropped.update(stats.skipped)
         self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
 
     def _process(self, df: pl.DataFrame, src: mixture.Source) -> tuple[pl.Series, np.ndarray | None]:
         cfg = self.cfg
+        df = df.with_columns(channel_id=mixture.bare_channel_expr())  # -100-marked ids -> the bare id
         if src.channel_ids:
             n = df.height
             df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
             self.dropped["channel_filter"] += n - df.height
-        cols = [clean_expr("message", self.rules).alias("text")]
+        cols = [clean_expr("message", self.rules).alias("text"), pl.col("date"), pl.col("channel_id")]
+        if "forwarded_from" in df.columns:  # Telegram JSON: the display name a forward came from
+            cols.append(pl.col("forwarded_from"))
         if cfg.split == "date":
             n = df.height
             df = df.filter(pl.col("date").str.contains(r"^\s*\d{4}-\d{2}-\d{2}"))
@@ -245,11 +312,20 @@ class _Reader:
         self.dropped["too_short"] += n - df.height
         if cfg.dedupe and df.height:
             # 64-bit hashes of the cleaned text, remembered across batches (~80 bytes a message, never the text).
-            seen, add = self.seen, self.seen.add
-            hashes = df["text"].hash(seed=0).to_list()
-            keep = np.fromiter((not (h in seen or add(h)) for h in hashes), dtype=bool, count=len(hashes))
-            self.dropped["duplicate"] += int(len(keep) - keep.sum())
+            hashes = df["text"].hash(seed=0).to_numpy()
+            if self.by_time or len(self.sources) == 1:
+                seen = self.source_seen[self._source] if self.by_time else self.seen
+                add = seen.add
+                keep = np.fromiter((not (h in seen or add(h)) for h in hashes.tolist()), bool, count=len(hashes))
+                self.dropped["duplicate"] += int(len(keep) - keep.sum())
+            else:
+                keep = self._first_read(hashes)
             df = df.filter(pl.Series(keep))
+            if self.by_time:
+                self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
+        if "forwarded_from" in df.columns:
+            self.forwards[self._source] += int(df["forwarded_from"].is_not_null().sum())
+        self.by_channel[self._source].update(dict(df["channel_id"].value_counts().iter_rows()))
         if cfg.split == "random":
             val = self.rng.random(df.height) < cfg.val_fraction
         elif cfg.split == "date":
@@ -257,6 +333,59 @@ class _Reader:
         else:
             val = None
         return df["text"], val
+
+    def _first_read(self, hashes: np.ndarray) -> np.ndarray:
+        """Dedupe across sources, the source read first keeping a text (--overlap first-read); copies in a later
+        source are counted per pair, as the time rule counts them."""
+        owner, si = self.owner, self._source
+        keep = np.zeros(len(hashes), dtype=bool)
+        for j, h in enumerate(hashes.tolist()):
+            first = owner.setdefault(h, si)
+            if first != si:
+                self.read_pairs[(first, si)] += 1
+            elif h in self.seen:  # a repeat within this source
+                self.dropped["duplicate"] += 1
+            else:
+                self.seen.add(h)
+                keep[j] = True
+        return keep
+
+
+_NO_TIME = np.iinfo(np.int64).max  # a message without a readable date counts as the latest
+
+
+def _epoch_seconds(dates: pl.Series) -> np.ndarray:
+    """ISO 8601 dates (`YYYY-MM-DD[THH:MM[:SS]]`, as every reader yields them) -> int64 epoch seconds."""
+    s = dates.cast(pl.String).str.strip_chars().str.replace(" ", "T", literal=True)
+    full = s.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False)
+    minutes = s.str.slice(0, 16).str.to_datetime("%Y-%m-%dT%H:%M", strict=False)
+    day = s.str.slice(0, 10).str.to_datetime("%Y-%m-%d", strict=False)
+    t = full.fill_null(minutes).fill_null(day).dt.epoch("s")
+    return t.fill_null(_NO_TIME).to_numpy().astype(np.int64)
+
+
+def _overlap(reader: _Reader) -> tuple[list[np.ndarray], dict[str, int]]:
+    """Per source, a mask of messages to drop because their text appears earlier in time in another source;
+    and the counts per pair "KEPT_IN>DROPPED_FROM". Ties go to the source listed first."""
+    names = [s.name for s in reader.sources]
+    parts = []
+    for si, keys in enumerate(reader.keys):
+        h = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, np.uint64)
+        t = np.concatenate([k[1] for k in keys]) if keys else np.zeros(0, np.int64)
+        parts.append(pl.DataFrame({"h": h, "t": t, "src": np.full(len(h), si, np.int32), "i": np.arange(len(h))}))
+    df = pl.concat(parts)
+    shared = df.group_by("h").agg(pl.col("src").n_unique().alias("n")).filter(pl.col("n") > 1)
+    df = df.join(shared.select("h"), on="h").sort("h", "t", "src")
+    first = df.group_by("h", maintain_order=True).agg(pl.col("src").first().alias("winner"))
+    losers = df.join(first, on="h").filter(pl.col("src") != pl.col("winner"))
+    drop = [np.zeros(sum(len(k[0]) for k in keys), dtype=bool) for keys in reader.keys]
+    for si, idx in losers.group_by("src").agg("i").iter_rows():
+        drop[si][np.asarray(idx, dtype=np.int64)] = True
+    pairs = {
+        f"{names[w]}>{names[s]}": int(n)
+        for w, s, n in losers.group_by("winner", "src").len().sort("winner", "src").iter_rows()
+    }
+    return drop, pairs
 
 
 # ------------------------------------------------------------------------------------------ tokenizer side
@@ -380,12 +509,12 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     sources = mixture.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
     if cfg.max_train_tokens and sources[0].fraction is None:
         raise FakegptError("--max-train-tokens: applies to mixtures (--mix, or a dataset YAML with fractions)")
+    columns = parse_columns(cfg.columns)
     for s in sources:
         s.files = mixture.resolve_files(s, cfg.source_root)
         for f in s.files:
             if f != mixture.DEMO:
-                check_text_input(f)  # binary or CR-only files: a clear error before the CSV reader sees them
-                check_header(f)
+                readers.check(f, s.format or cfg.format, s.columns if s.columns is not None else columns)
     if not track:
         return _prepare_into(cfg, sources, out)
     name = _dataset_name(cfg)
@@ -405,6 +534,8 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         }
         metrics.update({tracking.M_DATA_DROPPED_PREFIX + k: v for k, v in meta.dropped.items()})
         metrics.update({tracking.M_DATA_MIX_PREFIX + k: v for k, v in meta.mixture.items()})
+        pairs = meta.overlap.get("pairs", {})
+        metrics.update({tracking.overlap_metric(*k.split(">", 1)): v for k, v in pairs.items()})
         tracking.log_metrics(metrics)
         if meta.mixture:
             tracking.set_tags({tracking.TAG_MIX: meta.mixture_tag(digits=3)})
@@ -441,9 +572,22 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
         t_tok = time.perf_counter() - t0
         parts = [sink.finish() for sink in sinks]
         lengths = [p[0] for p in parts]
-        val = [p[1] if cfg.split != "sequential" else _sequential_val(len(p[0]), cfg.val_fraction) for p in parts]
-        train = [~v for v in val]
-        n_msgs = sum(len(x) for x in lengths)
+        drop, pairs = _overlap(reader) if reader.by_time else ([np.zeros(len(x), bool) for x in lengths], {})
+        if reader.read_pairs:
+            names = [s.name for s in sources]
+            pairs = {f"{names[a]}>{names[b]}": n for (a, b), n in sorted(reader.read_pairs.items())}
+        if pairs:
+            reader.dropped["cross_source"] += sum(pairs.values())
+            log.info(
+                "%d messages found in more than one source were kept only where they appear %s (--overlap %s): %s",
+                sum(pairs.values()),
+                "first in time" if cfg.overlap == "first-in-time" else "in the source read first",
+                cfg.overlap,
+                ", ".join(f"{k} {v}" for k, v in pairs.items()),
+            )
+        val = [_split_flags(p[1], d, cfg) for p, d in zip(parts, drop, strict=True)]
+        train = [~v & ~d for v, d in zip(val, drop, strict=True)]
+        n_msgs = sum(len(x) - int(d.sum()) for x, d in zip(lengths, drop, strict=True))
         if n_msgs == 0:
             files = ", ".join(f for s in sources for f in s.files)
             raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
@@ -459,11 +603,11 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
             )
             if any(v.any() for v in val):
                 val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
-            unused = sum(int((~(t | v)).sum()) for t, v in zip(train, val, strict=True))
+            unused = sum(int((~(t | v | d)).sum()) for t, v, d in zip(train, val, drop, strict=True))
             reader.dropped["mixture_unused"] += unused
         if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
             (out / META_FILE).unlink()
-        if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential":
+        if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential" and not drop[0].any():
             _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out)
         else:
             with atomic_path(out / "train.bin") as t_path, atomic_path(out / "val.bin") as v_path:
@@ -472,6 +616,8 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
                         _copy_selected(sink.path, length, tr, va, ft, fv)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
+        if len(sources) > 1 and cfg.dedupe:
+            meta.overlap = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
         meta.timing["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
         meta.write(out)
     finally:
@@ -496,6 +642,15 @@ def _check_sources_used(
             )
 
 
+def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Per message, True for val: the reader's flags, or the sequential tail of the messages not dropped."""
+    if cfg.split != "sequential":
+        return val & ~drop
+    out = np.zeros(len(drop), dtype=bool)
+    out[np.flatnonzero(~drop)] = _sequential_val(int((~drop).sum()), cfg.val_fraction)
+    return out
+
+
 def _drop_text(dropped: Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
 
@@ -512,12 +667,10 @@ def _meta(
     t_tok: float,
 ) -> DatasetMeta:
     per_source = []
-    for s, length, tr, va in zip(sources, lengths, train, val, strict=True):
+    for si, (s, length, tr, va) in enumerate(zip(sources, lengths, train, val, strict=True)):
+        keys = ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
         files = [
-            {
-                k: f[k]
-                for k in ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
-            }
+            {k: f[k] for k in keys} | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
             for f in reader.files
             if f["source"] == s.name
         ]
@@ -532,6 +685,9 @@ def _meta(
                 "val_tokens": int(length[va].sum()),
                 "train_messages": int(tr.sum()),
                 "val_messages": int(va.sum()),
+                "forwards": reader.forwards[si],
+                # after cleaning and dedupe, before the overlap rule and a mixture's draw
+                "messages_by_channel": {str(k): v for k, v in sorted(reader.by_channel[si].items())},
             }
         )
     train_tokens = sum(p["train_tokens"] for p in per_source)
@@ -552,7 +708,8 @@ def _meta(
             "val_messages": sum(p["val_messages"] for p in per_source),
             "dropped": {
                 k: int(reader.dropped.get(k, 0))
-                for k in ("channel_filter", "too_short", "duplicate", "bad_date", "mixture_unused")
+                for k in ("channel_filter", "too_short", "duplicate", "bad_date", "mixture_unused", "cross_source")
+                + DROP_REASONS
             }
             | {"bad_row": sum(f["bad_rows"] for f in reader.files)},
             "read": {

@@ -16,12 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
+from fakegpt.data.tables import parse_columns
 from fakegpt.errors import FakegptError
 
 DEMO = "demo:"
-SOURCE_KEYS = ("name", "path", "channel_ids", "fraction")
+SOURCE_KEYS = ("name", "path", "channel_ids", "fraction", "format", "columns")
 _FRACTION_SUM_TOLERANCE = 1e-3
+# The Bot API "marks" a channel or supergroup id: -100 followed by the bare id (the desktop export's `id`).
+MARKED_OFFSET = 1_000_000_000_000
+
+
+def bare_channel_id(channel_id: int) -> int:
+    """-1001234567890 -> 1234567890; any other id unchanged (so both spellings select the same chat)."""
+    return -channel_id - MARKED_OFFSET if channel_id <= -MARKED_OFFSET else channel_id
+
+
+def bare_channel_expr(col: str = "channel_id") -> pl.Expr:
+    """`bare_channel_id` as a polars expression over an Int64 column."""
+    c = pl.col(col)
+    return pl.when(c <= -MARKED_OFFSET).then(-c - MARKED_OFFSET).otherwise(c)
 
 
 @dataclasses.dataclass
@@ -31,6 +46,8 @@ class Source:
     channel_ids: list[int] = dataclasses.field(default_factory=list)
     fraction: float | None = None
     files: list[str] = dataclasses.field(default_factory=list)
+    format: str | None = None  # None: prepare's --format
+    columns: dict[str, str] | None = None  # None: prepare's --columns
 
 
 def parse_mix(items: list[str]) -> list[tuple[str, float]]:
@@ -64,7 +81,7 @@ def _source_from_dict(i: int, spec: Any) -> Source:
     paths = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
     patterns = [str(p) for p in paths]
     try:
-        ids = [int(c) for c in (spec.get("channel_ids") or [])]
+        ids = [bare_channel_id(int(c)) for c in (spec.get("channel_ids") or [])]
     except (TypeError, ValueError):
         raise FakegptError(f"{where}: channel_ids must be a list of integers") from None
     frac = spec.get("fraction")
@@ -76,12 +93,19 @@ def _source_from_dict(i: int, spec: Any) -> Source:
         if not 0.0 <= frac <= 1.0:
             raise FakegptError(f"{where}: fraction must lie in [0, 1], got {frac}")
     name = str(spec.get("name") or Path(patterns[0]).stem or f"source{i}")
-    return Source(name=name, patterns=patterns, channel_ids=ids, fraction=frac)
+    columns = spec.get("columns")
+    if columns is not None:
+        if not isinstance(columns, (dict, list, str)):
+            raise FakegptError(f"{where}: columns must be a mapping FIELD: COLUMN or a list of FIELD=COLUMN")
+        columns = parse_columns([columns] if isinstance(columns, str) else columns, f"{where}: columns")
+    fmt = str(spec["format"]) if spec.get("format") is not None else None
+    return Source(name=name, patterns=patterns, channel_ids=ids, fraction=frac, format=fmt, columns=columns)
 
 
 def build_sources(inputs: list[str], specs: list[Any], mix: list[str], channel_ids: list[int]) -> list[Source]:
     """The sources of one prepare run, from positional inputs, `sources:` of a dataset YAML and `--mix`."""
     sources = [_source_from_dict(i, s) for i, s in enumerate(specs)]
+    channel_ids = [bare_channel_id(c) for c in channel_ids]
     if sources and inputs:
         raise FakegptError("give input files or `sources:` (a dataset YAML), not both")
     by_name = {s.name: s for s in sources}
