@@ -79,6 +79,8 @@ def _counted(batches: Iterator[pl.DataFrame], stats: ReadStats) -> Iterator[pl.D
 def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> None:
     """Fail fast (before a tracking run starts) on a missing, empty or header-less file, an unknown column, or
     JSON that is not a Telegram export."""
+    if fmt != "parquet" and not _stem(path).endswith(".parquet"):
+        check_text_input(path)  # binary or CR-only files: a clear error before a text reader (or detect) sees them
     kind = detect(path, fmt)
     if kind == telegram_json.FORMAT:
         if columns:
@@ -91,8 +93,6 @@ def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -
         finally:
             raw.close()
         return
-    if kind in ("csv", "naive", "jsonl"):
-        check_text_input(path)  # binary or CR-only files: a clear error before a text reader sees them
     for _ in read_batches(path, kind, header_only=True, columns=columns):
         pass
 

@@ -254,7 +254,7 @@ def test_tracked_run_spans_the_work_and_records_failures(tmp_path, shared_data):
     t1 = time.time() * 1000
     (r,) = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
     seconds = json.loads((tmp_path / "ok" / "meta.json").read_text())["timing"]["seconds"]
-    assert r.info.status == "FINISHED" and r.info.run_name == "prepare:ok"
+    assert r.info.status == "FINISHED" and r.info.run_name == "prepare ok"
     assert t0 <= r.info.start_time and r.info.end_time <= t1
     assert r.info.end_time - r.info.start_time >= seconds * 1000  # the run spans the work
     assert r.data.tags["fakegpt.stage"] == "prepare" and "mlflow.source.name" in r.data.tags
