@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import queue
+import re
 import shutil
 import sys
 import tempfile
@@ -145,6 +146,14 @@ class PrepareConfig:
             "meta.json's overlap and the data/overlap/KEPT/DROPPED metrics count the copies per source pair"
         },
     )
+    val_mix: str = dataclasses.field(
+        default="shared",
+        metadata={
+            "help": "mixtures: shared = val.bin is every source's whole held-out part, the same bins at every dose "
+            "of a series (one yardstick), plus val_<source>.bin per source | dose = val drawn at the mixture's "
+            "fractions (the old rule: each dose measured on its own distribution)"
+        },
+    )
     split: str = dataclasses.field(
         default="sequential",
         metadata={"help": "sequential (last val_fraction of messages), random (seeded) or date (>= split_date is val)"},
@@ -178,6 +187,8 @@ def validate(cfg: PrepareConfig) -> None:
         raise FakegptError(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
     if cfg.format not in FORMATS:
         raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.val_mix not in ("shared", "dose"):
+        raise FakegptError(f"--val-mix: expected shared or dose, got {cfg.val_mix!r}")
     if cfg.overlap not in OVERLAP_RULES:
         raise FakegptError(f"--overlap: expected one of {', '.join(OVERLAP_RULES)}, got {cfg.overlap!r}")
     unknown = [t for t in cfg.chat_types if t not in CHAT_TYPES]
@@ -467,6 +478,17 @@ def _sequential_val(n: int, fraction: float) -> np.ndarray:
     return val
 
 
+def source_val_file(name: str) -> str:
+    """The file of a mixture source's held-out messages: val_<name>.bin (name made safe for a file name)."""
+    return "val_" + re.sub(r"[^\w.-]", "_", name) + ".bin"
+
+
+def output_files(sources: list[mixture.Source]) -> tuple[str, ...]:
+    """The files a run writes into --out: the bins, a validation file per source of a mixture, meta.json last."""
+    per_source = tuple(source_val_file(s.name) for s in sources) if len(sources) > 1 else ()
+    return OUTPUT_FILES[:2] + per_source + OUTPUT_FILES[2:]
+
+
 def _copy_selected(
     src_path: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray, out_train: Any, out_val: Any
 ) -> None:
@@ -479,6 +501,8 @@ def _copy_selected(
             block_len = lengths[start:stop]
             tokens = np.fromfile(f, dtype=DTYPE, count=int(block_len.sum()))
             for sel, out in ((train[start:stop], out_train), (val[start:stop], out_val)):
+                if out is None:
+                    continue
                 if sel.all():
                     tokens.tofile(out)
                 elif sel.any():
@@ -542,7 +566,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         tracking.log_artifact(out / META_FILE)
         tracking.log_dataset_input(meta.dataset, str(out.resolve()), bins.fingerprint(out), context="prepared")
         if cfg.log_data:  # later steps of a pipeline read the bins from the run, wherever it ran
-            for name in OUTPUT_FILES:
+            for name in output_files(sources):
                 tracking.log_artifact(out / name, artifact_path="data")
     return meta
 
@@ -555,7 +579,7 @@ def _cpu_seconds() -> float:
 def _prepare_into(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
     """Claim `out` (one run at a time), build the dataset in a work folder and move it in only when complete
     (files.output_dir): a failure leaves an old dataset whole, and a new folder is removed again."""
-    with output_dir(out, OUTPUT_FILES) as work:
+    with output_dir(out, output_files(sources)) as work:
         _check_out(out, cfg.force)  # again, now that no other run can write here
         meta = _prepare(cfg, sources, work)
     _report(out, meta)
@@ -601,7 +625,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
                 cfg.seed,  # type: ignore[arg-type]
                 cap=cfg.max_train_tokens,
             )
-            if any(v.any() for v in val):
+            if cfg.val_mix == "dose" and any(v.any() for v in val):
                 val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
             unused = sum(int((~(t | v | d)).sum()) for t, v, d in zip(train, val, drop, strict=True))
             reader.dropped["mixture_unused"] += unused
@@ -614,6 +638,10 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
                 with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
                     for sink, length, tr, va in zip(sinks, lengths, train, val, strict=True):
                         _copy_selected(sink.path, length, tr, va, ft, fv)
+            if len(sources) > 1:  # one validation file per source: val/loss/<source> in finetune
+                for source, sink, length, va in zip(sources, sinks, lengths, val, strict=True):
+                    with atomic_path(out / source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
+                        _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
         if len(sources) > 1 and cfg.dedupe:

@@ -9,6 +9,7 @@ Series are defined in experiments/mixture/*.yaml, so a user edits YAML, not code
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import Any
 import polars as pl
 
 from fakegpt import config, tracking
+from fakegpt.data import prepare as prep
+from fakegpt.data import sources
+from fakegpt.data.meta import META_FILE, DatasetMeta
+from fakegpt.data.prepare import PrepareConfig
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
 from fakegpt.measure.labels import load_samples, rates_from_sheet
@@ -56,6 +61,13 @@ class SeriesConfig(PipelineConfig):
     dose_source: str = field(default="antivax", metadata={"help": "the dataset source whose share is varied"})
     base_source: str = field(default="general", metadata={"help": "the source that fills the rest"})
     series_name: str = field(default="antivax-dose", metadata={"help": "name for the series (MLflow tag)"})
+    allow_unequal_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "run a series whose doses differ in training size (no max_train_tokens in the dataset YAML, "
+            "or a dose that cannot fill it); by default refused: size would change with the share"
+        },
+    )
     label_sheet: str = field(
         default="",
         metadata={
@@ -85,6 +97,12 @@ def validate(cfg: SeriesConfig) -> None:
     dataset = Path(cfg.dataset) if Path(cfg.dataset).is_file() else PROJECT_DIR / cfg.dataset
     if not dataset.is_file():
         raise FakegptError(f"--dataset: {cfg.dataset}: no such file")
+    if not cfg.allow_unequal_sizes and not _dataset_config(dataset).max_train_tokens:
+        raise FakegptError(
+            f"--dataset {cfg.dataset}: no max_train_tokens, so each dose would be as large as its scarcest source "
+            "allows and size would change with the share; set max_train_tokens in the YAML (a size every dose can "
+            "fill) or pass --allow-unequal-sizes true"
+        )
     names = source_names(dataset)
     for flag, name in (("--dose-source", cfg.dose_source), ("--base-source", cfg.base_source)):
         if name not in names:
@@ -98,13 +116,24 @@ def validate(cfg: SeriesConfig) -> None:
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
+def _dataset_config(dataset: Path) -> PrepareConfig:
+    return prep.parse_args(["--config", str(dataset)])
+
+
 def source_names(dataset: Path) -> list[str]:
     """The source names of a dataset YAML (what --dose-source and --base-source must name)."""
-    from fakegpt.data import prepare as prep
-    from fakegpt.data import sources
+    return [s.name for s in sources.build_sources([], _dataset_config(dataset).sources, [], [])]
 
-    pcfg = prep.parse_args(["--config", str(dataset)])
-    return [s.name for s in sources.build_sources([], pcfg.sources, [], [])]
+
+def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> None:
+    """Refuse a dose whose scarcest source could not fill the series' max_train_tokens (unless allowed)."""
+    meta = DatasetMeta.from_dict(json.loads(tracking.download(f"runs:/{prepare_run}/{META_FILE}").read_text()))
+    if meta.max_train_tokens_reached is False and not cfg.allow_unequal_sizes:
+        raise FakegptError(
+            f"dose {fraction:g}: {meta.train_tokens:,} train tokens, short of max_train_tokens "
+            f"{meta.config.get('max_train_tokens'):,}: the scarcest source cannot fill it at this share; lower "
+            "max_train_tokens in the dataset YAML or pass --allow-unequal-sizes true"
+        )
 
 
 def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
@@ -131,6 +160,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
             return run_id
 
         prep = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)))
+        check_dose_size(cfg, fraction, prep)
         data_uri = f"runs:/{prep}/data"
         tuned = step("finetune", finetune_params(cfg, data_uri))
         model = f"runs:/{tuned}/checkpoint"

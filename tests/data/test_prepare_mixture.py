@@ -40,7 +40,7 @@ def test_dose_fractions_are_realised_from_the_right_channels(tmp_path, channel_o
     meta = mix(tmp_path, "d20", "--mix", "general=0.8", "antivax=0.2")
     assert meta.dataset == "antivax_mix"
     assert abs(meta.mixture["antivax"] - 0.2) < 0.005 and abs(meta.mixture["general"] - 0.8) < 0.005
-    assert abs(meta.mixture_val["antivax"] - 0.2) < 0.02
+    assert meta.config["val_mix"] == "shared"  # val: each source's held-out part, whatever the dose (see below)
     by_name = {s["name"]: s for s in meta.sources}
     assert by_name["general"]["channel_ids"] == [2, 4] and by_name["antivax"]["channel_ids"] == [1, 3]
     train = decode_messages(tmp_path / "d20" / "train.bin")
@@ -130,7 +130,10 @@ def test_max_train_tokens_fixes_the_size_across_doses(tmp_path, monkeypatch, sha
     """With one cap for every dose, only the share changes: each dose has the cap's size (to within a message
     per source) and its target fraction. A cap the scarcest source cannot fill is reported, not hidden."""
     monkeypatch.chdir(ROOT)
-    uncapped = {f: mix(tmp_path, f"u{f}", "--mix", f"general={1 - f}", f"antivax={f}") for f in (0.0, 0.2, 0.5)}
+    uncapped = {
+        f: mix(tmp_path, f"u{f}", "--mix", f"general={1 - f}", f"antivax={f}", "--max-train-tokens", "0")
+        for f in (0.0, 0.2, 0.5)
+    }
     sizes = sorted(m.train_tokens for m in uncapped.values())
     assert sizes[0] < 0.8 * sizes[-1]  # uncapped, the scarcest source sets a different size at each dose
     cap = int(0.9 * sizes[0])
@@ -154,3 +157,24 @@ def test_max_train_tokens_fixes_the_size_across_doses(tmp_path, monkeypatch, sha
             ),
             track=False,
         )
+
+
+def test_every_dose_is_measured_on_the_same_validation_bins(tmp_path, monkeypatch):
+    """One yardstick: val.bin is every source's held-out part, byte-identical at every dose, with a
+    val_<source>.bin per source; `--val-mix dose` keeps the old rule (val drawn at the dose's fractions)."""
+    monkeypatch.chdir(ROOT)
+    metas = {f: mix(tmp_path, f"s{f}", "--mix", f"general={1 - f}", f"antivax={f}") for f in (0.0, 0.2, 0.8)}
+    files = {
+        f: {n: (tmp_path / f"s{f}" / n).read_bytes() for n in ("val.bin", "val_general.bin", "val_antivax.bin")}
+        for f in metas
+    }
+    assert files[0.0] == files[0.2] == files[0.8]
+    val = files[0.0]
+    assert len(val["val.bin"]) == len(val["val_general.bin"]) + len(val["val_antivax.bin"]) > 0
+    by_name = {s["name"]: s["val_tokens"] for s in metas[0.2].sources}
+    assert 2 * by_name["antivax"] == len(val["val_antivax.bin"]) and metas[0.2].val_tokens == sum(by_name.values())
+    assert metas[0.0].mixture_val == metas[0.8].mixture_val  # the same share of each source in val
+    old = {
+        f: mix(tmp_path, f"d{f}", "--mix", f"general={1 - f}", f"antivax={f}", "--val-mix", "dose") for f in (0.2, 0.8)
+    }
+    assert old[0.2].mixture_val["antivax"] < 0.3 < 0.7 < old[0.8].mixture_val["antivax"]

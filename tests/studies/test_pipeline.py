@@ -231,3 +231,44 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert "mlflow run . --env-manager local" in main_cmd and main_cmd.startswith("bash tools/setup.sh")
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci, f".ci/run must run the README's test command {test_cmd!r}"
+
+
+def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypatch):
+    """Size must not change with the share: a dataset YAML without max_train_tokens is refused up front, and
+    a dose whose scarcest source cannot fill the cap is refused after its prepare step (unless allowed)."""
+    import mlflow
+
+    from fakegpt.data.prepare import parse_args, prepare
+    from fakegpt.errors import FakegptError
+    from fakegpt.studies.mixture import SeriesConfig, check_dose_size, validate
+
+    monkeypatch.chdir(ROOT)
+    demo = ROOT / "experiments" / "datasets" / "demo_mix.yaml"
+    nocap = tmp_path / "nocap.yaml"
+    nocap.write_text("\n".join(line for line in demo.read_text().splitlines() if "max_train_tokens" not in line))
+    with pytest.raises(FakegptError, match=r"nocap\.yaml: no max_train_tokens.*--allow-unequal-sizes"):
+        validate(SeriesConfig(dataset=str(nocap), fractions=[0.0, 0.5]))
+    validate(SeriesConfig(dataset=str(nocap), fractions=[0.0, 0.5], allow_unequal_sizes=True))
+
+    short = prepare(
+        parse_args(
+            [
+                "--config",
+                str(demo),
+                "--mix",
+                "general=0.2",
+                "antivax=0.8",
+                "--max-train-tokens",
+                "10000000",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        ),
+        track=False,
+    )
+    assert short.max_train_tokens_reached is False
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "d" / "meta.json"))
+    with pytest.raises(FakegptError, match=r"dose 0.8: .* short of max_train_tokens 10,000,000"):
+        check_dose_size(SeriesConfig(), 0.8, run.info.run_id)
+    check_dose_size(SeriesConfig(allow_unequal_sizes=True), 0.8, run.info.run_id)
