@@ -6,7 +6,7 @@ JSON Lines / Parquet tables with a column map (fakegpt.data.readers picks the re
 Pipeline, streamed in batches so memory stays flat however large the input:
 
     reader thread:  batch (readers) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
-    main thread:    batch -> parts of thousands of messages -> pieces.PieceEncoder on a thread pool -> uint16 file
+    main thread:    batch -> parts of thousands of messages -> word_encoder.PieceEncoder on a thread pool -> uint16 file
 
 Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
 tiktoken once per distinct word rather than once per occurrence. Cleaning guarantees the
@@ -38,10 +38,8 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
-from fakegpt.data import bins, readers, spelling, tokenizer
-from fakegpt.data import demo as demo_data
-from fakegpt.data import sources as mixture
-from fakegpt.data import word_encoder as pieces
+from fakegpt.data import bins, demo, readers, spelling, tokenizer, word_encoder
+from fakegpt.data import sources as data_sources
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import ReadStats
 from fakegpt.data.meta import META_FILE, DatasetMeta
@@ -233,7 +231,7 @@ class _Batch:
 class _Reader:
     """Reads, cleans, filters and dedupes every source in order, putting _Batch items on a bounded queue."""
 
-    def __init__(self, cfg: PrepareConfig, sources: list[mixture.Source], q: queue.Queue, stop: threading.Event):
+    def __init__(self, cfg: PrepareConfig, sources: list[data_sources.Source], q: queue.Queue, stop: threading.Event):
         self.cfg, self.sources, self.q, self.stop = cfg, sources, q, stop
         self.rules = CleanRules(
             cfg.remove_mentions, cfg.remove_urls, cfg.remove_symbols, cfg.collapse_whitespace, cfg.keep_newlines
@@ -276,11 +274,11 @@ class _Reader:
         except BaseException as exc:  # handed to the main thread, which re-raises it
             self._put(exc)
 
-    def _read_file(self, si: int, src: mixture.Source, path: str) -> None:
+    def _read_file(self, si: int, src: data_sources.Source, path: str) -> None:
         stats = ReadStats()
         raw = None
-        if path == mixture.DEMO:
-            raw = io.BytesIO(demo_data.demo_csv())
+        if path == data_sources.DEMO:
+            raw = io.BytesIO(demo.demo_csv())
         seen_bytes = 0
         batches = readers.read_batches(
             path,
@@ -300,9 +298,9 @@ class _Reader:
         self.dropped.update(stats.skipped)
         self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
 
-    def _process(self, df: pl.DataFrame, src: mixture.Source) -> tuple[pl.Series, np.ndarray | None]:
+    def _process(self, df: pl.DataFrame, src: data_sources.Source) -> tuple[pl.Series, np.ndarray | None]:
         cfg = self.cfg
-        df = df.with_columns(channel_id=mixture.bare_channel_expr())  # -100-marked ids -> the bare id
+        df = df.with_columns(channel_id=data_sources.bare_channel_expr())  # -100-marked ids -> the bare id
         if src.channel_ids:
             n = df.height
             df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
@@ -425,15 +423,15 @@ class _Sink:
 
 
 def _tokenize_all(
-    cfg: PrepareConfig, sources: list[mixture.Source], scratch: Path, reader: _Reader
+    cfg: PrepareConfig, sources: list[data_sources.Source], scratch: Path, reader: _Reader
 ) -> tuple[list[_Sink], int]:
     """Run the reader thread and tokenize its batches on a thread pool; returns the sinks and bytes read."""
     threads = cfg.threads or os.cpu_count() or 1
     sinks = [_Sink(scratch / f"source{i}.u16") for i in range(len(sources))]
-    total = sum(os.path.getsize(f) for s in sources for f in s.files if f != mixture.DEMO) or None
+    total = sum(os.path.getsize(f) for s in sources for f in s.files if f != data_sources.DEMO) or None
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not sys.stderr.isatty())
     tokenizer.get_encoding()  # build it once, before threads race to
-    encoder = pieces.PieceEncoder()  # each distinct word is encoded once, until the cache is full
+    encoder = word_encoder.PieceEncoder()  # each distinct word is encoded once, until the cache is full
     thread = threading.Thread(target=reader.run, name="fakegpt-prepare-reader", daemon=True)
     thread.start()
     pending: list[tuple[_Batch, list[Future]]] = []
@@ -448,7 +446,7 @@ def _tokenize_all(
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
                     if encoder.words > _MAX_CACHED_WORDS:  # memory stays flat on any vocabulary; in-flight
-                        encoder = pieces.PieceEncoder()  # parts finish with the old one
+                        encoder = word_encoder.PieceEncoder()  # parts finish with the old one
                     pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):
@@ -483,7 +481,7 @@ def source_val_file(name: str) -> str:
     return "val_" + re.sub(r"[^\w.-]", "_", name) + ".bin"
 
 
-def output_files(sources: list[mixture.Source]) -> tuple[str, ...]:
+def output_files(sources: list[data_sources.Source]) -> tuple[str, ...]:
     """The files a run writes into --out: the bins, a validation file per source of a mixture, meta.json last."""
     per_source = tuple(source_val_file(s.name) for s in sources) if len(sources) > 1 else ()
     return OUTPUT_FILES[:2] + per_source + OUTPUT_FILES[2:]
@@ -530,14 +528,14 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     validate(cfg)
     out = Path(cfg.out)
     _check_out(out, cfg.force)
-    sources = mixture.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
+    sources = data_sources.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
     if cfg.max_train_tokens and sources[0].fraction is None:
         raise FakegptError("--max-train-tokens: applies to mixtures (--mix, or a dataset YAML with fractions)")
     columns = parse_columns(cfg.columns)
     for s in sources:
-        s.files = mixture.resolve_files(s, cfg.source_root)
+        s.files = data_sources.resolve_files(s, cfg.source_root)
         for f in s.files:
-            if f != mixture.DEMO:
+            if f != data_sources.DEMO:
                 readers.check(f, s.format or cfg.format, s.columns if s.columns is not None else columns)
     if not track:
         return _prepare_into(cfg, sources, out)
@@ -576,7 +574,7 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _prepare_into(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
+def _prepare_into(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) -> DatasetMeta:
     """Claim `out` (one run at a time), build the dataset in a work folder and move it in only when complete
     (files.output_dir): a failure leaves an old dataset whole, and a new folder is removed again."""
     with output_dir(out, output_files(sources)) as work:
@@ -586,7 +584,7 @@ def _prepare_into(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) 
     return meta
 
 
-def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> DatasetMeta:
+def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) -> DatasetMeta:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out))
@@ -618,7 +616,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
         fractions = [s.fraction for s in sources]
         _check_sources_used(sources, lengths, train, reader.dropped)
         if fractions[0] is not None:
-            train = mixture.select(
+            train = data_sources.select(
                 lengths,
                 train,
                 fractions,
@@ -626,7 +624,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
                 cap=cfg.max_train_tokens,
             )
             if cfg.val_mix == "dose" and any(v.any() for v in val):
-                val = mixture.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
+                val = data_sources.select(lengths, val, fractions, cfg.seed + 1)  # type: ignore[arg-type]
             unused = sum(int((~(t | v | d)).sum()) for t, v, d in zip(train, val, drop, strict=True))
             reader.dropped["mixture_unused"] += unused
         if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
@@ -654,7 +652,7 @@ def _prepare(cfg: PrepareConfig, sources: list[mixture.Source], out: Path) -> Da
 
 
 def _check_sources_used(
-    sources: list[mixture.Source], lengths: list[np.ndarray], train: list[np.ndarray], dropped: Counter[str]
+    sources: list[data_sources.Source], lengths: list[np.ndarray], train: list[np.ndarray], dropped: Counter[str]
 ) -> None:
     """Every source of several must bring train messages: an empty one (a channel_ids typo) would silently
     give a mixture of 0 tokens, or a dataset without that source."""
@@ -685,7 +683,7 @@ def _drop_text(dropped: Counter[str]) -> str:
 
 def _meta(
     cfg: PrepareConfig,
-    sources: list[mixture.Source],
+    sources: list[data_sources.Source],
     reader: _Reader,
     lengths: list[np.ndarray],
     train: list[np.ndarray],
@@ -749,14 +747,14 @@ def _meta(
                 "bad_row_examples": examples,
             },
             "sources": per_source,
-            "mixture": mixture.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
+            "mixture": data_sources.realised({p["name"]: p["train_tokens"] for p in per_source}) if mixed else {},
             # Within a message per source of the cap; None without a cap; False: the scarcest source ran out first.
             "max_train_tokens_reached": (
                 train_tokens >= cfg.max_train_tokens - len(lengths) * _longest(lengths)
                 if cfg.max_train_tokens
                 else None
             ),
-            "mixture_val": mixture.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
+            "mixture_val": data_sources.realised({p["name"]: p["val_tokens"] for p in per_source}) if mixed else {},
             "spelling": {"mode": cfg.spelling, "words_replaced": reader.spelling.replaced},
             "split": {
                 "mode": cfg.split,

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fakegpt.data import word_encoder as pieces
+from fakegpt.data import word_encoder
 from fakegpt.data.prepare import PrepareConfig, prepare
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 
@@ -34,10 +34,10 @@ def test_real_corpora_raw_and_cleaned(shared_data):
     cleaned = clean_series(pl.Series(raw)).to_list()
     for texts, slow_share in ((raw, (0.05, 0.8)), (cleaned, (0.0, 0.01))):
         series = pl.Series(texts)
-        share = series.str.contains(pieces.NEEDS_TIKTOKEN).mean()
+        share = series.str.contains(word_encoder.NEEDS_TIKTOKEN).mean()
         # Raw exports mix both paths (double spaces, blank lines); cleaned text all but takes the word path.
         assert slow_share[0] <= share <= slow_share[1], share
-        np.testing.assert_array_equal(pieces.encode_messages(series), tiktoken_ids(texts))
+        np.testing.assert_array_equal(word_encoder.encode_messages(series), tiktoken_ids(texts))
 
 
 def test_every_code_point():
@@ -45,9 +45,12 @@ def test_every_code_point():
     a space and at the end. Within a word tiktoken itself splits; only polars' notion of whitespace (the
     routing) could disagree with tiktoken's, and here it does not, for any character."""
     messages = pl.Series([f"x{c}x {c}" for c in map(chr, range(0x110000)) if not 0xD800 <= ord(c) < 0xE000])
-    messages = messages.filter(~messages.str.contains(pieces.NEEDS_TIKTOKEN))  # whitespace c: beside a space
+    # whitespace c: beside a space
+    messages = messages.filter(~messages.str.contains(word_encoder.NEEDS_TIKTOKEN))
     assert len(messages) > 1_100_000
-    np.testing.assert_array_equal(pieces.PieceEncoder().encode_words(messages), pieces.encode_joined(messages))
+    np.testing.assert_array_equal(
+        word_encoder.PieceEncoder().encode_words(messages), word_encoder.encode_joined(messages)
+    )
 
 
 def test_random_text_at_the_pattern_corners():
@@ -78,22 +81,22 @@ def test_random_text_at_the_pattern_corners():
     ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20000)]
     series = pl.Series(texts)
-    routed = series.str.contains(pieces.NEEDS_TIKTOKEN)
+    routed = series.str.contains(word_encoder.NEEDS_TIKTOKEN)
     assert 0.5 < routed.mean() < 0.95  # both paths and their interleaving are exercised
-    np.testing.assert_array_equal(pieces.encode_messages(series), tiktoken_ids(texts))
+    np.testing.assert_array_equal(word_encoder.encode_messages(series), tiktoken_ids(texts))
     fast = series.filter(~routed)
-    np.testing.assert_array_equal(pieces.PieceEncoder().encode_words(fast), tiktoken_ids(fast.to_list()))
+    np.testing.assert_array_equal(word_encoder.PieceEncoder().encode_words(fast), tiktoken_ids(fast.to_list()))
 
 
 @pytest.mark.parametrize("texts", [[], [""], ["", ""], ["", "a", ""], ["  ", ""], [None, "a b"]])
 def test_edge_cases(texts):
-    got = pieces.encode_messages(pl.Series(texts, dtype=pl.String))
+    got = word_encoder.encode_messages(pl.Series(texts, dtype=pl.String))
     np.testing.assert_array_equal(got, tiktoken_ids([t or "" for t in texts]))
 
 
 def test_end_of_text_inside_a_message_is_refused():
     with pytest.raises(ValueError, match="endoftext"):
-        pieces.encode_messages(pl.Series(["fine", "not <|endoftext|> fine"]))
+        word_encoder.encode_messages(pl.Series(["fine", "not <|endoftext|> fine"]))
 
 
 @pytest.mark.parametrize("collapse", [True, False])
@@ -125,7 +128,7 @@ def test_one_encoder_shared_by_threads_remembers_words(shared_data):
 
     texts = clean_series(pl.Series(real_messages(shared_data)))
     parts = [texts.slice(i, 300) for i in range(0, len(texts), 300)]
-    encoder = pieces.PieceEncoder()
+    encoder = word_encoder.PieceEncoder()
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(encoder.encode, parts * 2))  # the second round finds every piece known
     for part, ids in zip(parts * 2, got, strict=True):
@@ -139,16 +142,16 @@ def test_a_full_word_cache_starts_afresh_with_identical_bins(tmp_path, shared_da
     import fakegpt.data.prepare as prep
 
     created = []
-    real = pieces.PieceEncoder
+    real = word_encoder.PieceEncoder
 
-    def counting() -> pieces.PieceEncoder:
+    def counting() -> word_encoder.PieceEncoder:
         created.append(1)
         return real()
 
     data = str(shared_data / "fakewhatsapp_br.csv")
     prepare(PrepareConfig(inputs=[data], out=str(tmp_path / "a"), chunk_mb=1), track=False)
     monkeypatch.setattr(prep, "_MAX_CACHED_WORDS", 500)
-    monkeypatch.setattr(prep.pieces, "PieceEncoder", counting)
+    monkeypatch.setattr(prep.word_encoder, "PieceEncoder", counting)
     prepare(PrepareConfig(inputs=[data], out=str(tmp_path / "b"), chunk_mb=1), track=False)
     assert len(created) >= 2  # the first encoder and at least one fresh one
     for name in ("train.bin", "val.bin"):
