@@ -199,6 +199,16 @@ class ErrorRaisingParser(argparse.ArgumentParser):
 
 def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> T:
     """Parse `argv` into `cls`: defaults < `--config` YAML < flags."""
+    return parse_given(cls, argv, prog, description)[0]
+
+
+def parse_given(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> tuple[T, frozenset[str]]:
+    """`parse`, plus the field names the user gave (as flags or in the `--config` YAML), whatever their value.
+
+    A stage that continues earlier work (`finetune --init-from resume`) needs to tell "not given" from "given
+    with the default value". Under `mlflow run` a parameter equal to its default counts as not given (every
+    MLproject parameter is always passed).
+    """
     parser = build_parser(cls, prog, description)
     parser.__class__ = ErrorRaisingParser
     ns = vars(parser.parse_args(argv))
@@ -213,4 +223,14 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = ""
         # override the same key from -P config=FILE.yaml.
         defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         overrides = {k: v for k, v in overrides.items() if not (k in merged and v == defaults[k])}
-    return dataclasses.replace(from_file, **overrides)  # type: ignore[type-var]
+        given = set(merged) | {k for k, v in overrides.items() if v != defaults[k]}
+    else:
+        given = set(merged) | set(overrides)
+    return dataclasses.replace(from_file, **overrides), frozenset(given)  # type: ignore[type-var]
+
+
+def non_default_keys(cfg: Any) -> frozenset[str]:
+    """Fields of a config dataclass whose value differs from the class default: what a caller that built the
+    dataclass in code (not from flags) evidently chose. The fallback of `parse_given` for library calls."""
+    defaults = type(cfg)()
+    return frozenset(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name))

@@ -14,11 +14,9 @@ from fakegpt.data.bins import open_bin
 from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
+from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.models.checkpoint import CHECKPOINT_DIR
 from fakegpt.models.loading import resolve_pretrained
-
-STATE_FILE = "train_state.pt"  # OUT/train_state.pt: optimizer, iteration, best loss, run id (for resume)
 
 
 def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
@@ -32,11 +30,21 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         "n_layer",
         "n_head",
         "n_embd",
+        "keep_states",
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise FakegptError(f"{config_mod.flag_name(name)}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr"):
+    for name in (
+        "max_iters",
+        "warmup_iters",
+        "weight_decay",
+        "grad_clip",
+        "learning_rate",
+        "min_lr",
+        "save_interval",
+        "save_every_minutes",
+    ):
         if getattr(cfg, name) < 0:
             raise FakegptError(f"{config_mod.flag_name(name)}: must not be negative, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -48,19 +56,16 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         )
 
 
-def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
-    """(model folder or 'scratch', vocab size, context length) without loading any weights."""
+def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, int, int]:
+    """(model folder or 'scratch' / the state folder, vocab size, context length) without loading any weights."""
+    if state_folder is not None:  # resume: the shape saved with the state
+        hf = state_mod.model_config(state_folder)
+        return str(state_folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
     if cfg.init_from == "scratch":
         return "scratch", VOCAB_SIZE, cfg.block_size
     if cfg.init_from == "resume":
-        folder = Path(cfg.out_dir) / CHECKPOINT_DIR
-        if not (Path(cfg.out_dir) / STATE_FILE).is_file() or not (folder / "config.json").is_file():
-            raise FakegptError(
-                f"--init-from resume: no {STATE_FILE} and {CHECKPOINT_DIR}/ in {cfg.out_dir} to resume from "
-                "(a run saves them at its first evaluation)"
-            )
-    else:
-        folder = Path(resolve_pretrained(cfg.init_from))
+        raise FakegptError(f"--init-from resume: no resume state in {Path(cfg.out_dir) / state_mod.STATE_DIR}")
+    folder = Path(resolve_pretrained(cfg.init_from))
     try:
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -68,8 +73,9 @@ def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
     return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
 
 
-def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
-    """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta)."""
+def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = None) -> tuple[str, DatasetMeta]:
+    """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta).
+    `state_folder`: the resume state a resumed run continues from."""
     _check_numbers(cfg, world_size)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
@@ -77,7 +83,7 @@ def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
     for split in ("train", "val"):
         open_bin(data_dir, split, cfg.block_size)
     meta = DatasetMeta.load(data_dir)
-    folder, vocab, n_positions = _model_shape(cfg)
+    folder, vocab, n_positions = _model_shape(cfg, state_folder)
     if cfg.block_size > n_positions:
         raise FakegptError(
             f"--block-size {cfg.block_size} is larger than the model's context ({n_positions} positions, "

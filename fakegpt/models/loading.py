@@ -139,6 +139,15 @@ def scratch_model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropo
     return model.to(dtype) if dtype is not None else model
 
 
+def model_from_config(hf_config: dict[str, Any]):
+    """A GPT2LMHeadModel of the shape an HF config dict describes (weights to be loaded after), SDPA attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config.from_dict(hf_config)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
 def use_fused_gelu(model: Any) -> Any:
     """Swap GPT-2's "gelu_new" (a Python formula: ~8 elementwise kernels forward, more backward) for PyTorch's
     one-kernel tanh GELU. Both compute 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), so the weights and the

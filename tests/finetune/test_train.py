@@ -19,7 +19,8 @@ from fakegpt import tracking
 from fakegpt.data.bins import eval_starts
 from fakegpt.errors import FakegptError
 from fakegpt.finetune.batches import Batches
-from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune import state as state_mod
+from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import CURVE_FILE, EvalResult, NonFiniteLossError, finetune, lr_at
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
@@ -111,8 +112,21 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
     assert info["config"]["learning_rate"] == 3e-3 and info["config"]["device"] == "cpu"
     assert info["tokens_seen"] == result.best_iter * 128
     assert _val_loss(ckpt, data_dir, cfg) == pytest.approx(result.best_val_loss, abs=1e-4)
-    state = torch.load(tmp_path / "out" / STATE_FILE, weights_only=True)
-    assert state["iter"] == result.best_iter and state["run_id"] == result.run_id
+    # the resume state: one folder, written at the end (no interval given), loadable with weights_only
+    (folder,) = state_mod.saved(tmp_path / "out")
+    assert folder.name == "iter-0000025"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [state_mod.MODEL_FILE, state_mod.OPTIMIZER_FILE, state_mod.STATE_JSON, state_mod.MODEL_CONFIG]
+    )
+    saved = state_mod.read_info(folder)
+    assert (saved.iter, saved.best_iter, saved.run_id) == (25, result.best_iter, result.run_id)
+    assert saved.config["learning_rate"] == 3e-3 and saved.config["save_interval"] == 0
+    assert saved.run_uid == info[state_mod.RUN_UID_KEY]  # the best model and the state belong together
+    weights, payload = state_mod.load_tensors(folder)
+    assert set(payload) == {"optimizer", "scaler"} and "transformer.wte.weight" in weights
+    assert [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][
+        :3
+    ] == [0, 1, 2]  # the local copy of every metric point
 
     # MLflow: status, tags, params (config + meta.json), metric histories, artifacts
     client = _client()
@@ -444,7 +458,7 @@ def test_bad_arguments_reported_before_model_load(data_dir, tmp_path, tiny_model
         finetune(tiny(other, tmp_path / "o"))
     with pytest.raises(FakegptError, match="multiple of the number of processes \\(2\\)"):
         check(tiny(data_dir, tmp_path / "o", gradient_accumulation_steps=3), world_size=2)
-    with pytest.raises(FakegptError, match="nothing|no train_state.pt"):
+    with pytest.raises(FakegptError, match="no resume state in .*o/state"):
         finetune(tiny(data_dir, tmp_path / "o", init_from="resume"))
     # through the CLI: one line, exit status 2, naming the flag
     assert cli_main(["finetune", "--data-dir", str(data_dir), "--init-from", "scratch", "--batch-size", "0"]) == 2
