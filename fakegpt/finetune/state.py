@@ -5,7 +5,7 @@ OUT/state/iter-NNNNNNN/ holds
 - `optimizer.pt`  AdamW's state and, under float16, the gradient scaler's,
 - `model_config.json` the HF model configuration (the shape to rebuild before loading the weights),
 - `state.json`    the iteration, best loss/iteration, loss curves, MLflow run id, the run's identity, the full
-                  resolved configuration, the data's meta.json and the size of each file above.
+                  resolved configuration, the data's meta.json and the size and CRC-32 of each file above.
 Batches and dropout are re-seeded from (seed, rank, iteration) every iteration, so the iteration number is the
 whole RNG and data position. Tensors are read back with `torch.load(weights_only=True)`; a truncated or damaged
 file is a one-line error naming it. A killed write leaves only a `.iter-*.tmp` folder, removed at the next start
@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +59,7 @@ class ResumeInfo:
     config: dict[str, Any]  # the resolved FinetuneConfig
     data: dict[str, Any]  # the data folder's meta.json
     files: dict[str, int]  # file name -> size in bytes, to detect truncation before unpickling
+    checksums: dict[str, str] = field(default_factory=dict)  # file name -> CRC-32 (hex): damage inside a file
     val_curve: list[list[float]] = field(default_factory=list)  # (tokens_seen, val_loss)
     train_curve: list[list[float]] = field(default_factory=list)  # (tokens_seen, train_loss)
     rng: str = "batches and dropout re-seeded from (seed, rank, iter)"
@@ -122,13 +124,38 @@ def remove_all(out_dir: str | Path) -> int:
     return len(states)
 
 
-def _save_synced(obj: Any, path: Path) -> None:
+class _Crc32Writer:
+    """A file wrapper that checksums what torch.save writes through it (no second pass over gigabytes)."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.crc = fh, 0
+
+    def write(self, data: Any) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _save_synced(obj: Any, path: Path) -> int:
+    """torch.save to `path`, fsync'd; returns the file's CRC-32."""
     import torch
 
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        writer = _Crc32Writer(fh)
+        torch.save(obj, writer)
         fh.flush()
         os.fsync(fh.fileno())
+    return writer.crc
+
+
+def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def write(
@@ -143,9 +170,10 @@ def write(
     final = folder_for(out_dir, info.iter)
     with atomic_dir(final) as tmp:
         (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
-        _save_synced(model_state, tmp / MODEL_FILE)
-        _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)
-        info.files = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}
+        crcs = {MODEL_FILE: _save_synced(model_state, tmp / MODEL_FILE)}
+        crcs[OPTIMIZER_FILE] = _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)
+        info.files = {name: (tmp / name).stat().st_size for name in crcs}
+        info.checksums = {name: f"{crc:08x}" for name, crc in crcs.items()}
         text = json.dumps(to_versioned_dict(info), indent=1, ensure_ascii=False, default=str) + "\n"
         with open(tmp / STATE_JSON, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -197,9 +225,13 @@ def load_tensors(folder: str | Path) -> tuple[dict, dict]:
     """(model state dict, optimizer payload) of a state folder, unpickled with weights_only=True on the CPU."""
     import torch
 
+    info = read_info(folder)
     out = []
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         path = Path(folder) / name
+        expected = info.checksums.get(name)
+        if expected is not None and f"{_crc32(path):08x}" != expected:
+            raise FakegptError(f"{path}: damaged resume state (CRC-32 differs from the one written with it)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # zip/unpickling errors of many types: one line naming the file
