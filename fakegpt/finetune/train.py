@@ -148,7 +148,9 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def _load(cfg: FinetuneConfig, folder: str, device: torch.device, resumed: resume.Resumed | None) -> torch.nn.Module:
+def _load(
+    cfg: FinetuneConfig, folder: str, device: torch.device, resumed: resume.Resumed | None = None
+) -> torch.nn.Module:
     if resumed is not None:  # the shape from the state; its weights are loaded by _setup
         model = model_from_config(state_mod.model_config(resumed.folder))
     elif cfg.init_from == "scratch":
