@@ -70,6 +70,13 @@ class FinetuneConfig:
         metadata={"help": "also write it when this many minutes passed since the last write; 0 = off"},
     )
     keep_states: int = field(default=1, metadata={"help": "resume states kept on disk (the newest N)"})
+    background_save: bool = field(
+        default=True,
+        metadata={
+            "help": "write the best model in a background thread from a host copy of the weights (costs one "
+            "more copy of the weights in host memory); false: write it before training continues"
+        },
+    )
     # system
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
     dtype: str = field(

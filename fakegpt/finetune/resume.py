@@ -37,6 +37,7 @@ CHANGEABLE = (
     "save_interval",
     "save_every_minutes",
     "keep_states",
+    "background_save",
     "dtype",
     "gradient_checkpointing",
 )

@@ -47,6 +47,7 @@ from fakegpt.errors import FakegptError, one_line
 from fakegpt.finetune import distributed, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
+from fakegpt.finetune.best_model import BestModelWriter
 from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.loss import causal_lm_loss
@@ -57,7 +58,6 @@ from fakegpt.models.loading import (
     dropout_overrides,
     load_model,
     model_from_config,
-    save_checkpoint,
     scratch_model,
     use_fused_gelu,
 )
@@ -287,6 +287,7 @@ class _Trainer:
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     run_id: str | None = None
+    best_writer: BestModelWriter = field(default_factory=BestModelWriter)
 
     @property
     def out_dir(self) -> Path:
@@ -368,6 +369,7 @@ def _setup(
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         flops_token=flops_per_token(model, cfg.block_size),
         peak=peak_flops(device, cfg.dtype) if device.type == "cuda" else None,  # MFU against this very card
+        best_writer=BestModelWriter(background=cfg.background_save),
     )
     if resumed is not None:
         _restore(t, resumed)
@@ -427,7 +429,7 @@ def _save_best(t: _Trainer, val_loss: float) -> None:
         tokens_seen=t.tokens_seen,
         extra={state_mod.RUN_UID_KEY: t.run_uid},
     )
-    save_checkpoint(t.model, t.ckpt_dir, training_info)
+    t.best_writer.submit(t.model, t.ckpt_dir, training_info)  # a CPU snapshot; written in the background
 
 
 def _report_evaluation(
@@ -453,6 +455,7 @@ def _report_evaluation(
         logged[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(t.device) / 1e9
     metrics.log(logged, step=t.it)
     if on_eval is not None:
+        t.best_writer.wait()  # the callback may read (or delete) this evaluation's checkpoint
         try:
             on_eval(EvalResult(t.it, t.tokens_seen, train_loss, val_loss, lr))
         except BaseException as exc:  # noqa: B036 - any stop request, re-raised by the caller
@@ -483,6 +486,7 @@ def _step(t: _Trainer, lr: float, stop_asked: bool) -> tuple[float, bool]:
 
 def _save_state(t: _Trainer) -> Path:
     """OUT/state/iter-N/: everything needed to continue exactly here (rank 0)."""
+    t.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
     unwrapped = getattr(t.model, "_orig_mod", t.model)
     info = state_mod.ResumeInfo(
         iter=t.it,
@@ -577,7 +581,12 @@ def _train(
             t.run_id = active.info.run_id
         local = t.out_dir / METRICS_FILE if info.main else None
         with tracking.MetricLogger(t.run_id if info.main else None, local) as metrics:
-            _loop(t, metrics, signals, on_eval, stop_exc)
+            try:
+                _loop(t, metrics, signals, on_eval, stop_exc)
+            except BaseException:
+                t.best_writer.wait(raise_error=False)  # the last good best model stays whole on disk
+                raise
+            t.best_writer.wait()
         if info.main:
             _final_artifacts(t.out_dir, t.ckpt_dir, t.train_curve, t.val_curve, t.best_iter)
     return t.result()

@@ -334,7 +334,7 @@ def test_fresh_run_replaces_old_states_and_tune_style_run_writes_none(data_dir, 
 
 def test_keep_states_and_save_interval(data_dir, tmp_path):
     out = tmp_path / "out"
-    finetune(tiny(data_dir, out, max_iters=7, eval_interval=7, save_interval=2, keep_states=2))
+    finetune(tiny(data_dir, out, max_iters=7, eval_interval=7, save_interval=2, keep_states=2, background_save=False))
     assert [p.name for p in state_mod.saved(out)] == ["iter-0000006", "iter-0000007"]
 
 
