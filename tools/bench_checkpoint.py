@@ -115,17 +115,37 @@ def run(name: str, args: argparse.Namespace, data_dir: Path, work: Path, **flags
     meter.saves = [(k, sec, best_bytes if k == "best model" else b) for k, sec, b in meter.saves]
     save_s = sum(s for _, s, _ in meter.saves)
     written = sum(b for _, _, b in meter.saves)
-    kinds = {k: sum(1 for kk, _, _ in meter.saves if kk == k) for k in ("best model", "resume state")}
+
+    def per_write(kind: str) -> tuple[int, float, float]:
+        found = [(sec, b) for k, sec, b in meter.saves if k == kind]
+        n = len(found)
+        return n, (sum(s for s, _ in found) / n if n else 0.0), (sum(b for _, b in found) / n if n else 0.0)
+
+    best_n, best_s, best_b = per_write("best model")
+    state_n, state_s, state_b = per_write("resume state")
     return {
         "name": name,
         "iters": args.iters,
         "loop_s": meter.loop_s,
         "save_s": save_s,
         "bytes": written,
-        "best_writes": kinds["best model"],
-        "state_writes": kinds["resume state"],
+        "best_writes": best_n,
+        "state_writes": state_n,
+        "best_s": best_s,
+        "state_s": state_s,
+        "best_gb": best_b / 1e9,
+        "state_gb": state_b / 1e9,
+        "train_s": (meter.loop_s - save_s) / args.iters,  # an iteration with its evaluation, without saving
+        "state_every": 1 if flags.get("save_interval") == 1 else 0,
         "background_s": meter.background_s,
     }
+
+
+def projected_share(r: dict, iters: int, eval_interval: int) -> float:
+    """Saving time over training time for a run of `iters` iterations, from the measured per-write costs."""
+    evals = iters // eval_interval + 1
+    states = iters if r["state_every"] else 1
+    return (evals * r["best_s"] + states * r["state_s"]) / (iters * r["train_s"])
 
 
 def main() -> None:
@@ -136,6 +156,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--eval-interval", type=int, default=1, help="1: the worst case; fakegpt's default is 5")
+    parser.add_argument("--project", type=int, default=100, help="iterations of the projected run")
     parser.add_argument("--data-dir", help="a prepared data folder (default: prepare the embedded demo data)")
     parser.add_argument("--work", help="folder for the runs' outputs (default: a temporary folder, removed)")
     args = parser.parse_args()
@@ -169,6 +190,16 @@ def main() -> None:
             f"{r['name']:<8} {r['best_writes']:>17} {r['state_writes']:>12} {r['bytes'] / r['iters'] / 1e9:>15.2f} "
             f"{r['save_s'] / r['iters']:>11.2f} {r['loop_s'] / r['iters']:>11.2f} {r['save_s'] / r['loop_s']:>10.1%} "
             f"{r['background_s'] / r['iters']:>23.2f}"
+        )
+    print(
+        f"\nper write: {'':<3} {'best model: s (on the training thread)':>38} {'GB':>5} {'state: s':>9} {'GB':>5}   "
+        f"projected save share, {args.project} iterations"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<14} {r['best_s']:>38.2f} {r['best_gb']:>5.2f} {r['state_s']:>9.2f} {r['state_gb']:>5.2f}   "
+            f"{projected_share(r, args.project, args.eval_interval):>8.1%} (eval every {args.eval_interval}), "
+            f"{projected_share(r, args.project, 5):.1%} (every 5, the default)"
         )
     print(
         "\nold: resume state (weights + AdamW) at every iteration and the best model written inline "

@@ -514,11 +514,11 @@ def _save_state(t: _Trainer) -> Path:
 class _SaveSchedule:
     """When the resume state is due: every `save_interval` iterations and every `save_every_minutes`."""
 
-    def __init__(self, cfg: FinetuneConfig, it: int):
+    def __init__(self, cfg: FinetuneConfig, t: _Trainer):
         self.interval = cfg.save_interval
         self.seconds = cfg.save_every_minutes * 60
         self.enabled = cfg.save_state
-        self.last_iter = it
+        self.last_iter, self.last_eval = t.it, t.last_eval_iter  # what the state on disk (if any) holds
         self.last_time = time.monotonic()
 
     def due(self, it: int) -> bool:
@@ -528,8 +528,11 @@ class _SaveSchedule:
         by_time = self.seconds > 0 and time.monotonic() - self.last_time >= self.seconds
         return by_iter or by_time
 
-    def done(self, it: int) -> None:
-        self.last_iter, self.last_time = it, time.monotonic()
+    def done(self, t: _Trainer) -> None:
+        self.last_iter, self.last_eval, self.last_time = t.it, t.last_eval_iter, time.monotonic()
+
+    def changed_since_save(self, t: _Trainer) -> bool:
+        return (t.it, t.last_eval_iter) != (self.last_iter, self.last_eval)
 
 
 class _StopSignals:
@@ -600,7 +603,7 @@ def _loop(
     stop_exc: list[BaseException],
 ) -> None:
     cfg, main = t.cfg, t.info.main
-    schedule = _SaveSchedule(cfg, t.it)
+    schedule = _SaveSchedule(cfg, t)
     bar = tqdm(total=cfg.max_iters, initial=t.it, desc="finetune", unit="it", disable=None if main else True)
     t_last = time.perf_counter()
     while True:
@@ -629,12 +632,13 @@ def _loop(
             metrics.log(logged, step=t.it)
         if main and cfg.save_state and (stop or schedule.due(t.it)):
             _save_state(t)
-            schedule.done(t.it)
+            schedule.done(t)
         if stop:
             bar.close()
+            distributed.all_sum([0.0], t.device)  # every rank waits for rank 0's save before exiting
             raise _preempted(t, signals.signum or signal.SIGTERM, stop_exc)
     bar.close()
-    if main and cfg.save_state and schedule.last_iter != t.it:
+    if main and cfg.save_state and schedule.changed_since_save(t):  # the end (and its final evaluation)
         _save_state(t)
 
 

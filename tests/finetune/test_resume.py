@@ -332,10 +332,13 @@ def test_fresh_run_replaces_old_states_and_tune_style_run_writes_none(data_dir, 
     assert (out / CHECKPOINT_DIR).is_dir()
 
 
-def test_keep_states_and_save_interval(data_dir, tmp_path):
+def test_keep_states_save_interval_and_save_every_minutes(data_dir, tmp_path):
     out = tmp_path / "out"
     finetune(tiny(data_dir, out, max_iters=7, eval_interval=7, save_interval=2, keep_states=2, background_save=False))
     assert [p.name for p in state_mod.saved(out)] == ["iter-0000006", "iter-0000007"]
+    # by time: a timer that is always due writes a state after every iteration
+    finetune(tiny(data_dir, out, max_iters=3, eval_interval=3, save_every_minutes=1e-6, keep_states=5))
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000001", "iter-0000002", "iter-0000003"]
 
 
 # --- tracking faults during training --------------------------------------------------------------------------
