@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import math
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
+from fakegpt.finetune.saving import SaveSchedule, StopSignals
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.loading import (
@@ -511,59 +511,6 @@ def _save_state(t: _Trainer) -> Path:
     )
 
 
-class _SaveSchedule:
-    """When the resume state is due: every `save_interval` iterations and every `save_every_minutes`."""
-
-    def __init__(self, cfg: FinetuneConfig, t: _Trainer):
-        self.interval = cfg.save_interval
-        self.seconds = cfg.save_every_minutes * 60
-        self.enabled = cfg.save_state
-        self.last_iter, self.last_eval = t.it, t.last_eval_iter  # what the state on disk (if any) holds
-        self.last_time = time.monotonic()
-
-    def due(self, it: int) -> bool:
-        if not self.enabled or it == self.last_iter:
-            return False
-        by_iter = self.interval > 0 and it % self.interval == 0
-        by_time = self.seconds > 0 and time.monotonic() - self.last_time >= self.seconds
-        return by_iter or by_time
-
-    def done(self, t: _Trainer) -> None:
-        self.last_iter, self.last_eval, self.last_time = t.it, t.last_eval_iter, time.monotonic()
-
-    def changed_since_save(self, t: _Trainer) -> bool:
-        return (t.it, t.last_eval_iter) != (self.last_iter, self.last_eval)
-
-
-class _StopSignals:
-    """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) ask the loop to save and stop after this iteration;
-    a second SIGINT stops at once, without saving. Installed only in the main thread (signal's rule)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning(
-            "%s: saving the resume state after this iteration, then stopping%s",
-            signal.Signals(signum).name,
-            " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else "",
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _train(
     cfg: FinetuneConfig,
     folder: str,
@@ -579,7 +526,7 @@ def _train(
     t = _setup(cfg, folder, meta, info, device, resumed)
     stop_exc: list[BaseException] = []  # a deliberate stop: on_eval's exception, or Preempted
     run_ctx = _mlflow_run(cfg, t, meta, resumed, nested, run_name, tags, stop_exc) if info.main else None
-    with run_ctx or contextlib.nullcontext(None) as active, _StopSignals() as signals:
+    with run_ctx or contextlib.nullcontext(None) as active, StopSignals() as signals:
         if active is not None:
             t.run_id = active.info.run_id
         local = t.out_dir / METRICS_FILE if info.main else None
@@ -598,12 +545,12 @@ def _train(
 def _loop(
     t: _Trainer,
     metrics: tracking.MetricLogger,
-    signals: _StopSignals,
+    signals: StopSignals,
     on_eval: Callable[[EvalResult], None] | None,
     stop_exc: list[BaseException],
 ) -> None:
     cfg, main = t.cfg, t.info.main
-    schedule = _SaveSchedule(cfg, t)
+    schedule = SaveSchedule(cfg, t)
     bar = tqdm(total=cfg.max_iters, initial=t.it, desc="finetune", unit="it", disable=None if main else True)
     t_last = time.perf_counter()
     while True:
