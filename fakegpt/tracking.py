@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fakegpt import __version__
-from fakegpt.errors import FakegptError
+from fakegpt.errors import FakegptError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class MetricLogger:
                     where = f"; every point is also in {self.local_file}" if self.local_file else ""
                     log.warning(
                         "MLflow tracking failed (%s); training goes on, metrics are buffered and retried%s",
-                        one_line_error(exc),
+                        one_line(exc, limit=200, with_type=True),
                         where,
                     )
                 if self._closing.is_set():  # closing: keep trying until the deadline, then give up
@@ -354,11 +354,6 @@ class MetricLogger:
     @property
     def sent(self) -> int:
         return self._sent
-
-
-def one_line_error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:

@@ -205,7 +205,7 @@ def read_info(folder: str | Path) -> ResumeInfo:
                 f"{file}: damaged resume state ({'missing' if size is None else f'{size} bytes'}, "
                 f"{info.files.get(name)} expected); delete {folder} to resume from an older state, if one is kept"
             )
-    if not 0 <= info.iter or info.best_iter > info.iter:
+    if info.iter < 0 or info.best_iter > info.iter:
         raise FakegptError(f"{path}: inconsistent (best iteration {info.best_iter} after iteration {info.iter})")
     return info
 

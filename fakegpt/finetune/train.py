@@ -395,6 +395,8 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     t.train_curve = [(int(a), float(b)) for a, b in s.train_curve]
     if best is not None and best.val_loss < t.best_val:  # saved after the state, before a kill: still the best
         t.best_val, t.best_iter = best.val_loss, best.iter
+    if not t.info.main:
+        return
     log.info(
         "resuming %s from iteration %d (%s)%s; best val/loss %.4f at iteration %d",
         t.out_dir,

@@ -256,6 +256,16 @@ def test_two_processes_torchrun_gloo(data_dir, tmp_path):
     assert sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir()) == sorted(CHECKPOINT_FILES)
     # tokens per iteration count the whole accumulation, split over both ranks
     assert json.loads((out / CHECKPOINT_DIR / INFO_FILE).read_text())["tokens_seen"] == 6 * 2 * 32 * 4
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000006"]  # rank 0 wrote the one resume state
+
+    # both ranks resume from it with the saved configuration (only --max-iters changes) and continue the run
+    resume = [*cmd[: cmd.index("--init-from")], "--init-from", "resume", "--out-dir", str(out), "--max-iters", "8"]
+    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"resuming {out} from iteration 6") == 1  # logged by rank 0 only
+    hist = client.get_metric_history(run.info.run_id, tracking.M_TRAIN_LOSS)
+    assert sorted(m.step for m in hist) == list(range(1, 9))
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000008"]
 
 
 def _fake_hub_cache(cache: Path, name: str, model_dir: Path) -> None:
