@@ -410,3 +410,31 @@ def test_training_survives_a_tracking_outage_and_every_point_arrives(data_dir, t
     assert steps == list(range(1, 13))
     assert [m.step for m in _history(result.run_id, tracking.M_VAL_LOSS)] == [0, 4, 8, 12]
     assert _client().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_sigint_in_process_saves_then_raises_preempted(data_dir, tmp_path):
+    from fakegpt.finetune.train import Preempted
+
+    out = tmp_path / "out"
+
+    def ctrl_c(ev) -> None:
+        if ev.iter == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: finish this iteration, save, stop
+
+    with pytest.raises(Preempted, match="stopped by SIGINT at iteration 4; the resume state is in") as err:
+        finetune(tiny(data_dir, out, max_iters=50, eval_interval=3), on_eval=ctrl_c)
+    assert err.value.exit_status == 130
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000004"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_new_max_iters_keeps_the_cosine_schedule(data_dir, tmp_path):
+    out = tmp_path / "out"
+    first = finetune(tiny(data_dir, out, max_iters=4, eval_interval=4, decay_lr=True, min_lr=1e-4))
+    cfg, given = resume_cfg(out, max_iters=7)
+    finetune(cfg, given=given)
+    run = _client().get_run(first.run_id)
+    assert run.data.tags[tracking.TAG_RESUME_CHANGES] == "max_iters 4->7, lr_decay_iters None->4"
+    lrs = {m.step: m.value for m in _history(first.run_id, tracking.M_LR)}
+    assert lrs[2] > lrs[4] and [lrs[s] for s in (5, 6, 7)] == pytest.approx([1e-4] * 3)  # decayed, stays at min
+    assert state_mod.read_info(state_mod.latest(out)).config["lr_decay_iters"] == 4
