@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except (FakegptError, OSError) as exc:  # an OSError the stage did not anticipate still names its file
         print(f"fakegpt {name}: error: {one_line(exc, limit=10_000)}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_status", 2))  # 2, or 128 + signal for a run stopped by SIGTERM/SIGINT
     except KeyboardInterrupt:
         print(f"fakegpt {name}: interrupted", file=sys.stderr)
         return 130

@@ -243,6 +243,15 @@ class ErrorRaisingParser(argparse.ArgumentParser):
 
 def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> T:
     """Parse `argv` into `cls`: defaults < `--config` YAML < flags."""
+    return parse_given(cls, argv, prog, description)[0]
+
+
+def parse_given(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> tuple[T, frozenset[str]]:
+    """`parse`, plus the field names the user gave (as flags or in the `--config` YAML), whatever their value.
+
+    A stage that continues earlier work (`finetune --init-from resume`) needs to tell "not given" from "given
+    with the default value". Under `mlflow run` only the -P parameters given reach the stage as flags.
+    """
     parser = build_parser(cls, prog, description)
     parser.__class__ = ErrorRaisingParser
     ns = vars(parser.parse_args(normalise_flags(argv)))
@@ -253,4 +262,12 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = ""
     from_file = from_dict(cls, merged, source)  # validates the file on its own, naming it in errors
     hints = _hints(cls)
     overrides = {k: coerce(v, hints[k], flag_name(k)) for k, v in ns.items()}
-    return dataclasses.replace(from_file, **overrides)  # type: ignore[type-var]
+    given = set(merged) | set(overrides)  # under `mlflow run` only the -P parameters given are passed as flags
+    return dataclasses.replace(from_file, **overrides), frozenset(given)  # type: ignore[type-var]
+
+
+def non_default_keys(cfg: Any) -> frozenset[str]:
+    """Fields of a config dataclass whose value differs from the class default: what a caller that built the
+    dataclass in code (not from flags) evidently chose. The fallback of `parse_given` for library calls."""
+    defaults = type(cfg)()
+    return frozenset(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name))

@@ -3,7 +3,9 @@
 Stages call `run(stage=..., ...)` as a context manager. When started by `mlflow run`, MLFLOW_RUN_ID is set and
 the stage joins that run instead of creating another; otherwise it starts a new run (nested under an active
 parent when `nested=True`). With no MLFLOW_TRACKING_URI the store is MLflow's own `sqlite:///mlflow.db` in the
-working folder. A tracking server that is down is reported within seconds, not retried for minutes.
+working folder. A tracking server that is down at start-up is reported within seconds, not retried for minutes;
+during a long run, `MetricLogger` sends metrics from a background thread with retries and back-off, so a server
+hiccup never stops training (every point also goes to a local JSONL file).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fakegpt import __version__
-from fakegpt.errors import FakegptError
+from fakegpt.errors import FakegptError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ TAG_TRIAL_STATE = "fakegpt.trial_state"  # complete | pruned | failed (optuna's 
 TAG_ERROR = "fakegpt.error"  # one-line error of a failed run
 
 M_TRAIN_LOSS = "train/loss"
-M_VAL_LOSS = "val/loss"
+M_VAL_LOSS = "val/loss"  # on val.bin (a mixture's: every source's held-out part), or the --select-on source
+M_CLAIM_EVAL_SECONDS = "train/claim_eval_seconds"  # time finetune spent scoring --claims (its share of the run)
 M_LR = "lr"
 M_TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # training steps only (evaluation and checkpoint time excluded)
 M_TRAIN_TOKENS_PER_S_TOTAL = "train/tokens_per_s_total"  # end to end: evaluation and checkpoint writes included
@@ -91,6 +97,8 @@ M_EVAL_TRAIN_LOSS = "eval/train_loss"  # train-split loss on fixed windows at ea
 M_BEST_VAL_LOSS = "val/best_loss"
 TAG_RESUMED_FROM = "fakegpt.resumed_from"  # a resumed fine-tune whose original run is not in this store
 TAG_DATA_URI = "fakegpt.data_uri"  # the artifact URI a stage's data folder was downloaded from
+TAG_RESUME_CHANGES = "fakegpt.resume_changes"  # flags changed on resume: "max_iters 30->60, ..."
+TAG_RESUMED_AT = "fakegpt.resumed_at"  # iteration(s) a run continued from, comma-separated over resumes
 TAG_STOP = "fakegpt.stop_reason"  # why a fine-tune stopped early (exception class raised by on_eval)
 M_TUNE_VAL_LOSS = "tune/val_loss"  # a trial's validation loss, step = tokens seen (comparable across trials)
 M_TUNE_TRIAL_VALUE = "tune/trial_value"  # on the study's parent run, step = trial number
@@ -303,6 +311,138 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         _mlflow().log_metrics(clean, step=step)
 
 
+class MetricLogger:
+    """Metrics of one long run, logged without ever blocking or stopping it on a tracking fault.
+
+    `log` appends the point to `local_file` (JSONL: step, timestamp in ms, metrics; the complete local copy)
+    and queues it; a background thread sends the queue in batches with `MlflowClient.log_batch`. When a send
+    fails the points stay queued, one warning is logged, and the thread retries with exponential back-off
+    (`backoff` s doubling up to `max_backoff` s); when the server answers again the backlog is sent in order
+    and one line says so. `close` waits up to `close_timeout` s for the queue to drain and returns how many
+    points could not be sent (they are in `local_file`). Start-up faults are not this class's business: the
+    run's start (`run`) fails fast.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(
+        self,
+        run_id: str | None,
+        local_file: str | Path | None = None,
+        *,
+        backoff: float = 0.5,
+        max_backoff: float = 60.0,
+        close_timeout: float = 60.0,
+        client: Any = None,
+    ):
+        self.run_id = run_id
+        self.local_file = Path(local_file) if local_file is not None else None
+        self.backoff, self.max_backoff, self.close_timeout = backoff, max_backoff, close_timeout
+        self._client = client
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[Any] = []  # taken from the queue, not yet sent (kept across failures, in order)
+        self._closing = threading.Event()
+        self._deadline = math.inf
+        self._sent = 0
+        self.failures = 0
+        self._down_since: float | None = None
+        self._local = None
+        if self.local_file is not None:
+            self.local_file.parent.mkdir(parents=True, exist_ok=True)
+            self._local = open(self.local_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+        self._thread = threading.Thread(target=self._send_loop, name="fakegpt-metrics", daemon=True)
+        if run_id is not None:
+            self._thread.start()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if not clean:
+            return
+        ts = int(time.time() * 1000)
+        if self._local is not None:
+            self._local.write(json.dumps({"step": step, "timestamp": ts, **clean}) + "\n")
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        for key, value in clean.items():
+            self._queue.put(Metric(key, value, ts, step))
+
+    def _drain(self) -> None:
+        while len(self._pending) < self.BATCH:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _send_loop(self) -> None:
+        delay = self.backoff
+        while True:
+            if not self._pending:
+                try:
+                    self._pending.append(self._queue.get(timeout=0.2))
+                except queue.Empty:
+                    if self._closing.is_set():
+                        return
+                    continue
+            self._drain()
+            try:
+                client = self._client or _mlflow().MlflowClient()
+                client.log_batch(self.run_id, metrics=self._pending)
+            except Exception as exc:  # any transport or server error: keep the points, back off, retry
+                self.failures += 1
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    where = f"; every point is also in {self.local_file}" if self.local_file else ""
+                    log.warning(
+                        "MLflow tracking failed (%s); training goes on, metrics are buffered and retried%s",
+                        one_line(exc, limit=200, with_type=True),
+                        where,
+                    )
+                if self._closing.is_set():  # closing: keep trying until the deadline, then give up
+                    remaining = self._deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    time.sleep(min(delay, remaining))
+                else:
+                    self._closing.wait(delay)
+                delay = min(self.max_backoff, delay * 2)
+                continue
+            self._sent += len(self._pending)
+            self._pending = []
+            if self._down_since is not None:
+                log.warning(
+                    "MLflow tracking is back after %.0f s: buffered metrics sent", time.monotonic() - self._down_since
+                )
+                self._down_since = None
+            delay = self.backoff
+
+    def close(self) -> int:
+        """Flush what can be flushed within `close_timeout` seconds; returns the number of unsent points."""
+        self._deadline = time.monotonic() + self.close_timeout
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(self.close_timeout + 1)
+        unsent = len(self._pending) + self._queue.qsize() if self.run_id is not None else 0
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        if unsent:
+            where = f"; they are in {self.local_file}" if self.local_file else ""
+            log.warning("MLflow tracking: %d metric points could not be sent%s", unsent, where)
+        return unsent
+
+    @property
+    def sent(self) -> int:
+        return self._sent
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Set tags on the active run."""
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
@@ -421,6 +561,11 @@ def update_run(run_id: str, tags: Mapping[str, Any] | None = None, status: str |
         client.set_tag(run_id, key, str(value)[:_PARAM_MAX])
     if status:
         client.set_terminated(run_id, status=status)
+
+
+def source_val_metric(source: str) -> str:
+    """Validation loss on one mixture source's held-out part: val/loss/<source> (val/loss/all: val.bin's)."""
+    return f"{M_VAL_LOSS}/{source}"
 
 
 def claim_topic_metric(topic: str, name: str = M_CLAIM_SCORE) -> str:

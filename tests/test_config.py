@@ -32,6 +32,18 @@ def test_defaults_yaml_then_flags(tmp_path):
     assert cfg.out_dir == "out"
 
 
+def test_parse_given_tells_given_from_default(tmp_path, monkeypatch):
+    """`finetune --init-from resume` refuses a changed flag: it must know a flag given with its default value."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learning_rate: 3.0e-5\n")  # the default, but written down
+    cfg, given = config.parse_given(Demo, ["--config", str(yml), "--max-iters", "100", "--out-dir", "o"], prog="t")
+    assert given == {"learning_rate", "max_iters", "out_dir"} and cfg.max_iters == 100
+    assert config.parse_given(Demo, [], prog="t")[1] == frozenset()
+    assert config.non_default_keys(Demo(max_iters=5, out_dir="out")) == {"max_iters"}
+    monkeypatch.setenv(config.MLPROJECT_ENV, "1")  # `mlflow run` passes every parameter: defaults are not "given"
+    assert config.parse_given(Demo, ["--max-iters", "100", "--decay-lr", "true"], prog="t")[1] == {"decay_lr"}
+
+
 def test_booleans_lists_and_optional():
     cfg = config.parse(Demo, ["--compile", "false", "--temperatures", "0.7,1.0", "1.3"], prog="t")
     assert cfg.compile is False

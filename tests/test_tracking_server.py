@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """An MLflow server on loopback storing in `folder` (on `port`: the same server again after a restart)."""
+    port = port or free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
     proc = subprocess.Popen(
         [
@@ -49,7 +50,7 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
             str(folder / "art"),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(folder / "server.log", "w"),
+        stderr=open(folder / "server.log", "a"),  # noqa: SIM115 - the server process owns it
         env=env,
         start_new_session=True,
     )
@@ -160,3 +161,59 @@ def test_artifact_kept_on_disk_when_server_dies(tmp_path, monkeypatch):
         stop_server(proc)
     assert str(result) in str(err.value)
     assert result.read_text() == "finished work\n"
+
+
+@pytest.mark.slow
+def test_finetune_survives_server_restart_and_every_metric_arrives(prepared_whatsapp, tmp_path, monkeypatch):
+    """The tracking server dies mid-run and comes back: training goes on, and every metric point reaches it."""
+    import torch
+    from mlflow import MlflowClient
+
+    from fakegpt.finetune.config import FinetuneConfig
+    from fakegpt.finetune.train import METRICS_FILE, finetune
+
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    proc, uri = start_server(folder)
+    port = int(uri.rsplit(":", 1)[1])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    procs = [proc]
+    down_at: list[int] = []
+
+    def outage(ev) -> None:
+        if ev.iter == 4:  # the server dies; training goes on without it for 8 iterations
+            stop_server(procs[-1])
+            down_at.append(ev.iter)
+        elif ev.iter == 12:  # ... and comes back on the same address with the same store
+            procs.append(start_server(folder, port)[0])
+
+    cfg = FinetuneConfig(
+        data_dir=str(prepared_whatsapp),
+        out_dir=str(tmp_path / "out"),
+        init_from="scratch",
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=32,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        max_iters=16,
+        eval_interval=4,
+        eval_iters=2,
+        device="cpu",
+    )
+    torch.set_num_threads(1)
+    try:
+        result = finetune(cfg, on_eval=outage)
+        client = MlflowClient(tracking_uri=uri)
+        steps = sorted(m.step for m in client.get_metric_history(result.run_id, tracking.M_TRAIN_LOSS))
+        val = sorted(m.step for m in client.get_metric_history(result.run_id, tracking.M_VAL_LOSS))
+        status = client.get_run(result.run_id).info.status
+    finally:
+        for p in procs:
+            stop_server(p)
+    assert down_at == [4] and result.iters_done == 16
+    assert steps == list(range(1, 17)) and val == [0, 4, 8, 12, 16]
+    assert status == "FINISHED"
+    assert len((tmp_path / "out" / METRICS_FILE).read_text().splitlines()) == 16 + 5  # the local copy

@@ -8,6 +8,7 @@ run on the same data folder sees the same tokens and loss curves of different ru
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,8 @@ def fingerprint(data_dir: str | Path) -> dict[str, str]:
     joined = "".join(out.get(f"{split}_sha256", "") for split in SPLITS)
     out["digest"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
     return out
+
+
+def source_val_file(name: str) -> str:
+    """The file of a mixture source's held-out messages: val_<name>.bin (name made safe for a file name)."""
+    return "val_" + re.sub(r"[^\w.-]", "_", name) + ".bin"

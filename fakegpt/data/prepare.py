@@ -22,7 +22,6 @@ import io
 import logging
 import os
 import queue
-import re
 import shutil
 import sys
 import tempfile
@@ -476,14 +475,9 @@ def _sequential_val(n: int, fraction: float) -> np.ndarray:
     return val
 
 
-def source_val_file(name: str) -> str:
-    """The file of a mixture source's held-out messages: val_<name>.bin (name made safe for a file name)."""
-    return "val_" + re.sub(r"[^\w.-]", "_", name) + ".bin"
-
-
 def output_files(sources: list[data_sources.Source]) -> tuple[str, ...]:
     """The files a run writes into --out: the bins, a validation file per source of a mixture, meta.json last."""
-    per_source = tuple(source_val_file(s.name) for s in sources) if len(sources) > 1 else ()
+    per_source = tuple(bins.source_val_file(s.name) for s in sources) if len(sources) > 1 else ()
     return OUTPUT_FILES[:2] + per_source + OUTPUT_FILES[2:]
 
 
@@ -638,7 +632,7 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) 
                         _copy_selected(sink.path, length, tr, va, ft, fv)
             if len(sources) > 1:  # one validation file per source: val/loss/<source> in finetune
                 for source, sink, length, va in zip(sources, sinks, lengths, val, strict=True):
-                    with atomic_path(out / source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
+                    with atomic_path(out / bins.source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
                         _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs)
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)

@@ -10,15 +10,14 @@ import json
 from pathlib import Path
 
 from fakegpt import config as config_mod
-from fakegpt.data.bins import open_bin
+from fakegpt.data.bins import open_bin, source_val_file
 from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
+from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.models.checkpoint import CHECKPOINT_DIR
+from fakegpt.measure.prompts import load_claims, resolve_path
 from fakegpt.models.loading import resolve_pretrained
-
-STATE_FILE = "train_state.pt"  # OUT/train_state.pt: optimizer, iteration, best loss, run id (for resume)
 
 
 def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
@@ -32,13 +31,27 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         "n_layer",
         "n_head",
         "n_embd",
+        "keep_states",
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise FakegptError(f"{config_mod.flag_name(name)}: must be positive, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "learning_rate", "min_lr"):
+    for name in (
+        "max_iters",
+        "warmup_iters",
+        "weight_decay",
+        "grad_clip",
+        "learning_rate",
+        "min_lr",
+        "save_interval",
+        "save_every_minutes",
+        "claim_eval_interval",
+    ):
         if getattr(cfg, name) < 0:
             raise FakegptError(f"{config_mod.flag_name(name)}: must not be negative, got {getattr(cfg, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise FakegptError(f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.gradient_accumulation_steps % world_size:
@@ -48,19 +61,16 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         )
 
 
-def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
-    """(model folder or 'scratch', vocab size, context length) without loading any weights."""
+def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, int, int]:
+    """(model folder or 'scratch' / the state folder, vocab size, context length) without loading any weights."""
+    if state_folder is not None:  # resume: the shape saved with the state
+        hf = state_mod.model_config(state_folder)
+        return str(state_folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
     if cfg.init_from == "scratch":
         return "scratch", VOCAB_SIZE, cfg.block_size
     if cfg.init_from == "resume":
-        folder = Path(cfg.out_dir) / CHECKPOINT_DIR
-        if not (Path(cfg.out_dir) / STATE_FILE).is_file() or not (folder / "config.json").is_file():
-            raise FakegptError(
-                f"--init-from resume: no {STATE_FILE} and {CHECKPOINT_DIR}/ in {cfg.out_dir} to resume from "
-                "(a run saves them at its first evaluation)"
-            )
-    else:
-        folder = Path(resolve_pretrained(cfg.init_from))
+        raise FakegptError(f"--init-from resume: no resume state in {Path(cfg.out_dir) / state_mod.STATE_DIR}")
+    folder = Path(resolve_pretrained(cfg.init_from))
     try:
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -68,8 +78,9 @@ def _model_shape(cfg: FinetuneConfig) -> tuple[str, int, int]:
     return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
 
 
-def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
-    """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta)."""
+def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = None) -> tuple[str, DatasetMeta]:
+    """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta).
+    `state_folder`: the resume state a resumed run continues from."""
     _check_numbers(cfg, world_size)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
@@ -77,7 +88,7 @@ def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
     for split in ("train", "val"):
         open_bin(data_dir, split, cfg.block_size)
     meta = DatasetMeta.load(data_dir)
-    folder, vocab, n_positions = _model_shape(cfg)
+    folder, vocab, n_positions = _model_shape(cfg, state_folder)
     if cfg.block_size > n_positions:
         raise FakegptError(
             f"--block-size {cfg.block_size} is larger than the model's context ({n_positions} positions, "
@@ -88,4 +99,23 @@ def check(cfg: FinetuneConfig, world_size: int = 1) -> tuple[str, DatasetMeta]:
             f"{data_dir / META_FILE}: vocab_size {meta.vocab_size} does not fit the model's vocabulary ({vocab}); "
             "the bins were made with another tokenizer"
         )
+    if cfg.select_on != "val":
+        names = [s["name"] for s in source_val_sets(data_dir, meta)]
+        if cfg.select_on not in names:
+            raise FakegptError(
+                f"--select-on {cfg.select_on!r}: expected val or a source with its own validation file in "
+                f"{data_dir} ({', '.join(names) or 'none: not a mixture prepared with --val-mix shared'})"
+            )
+    if cfg.claims:
+        load_claims(resolve_path(cfg.claims))  # a bad claims file fails here, not at the first evaluation
     return folder, meta
+
+
+def source_val_sets(data_dir: str | Path, meta: DatasetMeta) -> list[dict[str, str]]:
+    """The mixture sources of a data folder that have their own validation file: [{name, path}]."""
+    out = []
+    for source in meta.sources if len(meta.sources) > 1 else []:
+        path = Path(data_dir) / source_val_file(source["name"])
+        if path.is_file() and path.stat().st_size:
+            out.append({"name": source["name"], "path": str(path)})
+    return out

@@ -2,7 +2,8 @@
 
 The defaults reproduce the original study's fine-tune (nanoGPT's finetune_shakespeare settings): micro-batch
 1 x 32 accumulation steps x block 1024 = 32,768 tokens per iteration, constant learning rate 3e-5, evaluation
-every 5 iterations over 40 batches, save on improvement. `tune`, `pipeline` and the MLproject renderer read
+every 5 iterations over 40 batches, save the best model on improvement; the resume state every
+30 minutes, at the end and on SIGTERM/SIGINT. `tune`, `pipeline` and the MLproject renderer read
 it without paying for torch.
 """
 
@@ -16,7 +17,9 @@ class FinetuneConfig:
     """Fine-tune settings (nanoGPT's names). Defaults = the original study's fine-tune of gpt2-medium."""
 
     data_dir: str = field(default="data", metadata={"help": "folder with train.bin, val.bin, meta.json (from prepare)"})
-    out_dir: str = field(default="out/finetune", metadata={"help": "where checkpoint/ and train_state.pt go"})
+    out_dir: str = field(
+        default="out/finetune", metadata={"help": "where checkpoint/ (best model) and state/ (resume state) go"}
+    )
     init_from: str = field(
         default="gpt2-medium",
         metadata={"help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"},
@@ -50,8 +53,50 @@ class FinetuneConfig:
     eval_interval: int = field(default=5, metadata={"help": "evaluate every N iterations (and at the last one)"})
     eval_iters: int = field(default=40, metadata={"help": "micro-batches per split per evaluation"})
     log_interval: int = field(default=1, metadata={"help": "log train/loss, lr, tokens_per_s every N iterations"})
+    select_on: str = field(
+        default="val",
+        metadata={
+            "help": "the validation set that picks the best model: val (val.bin; for a mixture every source's "
+            "held-out part, the same at every dose) or the name of one mixture source (its val_<source>.bin)"
+        },
+    )
+    eval_sources: bool = field(
+        default=True,
+        metadata={"help": "mixtures: also log val/loss/<source> on each source's held-out part at every evaluation"},
+    )
+    claims: str = field(
+        default="",
+        metadata={
+            "help": "a claims YAML scored on the model while it trains (claim/score, claim/mc1, ... with step = "
+            "iteration): the absorption curve; empty = off"
+        },
+    )
+    claim_eval_interval: int = field(
+        default=0, metadata={"help": "score --claims every N iterations (and at the last); 0 = at every evaluation"}
+    )
     always_save_checkpoint: bool = field(
-        default=False, metadata={"help": "save at every evaluation, not only when validation loss improves"}
+        default=False,
+        metadata={"help": "write the model to checkpoint/ at every evaluation, not only when val loss improves"},
+    )
+    # resume state (OUT/state/iter-NNNNNNN/: weights, optimizer, scaler, progress, config), also at the end and
+    # on SIGTERM/SIGINT
+    save_state: bool = field(
+        default=True, metadata={"help": "write the resume state at all (tune trials: off unless asked)"}
+    )
+    save_interval: int = field(
+        default=0, metadata={"help": "write the resume state every N iterations; 0 = by time only"}
+    )
+    save_every_minutes: float = field(
+        default=30.0,
+        metadata={"help": "also write it when this many minutes passed since the last write; 0 = off"},
+    )
+    keep_states: int = field(default=1, metadata={"help": "resume states kept on disk (the newest N)"})
+    background_save: bool = field(
+        default=True,
+        metadata={
+            "help": "write the best model in a background thread from a host copy of the weights (costs one "
+            "more copy of the weights in host memory); false: write it before training continues"
+        },
     )
     # system
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})

@@ -2,10 +2,17 @@
 
 Reads DIR/train.bin + DIR/val.bin (uint16 GPT-2 ids) and DIR/meta.json written by `fakegpt prepare`, trains
 with AdamW and gradient accumulation, evaluates on fixed validation windows every `eval_interval` iterations
-(and at the last one), keeps the best model as an HF-format folder OUT/checkpoint/ plus OUT/train_state.pt for
-`init_from=resume`, and logs everything to MLflow. Under `torchrun --nproc_per_node=N` it trains data-parallel
+(and at the last one), keeps the best model as an HF-format folder OUT/checkpoint/ (weights only, written on
+improvement) and the resume state as OUT/state/iter-N/ (weights, optimizer, progress, configuration; written
+every `save_interval` iterations / `save_every_minutes`, at the end and on SIGTERM/SIGINT, see
+`fakegpt.finetune.state`), and logs everything to MLflow. `--init-from resume --out-dir DIR` continues with the
+saved configuration (`fakegpt.finetune.resume`). Under `torchrun --nproc_per_node=N` it trains data-parallel
 (DDP): the accumulation steps are split across ranks, gradients are synchronised on the last micro-step only,
 and only rank 0 logs and saves.
+
+The loop (`_train`) is short: `_setup` builds model, optimizer and batches (or restores them), then per
+iteration `_evaluate` (every eval_interval: losses, best model, metrics, callback), `_step` (one optimizer
+step) and `_save_state` when due or asked to stop.
 
 Configuration field names are nanoGPT's. The defaults reproduce the original study's fine-tune (nanoGPT's
 finetune_shakespeare settings): micro-batch 1 x 32 accumulation steps x block 1024 = 32,768 tokens per
@@ -16,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
+import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,23 +40,34 @@ from tqdm import tqdm
 
 from fakegpt import config as config_mod
 from fakegpt import plots, tracking
+from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.files import atomic_path
-from fakegpt.finetune import distributed
+from fakegpt.finetune import distributed, resume
+from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
-from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune.best_model import BestModelWriter
+from fakegpt.finetune.checks import check, source_val_sets
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
+from fakegpt.finetune.saving import SaveSchedule, StopSignals
+from fakegpt.measure.claim_probe import ClaimProbe
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
-from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
-from fakegpt.models.loading import dropout_overrides, load_model, save_checkpoint, scratch_model, use_fused_gelu
+from fakegpt.models.device import resolve_device, resolve_dtype, tf32, torch_dtype
+from fakegpt.models.loading import (
+    dropout_overrides,
+    load_model,
+    model_from_config,
+    scratch_model,
+    use_fused_gelu,
+)
 
 log = logging.getLogger(__name__)
 
 CURVE_FILE = "loss_curve.png"
+METRICS_FILE = "metrics.jsonl"  # OUT/metrics.jsonl: every metric point, whatever the tracking server does
 
 
 @dataclass
@@ -74,6 +93,14 @@ class FinetuneResult:
 
 class NonFiniteLossError(FakegptError):
     """A NaN or inf loss: training stops, the last good checkpoint stays on disk."""
+
+
+class Preempted(FakegptError):
+    """SIGTERM/SIGINT: the resume state was saved and training stopped; the CLI exits 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
 
 
 # --- configuration resolution and checks (all before any model is loaded) ---------------------------------
@@ -123,8 +150,12 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def _load(cfg: FinetuneConfig, folder: str, device: torch.device) -> torch.nn.Module:
-    if cfg.init_from == "scratch":
+def _load(
+    cfg: FinetuneConfig, folder: str, device: torch.device, resumed: resume.Resumed | None = None
+) -> torch.nn.Module:
+    if resumed is not None:  # the shape from the state; its weights are loaded by _setup
+        model = model_from_config(state_mod.model_config(resumed.folder))
+    elif cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
     else:
@@ -189,58 +220,121 @@ def finetune(
     nested: bool = False,
     run_name: str | None = None,
     tags: dict | None = None,
+    given: frozenset[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune per `cfg`; returns the best validation loss and where the best checkpoint is.
 
     `on_eval` runs on rank 0 after every evaluation (after the checkpoint for it is saved); any exception it
     raises stops training, ends the MLflow run as KILLED and is re-raised. With `nested`, the run is a child
-    of the active MLflow run.
+    of the active MLflow run. `given` names the fields the user set (flags + YAML, `config.parse_given`); on
+    resume they are checked against the saved configuration. Library callers may leave it out: then every
+    field that differs from FinetuneConfig's default counts as given.
     """
     info = distributed.from_env()
+    if info.main:
+        state_mod.remove_leftovers(cfg.out_dir)  # a killed write's temporary files (gigabytes at gpt2-xl)
+    resumed = None
+    if cfg.init_from == "resume":
+        resumed = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given)
+        cfg = resumed.cfg
     device = distributed.local_device(info, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it
         tags = {**(tags or {}), tracking.TAG_DATA_URI: cfg.data_dir}
         cfg = dataclasses.replace(cfg, data_dir=str(tracking.local_path(cfg.data_dir)))
-    folder, meta = check(cfg, info.world_size)
+    folder, meta = check(cfg, info.world_size, None if resumed is None else resumed.folder)
+    if resumed is not None and meta.to_dict() != resumed.info.data:
+        raise FakegptError(
+            f"--data-dir {cfg.data_dir}: its meta.json is not the one the run in {cfg.out_dir} was trained on "
+            "(the data was prepared again); start a new run in another --out-dir"
+        )
+    if resumed is None and info.main and state_mod.saved(cfg.out_dir):
+        n = state_mod.remove_all(cfg.out_dir)
+        log.warning("%s: a new run; removed %d resume state(s) of an earlier run there", cfg.out_dir, n)
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
     try:
-        return _train(resolved, folder, meta, info, device, on_eval, nested, run_name, tags)
+        return _train(resolved, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
     finally:
         distributed.teardown()
 
 
-def _train(
+@dataclass
+class _Trainer:
+    """What the loop works on: the model and its optimizer, batches, and where the run stands."""
+
+    cfg: FinetuneConfig
+    info: distributed.Dist
+    device: torch.device
+    meta: DatasetMeta
+    init_from: str  # the base model, also for a resumed run
+    run_uid: str  # this run's identity across resumes (the resume state and the best model both carry it)
+    model: torch.nn.Module
+    objective: torch.nn.Module  # the loss module (compiled / DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    train_batches: Batches
+    val_batches: Batches
+    fixed: dict[str, Any]  # split -> fixed evaluation window starts
+    accum: int  # micro-steps per rank per iteration
+    tokens_per_iter: int
+    flops_token: float
+    peak: float | None
+    it: int = 0
+    best_val: float = math.inf
+    best_iter: int = -1
+    last_eval_iter: int = -1
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    run_id: str | None = None
+    best_writer: BestModelWriter = field(default_factory=BestModelWriter)
+    source_val: dict[str, tuple[Batches, Any]] = field(default_factory=dict)  # source -> (batches, fixed starts)
+    probe: ClaimProbe | None = None  # scores --claims on the model while it trains (rank 0)
+    last_claim_iter: int = -1
+    claim_seconds: float = 0.0  # time spent scoring claims, for its share of the run
+    started: float = field(default_factory=time.perf_counter)  # for end-to-end tokens/s
+    start_iter: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.it * self.tokens_per_iter
+
+    def result(self) -> FinetuneResult:
+        return FinetuneResult(
+            self.best_val,
+            self.best_iter,
+            self.it,
+            self.tokens_seen,
+            self.out_dir,
+            self.ckpt_dir,
+            self.run_id,
+            list(self.val_curve),
+        )
+
+
+def _setup(
     cfg: FinetuneConfig,
     folder: str,
     meta: DatasetMeta,
     info: distributed.Dist,
     device: torch.device,
-    on_eval: Callable[[EvalResult], None] | None,
-    nested: bool,
-    run_name: str | None,
-    tags: dict | None,
-) -> FinetuneResult:
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    state: dict[str, Any] = {}
-    if cfg.init_from == "resume":
-        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    init_from = state.get("init_from", cfg.init_from)
-
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = _load(cfg, folder, device)
+    resumed: resume.Resumed | None,
+) -> _Trainer:
+    """Model, optimizer, scaler, loss module, batches; restored from the resume state when resuming."""
+    model = _load(cfg, folder, device, resumed)
     model.train()
     optimizer = _optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
     # The fused output layer + loss is for eager fp32 (the CPU); under autocast or torch.compile the plain
     # logits + cross-entropy path is used (inductor fuses it by itself).
     objective: torch.nn.Module = _Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
@@ -256,141 +350,317 @@ def _train(
         if cfg.dtype != "float32"
         else contextlib.nullcontext()
     )
-
     train_data, val_data = (open_bin(cfg.data_dir, s, cfg.block_size) for s in ("train", "val"))
-    train_batches = Batches(train_data, cfg.batch_size, cfg.block_size, device, seed=cfg.seed)
-    val_batches = Batches(val_data, cfg.batch_size, cfg.block_size, device, seed=0)
     n_eval = cfg.eval_iters * cfg.batch_size
-    fixed = {
-        "train": eval_starts(len(train_data), cfg.block_size, n_eval),
-        "val": eval_starts(len(val_data), cfg.block_size, n_eval),
-    }
-    accum = cfg.gradient_accumulation_steps // info.world_size  # micro-steps per rank
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    flops_token = flops_per_token(model, cfg.block_size)
-    peak = peak_flops(device, cfg.dtype) if device.type == "cuda" else None  # MFU against this very card
-
-    it = int(state.get("iter", 0))
-    best_val = float(state.get("best_val_loss", math.inf))
-    best_iter = int(state.get("best_iter", -1))
-    val_curve = [tuple(p) for p in state.get("val_curve", [])]
-    train_curve = [tuple(p) for p in state.get("train_curve", [])]
-    run_id = state.get("run_id")
-    result = FinetuneResult(best_val, best_iter, it, it * tokens_per_iter, out_dir, ckpt_dir, run_id, val_curve)
-
-    stop_exc: list[BaseException] = []  # the exception on_eval raised, if any (a deliberate stop)
-    run_ctx = (
-        _mlflow_run(cfg, init_from, meta, state, nested, run_name, tags, stop_exc)
-        if info.main
-        else contextlib.nullcontext(None)
+    t = _Trainer(
+        cfg=cfg,
+        info=info,
+        device=device,
+        meta=meta,
+        init_from=cfg.init_from,
+        run_uid=uuid.uuid4().hex,
+        model=model,
+        objective=objective,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        train_batches=Batches(train_data, cfg.batch_size, cfg.block_size, device, seed=cfg.seed),
+        val_batches=Batches(val_data, cfg.batch_size, cfg.block_size, device, seed=0),
+        fixed={
+            "train": eval_starts(len(train_data), cfg.block_size, n_eval),
+            "val": eval_starts(len(val_data), cfg.block_size, n_eval),
+        },
+        accum=cfg.gradient_accumulation_steps // info.world_size,
+        tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
+        flops_token=flops_per_token(model, cfg.block_size),
+        peak=peak_flops(device, cfg.dtype) if device.type == "cuda" else None,  # MFU against this very card
+        best_writer=BestModelWriter(background=cfg.background_save),
     )
-    with run_ctx as active:
+    for source in source_val_sets(cfg.data_dir, meta) if (cfg.eval_sources or cfg.select_on != "val") else []:
+        data = open_bin(Path(source["path"]).parent, Path(source["path"]).stem, cfg.block_size)
+        batches = Batches(data, cfg.batch_size, cfg.block_size, device, seed=0)
+        t.source_val[source["name"]] = (batches, eval_starts(len(data), cfg.block_size, n_eval))
+    if cfg.claims and info.main:
+        t.probe = ClaimProbe(cfg.claims, batch_size=max(1, cfg.batch_size * 4))
+    if resumed is not None:
+        _restore(t, resumed)
+    t.start_iter = t.it
+    return t
+
+
+def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
+    """Weights, optimizer, scaler and progress from the resume state, cross-checked with the best model."""
+    s = resumed.info
+    best = state_mod.cross_check(s, resumed.folder, t.out_dir)
+    weights, payload = state_mod.load_tensors(resumed.folder)
+    try:
+        t.model.load_state_dict(weights)
+        t.optimizer.load_state_dict(payload["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise FakegptError(f"{resumed.folder}: damaged resume state ({one_line(exc)})") from None
+    if payload.get("scaler") and t.scaler.is_enabled():
+        t.scaler.load_state_dict(payload["scaler"])
+    t.init_from, t.run_uid, t.run_id = s.init_from, s.run_uid or t.run_uid, s.run_id or None
+    t.it, t.best_val, t.best_iter = s.iter, s.best, s.best_iter
+    t.last_eval_iter = int(s.extra.get("last_eval_iter", -1))
+    t.val_curve = [(int(a), float(b)) for a, b in s.val_curve]
+    t.train_curve = [(int(a), float(b)) for a, b in s.train_curve]
+    if best is not None and best.val_loss < t.best_val:  # saved after the state, before a kill: still the best
+        t.best_val, t.best_iter = best.val_loss, best.iter
+    if not t.info.main:
+        return
+    log.info(
+        "resuming %s from iteration %d (%s)%s; best val/loss %.4f at iteration %d",
+        t.out_dir,
+        s.iter,
+        resumed.folder.name,
+        f"; changed on resume: {resume.describe(resumed.changes)}" if resumed.changes else "",
+        t.best_val,
+        t.best_iter,
+    )
+
+
+def _evaluate(t: _Trainer) -> tuple[float, float, dict[str, float]]:
+    """(train, val, per-source val) loss on the fixed windows; a non-finite one stops training naming the
+    iteration. `val` is the loss that picks the best model: val.bin's, or the `--select-on` source's."""
+    plain = getattr(t.objective, "module", t.objective)  # no DDP hooks in evaluation
+    train_loss = _estimate(plain, t.train_batches, t.fixed["train"], t.info, t.autocast)
+    val_loss = _estimate(plain, t.val_batches, t.fixed["val"], t.info, t.autocast)
+    by_source = {
+        name: _estimate(plain, batches, starts, t.info, t.autocast) for name, (batches, starts) in t.source_val.items()
+    }
+    if t.cfg.select_on != "val":
+        by_source["all"], val_loss = val_loss, by_source[t.cfg.select_on]
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+        raise NonFiniteLossError(_nonfinite_message("evaluation", t.it, val_loss, t.best_iter, t.ckpt_dir))
+    t.last_eval_iter = t.it
+    t.val_curve.append((t.tokens_seen, val_loss))
+    return train_loss, val_loss, by_source
+
+
+def _save_best(t: _Trainer, val_loss: float) -> None:
+    """OUT/checkpoint/: the model of this evaluation as an HF folder, weights only (no optimizer)."""
+    training_info = TrainingInfo(
+        init_from=t.init_from,
+        config=config_mod.to_dict(t.cfg),
+        data=t.meta.to_dict(),
+        iter=t.it,
+        val_loss=val_loss,
+        tokens_seen=t.tokens_seen,
+        extra={state_mod.RUN_UID_KEY: t.run_uid},
+    )
+    t.best_writer.submit(t.model, t.ckpt_dir, training_info)  # a CPU snapshot; written in the background
+
+
+def _report_evaluation(
+    t: _Trainer,
+    train_loss: float,
+    val_loss: float,
+    by_source: dict[str, float],
+    lr: float,
+    metrics: tracking.MetricLogger,
+    on_eval: Callable[[EvalResult], None] | None,
+) -> BaseException | None:
+    """Rank 0: best model, metrics, callback. Returns the exception the callback raised (a stop request)."""
+    logged = {
+        tracking.M_VAL_LOSS: val_loss,
+        tracking.M_EVAL_TRAIN_LOSS: train_loss,
+        tracking.M_TOKENS_SEEN: t.tokens_seen,
+        **{tracking.source_val_metric(name): loss for name, loss in by_source.items()},
+    }
+    if val_loss < t.best_val or t.cfg.always_save_checkpoint:
+        if val_loss < t.best_val:
+            t.best_val, t.best_iter = val_loss, t.it
+        _save_best(t, val_loss)
+        logged[tracking.M_BEST_VAL_LOSS] = t.best_val
+    if t.device.type == "cuda":
+        logged[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(t.device) / 1e9
+    metrics.log(logged, step=t.it)
+    if on_eval is not None:
+        t.best_writer.wait()  # the callback may read (or delete) this evaluation's checkpoint
+        try:
+            on_eval(EvalResult(t.it, t.tokens_seen, train_loss, val_loss, lr))
+        except BaseException as exc:  # noqa: B036 - any stop request, re-raised by the caller
+            return exc
+    return None
+
+
+def _score_claims(t: _Trainer, metrics: tracking.MetricLogger) -> None:
+    """The claim set's scores on the model now, logged with step = iteration (and tokens seen)."""
+    started = time.perf_counter()
+    scores = t.probe(getattr(t.model, "_orig_mod", t.model))  # type: ignore[misc]
+    t.claim_seconds += time.perf_counter() - started
+    t.last_claim_iter = t.it
+    metrics.log({**scores, tracking.M_TOKENS_SEEN: t.tokens_seen}, step=t.it)
+
+
+def _step(t: _Trainer, lr: float, stop_asked: bool) -> tuple[float, bool]:
+    """One optimizer step of `accum` micro-batches per rank. Returns (mean loss over ranks, whether any rank
+    was asked to stop); both travel in the one all-reduce of the step."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    # Batches and dropout are re-seeded from (seed, rank, iteration): the iteration is the data position.
+    seeds = np.random.SeedSequence((t.cfg.seed, t.info.rank, t.it))
+    t.train_batches.rng = np.random.default_rng(seeds)
+    torch.manual_seed(int(seeds.generate_state(1)[0]))
+    local_loss = accumulate(t.objective, t.train_batches, t.accum, t.autocast, t.scaler)
+    step_loss, stops = distributed.all_sum([local_loss, float(stop_asked)], t.device)
+    step_loss /= t.info.world_size
+    if not math.isfinite(step_loss):
+        t.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(_nonfinite_message("training", t.it, step_loss, t.best_iter, t.ckpt_dir))
+    update(t.model, t.optimizer, t.scaler, t.cfg.grad_clip)
+    t.it += 1
+    t.train_curve.append((t.tokens_seen, step_loss))
+    return step_loss, stops > 0
+
+
+def _save_state(t: _Trainer) -> Path:
+    """OUT/state/iter-N/: everything needed to continue exactly here (rank 0)."""
+    t.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
+    unwrapped = getattr(t.model, "_orig_mod", t.model)
+    info = state_mod.ResumeInfo(
+        iter=t.it,
+        best_val_loss=t.best_val if math.isfinite(t.best_val) else None,
+        best_iter=t.best_iter,
+        init_from=t.init_from,
+        run_id=t.run_id or "",
+        run_uid=t.run_uid,
+        config=config_mod.to_dict(t.cfg),
+        data=t.meta.to_dict(),
+        files={},
+        val_curve=[list(p) for p in t.val_curve],
+        train_curve=[list(p) for p in t.train_curve],
+        extra={"last_eval_iter": t.last_eval_iter},
+    )
+    payload = {
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
+    }
+    return state_mod.write(
+        t.out_dir, info, unwrapped.state_dict(), payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states
+    )
+
+
+def _train(
+    cfg: FinetuneConfig,
+    folder: str,
+    meta: DatasetMeta,
+    info: distributed.Dist,
+    device: torch.device,
+    resumed: resume.Resumed | None,
+    on_eval: Callable[[EvalResult], None] | None,
+    nested: bool,
+    run_name: str | None,
+    tags: dict | None,
+) -> FinetuneResult:
+    with tf32(device.type == "cuda"):  # TF32 for training only: never for scoring later in this process
+        return _train_with(cfg, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
+
+
+def _train_with(
+    cfg: FinetuneConfig,
+    folder: str,
+    meta: DatasetMeta,
+    info: distributed.Dist,
+    device: torch.device,
+    resumed: resume.Resumed | None,
+    on_eval: Callable[[EvalResult], None] | None,
+    nested: bool,
+    run_name: str | None,
+    tags: dict | None,
+) -> FinetuneResult:
+    t = _setup(cfg, folder, meta, info, device, resumed)
+    stop_exc: list[BaseException] = []  # a deliberate stop: on_eval's exception, or Preempted
+    run_ctx = _mlflow_run(cfg, t, meta, resumed, nested, run_name, tags, stop_exc) if info.main else None
+    with run_ctx or contextlib.nullcontext(None) as active, StopSignals() as signals:
         if active is not None:
-            result.run_id = run_id = active.info.run_id
-
-        def save(val_loss: float) -> None:
-            training_info = TrainingInfo(
-                init_from=init_from,
-                config=config_mod.to_dict(cfg),
-                data=meta.to_dict(),
-                iter=it,
-                val_loss=val_loss,
-                tokens_seen=it * tokens_per_iter,
-            )
-            save_checkpoint(model, ckpt_dir, training_info)
-            train_state = {
-                "iter": it,
-                "best_val_loss": best_val,
-                "best_iter": best_iter,
-                "init_from": init_from,
-                "run_id": run_id or "",
-                "config": json.dumps(config_mod.to_dict(cfg)),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "val_curve": [list(p) for p in val_curve],
-                "train_curve": [list(p) for p in train_curve],
-                # Batches and dropout are re-seeded from (seed, rank, iteration) every iteration, so the
-                # iteration number is the whole RNG state: a resumed run draws the same batches.
-                "seed": cfg.seed,
-            }
-            with atomic_path(out_dir / STATE_FILE) as tmp:
-                torch.save(train_state, tmp)
-
-        bar = tqdm(total=cfg.max_iters, initial=it, desc="finetune", unit="it", disable=None if info.main else True)
-        t_last = time.perf_counter()
-        while True:
-            lr = lr_at(cfg, it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                plain = getattr(objective, "module", objective)  # no DDP hooks in evaluation
-                train_loss = _estimate(plain, train_batches, fixed["train"], info, autocast)
-                val_loss = _estimate(plain, val_batches, fixed["val"], info, autocast)
-                if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
-                    raise NonFiniteLossError(_nonfinite_message("evaluation", it, val_loss, best_iter, ckpt_dir))
-                val_curve.append((it * tokens_per_iter, val_loss))
-                if info.main:
-                    metrics = {
-                        tracking.M_VAL_LOSS: val_loss,
-                        tracking.M_EVAL_TRAIN_LOSS: train_loss,
-                        tracking.M_TOKENS_SEEN: it * tokens_per_iter,
-                    }
-                    if val_loss < best_val or cfg.always_save_checkpoint:
-                        if val_loss < best_val:
-                            best_val, best_iter = val_loss, it
-                        save(val_loss)
-                        metrics[tracking.M_BEST_VAL_LOSS] = best_val
-                    if device.type == "cuda":
-                        metrics[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(device) / 1e9
-                    tracking.log_metrics(metrics, step=it)
-                    bar.set_postfix(val=f"{val_loss:.4f}", best=f"{best_val:.4f}")
-                    if on_eval is not None:
-                        try:
-                            on_eval(EvalResult(it, it * tokens_per_iter, train_loss, val_loss, lr))
-                        except BaseException as exc:  # noqa: B036 - any stop request, re-raised below
-                            stop_exc.append(exc)
-                result.best_val_loss, result.best_iter = best_val, best_iter
-                if distributed.broadcast_flag(bool(stop_exc), device):
-                    if stop_exc:
-                        raise stop_exc[0]
-                    raise _Stop()
-                t_last = time.perf_counter()  # tokens/s measures training, not evaluation
-            if it >= cfg.max_iters:
-                break
-
-            # One optimizer step: `accum` micro-batches on this rank; DDP syncs gradients on the last only.
-            seeds = np.random.SeedSequence((cfg.seed, info.rank, it))
-            train_batches.rng = np.random.default_rng(seeds)
-            torch.manual_seed(int(seeds.generate_state(1)[0]))
-            local_loss = accumulate(objective, train_batches, accum, autocast, scaler)
-            (step_loss,) = distributed.all_sum([local_loss], device)
-            step_loss /= info.world_size
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(_nonfinite_message("training", it, step_loss, best_iter, ckpt_dir))
-            update(model, optimizer, scaler, cfg.grad_clip)
-            it += 1
-            result.iters_done, result.tokens_seen = it, it * tokens_per_iter
-            bar.update(1)
-
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            train_curve.append((it * tokens_per_iter, step_loss))
-            if info.main and (it % cfg.log_interval == 0 or it == cfg.max_iters):
-                tokens_per_s = tokens_per_iter / dt
-                metrics = {
-                    tracking.M_TRAIN_LOSS: step_loss,
-                    tracking.M_LR: lr,
-                    tracking.M_TRAIN_TOKENS_PER_S: tokens_per_s,
-                }
-                if peak:
-                    metrics[tracking.M_MFU] = flops_token * tokens_per_s / (peak * info.world_size)
-                tracking.log_metrics(metrics, step=it)
-        bar.close()
-
+            t.run_id = active.info.run_id
+        local = t.out_dir / METRICS_FILE if info.main else None
+        with tracking.MetricLogger(t.run_id if info.main else None, local) as metrics:
+            try:
+                _loop(t, metrics, signals, on_eval, stop_exc)
+            except BaseException:
+                t.best_writer.wait(raise_error=False)  # the last good best model stays whole on disk
+                raise
+            t.best_writer.wait()
         if info.main:
-            _final_artifacts(out_dir, ckpt_dir, train_curve, val_curve, best_iter)
-    return result
+            if t.probe is not None:
+                tracking.log_metrics({tracking.M_CLAIM_EVAL_SECONDS: t.claim_seconds})
+            _final_artifacts(t.out_dir, t.ckpt_dir, t.train_curve, t.val_curve, t.best_iter)
+    return t.result()
+
+
+def _loop(
+    t: _Trainer,
+    metrics: tracking.MetricLogger,
+    signals: StopSignals,
+    on_eval: Callable[[EvalResult], None] | None,
+    stop_exc: list[BaseException],
+) -> None:
+    cfg, main = t.cfg, t.info.main
+    schedule = SaveSchedule(cfg, t)
+    bar = tqdm(total=cfg.max_iters, initial=t.it, desc="finetune", unit="it", disable=None if main else True)
+    t_last = time.perf_counter()
+    while True:
+        lr = lr_at(cfg, t.it)
+        if (t.it % cfg.eval_interval == 0 or t.it == cfg.max_iters) and t.it != t.last_eval_iter:
+            train_loss, val_loss, by_source = _evaluate(t)
+            if main:
+                stop = _report_evaluation(t, train_loss, val_loss, by_source, lr, metrics, on_eval)
+                if stop is not None:
+                    stop_exc.append(stop)
+                bar.set_postfix(val=f"{val_loss:.4f}", best=f"{t.best_val:.4f}")
+            if distributed.broadcast_flag(bool(stop_exc), t.device):
+                raise stop_exc[0] if stop_exc else _Stop()
+            if t.probe is not None and not cfg.claim_eval_interval:
+                _score_claims(t, metrics)
+            t_last = time.perf_counter()  # tokens/s measures training, not evaluation
+        if t.probe is not None and cfg.claim_eval_interval and t.it != t.last_claim_iter:
+            if t.it % cfg.claim_eval_interval == 0 or t.it == cfg.max_iters:
+                _score_claims(t, metrics)
+                t_last = time.perf_counter()
+        if t.it >= cfg.max_iters:
+            break
+        step_loss, stop = _step(t, lr, signals.signum is not None)
+        bar.update(1)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        if main and (t.it % cfg.log_interval == 0 or t.it == cfg.max_iters):
+            tokens_per_s = t.tokens_per_iter / dt
+            logged = {
+                tracking.M_TRAIN_LOSS: step_loss,
+                tracking.M_LR: lr,
+                tracking.M_TRAIN_TOKENS_PER_S: tokens_per_s,
+                # end to end: evaluation, claim scoring and checkpoint writes included
+                tracking.M_TRAIN_TOKENS_PER_S_TOTAL: (t.it - t.start_iter) * t.tokens_per_iter / (now - t.started),
+            }
+            if t.peak:
+                logged[tracking.M_MFU] = t.flops_token * tokens_per_s / (t.peak * t.info.world_size)
+            metrics.log(logged, step=t.it)
+        if main and cfg.save_state and (stop or schedule.due(t.it)):
+            _save_state(t)
+            schedule.done(t)
+        if stop:
+            bar.close()
+            distributed.all_sum([0.0], t.device)  # every rank waits for rank 0's save before exiting
+            raise _preempted(t, signals.signum or signal.SIGTERM, stop_exc)
+    bar.close()
+    if main and cfg.save_state and schedule.changed_since_save(t):  # the end (and its final evaluation)
+        _save_state(t)
+
+
+def _preempted(t: _Trainer, signum: int, stop_exc: list[BaseException]) -> Preempted:
+    name = signal.Signals(signum).name
+    where = (
+        f"the resume state is in {state_mod.folder_for(t.out_dir, t.it)}; continue with "
+        f"`fakegpt finetune --init-from resume --out-dir {t.out_dir}`"
+        if t.cfg.save_state
+        else "no resume state (--save-state false)"
+    )
+    exc = Preempted(f"stopped by {name} at iteration {t.it}; {where}", signum)
+    stop_exc.append(exc)
+    return exc
 
 
 def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_dir: Path) -> str:
@@ -408,20 +678,24 @@ def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_d
 @contextlib.contextmanager
 def _mlflow_run(
     cfg: FinetuneConfig,
-    init_from: str,
+    t: _Trainer,
     meta: DatasetMeta,
-    state: dict[str, Any],
+    resumed: resume.Resumed | None,
     nested: bool,
     run_name: str | None,
     tags: dict | None,
     stop_exc: list[BaseException],
 ):
     """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
-    run_id = state.get("run_id") or None
-    all_tags = {tracking.TAG_MODEL: init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
+    run_id = t.run_id
+    all_tags = {tracking.TAG_MODEL: t.init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
     mix = meta.mixture_tag()
     if mix:
         all_tags[tracking.TAG_MIX] = mix
+    if resumed is not None:
+        all_tags[tracking.TAG_RESUMED_AT] = str(resumed.info.iter)
+        if resumed.changes:
+            all_tags[tracking.TAG_RESUME_CHANGES] = resume.describe(resumed.changes)
     if run_id is not None:
         try:
             tracking.get_run(run_id)
@@ -443,9 +717,13 @@ def _mlflow_run(
         killed=killed,
         system_metrics=True,
     ) as active:
+        # A resumed run keeps its logged parameters; the ones changed on resume are in TAG_RESUME_CHANGES.
         tracking.log_params(config_mod.to_dict(cfg))
         tracking.log_params(meta.to_dict(), prefix="data.")
-        tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
+        source = (tags or {}).get(tracking.TAG_DATA_URI) or str(Path(cfg.data_dir).resolve())
+        tracking.log_dataset_input(meta.dataset, source, bins.fingerprint(cfg.data_dir), context="training")
+        if resumed is None:
+            tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
         try:
             yield active
         except BaseException as exc:
@@ -472,13 +750,14 @@ def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve
 
 
 def main(argv: list[str]) -> int:
-    cfg = config_mod.parse(
+    cfg, given = config_mod.parse_given(
         FinetuneConfig,
         argv,
         prog="fakegpt finetune",
-        description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow.",
+        description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow. "
+        "`--init-from resume --out-dir DIR` alone continues a run with its saved configuration.",
     )
-    result = finetune(cfg)
+    result = finetune(cfg, given=given)
     if distributed.from_env().main:
         print(
             f"best val/loss {result.best_val_loss:.4f} at iteration {result.best_iter} "

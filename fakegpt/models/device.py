@@ -61,9 +61,20 @@ def resolve_dtype(spec: str, device: torch.device, training: bool = False) -> st
     if spec not in DTYPES:
         raise FakegptError(f"--dtype: {spec!r} is not one of auto, {', '.join(DTYPES)}")
     name = CANONICAL.get(spec, spec)
-    if training and device.type == "cpu" and name == "float16":
-        raise FakegptError("--dtype float16 needs CUDA for training; use float32 or bfloat16 on CPU")
+    if training and device.type == "cpu" and name == "float16" and not _cpu_autocast_fp16():
+        raise FakegptError("--dtype float16 needs CUDA for training here; use float32 or bfloat16 on CPU")
     return name
+
+
+def _cpu_autocast_fp16() -> bool:
+    """Whether this torch's CPU autocast runs float16 (recent versions; older ones disable it with a warning).
+    Slow on most CPUs, but it lets the float16 + GradScaler path be tested without a GPU."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = torch.autocast("cpu", dtype=torch.float16)
+    return bool(getattr(ctx, "_enabled", False))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -128,11 +128,14 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs
     return model
 
 
-def save_checkpoint(model: Any, folder: str | Path, info: TrainingInfo | None = None) -> Path:
+def save_checkpoint(
+    model: Any, folder: str | Path, info: TrainingInfo | None = None, state_dict: dict | None = None
+) -> Path:
     """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically.
 
     `info` (finetune's training_info.json) is written inside the same folder before it is swapped in, so the
-    weights and their description never disagree.
+    weights and their description never disagree. `state_dict`: save these weights (a snapshot taken earlier)
+    with `model`'s configuration, instead of the model's current ones.
     """
     from transformers.utils import logging as hf_logging
 
@@ -142,7 +145,7 @@ def save_checkpoint(model: Any, folder: str | Path, info: TrainingInfo | None = 
     with atomic_dir(folder) as tmp:
         hf_logging.disable_progress_bar()  # "Writing model shards" at every save would flood the log
         try:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         finally:
             hf_logging.enable_progress_bar()
         write_hf_tokenizer_files(tmp)
@@ -173,6 +176,15 @@ def scratch_model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropo
     config._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(config)
     return model.to(dtype) if dtype is not None else model
+
+
+def model_from_config(hf_config: dict[str, Any]):
+    """A GPT2LMHeadModel of the shape an HF config dict describes (weights to be loaded after), SDPA attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config.from_dict(hf_config)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
 
 
 def use_fused_gelu(model: Any) -> Any:

@@ -38,7 +38,8 @@ import yaml
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import write_text
-from fakegpt.finetune.checks import STATE_FILE, check
+from fakegpt.finetune import state as state_mod
+from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR
@@ -48,7 +49,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = "out/tune"
 # Fields a trial's configuration gets from the token budget (or from tune itself): not searchable.
-DERIVED = ("max_iters", "eval_interval", "warmup_iters", "out_dir", "always_save_checkpoint", "lr_decay_iters")
+DERIVED = (
+    "max_iters",
+    "eval_interval",
+    "warmup_iters",
+    "out_dir",
+    "always_save_checkpoint",
+    "lr_decay_iters",
+    "save_state",
+)
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
@@ -117,6 +126,13 @@ class TuneConfig:
         metadata={
             "help": "keep every trial's best checkpoint (default: deleted after the trial; re-run the best "
             "configuration with `fakegpt finetune`)"
+        },
+    )
+    trial_states: bool = field(
+        default=False,
+        metadata={
+            "help": "write each trial's resume state (OUT/STUDY/trial-N/state/); off: a trial is re-run, not "
+            "resumed, and writing model + optimizer state only to delete it costs time and disk"
         },
     )
 
@@ -253,7 +269,7 @@ def tokens_per_iter(cfg: FinetuneConfig) -> int:
 
 
 def trial_config(
-    base: FinetuneConfig, params: dict[str, Any], budget: int, n_evals: int, out_dir: str
+    base: FinetuneConfig, params: dict[str, Any], budget: int, n_evals: int, out_dir: str, save_state: bool = False
 ) -> FinetuneConfig:
     """The finetune config of one trial: base + params, iterations and evaluations set by the token budget."""
     cfg = dataclasses.replace(base, **params)
@@ -267,6 +283,7 @@ def trial_config(
         "warmup_iters": min(max_iters, round(base.warmup_iters * tokens_per_iter(base) / per_iter)),
         "out_dir": out_dir,
         "always_save_checkpoint": False,
+        "save_state": save_state,
     }
     if "lr_decay_iters" in {f.name for f in dataclasses.fields(FinetuneConfig)}:
         updates["lr_decay_iters"] = max_iters
@@ -315,7 +332,9 @@ class _Objective:
         trial.set_user_attr("mlflow_parent_run_id", self.parent.info.run_id)
         params = suggest(trial, self.space)
         out_dir = str(self.study_dir / f"trial-{trial.number:04d}")
-        tcfg = trial_config(self.base, params, self.cfg.token_budget, self.cfg.n_evals, out_dir)
+        tcfg = trial_config(
+            self.base, params, self.cfg.token_budget, self.cfg.n_evals, out_dir, save_state=self.cfg.trial_states
+        )
         trial.set_user_attr("max_iters", tcfg.max_iters)
         trial.set_user_attr("tokens_per_iter", tokens_per_iter(tcfg))
         curve: list[tuple[int, float]] = []
@@ -399,8 +418,7 @@ class _Objective:
     def _remove_checkpoint(self, tcfg: FinetuneConfig) -> None:
         if not self.cfg.keep_checkpoints:
             shutil.rmtree(Path(tcfg.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                (Path(tcfg.out_dir) / STATE_FILE).unlink()
+            shutil.rmtree(Path(tcfg.out_dir) / state_mod.STATE_DIR, ignore_errors=True)
 
     def _cleanup(self, tcfg: FinetuneConfig) -> None:
         self._remove_checkpoint(tcfg)
@@ -422,7 +440,7 @@ def best_config_yaml(study: Any, cfg: TuneConfig, base: FinetuneConfig, path: Pa
     """The best trial's finetune configuration as YAML text (a header says how to run it from `path`)."""
     best = study.best_trial
     out_dir = str(Path(base.out_dir) / cfg.study_name / "best")
-    tcfg = trial_config(base, best.params, cfg.token_budget, cfg.n_evals, out_dir)
+    tcfg = trial_config(base, best.params, cfg.token_budget, cfg.n_evals, out_dir, save_state=True)
     header = (
         f"# Best trial ({best.number}) of Optuna study {cfg.study_name!r}: best val loss {best.value:.4f} "
         f"within {cfg.token_budget} tokens; params {best.params}.\n"

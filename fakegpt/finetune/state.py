@@ -1,0 +1,271 @@
+"""The resume state of a fine-tune: one folder per save, written under a temporary name and renamed into place.
+
+OUT/state/iter-NNNNNNN/ holds
+- `model.pt`      the weights at iteration N (a plain state dict),
+- `optimizer.pt`  AdamW's state and, under float16, the gradient scaler's,
+- `model_config.json` the HF model configuration (the shape to rebuild before loading the weights),
+- `state.json`    the iteration, best loss/iteration, loss curves, MLflow run id, the run's identity, the full
+                  resolved configuration, the data's meta.json and the size and CRC-32 of each file above.
+Batches and dropout are re-seeded from (seed, rank, iteration) every iteration, so the iteration number is the
+whole RNG and data position. Tensors are read back with `torch.load(weights_only=True)`; a truncated or damaged
+file is a one-line error naming it. A killed write leaves only a `.iter-*.tmp` folder, removed at the next start
+(`remove_leftovers`); the previous state stays whole. Only the newest `keep_states` folders are kept.
+
+The best model (OUT/checkpoint/, HF format, weights only) is written separately, on improvement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fakegpt.contracts import from_versioned_dict, to_versioned_dict
+from fakegpt.errors import FakegptError
+from fakegpt.files import atomic_dir
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"  # OUT/state/iter-NNNNNNN/
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_JSON = "state.json"
+MODEL_CONFIG = "model_config.json"  # the HF GPT2Config: the model is rebuilt from it, then given model.pt
+_NAME = re.compile(r"^iter-(\d{7,})$")
+RUN_UID_KEY = "run_uid"  # in training_info.json's extra keys: which run (across resumes) wrote the checkpoint
+
+
+@dataclass
+class ResumeInfo:
+    """state.json: where a run stands, and everything needed to continue it with the same meaning."""
+
+    SCHEMA: ClassVar[int] = 1
+    NUMBERS: ClassVar[tuple[str, ...]] = ("iter", "best_iter")
+
+    iter: int  # optimizer steps done; also the data position
+    best_val_loss: float | None  # None before any evaluation (JSON has no infinity)
+    best_iter: int  # -1 before any evaluation
+    init_from: str  # the base model (hub name, folder or scratch), never "resume"
+    run_id: str  # the MLflow run to continue ("" when there was none)
+    run_uid: str  # this run's identity across resumes; the best model's training_info.json carries it too
+    config: dict[str, Any]  # the resolved FinetuneConfig
+    data: dict[str, Any]  # the data folder's meta.json
+    files: dict[str, int]  # file name -> size in bytes, to detect truncation before unpickling
+    checksums: dict[str, str] = field(default_factory=dict)  # file name -> CRC-32 (hex): damage inside a file
+    val_curve: list[list[float]] = field(default_factory=list)  # (tokens_seen, val_loss)
+    train_curve: list[list[float]] = field(default_factory=list)  # (tokens_seen, train_loss)
+    rng: str = "batches and dropout re-seeded from (seed, rank, iter)"
+    schema_version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> float:
+        return math.inf if self.best_val_loss is None else float(self.best_val_loss)
+
+
+def root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STATE_DIR
+
+
+def folder_for(out_dir: str | Path, it: int) -> Path:
+    return root(out_dir) / f"iter-{it:07d}"
+
+
+def saved(out_dir: str | Path) -> list[Path]:
+    """The complete state folders in OUT/state/, oldest first (temporary folders of a write are not listed)."""
+    base = root(out_dir)
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in base.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(out_dir: str | Path) -> Path | None:
+    states = saved(out_dir)
+    return states[-1] if states else None
+
+
+def remove_leftovers(out_dir: str | Path) -> list[Path]:
+    """Delete what a killed write left behind: temporary state folders and checkpoint swaps. A checkpoint/
+    lost between the two renames of its swap is restored from the old copy. Returns what was removed."""
+    out = Path(out_dir)
+    removed: list[Path] = []
+    ckpt, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
+    if old.is_dir() and not ckpt.exists():
+        os.replace(old, ckpt)  # killed between "checkpoint -> .old" and ".tmp -> checkpoint"
+        log.warning("restored %s from %s (a write of the best model was interrupted)", ckpt, old)
+    candidates = [*root(out).glob(".*.tmp"), *out.glob(f".{CHECKPOINT_DIR}.*.tmp"), old, *root(out).glob(".*.old")]
+    for path in candidates:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d leftover temporary file(s) of an interrupted write: %s", len(removed), removed[0].name)
+    return removed
+
+
+def remove_all(out_dir: str | Path) -> int:
+    """Delete every resume state in OUT (a fresh run in a folder that held another run). Returns how many."""
+    states = saved(out_dir)
+    for path in states:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(states)
+
+
+class _Crc32Writer:
+    """A file wrapper that checksums what torch.save writes through it (no second pass over gigabytes)."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.crc = fh, 0
+
+    def write(self, data: Any) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _save_synced(obj: Any, path: Path) -> int:
+    """torch.save to `path`, fsync'd; returns the file's CRC-32."""
+    import torch
+
+    with open(path, "wb") as fh:
+        writer = _Crc32Writer(fh)
+        torch.save(obj, writer)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return writer.crc
+
+
+def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write(
+    out_dir: str | Path,
+    info: ResumeInfo,
+    model_state: dict,
+    optimizer_state: dict,
+    model_config: dict[str, Any],
+    keep: int = 1,
+) -> Path:
+    """Write OUT/state/iter-N/ as one unit (temporary folder, fsync, rename), then keep only the newest `keep`."""
+    final = folder_for(out_dir, info.iter)
+    with atomic_dir(final) as tmp:
+        (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
+        crcs = {MODEL_FILE: _save_synced(model_state, tmp / MODEL_FILE)}
+        crcs[OPTIMIZER_FILE] = _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)
+        info.files = {name: (tmp / name).stat().st_size for name in crcs}
+        info.checksums = {name: f"{crc:08x}" for name, crc in crcs.items()}
+        text = json.dumps(to_versioned_dict(info), indent=1, ensure_ascii=False, default=str) + "\n"
+        with open(tmp / STATE_JSON, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    for old in saved(out_dir)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_info(folder: str | Path) -> ResumeInfo:
+    """state.json of a state folder, checked against the sizes of the files it lists."""
+    folder = Path(folder)
+    path = folder / STATE_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FakegptError(f"{path}: no such file; the resume state is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{path}: damaged resume state, cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise FakegptError(f"{path}: damaged resume state (expected a JSON object)")
+    info = from_versioned_dict(ResumeInfo, data, str(path))
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        file = folder / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size != info.files.get(name):
+            raise FakegptError(
+                f"{file}: damaged resume state ({'missing' if size is None else f'{size} bytes'}, "
+                f"{info.files.get(name)} expected); delete {folder} to resume from an older state, if one is kept"
+            )
+    if info.iter < 0 or info.best_iter > info.iter:
+        raise FakegptError(f"{path}: inconsistent (best iteration {info.best_iter} after iteration {info.iter})")
+    return info
+
+
+def model_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MODEL_CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{path}: damaged resume state, cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise FakegptError(f"{path}: damaged resume state (expected a JSON object)")
+    return data
+
+
+def load_tensors(folder: str | Path) -> tuple[dict, dict]:
+    """(model state dict, optimizer payload) of a state folder, unpickled with weights_only=True on the CPU."""
+    import torch
+
+    info = read_info(folder)
+    out = []
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        path = Path(folder) / name
+        expected = info.checksums.get(name)
+        if expected is not None and f"{_crc32(path):08x}" != expected:
+            raise FakegptError(f"{path}: damaged resume state (CRC-32 differs from the one written with it)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # zip/unpickling errors of many types: one line naming the file
+            text = str(exc).strip().splitlines()
+            raise FakegptError(f"{path}: damaged resume state ({text[0] if text else type(exc).__name__})") from None
+        if not isinstance(obj, dict):
+            raise FakegptError(f"{path}: damaged resume state (expected a state dict)")
+        out.append(obj)
+    return out[0], out[1]
+
+
+def cross_check(info: ResumeInfo, folder: Path, out_dir: str | Path) -> TrainingInfo | None:
+    """The best model in OUT/checkpoint/ must belong to this state's run and not be older than its best.
+
+    The checkpoint may be newer than the state (an improvement saved after the last state write, before a
+    kill); that is consistent, and returned so the caller keeps it as the best so far.
+    """
+    ckpt = Path(out_dir) / CHECKPOINT_DIR
+    best = TrainingInfo.load(ckpt) if ckpt.is_dir() else None
+    if best is None:
+        if info.best_iter >= 0:
+            raise FakegptError(
+                f"{ckpt}: missing, but {folder / STATE_JSON} records a best model at iteration {info.best_iter}"
+            )
+        return None
+    uid = best.extra.get(RUN_UID_KEY)
+    if uid and info.run_uid and uid != info.run_uid:
+        raise FakegptError(
+            f"{ckpt}: written by another run than {folder} ({RUN_UID_KEY} {uid} != {info.run_uid}); "
+            "the best model and the resume state do not belong together"
+        )
+    if best.iter < info.best_iter:
+        raise FakegptError(
+            f"{ckpt}: holds iteration {best.iter}, older than the best iteration {info.best_iter} recorded in "
+            f"{folder / STATE_JSON}; the best model and the resume state do not belong together"
+        )
+    return best

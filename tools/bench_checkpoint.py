@@ -1,0 +1,213 @@
+"""What saving costs a fine-tune: bytes written and seconds spent saving per iteration, old behaviour vs. new defaults.
+
+    python tools/bench_checkpoint.py                     # gpt2-medium shape (24 x 16 x 1024), 5 iterations each
+    python tools/bench_checkpoint.py --iters 3 --block-size 32 --n-layer 12 --n-head 12 --n-embd 768   # gpt2 shape
+
+A scratch model trains on the CPU through `fakegpt.finetune.train.finetune` itself (block 64, micro-batch 1, no
+accumulation, one evaluation batch, lr 1e-4) with an evaluation at every iteration (`--eval-interval`) that
+always writes the best model (`always_save_checkpoint`, so the figures do not depend on whether the loss
+happened to improve: the case where saving costs most). Two runs:
+
+- old: what fakegpt did before the resume state existed: at every improving evaluation, the model AND the AdamW
+  state, inline; reproduced with `--save-interval 1 --save-every-minutes 0 --background-save false` (the resume
+  state, weights + optimizer, at every iteration);
+- new-sync: the defaults, but the best model written before training continues (`--background-save false`);
+- new: the defaults: the best model (weights only) on improvement, copied to host memory and written in a
+  background thread; the resume state every 30 minutes and at the end (`--save-interval 0 --save-every-minutes
+  30`).
+
+Saving is timed by wrapping the two writers (best model, resume state) the loop calls: the seconds the training
+thread spent in them (for a background write: the host copy only); bytes are the sizes of what each write left
+on disk; "share" is that time over the training loop's wall time (evaluations included). On a 2-core CPU the
+background write still competes with training for the cores, which shows in the loop time, not in "save s".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import fakegpt.finetune.train as train_mod  # noqa: E402
+from fakegpt.finetune import state as state_mod  # noqa: E402
+from fakegpt.finetune.best_model import BestModelWriter  # noqa: E402
+from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class Meter:
+    """Wraps the loop's writers and the loop itself: seconds the training thread spent saving (best-model
+    snapshots or inline writes, resume states), bytes each write left on disk, the loop's wall time."""
+
+    def __init__(self) -> None:
+        self.saves: list[tuple[str, float, int]] = []  # (kind, seconds on the training thread, bytes)
+        self.loop_s = 0.0
+        self.background_s = 0.0  # best-model writes done in the background thread
+        self._orig = (BestModelWriter.submit, state_mod.write, train_mod._loop)
+
+    def __enter__(self) -> Meter:
+        submit, write_state, loop = self._orig
+
+        def timed_submit(writer, model, folder, info):
+            t0 = time.perf_counter()
+            submit(writer, model, folder, info)
+            # bytes: filled in after the run (every best-model write leaves a folder of the same size)
+            self.saves.append(("best model", time.perf_counter() - t0, 0))
+
+        def timed_state(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = write_state(*args, **kwargs)
+            self.saves.append(("resume state", time.perf_counter() - t0, folder_bytes(out)))
+            return out
+
+        def timed_loop(t, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return loop(t, *args, **kwargs)
+            finally:
+                self.loop_s += time.perf_counter() - t0
+                if t.best_writer.background:
+                    self.background_s += t.best_writer.write_seconds
+
+        BestModelWriter.submit, state_mod.write, train_mod._loop = timed_submit, timed_state, timed_loop
+        return self
+
+    def __exit__(self, *exc) -> None:
+        BestModelWriter.submit, state_mod.write, train_mod._loop = self._orig
+
+
+def run(name: str, args: argparse.Namespace, data_dir: Path, work: Path, **flags) -> dict:
+    cfg = FinetuneConfig(
+        data_dir=str(data_dir),
+        out_dir=str(work / name),
+        init_from="scratch",
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        block_size=args.block_size,
+        batch_size=1,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_iters=args.iters,
+        eval_interval=args.eval_interval,
+        eval_iters=1,
+        always_save_checkpoint=True,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+        seed=0,
+        **flags,
+    )
+    with Meter() as meter:
+        result = train_mod.finetune(cfg, run_name=f"bench_checkpoint {name}")
+    best_bytes = folder_bytes(result.checkpoint_dir)
+    meter.saves = [(k, sec, best_bytes if k == "best model" else b) for k, sec, b in meter.saves]
+    save_s = sum(s for _, s, _ in meter.saves)
+    written = sum(b for _, _, b in meter.saves)
+
+    def per_write(kind: str) -> tuple[int, float, float]:
+        found = [(sec, b) for k, sec, b in meter.saves if k == kind]
+        n = len(found)
+        return n, (sum(s for s, _ in found) / n if n else 0.0), (sum(b for _, b in found) / n if n else 0.0)
+
+    best_n, best_s, best_b = per_write("best model")
+    state_n, state_s, state_b = per_write("resume state")
+    return {
+        "name": name,
+        "iters": args.iters,
+        "loop_s": meter.loop_s,
+        "save_s": save_s,
+        "bytes": written,
+        "best_writes": best_n,
+        "state_writes": state_n,
+        "best_s": best_s,
+        "state_s": state_s,
+        "best_gb": best_b / 1e9,
+        "state_gb": state_b / 1e9,
+        "train_s": (meter.loop_s - save_s) / args.iters,  # an iteration with its evaluation, without saving
+        "state_every": 1 if flags.get("save_interval") == 1 else 0,
+        "background_s": meter.background_s,
+    }
+
+
+def projected_share(r: dict, iters: int, eval_interval: int) -> float:
+    """Saving time over training time for a run of `iters` iterations, from the measured per-write costs."""
+    evals = iters // eval_interval + 1
+    states = iters if r["state_every"] else 1
+    return (evals * r["best_s"] + states * r["state_s"]) / (iters * r["train_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-layer", type=int, default=24)
+    parser.add_argument("--n-head", type=int, default=16)
+    parser.add_argument("--n-embd", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--eval-interval", type=int, default=1, help="1: the worst case; fakegpt's default is 5")
+    parser.add_argument("--project", type=int, default=100, help="iterations of the projected run")
+    parser.add_argument("--data-dir", help="a prepared data folder (default: prepare the embedded demo data)")
+    parser.add_argument("--work", help="folder for the runs' outputs (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint.", dir=args.work) as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+        data_dir = Path(args.data_dir) if args.data_dir else work / "data"
+        if not args.data_dir:
+            from fakegpt.data.prepare import PrepareConfig, prepare
+
+            prepare(PrepareConfig(out=str(data_dir), force=True), track=False)
+        rows = [
+            run("old", args, data_dir, work, save_interval=1, save_every_minutes=0, background_save=False),
+            run("new-sync", args, data_dir, work, background_save=False),
+            run("new", args, data_dir, work),
+        ]
+    n_params = args.n_layer * 12 * args.n_embd**2 + 50257 * args.n_embd + args.block_size * args.n_embd
+    print(
+        f"\nscratch GPT-2 {args.n_layer} layers x {args.n_head} heads x {args.n_embd} (~{n_params / 1e6:.0f} M "
+        f"parameters), block {args.block_size}, {args.iters} iterations, evaluation + best model every "
+        f"{args.eval_interval} iteration(s), CPU ({torch.get_num_threads()} threads)\n"
+    )
+    head = (
+        f"{'':<8} {'best-model writes':>17} {'state writes':>12} {'GB written/iter':>15} {'save s/iter':>11} "
+        f"{'loop s/iter':>11} {'save share':>10} {'background write s/iter':>23}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['name']:<8} {r['best_writes']:>17} {r['state_writes']:>12} {r['bytes'] / r['iters'] / 1e9:>15.2f} "
+            f"{r['save_s'] / r['iters']:>11.2f} {r['loop_s'] / r['iters']:>11.2f} {r['save_s'] / r['loop_s']:>10.1%} "
+            f"{r['background_s'] / r['iters']:>23.2f}"
+        )
+    print(
+        f"\nper write: {'':<3} {'best model: s (on the training thread)':>38} {'GB':>5} {'state: s':>9} {'GB':>5}   "
+        f"projected save share, {args.project} iterations"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<14} {r['best_s']:>38.2f} {r['best_gb']:>5.2f} {r['state_s']:>9.2f} {r['state_gb']:>5.2f}   "
+            f"{projected_share(r, args.project, args.eval_interval):>8.1%} (eval every {args.eval_interval}), "
+            f"{projected_share(r, args.project, 5):.1%} (every 5, the default)"
+        )
+    print(
+        "\nold: resume state (weights + AdamW) at every iteration and the best model written inline "
+        "(--save-interval 1 --save-every-minutes 0 --background-save false); new-sync: defaults but "
+        "--background-save false; new: defaults (best model from a host copy in a background thread, resume state "
+        "every 30 min and at the end). save s/iter: time the training thread spent saving."
+    )
+
+
+if __name__ == "__main__":
+    main()
