@@ -382,6 +382,7 @@ def _setup(
         t.source_val[source["name"]] = (batches, eval_starts(len(data), cfg.block_size, n_eval))
     if cfg.claims and info.main:
         t.probe = ClaimProbe(cfg.claims, batch_size=max(1, cfg.batch_size * 4))
+        t.probe.check_context(int(getattr(model.config, "n_positions", cfg.block_size)))
     if resumed is not None:
         _restore(t, resumed)
     t.start_iter = t.it

@@ -15,6 +15,7 @@ import polars as pl
 import torch
 
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
+from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import load_claims, resolve_path
 from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, summarise
@@ -43,6 +44,16 @@ class ClaimProbe:
             }
         )
         self.cfg = ScoreConfig(batch_size=batch_size, bootstrap=bootstrap, seed=seed)
+        self.claims = str(claims)
+        self.longest = max(len(s) for s in self.sequences)  # tokens, <eot> context included
+
+    def check_context(self, n_positions: int) -> None:
+        """Every statement must fit the model's context (a scratch model's is its block size)."""
+        if self.longest > n_positions:
+            raise FakegptError(
+                f"--claims {self.claims}: a statement is {self.longest} tokens, longer than the model's context "
+                f"({n_positions} positions); use a larger --block-size for a scratch model, or shorter claims"
+            )
 
     @torch.no_grad()
     def __call__(self, model: Any) -> dict[str, float]:
