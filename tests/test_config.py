@@ -40,8 +40,8 @@ def test_parse_given_tells_given_from_default(tmp_path, monkeypatch):
     assert given == {"learning_rate", "max_iters", "out_dir"} and cfg.max_iters == 100
     assert config.parse_given(Demo, [], prog="t")[1] == frozenset()
     assert config.non_default_keys(Demo(max_iters=5, out_dir="out")) == {"max_iters"}
-    monkeypatch.setenv(config.MLPROJECT_ENV, "1")  # `mlflow run` passes every parameter: defaults are not "given"
-    assert config.parse_given(Demo, ["--max-iters", "100", "--decay-lr", "true"], prog="t")[1] == {"decay_lr"}
+    # `mlflow run -P max_iters=100` passes only the parameters given, as --max_iters 100
+    assert config.parse_given(Demo, ["--max_iters", "100"], prog="t")[1] == {"max_iters"}
 
 
 def test_booleans_lists_and_optional():

@@ -267,6 +267,7 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
         track=False,
     )
     assert short.max_train_tokens_reached is False
+    mlflow.set_experiment("doses")  # this test's store (another test's experiment id may be cached)
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(tmp_path / "d" / "meta.json"))
     with pytest.raises(FakegptError, match=r"dose 0.8: .* short of max_train_tokens 10,000,000"):
