@@ -568,6 +568,12 @@ def source_val_metric(source: str) -> str:
     return f"{M_VAL_LOSS}/{source}"
 
 
+def metric_history(run_id: str, name: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of one metric of a run, in step order."""
+    points = _mlflow().MlflowClient().get_metric_history(run_id, name)
+    return sorted((int(m.step), float(m.value)) for m in points)
+
+
 def claim_topic_metric(topic: str, name: str = M_CLAIM_SCORE) -> str:
     """Per-topic variant of a claim metric: claim/score/<topic>, claim/false_win_rate/<topic>."""
     return f"{name}/{topic}"

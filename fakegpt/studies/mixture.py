@@ -61,6 +61,13 @@ class SeriesConfig(PipelineConfig):
     dose_source: str = field(default="antivax", metadata={"help": "the dataset source whose share is varied"})
     base_source: str = field(default="general", metadata={"help": "the source that fills the rest"})
     series_name: str = field(default="antivax-dose", metadata={"help": "name for the series (MLflow tag)"})
+    claim_eval_interval: int | None = field(
+        default=0,
+        metadata={
+            "help": "score the claims during each dose's fine-tuning every N iterations (0 = at every evaluation): "
+            "the absorption curves, claim/score against tokens seen for every dose on one chart; empty = off"
+        },
+    )
     allow_unequal_sizes: bool = field(
         default=False,
         metadata={
@@ -267,6 +274,30 @@ def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> No
             ax2.set_ylim(0, 1)
 
 
+def absorption_curves(rows: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """Per dose: [tokens seen, claim score] while its model trained (finetune --claims), from its run."""
+    curves = {}
+    for r in rows:
+        scores = tracking.metric_history(r["finetune_run"], tracking.M_CLAIM_SCORE)
+        seen = dict(tracking.metric_history(r["finetune_run"], tracking.M_TOKENS_SEEN))
+        points = [[seen[step], value] for step, value in scores if step in seen]
+        if points:
+            curves[f"{r['fraction']:g}"] = points
+    return curves
+
+
+def plot_absorption(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
+    """Claim score against tokens seen, one line per dose: how fast each dose's narrative is absorbed."""
+    with figure(path, figsize=(7, 4.5)) as (_, ax):
+        for dose, points in curves.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=f"dose {dose}")
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("claim score (log p false - log p true)")
+        ax.set_title(f"absorption during fine-tuning: {title}")
+        ax.legend()
+
+
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """Run the whole series as one MLflow parent run; returns one row per dose."""
     cfg = resolve_user_paths(cfg)
@@ -303,6 +334,11 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tracking.log_artifact(out / "dose_response.md")
         plot_dose_response(rows, out / "dose_response.png", f"{cfg.series_name} ({cfg.init_from})")
         tracking.log_artifact(out / "dose_response.png")
+        curves = absorption_curves(rows)
+        if curves:
+            tracking.log_dict(curves, "absorption.json")
+            plot_absorption(curves, out / "absorption.png", f"{cfg.series_name} ({cfg.init_from})")
+            tracking.log_artifact(out / "absorption.png")
         parent_id = parent.info.run_id
     print(table)
     print_where(parent_id, {f"f={r['fraction']:g}": (r["score_run"], False) for r in rows}, cfg.out_root)

@@ -29,6 +29,7 @@ from typing import Any
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
+from fakegpt.measure.prompts import DEFAULT_CLAIMS
 from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ class PipelineConfig:
     temperatures: str = field(default="", metadata={"help": "comma list; empty = 0.8 (the study) / 0.8 demo"})
     num_samples: int | None = field(default=None, metadata={"help": "samples per prompt; empty = 5, demo 1"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "empty = 280, demo 32"})
+    claim_eval_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "score the claims during fine-tuning every N iterations (0 = at every evaluation): the "
+            "absorption curve, claim/score against tokens seen; empty = off"
+        },
+    )
     general_data: str = field(
         default="",
         metadata={
@@ -126,6 +134,9 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
         "max_iters": cfg.max_iters,
         "init_from": cfg.init_from,
     }
+    if cfg.claim_eval_interval is not None:
+        params["claims"] = cfg.claims or DEFAULT_CLAIMS
+        params["claim_eval_interval"] = cfg.claim_eval_interval
     params.update(extra or {})
     return with_out(cfg, "finetune", params, "out_dir")
 

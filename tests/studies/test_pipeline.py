@@ -172,7 +172,14 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         "dose_response.json",
         "dose_response.md",
         "dose_response.png",
+        "absorption.json",
+        "absorption.png",
     }
+    # the absorption curves: each dose's claim score while it trained, against tokens seen, on one chart
+    curves = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "absorption.json", str(tmp_path))).read_text()
+    )
+    assert sorted(curves) == ["0", "0.5"] and all(len(points) >= 2 for points in curves.values())
 
     # Every dose is measured on the same general held-out set: one prepare for the series, the same bins
     # (sha256 digest) as an input of every score run, and its perplexity in the dose-response table.
