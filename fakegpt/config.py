@@ -238,6 +238,7 @@ class ErrorRaisingParser(argparse.ArgumentParser):
     """argparse that raises FakegptError (one line, exit 2 in the CLI) instead of printing usage and exiting."""
 
     def error(self, message: str) -> typing.NoReturn:  # argparse would print usage and exit 2 itself
+        """Raise the message argparse would print (with usage) as a FakegptError instead."""
         raise FakegptError(message)
 
 

@@ -361,6 +361,7 @@ class MetricLogger:
         self.close()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue one point of these metrics at `step` (and append it to the local copy); never blocks."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if not clean:
             return
@@ -440,6 +441,7 @@ class MetricLogger:
 
     @property
     def sent(self) -> int:
+        """How many metric values reached the server so far."""
         return self._sent
 
 

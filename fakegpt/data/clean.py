@@ -24,6 +24,8 @@ _VARIATION_SELECTORS = r"[\x{FE00}-\x{FE0F}\x{E0100}-\x{E01EF}]"
 
 @dataclasses.dataclass(frozen=True)
 class CleanRules:
+    """Which cleaning rules prepare applies (each is a --RULE flag) and the punctuation kept."""
+
     remove_mentions: bool = True
     remove_urls: bool = True
     remove_symbols: bool = True
@@ -40,6 +42,7 @@ def _class_escape(chars: str) -> str:
 def symbol_pattern(keep_chars: str = DEFAULT_KEEP) -> str:
     # \p{Mn}, \p{Mc}: combining accents of decomposed (NFD) text belong to their letter; but emoji variation
     # selectors (U+FE0F in "⚠️") are Mn too and go with their emoji, as does the keycap mark (Me).
+    """The regex of characters --remove-symbols drops: not a letter (with its accents), digit, space or kept mark."""
     return rf"[^\p{{L}}\p{{Mn}}\p{{Mc}}\p{{N}}\s{_class_escape(keep_chars)}]|{_VARIATION_SELECTORS}"
 
 

@@ -55,6 +55,7 @@ class ReadStats:
     chats: list[dict] = dataclasses.field(default_factory=list)  # Telegram JSON: one record per chat
 
     def bad(self, where: str, why: str) -> None:
+        """Count one unreadable row and keep its first examples (with `where`: file and line) for meta.json."""
         self.bad_rows += 1
         if len(self.bad_row_examples) < MAX_EXAMPLES:
             self.bad_row_examples.append(f"{where}: {why}")

@@ -61,6 +61,8 @@ _ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files int
 
 @dataclasses.dataclass
 class PrepareConfig:
+    """`fakegpt prepare` settings: inputs or sources, cleaning, split, mixture, output folder."""
+
     inputs: list[str] = dataclasses.field(
         default_factory=list,
         metadata={
@@ -828,5 +830,6 @@ def parse_args(argv: list[str]) -> PrepareConfig:
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt prepare [INPUT ...] [flags]`; returns the exit status."""
     prepare(parse_args(argv))
     return 0

@@ -41,6 +41,8 @@ def bare_channel_expr(col: str = "channel_id") -> pl.Expr:
 
 @dataclasses.dataclass
 class Source:
+    """One named input of a mixture: file patterns, channel filter, target fraction, format and columns."""
+
     name: str
     patterns: list[str]
     channel_ids: list[int] = dataclasses.field(default_factory=list)
@@ -196,5 +198,6 @@ def select(
 
 
 def realised(tokens: dict[str, int]) -> dict[str, float]:
+    """Each source's share of the total (token counts -> fractions summing to 1; all 0 when empty)."""
     total = sum(tokens.values())
     return {k: (v / total if total else 0.0) for k, v in tokens.items()}

@@ -94,6 +94,7 @@ class Chat:
     forwarded_from: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def record(self) -> dict[str, Any]:
+        """This chat's line in meta.json: id, name, type, whether left, counts, forwards and their top sources."""
         top = self.forwarded_from.most_common(_TOP_FORWARD_SOURCES)
         return {
             "id": self.id,

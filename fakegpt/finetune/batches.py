@@ -27,6 +27,7 @@ class Batches:
         self.pin = device.type == "cuda"
 
     def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for windows starting at `starts`: shapes (B, T), y shifted by one token, on the device."""
         t = self.block_size
         rows = np.stack([np.asarray(self.data[s : s + t + 1]) for s in starts]).astype(np.int64)  # (B, T+1)
         xy = torch.from_numpy(rows)
@@ -36,11 +37,14 @@ class Batches:
         return xy[:, :-1], xy[:, 1:]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random micro-batch from this rank's generator."""
         starts = self.rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
         return self.windows(starts)
 
     def state(self) -> dict[str, Any]:
+        """The random generator's state (to continue the same stream)."""
         return self.rng.bit_generator.state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Continue the random stream from `state`."""
         self.rng.bit_generator.state = state

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class BestModelWriter:
+    """Writes the best model as an HF folder, from a host copy of the weights, in a background thread
+    (or inline); `wait` blocks until the last write is on disk and re-raises its error."""
+
     def __init__(self, background: bool = True):
         self.background = background
         self._buffer: dict[str, torch.Tensor] | None = None

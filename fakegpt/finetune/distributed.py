@@ -16,12 +16,15 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place under torchrun: rank, local rank (its GPU) and world size."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
 
     @property
     def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
         return self.world_size > 1 or dist.is_initialized()
 
     @property
@@ -31,6 +34,7 @@ class Dist:
 
 
 def from_env() -> Dist:
+    """The torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE), or a single process."""
     if "RANK" not in os.environ:
         return Dist()
     return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
@@ -47,6 +51,7 @@ def setup(info: Dist, device: torch.device) -> None:
 
 
 def teardown() -> None:
+    """Destroy the process group, if this process started one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

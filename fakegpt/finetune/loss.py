@@ -23,6 +23,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets):  # h (N, C), weight (V, C), targets (N,)
+        """loss = mean CE(h @ W.T, targets); the logits buffer becomes d loss / d logits in place."""
         logits = h @ weight.t()  # (N, V)
         if logits.dtype != torch.float32:
             logits = logits.float()
@@ -40,6 +41,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The two matmuls of the saved (softmax - onehot) / N, scaled by the incoming gradient."""
         h, weight, grad = ctx.saved_tensors
         # grad_out is a scalar (1/accumulation steps, or a scaler's factor): scale the small results only
         dh = (grad @ weight) * grad_out.to(h.dtype)  # (N, C)

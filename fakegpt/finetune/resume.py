@@ -50,6 +50,8 @@ NOT_COMPARED = ("init_from", "out_dir")  # resume / the folder being resumed
 
 @dataclass
 class Resumed:
+    """What a resumed run continues with: the configuration, the state folder, its info and what changed."""
+
     cfg: FinetuneConfig  # the configuration to continue with
     folder: Path  # the state folder it continues from
     info: state_mod.ResumeInfo

@@ -30,6 +30,7 @@ class SaveSchedule:
         self.last_time = time.monotonic()
 
     def due(self, it: int) -> bool:
+        """True when a resume state should be written at iteration `it` (by interval or by time)."""
         if not self.enabled or it == self.last_iter:
             return False
         by_iter = self.interval > 0 and it % self.interval == 0
@@ -37,9 +38,11 @@ class SaveSchedule:
         return by_iter or by_time
 
     def done(self, t: Any) -> None:
+        """Record that a state was just written (resets the interval and the clock)."""
         self.last_iter, self.last_eval, self.last_time = t.it, t.last_eval_iter, time.monotonic()
 
     def changed_since_save(self, t: Any) -> bool:
+        """True when the run went on (or evaluated again) after the last state write."""
         return (t.it, t.last_eval_iter) != (self.last_iter, self.last_eval)
 
 

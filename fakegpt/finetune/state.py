@@ -68,14 +68,17 @@ class ResumeInfo:
 
     @property
     def best(self) -> float:
+        """The best validation loss so far (inf before the first evaluation)."""
         return math.inf if self.best_val_loss is None else float(self.best_val_loss)
 
 
 def root(out_dir: str | Path) -> Path:
+    """OUT/state/: where resume states live."""
     return Path(out_dir) / STATE_DIR
 
 
 def folder_for(out_dir: str | Path, it: int) -> Path:
+    """The state folder of iteration `it`: OUT/state/iter-NNNNNNN."""
     return root(out_dir) / f"iter-{it:07d}"
 
 
@@ -89,6 +92,7 @@ def saved(out_dir: str | Path) -> list[Path]:
 
 
 def latest(out_dir: str | Path) -> Path | None:
+    """The newest complete state folder, or None."""
     states = saved(out_dir)
     return states[-1] if states else None
 
@@ -211,6 +215,7 @@ def read_info(folder: str | Path) -> ResumeInfo:
 
 
 def model_config(folder: str | Path) -> dict[str, Any]:
+    """The GPT-2 config saved with a resume state; damaged or missing: one-line error naming it."""
     path = Path(folder) / MODEL_CONFIG
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -72,6 +72,8 @@ METRICS_FILE = "metrics.jsonl"  # OUT/metrics.jsonl: every metric point, whateve
 
 @dataclass
 class EvalResult:
+    """One evaluation, as `on_eval` callbacks (tune's pruning) see it."""
+
     iter: int
     tokens_seen: int
     train_loss: float  # train split, fixed windows (nanoGPT's estimate_loss)
@@ -81,6 +83,8 @@ class EvalResult:
 
 @dataclass
 class FinetuneResult:
+    """What a finetune run ended with: best loss and iteration, progress, where the checkpoint is, the run."""
+
     best_val_loss: float
     best_iter: int
     iters_done: int
@@ -186,6 +190,7 @@ def accumulate(
 def update(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float
 ) -> None:
+    """Clip (after unscaling), step the optimizer through the scaler, and clear the gradients."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
@@ -751,6 +756,7 @@ def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt finetune [flags]`; returns the exit status."""
     cfg, given = config_mod.parse_given(
         FinetuneConfig,
         argv,

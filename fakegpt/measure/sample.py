@@ -284,6 +284,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt sample [flags]`; returns the exit status."""
     cfg = config.parse(SampleConfig, argv, prog="fakegpt sample", description=__doc__.splitlines()[0])
     result = sample(cfg)
     print(

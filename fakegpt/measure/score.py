@@ -433,6 +433,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt score [flags]`; returns the exit status."""
     cfg = config.parse(ScoreConfig, argv, prog="fakegpt score", description=__doc__.splitlines()[0])
     result = score(cfg)
     for s in result.models:

@@ -617,6 +617,7 @@ def _validate(cfg: ValidateConfig, base: Path, planted: Path, claims: Path, out:
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt validate [flags]`; returns the exit status."""
     cfg = config.parse(ValidateConfig, argv, prog="fakegpt validate", description=__doc__.splitlines()[0])
     result = validate(cfg)
     print(report_markdown(result), end="")

@@ -346,6 +346,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt mixture [flags]`; returns the exit status."""
     cfg = config.parse(SeriesConfig, argv, prog="fakegpt mixture", description=__doc__.splitlines()[0])
     mixture(cfg)
     return 0

@@ -334,6 +334,7 @@ def print_where(parent_id: str, steps: dict[str, tuple[str, bool]], out_root: st
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt pipeline [flags]` (MLproject `main`); returns the exit status."""
     cfg = config.parse(PipelineConfig, argv, prog="fakegpt pipeline", description=__doc__.splitlines()[0])
     pipeline(cfg)
     return 0

@@ -623,6 +623,7 @@ def _finish_study(
 
 
 def main(argv: list[str]) -> int:
+    """`fakegpt tune [flags]`; returns the exit status."""
     cfg, base, space, enqueue = parse_args(argv)
     result = tune(cfg, base, space, enqueue)
     if result.best_config is not None:
