@@ -74,6 +74,16 @@ class FinetuneConfig:
     claim_eval_interval: int = field(
         default=0, metadata={"help": "score --claims every N iterations (and at the last); 0 = at every evaluation"}
     )
+    register_as: str = field(
+        default="",
+        metadata={
+            "help": "register the best model in MLflow's model registry under this name (transformers flavour), "
+            "so that models:/NAME@ALIAS works in sample and score; empty = not registered"
+        },
+    )
+    register_alias: str = field(
+        default="", metadata={"help": "alias of the registered version (e.g. dose-20); empty = none"}
+    )
     always_save_checkpoint: bool = field(
         default=False,
         metadata={"help": "write the model to checkpoint/ at every evaluation, not only when val loss improves"},

@@ -41,6 +41,8 @@ CHANGEABLE = (
     "dtype",
     "gradient_checkpointing",
     "eval_sources",
+    "register_as",
+    "register_alias",
     "claims",
     "claim_eval_interval",
 )

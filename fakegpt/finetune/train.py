@@ -54,11 +54,12 @@ from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
 from fakegpt.finetune.saving import SaveSchedule, StopSignals
 from fakegpt.measure.claim_probe import ClaimProbe
-from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, INFO_FILE, TrainingInfo
 from fakegpt.models.device import resolve_device, resolve_dtype, tf32, torch_dtype
 from fakegpt.models.loading import (
     dropout_overrides,
     load_model,
+    load_tokenizer,
     model_from_config,
     scratch_model,
     use_fused_gelu,
@@ -594,7 +595,21 @@ def _train_with(
             if t.probe is not None:
                 tracking.log_metrics({tracking.M_CLAIM_EVAL_SECONDS: t.claim_seconds})
             _final_artifacts(t.out_dir, t.ckpt_dir, t.train_curve, t.val_curve, t.best_iter)
+            if cfg.register_as and t.ckpt_dir.is_dir():
+                _register(t)
     return t.result()
+
+
+def _register(t: _Trainer) -> None:
+    """The best model into MLflow's registry (transformers flavour), tagged with where its training_info lies."""
+    model = load_model(str(t.ckpt_dir), dtype=torch.float32)
+    tokenizer = load_tokenizer(t.ckpt_dir)
+    info_uri = f"runs:/{t.run_id}/{CHECKPOINT_DIR}/{INFO_FILE}"
+    version = tracking.register_hf_model(
+        model, tokenizer, t.cfg.register_as, t.cfg.register_alias, {tracking.TAG_TRAINING_INFO: info_uri}
+    )
+    alias = f"@{t.cfg.register_alias}" if t.cfg.register_alias else f"/{version}"
+    log.info("registered the best model as models:/%s%s (version %s)", t.cfg.register_as, alias, version)
 
 
 def _loop(

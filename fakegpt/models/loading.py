@@ -197,3 +197,14 @@ def use_fused_gelu(model: Any) -> Any:
         if isinstance(block.mlp.act, NewGELUActivation):
             block.mlp.act = GELUTanh()
     return model
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The HF tokenizer of a checkpoint folder (its bundled GPT-2 BPE files), for libraries that want one
+    (MLflow's transformers flavour); fakegpt itself tokenizes with tiktoken."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise FakegptError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None

@@ -57,14 +57,20 @@ def resolve_model(spec: str) -> ModelRef:
     if is_mlflow_uri(spec):
         tracking.setup()
         local = Path(tracking.download(_artifact_uri(spec)))
-        if not (local / "config.json").is_file() and (local / CHECKPOINT_ARTIFACT / "config.json").is_file():
-            local = local / CHECKPOINT_ARTIFACT
+        for inner in (CHECKPOINT_ARTIFACT, "model"):  # a run's checkpoint/; a registered model's model/ (flavour)
+            if not (local / "config.json").is_file() and (local / inner / "config.json").is_file():
+                local = local / inner
         if not (local / "config.json").is_file():
             raise FakegptError(f"{spec}: the downloaded artifact is not an HF model folder (no config.json)")
         folder = str(local)
     else:
         folder = resolve_pretrained(spec)
-    return ModelRef(spec=spec, folder=folder, training_info=TrainingInfo.load(folder))
+    info = TrainingInfo.load(folder)
+    if info is None and spec.startswith("models:/"):  # a registered version points at its run's training_info
+        info_uri = tracking.model_version_tags(spec).get(tracking.TAG_TRAINING_INFO)
+        if info_uri:
+            info = TrainingInfo.load(Path(tracking.download(info_uri)).parent)
+    return ModelRef(spec=spec, folder=folder, training_info=info)
 
 
 def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:

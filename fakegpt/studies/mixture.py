@@ -68,6 +68,13 @@ class SeriesConfig(PipelineConfig):
             "the absorption curves, claim/score against tokens seen for every dose on one chart; empty = off"
         },
     )
+    register_models: bool = field(
+        default=True,
+        metadata={
+            "help": "register each dose's best model in MLflow's registry as SERIES_NAME with alias dose-<percent> "
+            "(models:/SERIES_NAME@dose-20 then works in sample and score)"
+        },
+    )
     allow_unequal_sizes: bool = field(
         default=False,
         metadata={
@@ -86,6 +93,11 @@ class SeriesConfig(PipelineConfig):
         default_factory=lambda: ["adopts", "refutes", "off-topic"],
         metadata={"help": "the label set of the sheet; the first one is the rate plotted against the dose"},
     )
+
+
+def dose_alias(fraction: float) -> str:
+    """The registry alias of a dose's model: dose-20 for 0.2, dose-9 for 0.09 (aliases allow no dots)."""
+    return f"dose-{fraction * 100:g}".replace(".", "_")
 
 
 def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
@@ -169,7 +181,10 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         prep = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)))
         check_dose_size(cfg, fraction, prep)
         data_uri = f"runs:/{prep}/data"
-        tuned = step("finetune", finetune_params(cfg, data_uri))
+        register = (
+            {"register_as": cfg.series_name, "register_alias": dose_alias(fraction)} if cfg.register_models else {}
+        )
+        tuned = step("finetune", finetune_params(cfg, data_uri, register))
         model = f"runs:/{tuned}/checkpoint"
         step("sample", sample_params(cfg, model))
         scored = step("score", score_params(cfg, model, data_uri, general))

@@ -111,3 +111,20 @@ def test_tf32_is_kept_to_training(mixed, tmp_path):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_best_model_is_registered_and_models_uri_works_in_score(mixed, tmp_path):
+    """MLflow-native lineage: the best model logged with the transformers flavour and registered under a name and
+    alias; `models:/NAME@ALIAS` loads in `score`, which reads the dose from the version's training info."""
+    result = finetune(small(mixed, tmp_path / "r", register_as="fakegpt-demo", register_alias="dose-20", block_size=64))
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("fakegpt-demo", "dose-20")
+    assert version.run_id == result.run_id
+    assert version.tags[tracking.TAG_TRAINING_INFO] == f"runs:/{result.run_id}/checkpoint/training_info.json"
+    out = tmp_path / "s"
+    args = ["score", "--models", "models:/fakegpt-demo@dose-20", "--out-dir", str(out), "--bootstrap", "50"]
+    assert cli.main(args) == 0
+    runs = mlflow.search_runs(experiment_names=["fakegpt"], output_format="list")
+    scored = next(r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "score")
+    assert float(scored.data.tags[tracking.TAG_FRACTION]) == pytest.approx(0.2, abs=0.01)
+    assert scored.data.metrics[tracking.M_CLAIM_SCORE] is not None

@@ -175,6 +175,8 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         "absorption.json",
         "absorption.png",
     }
+    # each dose's best model is registered: models:/<series>@dose-<percent>
+    assert {v.aliases[0] for v in client.search_model_versions("name='ci-series'")} == {"dose-0", "dose-50"}
     # the absorption curves: each dose's claim score while it trained, against tokens seen, on one chart
     curves = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "absorption.json", str(tmp_path))).read_text()
