@@ -324,6 +324,9 @@ class MetricLogger:
     """
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch call
+    # Seconds points gather before a send: one write a second instead of one per iteration cost --log-interval 1
+    # 6.4% of a 2-layer CPU run against the SQLite store, and within noise after (tools/bench_train.py --logging).
+    FLUSH_INTERVAL = 1.0
 
     def __init__(
         self,
@@ -332,16 +335,19 @@ class MetricLogger:
         *,
         backoff: float = 0.5,
         max_backoff: float = 60.0,
+        flush_interval: float | None = None,
         close_timeout: float = 60.0,
         client: Any = None,
     ):
         self.run_id = run_id
         self.local_file = Path(local_file) if local_file is not None else None
         self.backoff, self.max_backoff, self.close_timeout = backoff, max_backoff, close_timeout
+        self.flush_interval = self.FLUSH_INTERVAL if flush_interval is None else flush_interval
         self._client = client
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[Any] = []  # taken from the queue, not yet sent (kept across failures, in order)
         self._closing = threading.Event()
+        self._wake = threading.Event()  # send now: set by flush() and close()
         self._deadline = math.inf
         self._sent = 0
         self.failures = 0
@@ -392,9 +398,16 @@ class MetricLogger:
                     if self._closing.is_set():
                         return
                     continue
+                # Let points gather for a moment: one write per second instead of one per iteration keeps the
+                # store's transactions (and a server's round trips) off the training loop's CPU time.
+                self._wake.wait(self.flush_interval)
+                if not self._closing.is_set():
+                    self._wake.clear()
             self._drain()
             try:
-                client = self._client or _mlflow().MlflowClient()
+                if self._client is None:
+                    self._client = _mlflow().MlflowClient()
+                client = self._client
                 client.log_batch(self.run_id, metrics=self._pending)
             except Exception as exc:  # any transport or server error: keep the points, back off, retry
                 self.failures += 1
@@ -428,6 +441,7 @@ class MetricLogger:
         """Flush what can be flushed within `close_timeout` seconds; returns the number of unsent points."""
         self._deadline = time.monotonic() + self.close_timeout
         self._closing.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(self.close_timeout + 1)
         unsent = len(self._pending) + self._queue.qsize() if self.run_id is not None else 0
@@ -438,6 +452,18 @@ class MetricLogger:
             where = f"; they are in {self.local_file}" if self.local_file else ""
             log.warning("MLflow tracking: %d metric points could not be sent%s", unsent, where)
         return unsent
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Send what is queued now and wait (at most `timeout` s) until it reached the store; False if it did not
+        (the store is down: the points stay queued). Training calls it with each resume state, so that the
+        store holds every point up to the state it could resume from."""
+        if self.run_id is None or not self._thread.is_alive():
+            return True
+        deadline = time.monotonic() + timeout
+        while (self._pending or self._queue.qsize()) and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.01)
+        return not (self._pending or self._queue.qsize())
 
     @property
     def sent(self) -> int:

@@ -3,6 +3,12 @@
     python tools/bench_train.py                        # fakegpt vs. transformers' stock GPT-2 step
     python tools/bench_train.py --nanogpt /tmp/nanoGPT # ... and karpathy/nanoGPT's model.py from a checkout
                                                        # outside this repository (none of its code is shipped)
+    python tools/bench_train.py --logging              # what --log-interval 1 costs a whole `finetune` run
+
+`--logging` times the `fakegpt finetune` command path itself (`finetune()` with its MLflow run) on a 2-layer
+scratch model over the embedded demo data: --log-interval 1 against logging only at the end, in interleaved
+rounds, against the SQLite store or `--tracking-uri` (a server). Metrics go through the background
+MetricLogger, so a slow or remote store should not slow the training loop.
 
 A scratch model of 4 layers, 4 heads, 256 embedding, block 128, micro-batch 8, fp32 (the sizes of issue 3),
 one micro-batch per optimizer step, AdamW (weight decay 0.1, betas 0.9/0.95), gradient clipping at 1.0.
@@ -135,6 +141,58 @@ def nanogpt_step(path: str, data: np.ndarray) -> Callable[[], None]:
     return step
 
 
+def logging_cost(rounds: int, iters: int, tracking_uri: str | None) -> int:
+    """Seconds of a whole finetune() with --log-interval 1 vs. logging only the last iteration, side by side."""
+    import os
+    import tempfile
+
+    from fakegpt.data.prepare import PrepareConfig, prepare
+    from fakegpt.finetune.train import finetune
+
+    work = Path(tempfile.mkdtemp(prefix="bench-logging-"))
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or f"sqlite:///{work}/mlflow.db"
+    prepare(PrepareConfig(out=str(work / "data")), track=False)
+    base = dict(
+        data_dir=str(work / "data"),
+        init_from="scratch",
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=64,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=3e-3,
+        max_iters=iters,
+        eval_interval=iters,
+        eval_iters=2,
+        save_state=False,
+        seed=0,
+    )
+    variants = {"log every iteration": 1, "log at the end only": 10**9}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    finetune(FinetuneConfig(**base, out_dir=str(work / "warmup"), log_interval=1))  # imports, store migrations
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            started = time.perf_counter()
+            finetune(FinetuneConfig(**base, out_dir=str(work / f"{r}-{variants[name]}"), log_interval=variants[name]))
+            times[name].append(time.perf_counter() - started)
+    print(
+        f"finetune() end to end, 2 layers / 64 embd, block 64, micro-batch 4, {iters} iterations, "
+        f"store {os.environ['MLFLOW_TRACKING_URI'].split('://')[0]}; {rounds} interleaved rounds"
+    )
+    for name, values in times.items():
+        print(
+            f"  {name:22s} median {statistics.median(values):6.2f} s  (rounds: {', '.join(f'{v:.2f}' for v in values)})"
+        )
+    paired = [a / b - 1 for a, b in zip(times["log every iteration"], times["log at the end only"], strict=True)]
+    print(
+        f"  cost of --log-interval 1: {100 * statistics.median(paired):+.1f}% (median of per-round differences; "
+        f"range {100 * min(paired):+.1f}% .. {100 * max(paired):+.1f}%)"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", help="folder holding nanoGPT's model.py (a checkout outside this repo)")
@@ -143,8 +201,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--logging", action="store_true", help="time --log-interval 1 against logging at the end")
+    parser.add_argument("--iters", type=int, default=300, help="--logging: iterations per finetune run")
+    parser.add_argument("--tracking-uri", help="--logging: a tracking server URI (default: a fresh SQLite store)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.logging:
+        return logging_cost(args.rounds if args.rounds != 15 else 3, args.iters, args.tracking_uri)
 
     data = token_data(args.data_dir)
     contenders: dict[str, Callable[[], None]] = {"fakegpt": fakegpt_step(data), "transformers": transformers_step(data)}

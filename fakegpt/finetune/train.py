@@ -661,6 +661,7 @@ def _loop(
             metrics.log(logged, step=t.it)
         if main and cfg.save_state and (stop or schedule.due(t.it)):
             _save_state(t)
+            metrics.flush()  # the store holds every point up to the state a resume would continue from
             schedule.done(t)
         if stop:
             bar.close()

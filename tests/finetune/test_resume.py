@@ -364,7 +364,7 @@ def test_metric_logger_buffers_warns_once_and_flushes(tmp_path, caplog):
     client.down = True
     local = tmp_path / "metrics.jsonl"
     caplog.set_level(logging.WARNING, logger="fakegpt.tracking")
-    logger = tracking.MetricLogger("run", local, backoff=0.01, max_backoff=0.05, client=client)
+    logger = tracking.MetricLogger("run", local, backoff=0.01, max_backoff=0.05, client=client, flush_interval=0)
     for step in range(50):
         logger.log({"train/loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
     time.sleep(0.3)
@@ -404,6 +404,7 @@ def test_training_survives_a_tracking_outage_and_every_point_arrives(data_dir, t
         return real(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(tracking.MetricLogger, "FLUSH_INTERVAL", 0.0)  # a send per point: the outage hits mid-run
     result = finetune(tiny(data_dir, tmp_path / "out", max_iters=12, eval_interval=4))
     assert calls["n"] > 4
     steps = sorted(m.step for m in _history(result.run_id, tracking.M_TRAIN_LOSS))
