@@ -344,13 +344,15 @@ def _setup(
     # The fused output layer + loss is for eager fp32 (the CPU); under autocast or torch.compile the plain
     # logits + cross-entropy path is used (inductor fuses it by itself).
     objective: torch.nn.Module = _Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
-    if cfg.compile:
-        objective = torch.compile(objective)
     if info.world_size > 1:
         # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
         objective = DDP(
             objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
+    if cfg.compile:
+        # compile(DDP(model)), PyTorch's recommended order: the compiled graph is split at DDP's bucket
+        # boundaries, so gradient all-reduces overlap the backward pass instead of waiting for its end.
+        objective = torch.compile(objective)
     autocast = (
         torch.autocast(device.type, dtype=torch_dtype(cfg.dtype))
         if cfg.dtype != "float32"
