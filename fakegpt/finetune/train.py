@@ -261,7 +261,8 @@ def finetune(
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
     try:
-        return _train(resolved, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
+        with tf32(device.type == "cuda"):  # TF32 for training only: never for scoring later in this process
+            return _train(resolved, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
     finally:
         distributed.teardown()
 
@@ -552,22 +553,6 @@ def _save_state(t: _Trainer) -> Path:
 
 
 def _train(
-    cfg: FinetuneConfig,
-    folder: str,
-    meta: DatasetMeta,
-    info: distributed.Dist,
-    device: torch.device,
-    resumed: resume.Resumed | None,
-    on_eval: Callable[[EvalResult], None] | None,
-    nested: bool,
-    run_name: str | None,
-    tags: dict | None,
-) -> FinetuneResult:
-    with tf32(device.type == "cuda"):  # TF32 for training only: never for scoring later in this process
-        return _train_with(cfg, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
-
-
-def _train_with(
     cfg: FinetuneConfig,
     folder: str,
     meta: DatasetMeta,

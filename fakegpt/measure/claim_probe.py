@@ -18,7 +18,7 @@ from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import load_claims, resolve_path
-from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, summarise
+from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, statement_table, summarise
 
 
 class ClaimProbe:
@@ -30,19 +30,7 @@ class ClaimProbe:
             raise ValueError(f"{claims}: no claim pairs to score")
         enc = get_encoding()
         self.sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]  # tokenised once
-        self.table = pl.DataFrame(
-            {
-                "model": ["training"] * len(statements),
-                "statement_id": [s.statement_id for s in statements],
-                "pair_id": [s.pair_id for s in statements],
-                "claim_id": [s.claim_id or s.pair_id or s.statement_id for s in statements],
-                "variant": [s.variant for s in statements],
-                "role": [s.role for s in statements],
-                "topic": [s.topic for s in statements],
-                "language": [s.language for s in statements],
-                "text": [s.text for s in statements],
-            }
-        )
+        self.table = statement_table("training", statements)
         self.cfg = ScoreConfig(batch_size=batch_size, bootstrap=bootstrap, seed=seed)
         self.claims = str(claims)
         self.longest = max(len(s) for s in self.sequences)  # tokens, <eot> context included

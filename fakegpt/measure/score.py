@@ -293,9 +293,8 @@ def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
     return path
 
 
-def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
-    """Length-normalised log-likelihood of every statement under `model`, one row per statement."""
-    scored = statement_logliks(model, statements, cfg.batch_size)
+def statement_table(spec: str, statements: list[Statement]) -> pl.DataFrame:
+    """One row per statement with where it sits in the claim set (pair, claim, side, paraphrase, topic)."""
     return pl.DataFrame(
         {
             "model": [spec] * len(statements),
@@ -307,9 +306,16 @@ def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreCo
             "topic": [s.topic for s in statements],
             "language": [s.language for s in statements],
             "text": [s.text for s in statements],
-            "tokens": [n for _, n in scored],
-            "loglik": [ll for ll, _ in scored],
         }
+    )
+
+
+def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
+    """Length-normalised log-likelihood of every statement under `model`, one row per statement."""
+    scored = statement_logliks(model, statements, cfg.batch_size)
+    return statement_table(spec, statements).with_columns(
+        tokens=pl.Series([n for _, n in scored], dtype=pl.Int64),
+        loglik=pl.Series([ll for ll, _ in scored], dtype=pl.Float64),
     )
 
 
