@@ -257,12 +257,6 @@ def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: Re
     return df.select("channel_id", "date", "message")
 
 
-def check_header(path: str, columns: dict[str, str] | None = None) -> None:
-    """Fail fast (before any tracking run starts) on a missing, empty, unreadable or header-less file."""
-    for _ in read_batches(path, stats=ReadStats(), header_only=True, columns=columns):
-        pass
-
-
 def read_batches(
     path: str,
     fmt: str = "auto",
