@@ -119,6 +119,12 @@ def with_out(cfg: PipelineConfig, step: str, params: dict[str, Any], key: str) -
     return params
 
 
+def _given(device: str) -> str | None:
+    """`auto` is not passed on: MLflow logs a child's -P values as its parameters before the stage runs, so
+    "auto" would stand where the stage logs the device it resolved (cpu, cuda)."""
+    return None if device == "auto" else device
+
+
 def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
     """The MLproject parameters of the prepare step."""
     params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
@@ -130,7 +136,7 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
     params: dict[str, Any] = {
         "config": finetune_yaml(cfg),
         "data_dir": data_uri,
-        "device": cfg.device,
+        "device": _given(cfg.device),
         "max_iters": cfg.max_iters,
         "init_from": cfg.init_from,
     }
@@ -147,7 +153,7 @@ def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
     params = {
         "models": models,
         "prompts": cfg.prompts,
-        "device": cfg.device,
+        "device": _given(cfg.device),
         "temperatures": cfg.temperatures or "0.8",
         "num_samples": cfg.num_samples if cfg.num_samples is not None else (1 if demo else 5),
         "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else (32 if demo else 280),
@@ -162,7 +168,7 @@ def score_params(cfg: PipelineConfig, models: str, data_uri: str, general_uri: s
         "claims": cfg.claims,
         "data_dir": data_uri,
         "general_data": general_uri,
-        "device": cfg.device,
+        "device": _given(cfg.device),
     }
     return with_out(cfg, "score", params, "out_dir")
 

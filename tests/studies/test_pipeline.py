@@ -90,7 +90,9 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
     from mlflow import MlflowClient
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    params = {"out_root": str(tmp_path / "out"), **FAST}
+    prompts = tmp_path / "prompts.txt"  # a prompt file of the user's: editing it must re-run sample, only sample
+    prompts.write_text("A vacina contra a COVID-19\nO chip da vacina\n")
+    params = {"out_root": str(tmp_path / "out"), "prompts": str(prompts), **FAST}
     first = mlflow_run(uri, params)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     assert "mlflow ui" in first.stdout  # ends by saying how to open the results
@@ -114,6 +116,10 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
 
     # Outputs are passed on by artifact URI, and each step logged what the next one needs.
     prep, tuned = by_step["prepare"].info.run_id, by_step["finetune"].info.run_id
+    # the finetune child shows the configuration that ran: demo.yaml's values, FAST's max_iters, auto resolved
+    ran = by_step["finetune"].data.params
+    assert (ran["n_layer"], ran["block_size"], ran["max_iters"]) == ("2", "128", "6")
+    assert (ran["device"], ran["dtype"], ran["compile"]) == ("cpu", "float32", "false")
     assert by_step["finetune"].data.params["data_dir"] == f"runs:/{prep}/data"
     assert by_step["sample"].data.params["models"] == f"runs:/{tuned}/checkpoint"
     assert {a.path for a in client.list_artifacts(prep, "data")} >= {"data/train.bin", "data/val.bin"}
@@ -139,6 +145,14 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
     newest = max(parents, key=lambda r: r.info.start_time)
     steps_json = Path(client.download_artifacts(newest.info.run_id, "steps.json", str(tmp_path)))
     assert all(entry["reused"] for entry in json.loads(steps_json.read_text()).values())
+
+    # An edited prompt file: sample runs again; prepare, finetune and score (which do not read it) are reused.
+    prompts.write_text("A vacina contra a COVID-19\nO chip da vacina\nAs mortes por COVID-19\n")
+    third = mlflow_run(uri, params)
+    assert third.returncode == 0, third.stderr[-5000:]
+    for step in ("prepare", "finetune", "score"):
+        assert f"[{step}] reused run {by_step[step].info.run_id}" in third.stdout
+    assert "[sample] ran run" in third.stdout
 
 
 @pytest.mark.slow
