@@ -190,7 +190,8 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
         "absorption.png",
     }
     # each dose's best model is registered: models:/<series>@dose-<percent>
-    assert {v.aliases[0] for v in client.search_model_versions("name='ci-series'")} == {"dose-0", "dose-50"}
+    registered = {alias: client.get_model_version_by_alias("ci-series", alias) for alias in ("dose-0", "dose-50")}
+    assert {v.run_id for v in registered.values()} == {r["finetune_run"] for r in rows}
     # the absorption curves: each dose's claim score while it trained, against tokens seen, on one chart
     curves = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "absorption.json", str(tmp_path))).read_text()
