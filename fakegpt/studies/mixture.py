@@ -116,13 +116,14 @@ def validate(cfg: SeriesConfig) -> None:
     dataset = Path(cfg.dataset) if Path(cfg.dataset).is_file() else PROJECT_DIR / cfg.dataset
     if not dataset.is_file():
         raise FakegptError(f"--dataset: {cfg.dataset}: no such file")
-    if not cfg.allow_unequal_sizes and not _dataset_config(dataset).max_train_tokens:
+    dataset_cfg = prep.parse_args(["--config", str(dataset)])  # read once: the cap and the source names
+    if not cfg.allow_unequal_sizes and not dataset_cfg.max_train_tokens:
         raise FakegptError(
             f"--dataset {cfg.dataset}: no max_train_tokens, so each dose would be as large as its scarcest source "
             "allows and size would change with the share; set max_train_tokens in the YAML (a size every dose can "
             "fill) or pass --allow-unequal-sizes true"
         )
-    names = source_names(dataset)
+    names = source_names(dataset_cfg)
     for flag, name in (("--dose-source", cfg.dose_source), ("--base-source", cfg.base_source)):
         if name not in names:
             raise FakegptError(f"{flag} {name!r}: no source of that name in {dataset} (sources: {', '.join(names)})")
@@ -135,13 +136,9 @@ def validate(cfg: SeriesConfig) -> None:
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
-def _dataset_config(dataset: Path) -> PrepareConfig:
-    return prep.parse_args(["--config", str(dataset)])
-
-
-def source_names(dataset: Path) -> list[str]:
-    """The source names of a dataset YAML (what --dose-source and --base-source must name)."""
-    return [s.name for s in sources.build_sources([], _dataset_config(dataset).sources, [], [])]
+def source_names(dataset: PrepareConfig) -> list[str]:
+    """The source names of a dataset YAML's configuration (what --dose-source and --base-source must name)."""
+    return [s.name for s in sources.build_sources([], dataset.sources, [], [])]
 
 
 def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> None:
