@@ -19,6 +19,13 @@ from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.measure.prompts import load_claims, resolve_path
 from fakegpt.models.loading import resolve_pretrained
 
+CHOICES = {"method": ("full", "lora"), "optimizer": ("adamw", "adamw8bit"), "parallel": ("ddp", "fsdp")}
+
+
+def lora_targets(cfg: FinetuneConfig) -> list[str]:
+    """--lora-targets as a list of module names."""
+    return [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
+
 
 def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
     positive = (
@@ -52,6 +59,18 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise FakegptError(f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise FakegptError(
+                f"{config_mod.flag_name(name)}: expected {' | '.join(choices)}, got {getattr(cfg, name)!r}"
+            )
+    if cfg.method == "lora":
+        if cfg.lora_rank <= 0 or cfg.lora_alpha <= 0:
+            raise FakegptError(f"--lora-rank / --lora-alpha: must be positive, got {cfg.lora_rank} / {cfg.lora_alpha}")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            raise FakegptError(f"--lora-dropout: must be in [0, 1), got {cfg.lora_dropout}")
+        if not lora_targets(cfg):
+            raise FakegptError("--lora-targets: empty; name GPT-2 modules, e.g. c_attn,c_proj,c_fc")
     if not 0.0 <= cfg.dropout < 1.0:
         raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.gradient_accumulation_steps % world_size:

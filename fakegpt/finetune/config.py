@@ -38,6 +38,36 @@ class FinetuneConfig:
             "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"
         },
     )
+    # what is trained, and how the state is held (issue #15: gpt2-xl on 24 GB cards)
+    method: str = field(
+        default="full",
+        metadata={
+            "help": "full (every weight) | lora (low-rank adapters via peft; the best model is saved merged). "
+            "LoRA absorbs differently: runs are tagged fakegpt.method and a series never mixes methods"
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (method=lora)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha; the update is scaled by alpha/r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch"})
+    lora_targets: str = field(
+        default="c_attn,c_proj,c_fc",
+        metadata={"help": "comma-separated GPT-2 module names that get adapters (attention qkv/out, MLP in/out)"},
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={"help": "adamw (fp32 states) | adamw8bit (bitsandbytes 8-bit states: 2 bytes/param, not 8)"},
+    )
+    parallel: str = field(
+        default="ddp",
+        metadata={
+            "help": "under torchrun: ddp (every GPU holds the whole model and optimizer) | fsdp (FSDP2: "
+            "parameters, gradients and optimizer states sharded across GPUs)"
+        },
+    )
+    plan: bool = field(
+        default=False,
+        metadata={"help": "print the memory per GPU this configuration needs and which cards it fits; no training"},
+    )
     # optimizer and schedule
     learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
     max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})

@@ -7,7 +7,7 @@ The saved (resolved) configuration is the base. A flag (or YAML key) given on re
   changes the validation windows, so new losses would not compare with the best so far);
 - applied when it changes only how long the run goes or how it is watched and saved (`CHANGEABLE`); what changed
   is recorded as the MLflow tag `fakegpt.resume_changes`;
-- taken from this invocation for the machine-dependent fields (`SYSTEM`: device, compile), so a run can
+- taken from this invocation for the machine-dependent fields (`SYSTEM`: device, compile, parallel), so a run can
   continue on another machine; unset means `auto` again. dtype and gradient checkpointing are kept unless given
   (then applied and recorded: they change numerics or memory, not the experiment).
 With a cosine schedule whose end defaulted to max_iters, a new `--max-iters` keeps the schedule: lr_decay_iters is
@@ -46,8 +46,8 @@ CHANGEABLE = (
     "claims",
     "claim_eval_interval",
 )
-SYSTEM = ("device", "compile")
-NOT_COMPARED = ("init_from", "out_dir")  # resume / the folder being resumed
+SYSTEM = ("device", "compile", "parallel")  # parallel: the state is saved whole, either way reads it
+NOT_COMPARED = ("init_from", "out_dir", "plan")
 
 
 @dataclass
