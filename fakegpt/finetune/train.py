@@ -261,8 +261,17 @@ def finetune(
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
     try:
-        with tf32(device.type == "cuda"):  # TF32 for training only: never for scoring later in this process
-            return _train(resolved, folder, meta, info, device, resumed, on_eval, nested, run_name, tags)
+        with distributed.PeerWatch(info) as watch, tf32(device.type == "cuda"):  # TF32: training only
+            try:
+                return _train(resolved, folder, meta, info, device, resumed, on_eval, nested, run_name, tags, watch)
+            except (Preempted, NonFiniteLossError, _Stop):
+                raise  # every rank stops together: nothing to tell the others
+            except Exception as exc:
+                peer = watch.peer_failure(wait=2.0)  # a failed collective here is usually another rank's failure
+                if peer is not None:
+                    raise FakegptError(f"rank {info.rank} stopped: {peer}") from None
+                watch.fail(one_line(exc))
+                raise
     finally:
         distributed.teardown()
 
@@ -563,6 +572,7 @@ def _train(
     nested: bool,
     run_name: str | None,
     tags: dict | None,
+    watch: distributed.PeerWatch,
 ) -> FinetuneResult:
     t = _setup(cfg, folder, meta, info, device, resumed)
     stop_exc: list[BaseException] = []  # a deliberate stop: on_eval's exception, or Preempted
@@ -570,6 +580,8 @@ def _train(
     with run_ctx or contextlib.nullcontext(None) as active, StopSignals() as signals:
         if active is not None:
             t.run_id = active.info.run_id
+            run_id = t.run_id  # another rank failed: this run is FAILED, not left RUNNING by the hard exit
+            watch.on_peer_failure = lambda message: tracking.update_run(run_id, {tracking.TAG_ERROR: message}, "FAILED")
         local = t.out_dir / METRICS_FILE if info.main else None
         with tracking.MetricLogger(t.run_id if info.main else None, local) as metrics:
             try:
