@@ -352,6 +352,10 @@ class MetricLogger:
         self._deadline = math.inf
         self._sent = 0
         self.failures = 0
+        # what logging itself costs, for tools/bench_train.py --logging: seconds inside log() on the training
+        # thread, and the sender thread's CPU seconds (time.thread_time at its end)
+        self.log_seconds = 0.0
+        self.sender_cpu_seconds = 0.0
         self._down_since: float | None = None
         self._local = None
         if self.local_file is not None:
@@ -369,18 +373,19 @@ class MetricLogger:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue one point of these metrics at `step` (and append it to the local copy); never blocks."""
+        started = time.perf_counter()
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if not clean:
             return
         ts = int(time.time() * 1000)
         if self._local is not None:
             self._local.write(json.dumps({"step": step, "timestamp": ts, **clean}) + "\n")
-        if self.run_id is None:
-            return
-        from mlflow.entities import Metric
+        if self.run_id is not None:
+            from mlflow.entities import Metric
 
-        for key, value in clean.items():
-            self._queue.put(Metric(key, value, ts, step))
+            for key, value in clean.items():
+                self._queue.put(Metric(key, value, ts, step))
+        self.log_seconds += time.perf_counter() - started
 
     def _drain(self) -> None:
         while len(self._pending) < self.BATCH:
@@ -390,6 +395,12 @@ class MetricLogger:
                 return
 
     def _send_loop(self) -> None:
+        try:
+            self._send_until_closed()
+        finally:
+            self.sender_cpu_seconds = time.thread_time()
+
+    def _send_until_closed(self) -> None:
         delay = self.backoff
         while True:
             if not self._pending:

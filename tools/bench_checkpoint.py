@@ -2,6 +2,7 @@
 
     python tools/bench_checkpoint.py                     # gpt2-medium shape (24 x 16 x 1024), 5 iterations each
     python tools/bench_checkpoint.py --iters 3 --block-size 32 --n-layer 12 --n-head 12 --n-embd 768   # gpt2 shape
+    python tools/bench_checkpoint.py --runs new --iters 100 --eval-interval 5   # the target's run, measured whole
 
 A scratch model trains on the CPU through `fakegpt.finetune.train.finetune` itself (block 64, micro-batch 1, no
 accumulation, one evaluation batch, lr 1e-4) with an evaluation at every iteration (`--eval-interval`) that
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--eval-interval", type=int, default=1, help="1: the worst case; fakegpt's default is 5")
     parser.add_argument("--project", type=int, default=100, help="iterations of the projected run")
+    parser.add_argument(
+        "--runs", default="old,new-sync,new", help="which of old,new-sync,new to run (new alone: a long real run)"
+    )
     parser.add_argument("--data-dir", help="a prepared data folder (default: prepare the embedded demo data)")
     parser.add_argument("--work", help="folder for the runs' outputs (default: a temporary folder, removed)")
     args = parser.parse_args()
@@ -169,11 +173,12 @@ def main() -> None:
             from fakegpt.data.prepare import PrepareConfig, prepare
 
             prepare(PrepareConfig(out=str(data_dir), force=True), track=False)
-        rows = [
-            run("old", args, data_dir, work, save_interval=1, save_every_minutes=0, background_save=False),
-            run("new-sync", args, data_dir, work, background_save=False),
-            run("new", args, data_dir, work),
-        ]
+        flags = {
+            "old": {"save_interval": 1, "save_every_minutes": 0, "background_save": False},
+            "new-sync": {"background_save": False},
+            "new": {},
+        }
+        rows = [run(name, args, data_dir, work, **flags[name]) for name in args.runs.split(",")]
     n_params = args.n_layer * 12 * args.n_embd**2 + 50257 * args.n_embd + args.block_size * args.n_embd
     print(
         f"\nscratch GPT-2 {args.n_layer} layers x {args.n_head} heads x {args.n_embd} (~{n_params / 1e6:.0f} M "
