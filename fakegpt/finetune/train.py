@@ -44,7 +44,7 @@ from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, resume
+from fakegpt.finetune import distributed, optim, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -144,15 +144,7 @@ class _Stop(Exception):
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
-    # Weight decay on matrices only (nanoGPT): biases and LayerNorm gains are left alone.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel over all parameters, on CUDA and (torch >= 2.4) on the CPU, where it is several times
-    # faster than the default multi-tensor loop (tools/bench_train.py).
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return optim.build(model, cfg.optimizer, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
 
 def _load(
@@ -767,6 +759,10 @@ def main(argv: list[str]) -> int:
         description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow. "
         "`--init-from resume --out-dir DIR` alone continues a run with its saved configuration.",
     )
+    if cfg.plan:  # memory per GPU and which cards fit; no data, no MLflow, no weights
+        from fakegpt.finetune import plan
+
+        return plan.main(cfg)
     result = finetune(cfg, given=given)
     if distributed.from_env().main:
         print(
