@@ -10,24 +10,31 @@ bitsandbytes is the optional extra `fakegpt[lowmem]`; it is imported only when a
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 
 from fakegpt.errors import FakegptError
 
+MISSING = "--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install 'fakegpt[lowmem]'"
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default min_8bit_size: smaller tensors keep fp32 states
 BLOCK = 256  # bitsandbytes' blockwise quantisation block (one fp32 absmax per block per moment)
 QMAP_BYTES = 2 * 256 * 4  # the two 256-entry fp32 code maps, shared by all 8-bit tensors of an optimizer
 
 
+def require_bitsandbytes() -> None:
+    """A one-line error when bitsandbytes is not installed (found without importing it: that takes seconds)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FakegptError(MISSING)
+
+
 def _bitsandbytes() -> Any:
+    require_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError:
-        raise FakegptError(
-            "--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install 'fakegpt[lowmem]'"
-        ) from None
+        raise FakegptError(MISSING) from None
     return bitsandbytes
 
 

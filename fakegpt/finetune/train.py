@@ -143,6 +143,14 @@ class _Stop(Exception):
     """Raised on ranks > 0 when rank 0 stops training (its callback raised or the loss was not finite)."""
 
 
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in GB."""
+    return {
+        tracking.M_GPU_MEM: torch.cuda.max_memory_allocated(device) / 1e9,
+        tracking.M_GPU_MEM_RESERVED: torch.cuda.max_memory_reserved(device) / 1e9,
+    }
+
+
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
     return optim.build(model, cfg.optimizer, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
@@ -475,8 +483,6 @@ def _report_evaluation(
             t.best_val, t.best_iter = val_loss, t.it
         _save_best(t, val_loss)
         logged[tracking.M_BEST_VAL_LOSS] = t.best_val
-    if t.device.type == "cuda":
-        logged[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(t.device) / 1e9
     metrics.log(logged, step=t.it)
     if on_eval is not None:
         t.best_writer.wait()  # the callback may read (or delete) this evaluation's checkpoint
@@ -637,6 +643,8 @@ def _loop(
             }
             if t.peak:
                 logged[tracking.M_MFU] = t.flops_token * tokens_per_s / (t.peak * t.info.world_size)
+            if t.device.type == "cuda":
+                logged.update(gpu_memory(t.device))
             metrics.log(logged, step=t.it)
         if main and cfg.save_state and (stop or schedule.due(t.it)):
             _save_state(t)
