@@ -248,7 +248,7 @@ def plan_for_model(model: Any, cfg: FinetuneConfig, world: int, source: str, sha
     else:
         activations = n_layer * per_layer
     activations += 2 * b * s * h * 4  # embedding output, final LayerNorm input
-    fused_loss = e == 4 and not cfg.compile
+    fused_loss = e == 4 and cfg.compile is False  # finetune's one-buffer loss: eager fp32 (compile unset: on CUDA)
     logits = b * s * shape["vocab_size"] * (4 if fused_loss else e + 8)
     if e == 4:
         copies = 0

@@ -17,7 +17,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.finetune import optim, plan
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import main as finetune_main
-from fakegpt.models.loading import load_model, scratch_model
+from fakegpt.models.loading import load_model, scratch_model, use_fused_gelu
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=2)
@@ -112,6 +112,41 @@ def test_activation_estimate_shrinks_with_checkpointing_and_grows_with_the_batch
     assert plan.plan(dataclasses.replace(cfg, batch_size=4), 1).memory.activations == 4 * base
 
 
+def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> tuple[int, int]:
+    """(bytes autograd saves for backward in the transformer's forward, bytes of those that are weight casts),
+    distinct storages, parameters themselves left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.transformer.h.parameters() if p.dim() == 2}
+    saved: dict[int, tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = (t.untyped_storage().nbytes(), t.dtype == torch.bfloat16 and tuple(t.shape) in shapes)
+        return t
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model.transformer(input_ids=x, use_cache=False)
+    return sum(n for n, _ in saved.values()), sum(n for n, cast in saved.values() if cast)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_estimate_is_close_to_what_autograd_saves(dtype):
+    """The estimate against the tensors autograd really keeps for a 4-layer model (CPU; SDPA attention)."""
+    cfg = FinetuneConfig(
+        init_from="scratch", n_layer=4, n_head=4, n_embd=256, block_size=64, batch_size=3, dtype=dtype, compile=False
+    )
+    p = plan.plan(cfg, world_size=1)
+    torch.manual_seed(0)
+    model = use_fused_gelu(scratch_model(4, 4, 256, 64)).train()
+    # 3 x 64 = 192 rows: no activation has a weight's shape, so bf16 tensors of those shapes are weight casts
+    total, casts = _saved_activation_bytes(model, torch.randint(0, 50257, (3, 64)), dtype)
+    assert abs((total - casts) - p.memory.activations) < 0.15 * p.memory.activations
+    if dtype == "bfloat16":  # autocast's bf16 copies of the block weights, inside the plan's weight copies
+        assert 0 < casts <= p.memory.weight_copies
+
+
 def test_gpt2_xl_8bit_with_checkpointing_fits_24gb_and_full_adamw_does_not():
     started = time.perf_counter()
     eight = plan.plan(
@@ -139,6 +174,17 @@ def test_world_size_from_the_environment_and_bad_input(monkeypatch):
         plan.plan(FinetuneConfig(init_from="nonsense"))
     with pytest.raises(FakegptError, match="--optimizer"):
         plan.plan(FinetuneConfig(**{**TINY, "optimizer": "sgd"}))
+
+
+def test_gpu_memory_metrics_are_peak_allocated_and_reserved_in_gb(monkeypatch):
+    from fakegpt import tracking
+    from fakegpt.finetune.train import gpu_memory
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 18_300_000_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 19_500_000_000)
+    logged = gpu_memory(torch.device("cuda", 0))
+    assert logged == {tracking.M_GPU_MEM: 18.3, tracking.M_GPU_MEM_RESERVED: 19.5}
+    assert tracking.M_GPU_MEM == "gpu/peak_memory_gb"
 
 
 def test_cli_prints_the_table_without_data_or_mlflow(tmp_path, capsys, monkeypatch):
