@@ -147,7 +147,9 @@ def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
     from fakegpt.models.loading import model_from_config
 
     hf = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **shape}
-    with torch.device("meta"):
+    # transformers and peft import their optional backends (torchao, bitsandbytes) on first use, and these log
+    # warnings about kernels a plan does not need
+    with torch.device("meta"), _quiet():
         try:
             model = model_from_config(hf)
         except (ValueError, TypeError) as exc:
@@ -159,8 +161,7 @@ def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
 
 def lora_wrap(model: Any, cfg: FinetuneConfig) -> Any:
     """peft's LoRA on `model` with cfg's rank, alpha, dropout and target modules (GPT-2's Conv1D: fan_in_fan_out)."""
-    # peft's optional backends (bitsandbytes, torchao) announce themselves on import; its deprecation warnings
-    # are for peft's maintainers, not for a plan's reader
+    # peft's optional backends announce themselves on import; its deprecation warnings are for peft's maintainers
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), _quiet():
         from peft import LoraConfig, get_peft_model
 
@@ -194,8 +195,14 @@ def _act_dtype(cfg: FinetuneConfig) -> str:
     return "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto: bf16 on the cards planned for
 
 
-def plan(cfg: FinetuneConfig, world_size: int | None = None) -> Plan:
-    """The memory per GPU of `cfg` on `world_size` GPUs (default: $WORLD_SIZE, else 1)."""
+def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[str] | None = None) -> Plan:
+    """The memory per GPU of `cfg` on `world_size` GPUs (default: $WORLD_SIZE, else 1). For `--init-from resume`
+    the saved configuration, with the flags in `given` that resume would apply (`fakegpt.finetune.resume`)."""
+    if cfg.init_from == "resume":
+        from fakegpt import config as config_mod
+        from fakegpt.finetune import resume
+
+        cfg = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given).cfg
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise FakegptError(
@@ -326,7 +333,7 @@ def suggestions(p: Plan, card_gib: float, limit: int = 3) -> list[str]:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
+    return f"{n / GIB:.1f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
 
 
 def _count(n: int) -> str:
@@ -378,7 +385,8 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: FinetuneConfig) -> int:
-    """`fakegpt finetune --plan`: print the plan; no data folder, no MLflow, no weights read."""
-    print(render(plan(cfg)))
+def main(cfg: FinetuneConfig, given: frozenset[str] | None = None) -> int:
+    """`fakegpt finetune --plan`: print the plan; no data folder, no MLflow, no weights read. `given`: the
+    fields the user set (`config.parse_given`), for `--init-from resume`."""
+    print(render(plan(cfg, given=given)))
     return 0

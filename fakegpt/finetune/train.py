@@ -770,7 +770,7 @@ def main(argv: list[str]) -> int:
     if cfg.plan:  # memory per GPU and which cards fit; no data, no MLflow, no weights
         from fakegpt.finetune import plan
 
-        return plan.main(cfg)
+        return plan.main(cfg, given)
     result = finetune(cfg, given=given)
     if distributed.from_env().main:
         print(

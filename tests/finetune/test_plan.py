@@ -187,6 +187,22 @@ def test_gpu_memory_metrics_are_peak_allocated_and_reserved_in_gb(monkeypatch):
     assert tracking.M_GPU_MEM == "gpu/peak_memory_gb"
 
 
+def test_resume_plans_the_saved_configuration(prepared_whatsapp, tmp_path):
+    from fakegpt.finetune.train import finetune
+
+    out = tmp_path / "run"
+    saved = dict(TINY, n_embd=32, batch_size=3, gradient_accumulation_steps=1, optimizer="adamw8bit")
+    pytest.importorskip("bitsandbytes")
+    finetune(
+        FinetuneConfig(
+            **saved, data_dir=str(prepared_whatsapp), out_dir=str(out), max_iters=1, eval_iters=1, device="cpu"
+        )
+    )
+    p = plan.plan(FinetuneConfig(init_from="resume", out_dir=str(out)), world_size=1)
+    assert (p.shape["n_embd"], p.cfg.batch_size, p.cfg.block_size, p.cfg.optimizer) == (32, 3, 32, "adamw8bit")
+    assert p.n_params == sum(t.numel() for t in scratch_model(2, 2, 32, 32).parameters())
+
+
 def test_cli_prints_the_table_without_data_or_mlflow(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: a plan must not connect
     missing = str(tmp_path / "no-data")
