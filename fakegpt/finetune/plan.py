@@ -359,7 +359,7 @@ def render(p: Plan) -> str:
         ("weights (fp32)", m.weights, "exact"),
         ("gradients (fp32)", m.gradients, "exact"),
         (f"optimizer states ({cfg.optimizer})", m.optimizer, "exact"),
-        ("FSDP gathered blocks (2)", m.gathered, "exact"),
+        ("FSDP gathered blocks (2)", m.gathered, "estimate"),
         (f"{p.act_dtype} weight copies (autocast)", m.weight_copies, "estimate"),
         ("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""), m.activations, "estimate"),
         ("logits + loss", m.logits, "estimate"),
