@@ -7,6 +7,7 @@
 #   bash tools/gpu_check.sh                 # on the GPU
 #   bash tools/gpu_check.sh --tiny          # the same pipeline on the CPU, 2-layer model (what the test runs)
 #   bash tools/gpu_check.sh --work DIR      # keep data, runs, logs and the MLflow store in DIR
+#   PYTHON=/path/to/python bash tools/gpu_check.sh   # another interpreter than .venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
