@@ -101,6 +101,10 @@ def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = 
     """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta).
     `state_folder`: the resume state a resumed run continues from."""
     _check_numbers(cfg, world_size)
+    if cfg.optimizer == "adamw8bit":
+        from fakegpt.finetune.optim import require_bitsandbytes
+
+        require_bitsandbytes()  # before the data and the model, not after minutes of loading
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
         raise FakegptError(f"--data-dir {data_dir}: no such folder (run `fakegpt prepare` first)")

@@ -66,7 +66,10 @@ class FinetuneConfig:
     )
     plan: bool = field(
         default=False,
-        metadata={"help": "print the memory per GPU this configuration needs and which cards it fits; no training"},
+        metadata={
+            "help": "print the memory per GPU this configuration needs and which cards it fits; no training, no data "
+            "(GPUs: $WORLD_SIZE, default 1)"
+        },
     )
     # optimizer and schedule
     learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})

@@ -44,7 +44,7 @@ from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, resume
+from fakegpt.finetune import distributed, optim, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -143,16 +143,16 @@ class _Stop(Exception):
     """Raised on ranks > 0 when rank 0 stops training (its callback raised or the loss was not finite)."""
 
 
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in GB."""
+    return {
+        tracking.M_GPU_MEM: torch.cuda.max_memory_allocated(device) / 1e9,
+        tracking.M_GPU_MEM_RESERVED: torch.cuda.max_memory_reserved(device) / 1e9,
+    }
+
+
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
-    # Weight decay on matrices only (nanoGPT): biases and LayerNorm gains are left alone.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel over all parameters, on CUDA and (torch >= 2.4) on the CPU, where it is several times
-    # faster than the default multi-tensor loop (tools/bench_train.py).
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return optim.build(model, cfg.optimizer, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
 
 def _load(
@@ -492,8 +492,6 @@ def _report_evaluation(
             t.best_val, t.best_iter = val_loss, t.it
         _save_best(t, val_loss)
         logged[tracking.M_BEST_VAL_LOSS] = t.best_val
-    if t.device.type == "cuda":
-        logged[tracking.M_GPU_MEM] = torch.cuda.max_memory_allocated(t.device) / 1e9
     metrics.log(logged, step=t.it)
     if on_eval is not None:
         t.best_writer.wait()  # the callback may read (or delete) this evaluation's checkpoint
@@ -657,6 +655,8 @@ def _loop(
             }
             if t.peak:
                 logged[tracking.M_MFU] = t.flops_token * tokens_per_s / (t.peak * t.info.world_size)
+            if t.device.type == "cuda":
+                logged.update(gpu_memory(t.device))
             metrics.log(logged, step=t.it)
         if main and cfg.save_state and (stop or schedule.due(t.it)):
             _save_state(t)
@@ -779,6 +779,10 @@ def main(argv: list[str]) -> int:
         description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow. "
         "`--init-from resume --out-dir DIR` alone continues a run with its saved configuration.",
     )
+    if cfg.plan:  # memory per GPU and which cards fit; no data, no MLflow, no weights
+        from fakegpt.finetune import plan
+
+        return plan.main(cfg, given)
     result = finetune(cfg, given=given)
     if distributed.from_env().main:
         print(

@@ -1,0 +1,392 @@
+"""`fakegpt finetune --plan`: the GPU memory a configuration needs, per GPU, and which common cards it fits.
+
+No training, no data folder, no MLflow, no weights read. The model's shape comes from its config.json (a local
+folder, the Hugging Face cache, the resume state) or, for gpt2 ... gpt2-xl not in the cache, from `HUB_SHAPES`.
+The model is then built on PyTorch's `meta` device (shapes only, no memory) and, for `--method lora`, wrapped
+by peft as training would, so parameter counts are exact. The bytes per GPU:
+
+- weights: fp32 masters, 4 B per parameter (autocast computes in bf16/fp16 but keeps fp32 weights);
+- gradients: 4 B per trainable parameter;
+- optimizer states: AdamW 8 B per trainable parameter; bitsandbytes' AdamW8bit 2 B + two fp32 scales per
+  256-element block for tensors of >= 4096 elements, 8 B below that (`optim.state_bytes`);
+- under `--parallel fsdp` these three are divided over the world size (FSDP2 shards them), plus two gathered
+  blocks' weights (the one computing and the one prefetched);
+- half-precision weight copies: autocast keeps a bf16/fp16 copy of each trainable weight for the forward pass
+  (2 B per parameter; for LoRA's frozen weights only as long as a block's activations are kept);
+- activations, an **estimate**: per layer b·s·h·(16·e + 2·[dropout]) bytes (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models", eq. 1 without its s² attention-score term, which SDPA /
+  flash attention does not keep, and with its dropout masks only when dropout > 0; e = 2 bytes under bf16/fp16,
+  4 in fp32). With gradient checkpointing only each block's fp32 input is kept, plus one block recomputed in
+  backward. Plus the logits for the loss: b·s·vocab·(e + 4 + 4) (the logits, their fp32 copy and gradient;
+  4 B in fp32, where the fused loss keeps one buffer).
+
+A card fits when the total plus `RESERVE_GIB` (CUDA context, allocator fragmentation) is at most its memory.
+`WORLD_SIZE` (what torchrun sets) is the number of GPUs; `WORLD_SIZE=4 fakegpt finetune --plan ...` plans for 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fakegpt.data.tokenizer import VOCAB_SIZE
+from fakegpt.errors import FakegptError
+from fakegpt.finetune import state as state_mod
+from fakegpt.finetune.checks import CHOICES, lora_targets
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.models.loading import HUB_MODELS
+
+GIB = 1024**3
+CARDS_GIB = (16, 24, 40, 80)  # V100/T4-class, RTX 4090/A10/L4, A100 40GB, A100/H100 80GB
+RESERVE_GIB = 1.0  # CUDA context + allocator fragmentation, kept free on every card
+FSDP_SIZES = (2, 4, 8)
+# The released GPT-2 shapes, used when a hub name is not in the local cache: (n_layer, n_head, n_embd).
+HUB_SHAPES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU, by kind; `activations` and `logits` are estimates, the rest exact."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    gathered: int  # FSDP: unsharded blocks in flight
+    weight_copies: int  # bf16/fp16 copies autocast makes
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+
+@dataclass
+class Plan:
+    """One configuration's memory per GPU, with what it was computed for."""
+
+    model: str
+    shape: dict[str, int]  # n_layer, n_head, n_embd, vocab_size, n_positions
+    cfg: FinetuneConfig
+    world_size: int
+    act_dtype: str  # the dtype activations are computed in
+    n_params: int
+    n_trainable: int
+    memory: Memory
+
+    def fits(self, card_gib: float) -> bool:
+        return self.memory.total + RESERVE_GIB * GIB <= card_gib * GIB
+
+
+def model_shape(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
+    """(what the shape was read from, the HF config dict) for `cfg.init_from`, without reading any weights."""
+    if cfg.init_from == "scratch":
+        return "scratch", dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size)
+    if cfg.init_from == "resume":
+        folder = state_mod.latest(cfg.out_dir)
+        if folder is None:
+            raise FakegptError(f"--init-from resume: no resume state in {Path(cfg.out_dir) / state_mod.STATE_DIR}")
+        return str(folder), state_mod.model_config(folder)
+    path = Path(cfg.init_from).expanduser()
+    if path.is_dir():
+        return str(path), _read_config(path / "config.json")
+    if cfg.init_from not in HUB_MODELS and "/" not in cfg.init_from:
+        raise FakegptError(
+            f"--init-from {cfg.init_from!r}: not a local model folder nor a known hub name ({', '.join(HUB_MODELS)})"
+        )
+    cached = _cached_config(cfg.init_from)
+    if cached is not None:
+        return f"{cfg.init_from} ({cached.parent})", _read_config(cached)
+    if cfg.init_from in HUB_SHAPES:
+        n_layer, n_head, n_embd = HUB_SHAPES[cfg.init_from]
+        shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, vocab_size=VOCAB_SIZE)
+        return f"{cfg.init_from} (built-in shape; not in the local cache)", shape
+    raise FakegptError(f"--init-from {cfg.init_from}: its config.json is not in the local Hugging Face cache")
+
+
+def _cached_config(repo: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # a malformed name, an unreadable cache: fall back to the built-in shapes
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FakegptError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise FakegptError(f"{path}: not a JSON object")
+    return data
+
+
+def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
+    """The model as training builds it (GPT2LMHeadModel, peft-wrapped for LoRA), on the meta device: exact
+    parameter shapes, no memory."""
+    import torch
+
+    from fakegpt.models.loading import model_from_config
+
+    hf = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **shape}
+    # transformers and peft import their optional backends (torchao, bitsandbytes) on first use, and these log
+    # warnings about kernels a plan does not need
+    with torch.device("meta"), _quiet():
+        try:
+            model = model_from_config(hf)
+        except (ValueError, TypeError) as exc:
+            raise FakegptError(f"--init-from {cfg.init_from}: not a GPT-2 shape ({exc})") from None
+        if cfg.method == "lora":
+            model = lora_wrap(model, cfg)
+    return model
+
+
+def lora_wrap(model: Any, cfg: FinetuneConfig) -> Any:
+    """peft's LoRA on `model` with cfg's rank, alpha, dropout and target modules (GPT-2's Conv1D: fan_in_fan_out)."""
+    # peft's optional backends announce themselves on import; its deprecation warnings are for peft's maintainers
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), _quiet():
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=lora_targets(cfg),
+            fan_in_fan_out=True,
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise FakegptError(f"--lora-targets {cfg.lora_targets}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No warnings and no log records below ERROR while the block runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(before)
+
+
+def _act_dtype(cfg: FinetuneConfig) -> str:
+    return "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto: bf16 on the cards planned for
+
+
+def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[str] | None = None) -> Plan:
+    """The memory per GPU of `cfg` on `world_size` GPUs (default: $WORLD_SIZE, else 1). For `--init-from resume`
+    the saved configuration, with the flags in `given` that resume would apply (`fakegpt.finetune.resume`)."""
+    if cfg.init_from == "resume":
+        from fakegpt import config as config_mod
+        from fakegpt.finetune import resume
+
+        cfg = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given).cfg
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise FakegptError(
+                f"--{name.replace('_', '-')}: expected {' | '.join(choices)}, got {getattr(cfg, name)!r}"
+            )
+    for name in ("batch_size", "block_size"):
+        if getattr(cfg, name) <= 0:
+            raise FakegptError(f"--{name.replace('_', '-')}: must be positive, got {getattr(cfg, name)}")
+    world = world_size if world_size is not None else _env_world_size()
+    source, hf = model_shape(cfg)
+    shape = {k: int(hf.get(k, d)) for k, d in (("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
+    shape.update(vocab_size=int(hf.get("vocab_size", VOCAB_SIZE)), n_positions=int(hf.get("n_positions", 1024)))
+    if cfg.block_size > shape["n_positions"]:
+        raise FakegptError(f"--block-size {cfg.block_size} is larger than the model's context ({shape['n_positions']})")
+    model = meta_model(shape, cfg)
+    return plan_for_model(model, cfg, world, source, shape)
+
+
+def _env_world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FakegptError(f"WORLD_SIZE={raw!r}: expected a positive number of GPUs")
+    return value
+
+
+def plan_for_model(model: Any, cfg: FinetuneConfig, world: int, source: str, shape: dict[str, int]) -> Plan:
+    """The memory of training `model` (real or on the meta device) per `cfg` on `world` GPUs."""
+    params = list(model.parameters())  # tied weights once (lm_head is the token embedding)
+    trainable = [p.numel() for p in params if p.requires_grad]
+    n_params, n_trainable = sum(p.numel() for p in params), sum(trainable)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    from fakegpt.finetune.optim import state_bytes
+
+    grads, opt = 4 * n_trainable, state_bytes(trainable, cfg.optimizer)
+    act_dtype = _act_dtype(cfg)
+    e = 4 if act_dtype == "float32" else 2
+    b, s, h, n_layer = cfg.batch_size, cfg.block_size, shape["n_embd"], shape["n_layer"]
+    block_params = _block_params(model)
+    shards = world if cfg.parallel == "fsdp" else 1
+    gathered = 2 * block_params * 4 if shards > 1 else 0
+    per_layer = b * s * h * (16 * e + (2 if cfg.dropout > 0 else 0))
+    if cfg.gradient_checkpointing:
+        activations = n_layer * b * s * h * 4 + per_layer  # fp32 block inputs + one block recomputed
+    else:
+        activations = n_layer * per_layer
+    activations += 2 * b * s * h * 4  # embedding output, final LayerNorm input
+    fused_loss = e == 4 and cfg.compile is False  # finetune's one-buffer loss: eager fp32 (compile unset: on CUDA)
+    logits = b * s * shape["vocab_size"] * (4 if fused_loss else e + 8)
+    if e == 4:
+        copies = 0
+    elif cfg.method == "lora":  # frozen weights: a block's copies live as long as its saved activations
+        copies = e * block_params * (1 if cfg.gradient_checkpointing else n_layer) + e * n_trainable
+    elif shards > 1:
+        copies = e * 2 * block_params
+    else:
+        copies = e * n_trainable  # autocast's cache of casts of leaf weights, for the whole forward pass
+    memory = Memory(
+        weights=-(-weight_bytes // shards),
+        gradients=-(-grads // shards),
+        optimizer=-(-opt // shards),
+        gathered=gathered,
+        weight_copies=copies,
+        activations=activations,
+        logits=logits,
+    )
+    return Plan(source, shape, cfg, world, act_dtype, n_params, n_trainable, memory)
+
+
+def _block_params(model: Any) -> int:
+    """Parameters of one transformer block (all blocks of GPT-2 are the same shape)."""
+    core = model
+    while not hasattr(core, "transformer"):  # peft: PeftModel.base_model.model
+        core = core.base_model if hasattr(core, "base_model") and core.base_model is not core else core.model
+    return sum(p.numel() for p in core.transformer.h[0].parameters())
+
+
+# --- what would make it fit ---------------------------------------------------------------------------------
+
+
+def _alternatives(cfg: FinetuneConfig) -> list[tuple[str, dict[str, Any], int | None]]:
+    """Changes to try, least invasive first: (flags, FinetuneConfig changes, world size or None = unchanged)."""
+    out: list[tuple[str, dict[str, Any], int | None]] = []
+    ckpt = {"gradient_checkpointing": True}
+    eight = {"optimizer": "adamw8bit"}
+    if not cfg.gradient_checkpointing:
+        out.append(("--gradient-checkpointing true", ckpt, None))
+    if cfg.optimizer != "adamw8bit":
+        out.append(("--optimizer adamw8bit", eight, None))
+        if not cfg.gradient_checkpointing:
+            out.append(("--optimizer adamw8bit --gradient-checkpointing true", {**eight, **ckpt}, None))
+    if cfg.batch_size > 1:
+        accum = cfg.gradient_accumulation_steps * cfg.batch_size
+        flags = f"--batch-size 1 --gradient-accumulation-steps {accum} (same tokens per iteration)"
+        out.append((flags, {"batch_size": 1, "gradient_accumulation_steps": accum}, None))
+    if cfg.method != "lora":
+        out.append(("--method lora", {"method": "lora"}, None))
+        if not cfg.gradient_checkpointing:
+            out.append(("--method lora --gradient-checkpointing true", {"method": "lora", **ckpt}, None))
+    for n in FSDP_SIZES:
+        launch = f"torchrun --nproc_per_node={n} ... --parallel fsdp"
+        out.append((launch, {"parallel": "fsdp"}, n))
+        if not cfg.gradient_checkpointing:
+            out.append((launch + " --gradient-checkpointing true", {"parallel": "fsdp", **ckpt}, n))
+    return out
+
+
+def suggestions(p: Plan, card_gib: float, limit: int = 3) -> list[str]:
+    """Up to `limit` ways to fit `card_gib`: the first fitting change of each kind (memory flags, LoRA, FSDP)."""
+    found: dict[str, str] = {}
+    for flags, changes, world in _alternatives(p.cfg):
+        kind = "fsdp" if world else ("lora" if changes.get("method") == "lora" else "flags")
+        if kind in found:
+            continue
+        cfg = dataclasses.replace(p.cfg, **changes)
+        alt = plan_for_model(meta_model(p.shape, cfg), cfg, world or p.world_size, p.model, p.shape)
+        if alt.fits(card_gib):
+            found[kind] = f"{flags} ({_gib(alt.memory.total)})"
+    return list(found.values())[:limit]
+
+
+# --- the printed table -------------------------------------------------------------------------------------------
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def render(p: Plan) -> str:
+    """The plan as the terminal shows it: settings, the memory table, a verdict per card."""
+    cfg, m = p.cfg, p.memory
+    sh = p.shape
+    par = f"{cfg.parallel}, {p.world_size} GPU{'s' if p.world_size > 1 else ''}"
+    lines = [
+        f"model      {p.model}: {sh['n_layer']} layers, {sh['n_head']} heads, {sh['n_embd']} embd, "
+        f"vocab {sh['vocab_size']}",
+        f"training   method {cfg.method}, optimizer {cfg.optimizer}, dtype {cfg.dtype}"
+        + (f" (activations in {p.act_dtype})" if cfg.dtype == "auto" else "")
+        + f", micro-batch {cfg.batch_size} x block {cfg.block_size}, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}, {par}",
+        f"parameters {_count(p.n_params)}, trainable {_count(p.n_trainable)}",
+        "",
+    ]
+    rows = [
+        ("weights (fp32)", m.weights, "exact"),
+        ("gradients (fp32)", m.gradients, "exact"),
+        (f"optimizer states ({cfg.optimizer})", m.optimizer, "exact"),
+        ("FSDP gathered blocks (2)", m.gathered, "estimate"),
+        (f"{p.act_dtype} weight copies (autocast)", m.weight_copies, "estimate"),
+        ("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""), m.activations, "estimate"),
+        ("logits + loss", m.logits, "estimate"),
+    ]
+    lines.append("memory per GPU")
+    lines += [f"  {label:<36}{_gib(n):>10}   {kind}" for label, n, kind in rows if n]
+    lines += [
+        f"  {'total':<36}{_gib(m.total):>10}   + {RESERVE_GIB:.0f} GiB reserve (CUDA context, fragmentation)",
+        "",
+        "Activations are an estimate (Korthikanti et al. 2022 per layer, SDPA: no s x s scores); measure with "
+        "gpu/peak_memory_gb.",
+    ]
+    if cfg.parallel == "ddp" and p.world_size > 1:
+        lines.append("DDP keeps a whole copy of weights, gradients and optimizer states on every GPU.")
+    lines.append("")
+    for card in CARDS_GIB:
+        if p.fits(card):
+            lines.append(f"  {card:>2} GB card: fits")
+            continue
+        tips = suggestions(p, card)
+        lines.append(f"  {card:>2} GB card: does not fit" + ("; fits with:" if tips else "; nothing planned fits"))
+        lines += [f"      {tip}" for tip in tips]
+    return "\n".join(lines)
+
+
+def main(cfg: FinetuneConfig, given: frozenset[str] | None = None) -> int:
+    """`fakegpt finetune --plan`: print the plan; no data folder, no MLflow, no weights read. `given`: the
+    fields the user set (`config.parse_given`), for `--init-from resume`."""
+    print(render(plan(cfg, given=given)))
+    return 0
