@@ -8,7 +8,8 @@ every `save_interval` iterations / `save_every_minutes`, at the end and on SIGTE
 `fakegpt.finetune.state`), and logs everything to MLflow. `--init-from resume --out-dir DIR` continues with the
 saved configuration (`fakegpt.finetune.resume`). Under `torchrun --nproc_per_node=N` it trains data-parallel
 (DDP): the accumulation steps are split across ranks, gradients are synchronised on the last micro-step only,
-and only rank 0 logs and saves.
+and only rank 0 logs and saves. With `--parallel fsdp` the model is sharded across the ranks instead
+(`fakegpt.finetune.fsdp`); every rank then takes part in each save (gathering the full weights), rank 0 writes.
 
 The loop (`_train`) is short: `_setup` builds model, optimizer and batches (or restores them), then per
 iteration `_evaluate` (every eval_interval: losses, best model, metrics, callback), `_step` (one optimizer
