@@ -80,7 +80,10 @@ def test_fsdp_two_processes_saves_full_checkpoint_and_resumes(data_dir, tmp_path
     process: the state is saved whole)."""
     out = tmp_path / "out"
     shape = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "2"]
+    # 3 evaluation micro-batches over 2 ranks: rank 1 runs an uncounted forward to keep the gathers in step;
+    # a state due by time at every step: every rank takes part in each of these saves (a gather)
     run = [*shape, "--gradient-accumulation-steps", "4", "--learning-rate", "3e-3", "--eval-iters", "3"]
+    run += ["--save-every-minutes", "1e-6"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = _torchrun(data_dir, out, "--init-from", "scratch", *run, "--max-iters", "6", "--eval-interval", "3")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -213,12 +216,26 @@ def test_fsdp_refuses_what_it_does_not_support(data_dir, tmp_path, overrides, fl
         check(dataclasses.replace(cfg, **overrides, parallel="ddp"), 2)  # fine under ddp
 
 
+class _At:
+    it, last_eval_iter = 0, -1
+
+
 def test_save_schedule_shared_decision_without_process_group():
     """Outside torchrun the broadcast of the time-based decision is the identity."""
-
-    class _T:
-        it, last_eval_iter = 0, -1
-
     cfg = FinetuneConfig(save_interval=0, save_every_minutes=1e-9)
-    schedule = SaveSchedule(cfg, _T(), torch.device("cpu"))
+    schedule = SaveSchedule(cfg, _At(), torch.device("cpu"))
     assert schedule.due(1) and not schedule.due(0)
+
+
+def test_save_schedule_takes_rank_0s_time_decision(monkeypatch):
+    """Under FSDP the broadcast (rank 0's clock) overrides this rank's own clock; iteration-based decisions and
+    DDP's schedule (no device) do not broadcast at all."""
+    from fakegpt.finetune import distributed
+
+    calls: list[bool] = []
+    monkeypatch.setattr(distributed, "broadcast_flag", lambda flag, device: calls.append(flag) or False)
+    cfg = FinetuneConfig(save_interval=0, save_every_minutes=1e-9)
+    assert not SaveSchedule(cfg, _At(), torch.device("cpu")).due(1) and calls == [True]
+    assert SaveSchedule(cfg, _At()).due(1) and calls == [True]
+    assert SaveSchedule(FinetuneConfig(save_interval=2, save_every_minutes=0), _At(), torch.device("cpu")).due(2)
+    assert calls == [True]
