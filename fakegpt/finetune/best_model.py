@@ -36,15 +36,16 @@ class BestModelWriter:
         self.copy_seconds = 0.0  # time the training thread spent on snapshots (for benchmarks)
         self.write_seconds = 0.0  # time spent writing folders (in the background, or inline)
 
-    def submit(self, model: Any, folder: str | Path, info: TrainingInfo) -> None:
-        """Save `model`'s current weights with `info` as FOLDER (in the background when enabled)."""
+    def submit(self, model: Any, folder: str | Path, info: TrainingInfo, weights: dict | None = None) -> None:
+        """Save `model`'s current weights with `info` as FOLDER (in the background when enabled). `weights`: a
+        CPU state dict to write instead (FSDP's gathered full weights: already a copy, no snapshot needed)."""
         self.wait()
         if not self.background:
-            self._write(model, Path(folder), info, None)
+            self._write(model, Path(folder), info, weights)
             self.wait()
             return
         started = time.perf_counter()
-        snapshot = self._snapshot(model)
+        snapshot = weights if weights is not None else self._snapshot(model)
         self.copy_seconds += time.perf_counter() - started
         self._thread = threading.Thread(
             target=self._write, args=(model, Path(folder), info, snapshot), name="fakegpt-best-model"

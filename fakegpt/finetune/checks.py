@@ -71,6 +71,7 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
             raise FakegptError(f"--lora-dropout: must be in [0, 1), got {cfg.lora_dropout}")
         if not lora_targets(cfg):
             raise FakegptError("--lora-targets: empty; name GPT-2 modules, e.g. c_attn,c_proj,c_fc")
+    _check_fsdp(cfg)
     if not 0.0 <= cfg.dropout < 1.0:
         raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.gradient_accumulation_steps % world_size:
@@ -78,6 +79,23 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
             f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple of the number "
             f"of processes ({world_size}): the accumulation steps are split across them"
         )
+
+
+def _check_fsdp(cfg: FinetuneConfig) -> None:
+    """What --parallel fsdp (fakegpt.finetune.fsdp) does not support, refused before any model loads."""
+    if cfg.parallel != "fsdp":
+        return
+    if cfg.dtype in ("float16", "fp16"):
+        raise FakegptError(
+            "--dtype float16 with --parallel fsdp: the gradient scaler is not wired to sharded gradients; "
+            "use --dtype bfloat16 or float32"
+        )
+    if cfg.optimizer == "adamw8bit":
+        raise FakegptError("--optimizer adamw8bit with --parallel fsdp: 8-bit states are not sharded; use adamw")
+    if cfg.method == "lora":
+        raise FakegptError("--method lora with --parallel fsdp: not supported; use --parallel ddp (adapters are small)")
+    if cfg.claims:
+        raise FakegptError("--claims with --parallel fsdp: claims are scored on rank 0 alone; leave --claims out")
 
 
 def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, int, int]:

@@ -14,20 +14,26 @@ import threading
 import time
 from typing import Any
 
+from fakegpt.finetune import distributed
 from fakegpt.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
 
 class SaveSchedule:
-    """When the resume state is due: every `save_interval` iterations and every `save_every_minutes`."""
+    """When the resume state is due: every `save_interval` iterations and every `save_every_minutes`.
 
-    def __init__(self, cfg: FinetuneConfig, t: Any):
+    With `shared_on` (a device; under FSDP, where every rank takes part in a save) rank 0's clock decides for
+    all ranks: the time-based decision is broadcast (one tiny collective per step, only when saving by time).
+    """
+
+    def __init__(self, cfg: FinetuneConfig, t: Any, shared_on: Any = None):
         self.interval = cfg.save_interval
         self.seconds = cfg.save_every_minutes * 60
         self.enabled = cfg.save_state
         self.last_iter, self.last_eval = t.it, t.last_eval_iter  # what the state on disk (if any) holds
         self.last_time = time.monotonic()
+        self.shared_on = shared_on
 
     def due(self, it: int) -> bool:
         """True when a resume state should be written at iteration `it` (by interval or by time)."""
@@ -35,6 +41,8 @@ class SaveSchedule:
             return False
         by_iter = self.interval > 0 and it % self.interval == 0
         by_time = self.seconds > 0 and time.monotonic() - self.last_time >= self.seconds
+        if self.shared_on is not None and self.seconds > 0:  # each rank's clock differs: rank 0's decides
+            by_time = distributed.broadcast_flag(by_time, self.shared_on)
         return by_iter or by_time
 
     def done(self, t: Any) -> None:

@@ -8,7 +8,8 @@ every `save_interval` iterations / `save_every_minutes`, at the end and on SIGTE
 `fakegpt.finetune.state`), and logs everything to MLflow. `--init-from resume --out-dir DIR` continues with the
 saved configuration (`fakegpt.finetune.resume`). Under `torchrun --nproc_per_node=N` it trains data-parallel
 (DDP): the accumulation steps are split across ranks, gradients are synchronised on the last micro-step only,
-and only rank 0 logs and saves.
+and only rank 0 logs and saves. With `--parallel fsdp` the model is sharded across the ranks instead
+(`fakegpt.finetune.fsdp`); every rank then takes part in each save (gathering the full weights), rank 0 writes.
 
 The loop (`_train`) is short: `_setup` builds model, optimizer and batches (or restores them), then per
 iteration `_evaluate` (every eval_interval: losses, best model, metrics, callback), `_step` (one optimizer
@@ -44,7 +45,7 @@ from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, optim, resume
+from fakegpt.finetune import distributed, fsdp, optim, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -202,18 +203,29 @@ def update(
 
 @torch.no_grad()
 def _estimate(
-    objective: torch.nn.Module, batches: Batches, starts: Any, info: distributed.Dist, autocast: Any
+    objective: torch.nn.Module,
+    batches: Batches,
+    starts: Any,
+    info: distributed.Dist,
+    autocast: Any,
+    lockstep: bool = False,
 ) -> float:
-    """Mean loss over fixed windows; each rank takes every world_size-th micro-batch, sums are all-reduced."""
+    """Mean loss over fixed windows; each rank takes every world_size-th micro-batch, sums are all-reduced.
+    `lockstep` (FSDP, where a forward gathers weights from all ranks): every rank runs as many forwards; a
+    rank with one micro-batch fewer repeats its first, uncounted."""
     objective.eval()
     total, count = 0.0, 0
     b = batches.batch_size
     chunks = [starts[i : i + b] for i in range(0, len(starts), b)]
-    for chunk in chunks[info.rank :: info.world_size]:
+    mine = chunks[info.rank :: info.world_size]
+    for chunk in mine:
         x, y = batches.windows(chunk)
         with autocast:
             total += objective(x, y).item() * len(chunk)
         count += len(chunk)
+    for _ in range(-(-len(chunks) // info.world_size) - len(mine) if lockstep else 0):
+        with autocast:
+            objective(*batches.windows(chunks[0]))
     objective.train()
     total, count = distributed.all_sum([total, float(count)], batches.device)
     return total / count
@@ -312,6 +324,7 @@ class _Trainer:
     claim_seconds: float = 0.0  # time spent scoring claims, for its share of the run
     started: float = field(default_factory=time.perf_counter)  # for end-to-end tokens/s
     start_iter: int = 0
+    sharded: bool = False  # FSDP: saving gathers the full weights, a collective every rank takes part in
 
     @property
     def out_dir(self) -> Path:
@@ -349,12 +362,14 @@ def _setup(
     """Model, optimizer, scaler, loss module, batches; restored from the resume state when resuming."""
     model = _load(cfg, folder, device, resumed)
     model.train()
-    optimizer = _optimizer(model, cfg, device)
+    sharded = cfg.parallel == "fsdp" and info.world_size > 1
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     # The fused output layer + loss is for eager fp32 (the CPU); under autocast or torch.compile the plain
     # logits + cross-entropy path is used (inductor fuses it by itself).
     objective: torch.nn.Module = _Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
-    if info.world_size > 1:
+    if sharded:  # FSDP2: the parameters become DTensor shards, so the optimizer is built after this
+        objective = fsdp.shard(objective, model, cfg.dtype)
+    elif info.world_size > 1:
         # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
         objective = DDP(
             objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
@@ -363,6 +378,7 @@ def _setup(
         # compile(DDP(model)), PyTorch's recommended order: the compiled graph is split at DDP's bucket
         # boundaries, so gradient all-reduces overlap the backward pass instead of waiting for its end.
         objective = torch.compile(objective)
+    optimizer = _optimizer(model, cfg, device)
     autocast = (
         torch.autocast(device.type, dtype=torch_dtype(cfg.dtype))
         if cfg.dtype != "float32"
@@ -393,6 +409,7 @@ def _setup(
         flops_token=flops_per_token(model, cfg.block_size),
         peak=peak_flops(device, cfg.dtype) if device.type == "cuda" else None,  # MFU against this very card
         best_writer=BestModelWriter(background=cfg.background_save),
+        sharded=sharded,
     )
     for source in source_val_sets(cfg.data_dir, meta) if (cfg.eval_sources or cfg.select_on != "val") else []:
         data = open_bin(Path(source["path"]).parent, Path(source["path"]).stem, cfg.block_size)
@@ -413,8 +430,11 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     best = state_mod.cross_check(s, resumed.folder, t.out_dir)
     weights, payload = state_mod.load_tensors(resumed.folder)
     try:
-        t.model.load_state_dict(weights)
-        t.optimizer.load_state_dict(payload["optimizer"])
+        if t.sharded:  # full tensors, read on every rank: each keeps its shard
+            fsdp.load_full_state(t.model, t.optimizer, weights, payload["optimizer"])
+        else:
+            t.model.load_state_dict(weights)
+            t.optimizer.load_state_dict(payload["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise FakegptError(f"{resumed.folder}: damaged resume state ({one_line(exc)})") from None
     if payload.get("scaler") and t.scaler.is_enabled():
@@ -443,10 +463,11 @@ def _evaluate(t: _Trainer) -> tuple[float, float, dict[str, float]]:
     """(train, val, per-source val) loss on the fixed windows; a non-finite one stops training naming the
     iteration. `val` is the loss that picks the best model: val.bin's, or the `--select-on` source's."""
     plain = getattr(t.objective, "module", t.objective)  # no DDP hooks in evaluation
-    train_loss = _estimate(plain, t.train_batches, t.fixed["train"], t.info, t.autocast)
-    val_loss = _estimate(plain, t.val_batches, t.fixed["val"], t.info, t.autocast)
+    train_loss = _estimate(plain, t.train_batches, t.fixed["train"], t.info, t.autocast, t.sharded)
+    val_loss = _estimate(plain, t.val_batches, t.fixed["val"], t.info, t.autocast, t.sharded)
     by_source = {
-        name: _estimate(plain, batches, starts, t.info, t.autocast) for name, (batches, starts) in t.source_val.items()
+        name: _estimate(plain, batches, starts, t.info, t.autocast, t.sharded)
+        for name, (batches, starts) in t.source_val.items()
     }
     if t.cfg.select_on != "val":
         by_source["all"], val_loss = val_loss, by_source[t.cfg.select_on]
@@ -457,8 +478,20 @@ def _evaluate(t: _Trainer) -> tuple[float, float, dict[str, float]]:
     return train_loss, val_loss, by_source
 
 
-def _save_best(t: _Trainer, val_loss: float) -> None:
-    """OUT/checkpoint/: the model of this evaluation as an HF folder, weights only (no optimizer)."""
+def _gather_best(t: _Trainer, val_loss: float) -> dict | None:
+    """FSDP, every rank: when this evaluation saves the best model, gather its full weights (a collective) for
+    rank 0 to write. The other ranks keep the best loss in step with rank 0's, so all ranks decide alike."""
+    if not (val_loss < t.best_val or t.cfg.always_save_checkpoint):
+        return None
+    weights = fsdp.full_model_state(t.model)
+    if not t.info.main and val_loss < t.best_val:
+        t.best_val, t.best_iter = val_loss, t.it
+    return weights
+
+
+def _save_best(t: _Trainer, val_loss: float, weights: dict | None = None) -> None:
+    """OUT/checkpoint/: the model of this evaluation as an HF folder, weights only (no optimizer).
+    `weights`: the full weights gathered under FSDP (else a snapshot of the model is taken)."""
     training_info = TrainingInfo(
         init_from=t.init_from,
         config=config_mod.to_dict(t.cfg),
@@ -468,7 +501,7 @@ def _save_best(t: _Trainer, val_loss: float) -> None:
         tokens_seen=t.tokens_seen,
         extra={state_mod.RUN_UID_KEY: t.run_uid},
     )
-    t.best_writer.submit(t.model, t.ckpt_dir, training_info)  # a CPU snapshot; written in the background
+    t.best_writer.submit(t.model, t.ckpt_dir, training_info, weights)  # a CPU snapshot; written in the background
 
 
 def _report_evaluation(
@@ -479,8 +512,10 @@ def _report_evaluation(
     lr: float,
     metrics: tracking.MetricLogger,
     on_eval: Callable[[EvalResult], None] | None,
+    weights: dict | None = None,
 ) -> BaseException | None:
-    """Rank 0: best model, metrics, callback. Returns the exception the callback raised (a stop request)."""
+    """Rank 0: best model, metrics, callback. Returns the exception the callback raised (a stop request).
+    `weights`: the best model's full weights, gathered under FSDP (`_gather_best`)."""
     logged = {
         tracking.M_VAL_LOSS: val_loss,
         tracking.M_EVAL_TRAIN_LOSS: train_loss,
@@ -490,7 +525,7 @@ def _report_evaluation(
     if val_loss < t.best_val or t.cfg.always_save_checkpoint:
         if val_loss < t.best_val:
             t.best_val, t.best_iter = val_loss, t.it
-        _save_best(t, val_loss)
+        _save_best(t, val_loss, weights)
         logged[tracking.M_BEST_VAL_LOSS] = t.best_val
     metrics.log(logged, step=t.it)
     if on_eval is not None:
@@ -532,10 +567,16 @@ def _step(t: _Trainer, lr: float, stop_asked: bool) -> tuple[float, bool]:
     return step_loss, stops > 0
 
 
-def _save_state(t: _Trainer) -> Path:
-    """OUT/state/iter-N/: everything needed to continue exactly here (rank 0)."""
+def _save_state(t: _Trainer) -> Path | None:
+    """OUT/state/iter-N/: everything needed to continue exactly here (rank 0; under FSDP every rank gathers)."""
     t.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
     unwrapped = getattr(t.model, "_orig_mod", t.model)
+    if t.sharded:  # full (unsharded) weights and optimizer state, so any --parallel (or one process) resumes
+        weights, optimizer_state = fsdp.full_state(t.model, t.optimizer)
+        if not t.info.main:
+            return None
+    else:
+        weights, optimizer_state = unwrapped.state_dict(), t.optimizer.state_dict()
     info = state_mod.ResumeInfo(
         iter=t.it,
         best_val_loss=t.best_val if math.isfinite(t.best_val) else None,
@@ -551,12 +592,10 @@ def _save_state(t: _Trainer) -> Path:
         extra={"last_eval_iter": t.last_eval_iter},
     )
     payload = {
-        "optimizer": t.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
     }
-    return state_mod.write(
-        t.out_dir, info, unwrapped.state_dict(), payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states
-    )
+    return state_mod.write(t.out_dir, info, weights, payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states)
 
 
 def _train(
@@ -617,15 +656,17 @@ def _loop(
     stop_exc: list[BaseException],
 ) -> None:
     cfg, main = t.cfg, t.info.main
-    schedule = SaveSchedule(cfg, t)
+    schedule = SaveSchedule(cfg, t, t.device if t.sharded else None)
+    saves = main or t.sharded  # the ranks that take part in a save: under FSDP all (gathering is a collective)
     bar = tqdm(total=cfg.max_iters, initial=t.it, desc="finetune", unit="it", disable=None if main else True)
     t_last = time.perf_counter()
     while True:
         lr = lr_at(cfg, t.it)
         if (t.it % cfg.eval_interval == 0 or t.it == cfg.max_iters) and t.it != t.last_eval_iter:
             train_loss, val_loss, by_source = _evaluate(t)
+            weights = _gather_best(t, val_loss) if t.sharded else None
             if main:
-                stop = _report_evaluation(t, train_loss, val_loss, by_source, lr, metrics, on_eval)
+                stop = _report_evaluation(t, train_loss, val_loss, by_source, lr, metrics, on_eval, weights)
                 if stop is not None:
                     stop_exc.append(stop)
                 bar.set_postfix(val=f"{val_loss:.4f}", best=f"{t.best_val:.4f}")
@@ -658,7 +699,7 @@ def _loop(
             if t.device.type == "cuda":
                 logged.update(gpu_memory(t.device))
             metrics.log(logged, step=t.it)
-        if main and cfg.save_state and (stop or schedule.due(t.it)):
+        if saves and cfg.save_state and (stop or schedule.due(t.it)):
             _save_state(t)
             metrics.flush()  # the store holds every point up to the state a resume would continue from
             schedule.done(t)
@@ -667,7 +708,7 @@ def _loop(
             distributed.all_sum([0.0], t.device)  # every rank waits for rank 0's save before exiting
             raise _preempted(t, signals.signum or signal.SIGTERM, stop_exc)
     bar.close()
-    if main and cfg.save_state and schedule.changed_since_save(t):  # the end (and its final evaluation)
+    if saves and cfg.save_state and schedule.changed_since_save(t):  # the end (and its final evaluation)
         _save_state(t)
 
 
