@@ -44,6 +44,7 @@ TAG_STAGE = "fakegpt.stage"  # prepare | finetune | sample | score | tune | tria
 TAG_MODEL = "fakegpt.model"  # init_from / model spec
 TAG_DATASET = "fakegpt.dataset"  # dataset name (data folder name or dataset YAML name)
 TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
+TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import time
 import uuid
@@ -44,7 +45,7 @@ from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, resume
+from fakegpt.finetune import distributed, lora, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -158,16 +159,23 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device
 def _load(
     cfg: FinetuneConfig, folder: str, device: torch.device, resumed: resume.Resumed | None = None
 ) -> torch.nn.Module:
-    if resumed is not None:  # the shape from the state; its weights are loaded by _setup
+    # LoRA resumes from its base model loaded again (the state holds only the adapters), a full fine-tune from
+    # the shape saved with the state
+    base = resumed.info.init_from if resumed is not None and cfg.method == "lora" else None
+    if resumed is not None and base is None:  # the shape from the state; its weights are loaded by _setup
         model = model_from_config(state_mod.model_config(resumed.folder))
-    elif cfg.init_from == "scratch":
+    elif (base or cfg.init_from) == "scratch":
         torch.manual_seed(cfg.seed)
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
     else:
-        model = load_model(folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+        model = load_model(base or folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+    if base is not None:
+        lora.check_base(model, state_mod.model_config(resumed.folder), base, resumed.folder)
     use_fused_gelu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        model = lora.wrap(model, cfg)  # base frozen: the optimizer sees the adapters only
     return model.to(device)
 
 
@@ -258,6 +266,8 @@ def finetune(
     if resumed is None and info.main and state_mod.saved(cfg.out_dir):
         n = state_mod.remove_all(cfg.out_dir)
         log.warning("%s: a new run; removed %d resume state(s) of an earlier run there", cfg.out_dir, n)
+    if resumed is None and info.main and cfg.method != "lora":
+        shutil.rmtree(Path(cfg.out_dir) / lora.ADAPTER_DIR, ignore_errors=True)  # an earlier LoRA run's adapters
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
     try:
@@ -404,7 +414,10 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     best = state_mod.cross_check(s, resumed.folder, t.out_dir)
     weights, payload = state_mod.load_tensors(resumed.folder)
     try:
-        t.model.load_state_dict(weights)
+        if t.cfg.method == "lora":
+            lora.load_adapter_state(t.model, weights)
+        else:
+            t.model.load_state_dict(weights)
         t.optimizer.load_state_dict(payload["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise FakegptError(f"{resumed.folder}: damaged resume state ({one_line(exc)})") from None
@@ -459,6 +472,16 @@ def _save_best(t: _Trainer, val_loss: float) -> None:
         tokens_seen=t.tokens_seen,
         extra={state_mod.RUN_UID_KEY: t.run_uid},
     )
+    if lora.is_lora(t.model):  # merged weights as plain GPT-2, and the same iteration's adapters beside them
+        adapter = lora.adapter_snapshot(t.model)
+        t.best_writer.submit(
+            lora.base_model(t.model),
+            t.ckpt_dir,
+            training_info,
+            weights=lora.merged_state(t.model),
+            then=lambda: lora.write_adapter(t.out_dir / lora.ADAPTER_DIR, adapter, training_info),
+        )
+        return
     t.best_writer.submit(t.model, t.ckpt_dir, training_info)  # a CPU snapshot; written in the background
 
 
@@ -547,9 +570,8 @@ def _save_state(t: _Trainer) -> Path:
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
     }
-    return state_mod.write(
-        t.out_dir, info, unwrapped.state_dict(), payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states
-    )
+    weights = lora.adapter_state(unwrapped) if lora.is_lora(unwrapped) else unwrapped.state_dict()  # LoRA: adapters
+    return state_mod.write(t.out_dir, info, weights, payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states)
 
 
 def _train(
@@ -697,7 +719,11 @@ def _mlflow_run(
 ):
     """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
     run_id = t.run_id
-    all_tags = {tracking.TAG_MODEL: t.init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
+    all_tags = {
+        tracking.TAG_MODEL: t.init_from,
+        tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name,
+        tracking.TAG_METHOD: cfg.method,
+    }
     mix = meta.mixture_tag()
     if mix:
         all_tags[tracking.TAG_MIX] = mix
@@ -756,6 +782,8 @@ def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve
     tracking.log_artifact(curve)
     if ckpt_dir.is_dir():
         tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
+    if (out_dir / lora.ADAPTER_DIR).is_dir():
+        tracking.log_artifact(out_dir / lora.ADAPTER_DIR, artifact_path=lora.ADAPTER_DIR)
 
 
 def main(argv: list[str]) -> int:

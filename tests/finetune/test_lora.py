@@ -1,0 +1,192 @@
+"""`fakegpt finetune --method lora` on real data (../shared/data) with a tiny GPT-2, CPU only, seconds each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fakegpt import tracking
+from fakegpt.errors import FakegptError
+from fakegpt.finetune import state as state_mod
+from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.train import finetune
+from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, TrainingInfo
+
+
+@pytest.fixture(scope="module")
+def data_dir(prepared_whatsapp) -> Path:
+    return prepared_whatsapp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lora_cfg(data_dir: Path, out_dir: Path, base: Path, **overrides) -> FinetuneConfig:
+    values = dict(
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        init_from=str(base),
+        method="lora",
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
+        block_size=32,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_iters=20,
+        eval_interval=5,
+        eval_iters=2,
+        device="cpu",
+        seed=0,
+    )
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x).logits
+
+
+def test_lora_trains_adapters_saves_merged_checkpoint_adapter_and_small_state(data_dir, tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "out"
+    result = finetune(lora_cfg(data_dir, out, tiny_model_dir))
+    losses = [v for _, v in result.val_curve]
+    # the adapters learn (slowly: on a random tiny base the frozen, tied output layer keeps every logit small)
+    assert len(losses) == 5 and losses[2] < losses[1] < losses[0] and result.best_val_loss < losses[0] - 0.05
+
+    # OUT/checkpoint/: a plain GPT-2 folder, the merged model, no adapter files
+    ckpt = out / CHECKPOINT_DIR
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(CHECKPOINT_FILES)
+    merged = GPT2LMHeadModel.from_pretrained(ckpt)
+    base = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    # the frozen weights are the base's; the adapted ones moved
+    assert torch.equal(merged.transformer.wte.weight, base.transformer.wte.weight)
+    assert torch.equal(merged.transformer.h[0].ln_1.weight, base.transformer.h[0].ln_1.weight)
+    assert not torch.allclose(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+    # OUT/adapter/: peft's format, same iteration; base + adapter gives the merged model's logits
+    adapter = out / ADAPTER_DIR
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert TrainingInfo.load(adapter).iter == TrainingInfo.load(ckpt).iter == result.best_iter
+    x = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=np.uint16)[:64].astype(np.int64)).view(2, 32)
+    with_adapter = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_model_dir), adapter)
+    merged_logits = _logits(merged, x)
+    torch.testing.assert_close(merged_logits, _logits(with_adapter, x), atol=1e-4, rtol=1e-4)
+    assert (merged_logits - _logits(base, x)).abs().max() > 1e-2
+
+    # the resume state holds only the adapters: a small fraction of the full weights
+    folder = state_mod.latest(out)
+    weights, payload = state_mod.load_tensors(folder)
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert len(weights) == 2 * 4 * 2  # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj) x (A, B)
+    assert len(payload["optimizer"]["state"]) == len(weights)  # AdamW saw the adapters only
+    full_size = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert (folder / state_mod.MODEL_FILE).stat().st_size < full_size / 50
+
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags[tracking.TAG_METHOD] == "lora"
+    assert run.data.params["method"] == "lora" and run.data.params["lora_rank"] == "4"
+    logged = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    assert {CHECKPOINT_DIR, ADAPTER_DIR} <= logged
+
+
+def test_full_run_is_tagged_full_and_removes_an_earlier_runs_adapter(data_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / ADAPTER_DIR).mkdir(parents=True)
+    cfg = FinetuneConfig(
+        data_dir=str(data_dir),
+        out_dir=str(out),
+        init_from="scratch",
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=1,
+        gradient_accumulation_steps=1,
+        max_iters=1,
+        eval_interval=1,
+        eval_iters=1,
+        device="cpu",
+    )
+    result = finetune(cfg)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient().get_run(result.run_id).data.tags[tracking.TAG_METHOD] == "full"
+    assert not (out / ADAPTER_DIR).exists()
+    weights, _ = state_mod.load_tensors(state_mod.latest(out))
+    assert "transformer.wte.weight" in weights  # the full state keeps its format
+
+
+def test_lora_resume_matches_an_uninterrupted_run_and_refuses_new_lora_flags(data_dir, tmp_path, tiny_model_dir):
+    from transformers import GPT2LMHeadModel
+
+    common = dict(max_iters=8, eval_interval=2, lora_dropout=0.1, decay_lr=False)
+    straight = finetune(lora_cfg(data_dir, tmp_path / "straight", tiny_model_dir, **common))
+
+    out = tmp_path / "split"
+    first = finetune(lora_cfg(data_dir, out, tiny_model_dir, **{**common, "max_iters": 4}))
+    for flag, value in (("lora_rank", 8), ("method", "full"), ("lora_targets", "c_attn")):
+        with pytest.raises(FakegptError, match=f"--{flag.replace('_', '-')} .*trained with"):
+            finetune(
+                FinetuneConfig(init_from="resume", out_dir=str(out), **{flag: value}),
+                given=frozenset({"init_from", "out_dir", flag}),
+            )
+    resumed = finetune(
+        FinetuneConfig(init_from="resume", out_dir=str(out), max_iters=8, device="cpu"),
+        given=frozenset({"init_from", "out_dir", "max_iters", "device"}),
+    )
+    assert resumed.iters_done == 8 and resumed.run_id == first.run_id  # the same MLflow run goes on
+    # the same curve and the same merged model as the run that was never interrupted
+    assert [i for i, _ in resumed.val_curve] == [i for i, _ in straight.val_curve]
+    np.testing.assert_allclose([v for _, v in resumed.val_curve], [v for _, v in straight.val_curve], rtol=1e-5)
+    a = GPT2LMHeadModel.from_pretrained(out / CHECKPOINT_DIR).state_dict()
+    b = GPT2LMHeadModel.from_pretrained(tmp_path / "straight" / CHECKPOINT_DIR).state_dict()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_bad_target_is_one_line_error(data_dir, tmp_path, tiny_model_dir):
+    with pytest.raises(FakegptError, match="--lora-targets: no module named q_proj"):
+        finetune(lora_cfg(data_dir, tmp_path / "out", tiny_model_dir, lora_targets="c_attn,q_proj", max_iters=1))
+
+
+def test_sample_and_score_load_the_merged_checkpoint(data_dir, tmp_path, tiny_model_dir):
+    from fakegpt.measure.sample import SampleConfig, sample
+    from fakegpt.measure.score import ScoreConfig, score
+
+    out = tmp_path / "out"
+    finetune(lora_cfg(data_dir, out, tiny_model_dir, max_iters=2, eval_interval=2))
+    ckpt = str(out / CHECKPOINT_DIR)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("As vacinas alteram o DNA?\n", encoding="utf-8")
+    sampled = sample(
+        SampleConfig(
+            models=[ckpt],
+            prompts=str(prompts),
+            temperatures=[1.0],
+            num_samples=2,
+            max_new_tokens=4,
+            device="cpu",
+            out_dir=str(tmp_path / "samples"),
+        )
+    )
+    assert sampled.table.height == 2 and (sampled.table["new_tokens"] > 0).all()
+    scored = score(ScoreConfig(models=[ckpt], device="cpu", bootstrap=50, out_dir=str(tmp_path / "scores")))
+    assert scored.models[0].overall.n_pairs > 0 and np.isfinite(scored.models[0].overall.mean)
