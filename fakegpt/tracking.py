@@ -582,6 +582,16 @@ def find_run_ids(experiment_id: str, tags: Mapping[str, Any]) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
+def tag_values(experiment_id: str, tags: Mapping[str, Any], key: str, missing: str) -> set[str]:
+    """The values of tag `key` over the runs in `experiment_id` carrying all `tags` (`missing` for a run without
+    it): e.g. the methods a series' fine-tunes used."""
+    from mlflow.tracking import MlflowClient
+
+    clauses = " and ".join(f"tags.`{k}` = '{v!s}'" for k, v in tags.items())
+    runs = MlflowClient().search_runs([experiment_id], filter_string=clauses, max_results=1000)
+    return {r.data.tags.get(key, missing) for r in runs}
+
+
 def update_run(run_id: str, tags: Mapping[str, Any] | None = None, status: str | None = None) -> None:
     """Set tags and/or the terminal status (FINISHED | FAILED | KILLED) of a run, also one that has ended."""
     from mlflow.tracking import MlflowClient

@@ -190,3 +190,44 @@ def test_sample_and_score_load_the_merged_checkpoint(data_dir, tmp_path, tiny_mo
     assert sampled.table.height == 2 and (sampled.table["new_tokens"] > 0).all()
     scored = score(ScoreConfig(models=[ckpt], device="cpu", bootstrap=50, out_dir=str(tmp_path / "scores")))
     assert scored.models[0].overall.n_pairs > 0 and np.isfinite(scored.models[0].overall.mean)
+
+
+def test_mixture_series_refuses_to_mix_methods_and_reports_its_method(tmp_path):
+    from fakegpt.studies.mixture import SeriesConfig, check_one_method, dose_table_markdown, mixture
+
+    lora_yaml = tmp_path / "lora.yaml"
+    lora_yaml.write_text("method: lora\nmax_iters: 1\n", encoding="utf-8")
+    cfg = SeriesConfig(
+        dataset="experiments/datasets/demo_mix.yaml",
+        series_name="dose",
+        finetune_config=str(lora_yaml),
+        fractions=[0.0, 0.5],
+        out_root=str(tmp_path / "out"),
+    )
+    # an earlier series under the same name fine-tuned in full
+    with tracking.run(stage="finetune", tags={tracking.TAG_STUDY: "dose", tracking.TAG_METHOD: "full"}) as earlier:
+        experiment = earlier.info.experiment_id
+    with pytest.raises(FakegptError) as refused:
+        mixture(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(
+        "--series-name dose: its doses were fine-tuned with method full, this series uses lora (--finetune-config "
+    )
+    assert str(lora_yaml) in message and "e.g. dose-lora" in message
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs([experiment])
+    assert sorted(r.data.tags[tracking.TAG_STAGE] for r in runs) == ["finetune", "mixture"]  # no step ran
+    parent = next(r for r in runs if r.data.tags[tracking.TAG_STAGE] == "mixture")
+    assert parent.data.tags[tracking.TAG_METHOD] == "lora" and parent.info.status == "FAILED"
+
+    check_one_method(cfg, "full", experiment)  # the same method goes on
+    with tracking.run(stage="finetune", tags={tracking.TAG_STUDY: "old"}):  # a run from before the tag: full
+        pass
+    old = SeriesConfig(series_name="old", finetune_config=str(lora_yaml))
+    with pytest.raises(FakegptError, match="--series-name old: its doses were fine-tuned with method full"):
+        check_one_method(old, "lora", experiment)
+
+    row = dict(fraction=0.2, method="lora", score=0.1, ci_low=0.0, ci_high=0.2, false_win_rate=0.5, val_perplexity=9.0)
+    table = dose_table_markdown([row]).splitlines()
+    assert table[0].startswith("| fraction | method | claim score |") and table[2].startswith("| 0.2 | lora | 0.1000 |")
