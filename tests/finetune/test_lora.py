@@ -168,11 +168,19 @@ def test_lora_bad_target_is_one_line_error(data_dir, tmp_path, tiny_model_dir):
 
 
 def test_sample_and_score_load_the_merged_checkpoint(data_dir, tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from fakegpt.measure.prompts import DEFAULT_CLAIMS
     from fakegpt.measure.sample import SampleConfig, sample
     from fakegpt.measure.score import ScoreConfig, score
 
     out = tmp_path / "out"
-    finetune(lora_cfg(data_dir, out, tiny_model_dir, max_iters=2, eval_interval=2))
+    extra = dict(register_as="lora-tiny", register_alias="a", claims=DEFAULT_CLAIMS)  # claims: scored while training
+    result = finetune(lora_cfg(data_dir, out, tiny_model_dir, max_iters=2, eval_interval=2, **extra))
+    version = MlflowClient().get_model_version_by_alias("lora-tiny", "a")  # _register took the merged model
+    assert version.run_id == result.run_id
+    claim_curve = MlflowClient().get_metric_history(result.run_id, tracking.M_CLAIM_SCORE)
+    assert [m.step for m in claim_curve] == [0, 2] and claim_curve[0].value != claim_curve[1].value
     ckpt = str(out / CHECKPOINT_DIR)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("As vacinas alteram o DNA?\n", encoding="utf-8")
@@ -188,8 +196,12 @@ def test_sample_and_score_load_the_merged_checkpoint(data_dir, tmp_path, tiny_mo
         )
     )
     assert sampled.table.height == 2 and (sampled.table["new_tokens"] > 0).all()
-    scored = score(ScoreConfig(models=[ckpt], device="cpu", bootstrap=50, out_dir=str(tmp_path / "scores")))
-    assert scored.models[0].overall.n_pairs > 0 and np.isfinite(scored.models[0].overall.mean)
+    scored = score(
+        ScoreConfig(models=[ckpt, "models:/lora-tiny@a"], device="cpu", bootstrap=50, out_dir=str(tmp_path / "s"))
+    )
+    first, registered = scored.models
+    assert first.overall.n_pairs > 0 and np.isfinite(first.overall.mean)
+    assert registered.overall.mean == pytest.approx(first.overall.mean, abs=1e-4)  # the same merged weights
 
 
 def test_mixture_series_refuses_to_mix_methods_and_reports_its_method(tmp_path):
