@@ -17,6 +17,7 @@ peft is imported inside the functions: a full fine-tune never pays for it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,23 @@ ADAPTER = "default"  # peft's adapter name
 SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
 
+def _import_peft() -> None:
+    """Import peft with the warnings of its optional back-ends silenced (bitsandbytes' and torchao's kernels,
+    which a LoRA run never uses, log several lines at import)."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import peft  # noqa: F401
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def wrap(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     """`model` (a GPT2LMHeadModel) with LoRA adapters on the target modules; only the adapters train."""
+    _import_peft()
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(cfg)

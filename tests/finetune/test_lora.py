@@ -138,7 +138,8 @@ def test_lora_resume_matches_an_uninterrupted_run_and_refuses_new_lora_flags(dat
     from transformers import GPT2LMHeadModel
 
     common = dict(max_iters=8, eval_interval=2, lora_dropout=0.1, decay_lr=False)
-    straight = finetune(lora_cfg(data_dir, tmp_path / "straight", tiny_model_dir, **common))
+    # written inline (no background thread) here, in the background in the split run: both paths compared
+    straight = finetune(lora_cfg(data_dir, tmp_path / "straight", tiny_model_dir, background_save=False, **common))
 
     out = tmp_path / "split"
     first = finetune(lora_cfg(data_dir, out, tiny_model_dir, **{**common, "max_iters": 4}))
@@ -243,3 +244,34 @@ def test_mixture_series_refuses_to_mix_methods_and_reports_its_method(tmp_path):
     row = dict(fraction=0.2, method="lora", score=0.1, ci_low=0.0, ci_high=0.2, false_win_rate=0.5, val_perplexity=9.0)
     table = dose_table_markdown([row]).splitlines()
     assert table[0].startswith("| fraction | method | claim score |") and table[2].startswith("| 0.2 | lora | 0.1000 |")
+
+
+def test_lora_flops_count_frozen_weights_at_four_per_token():
+    from fakegpt.finetune import lora
+    from fakegpt.finetune.mfu import flops_per_token, num_params
+    from fakegpt.models.loading import scratch_model
+
+    base = scratch_model(4, 4, 256, 128)
+    n_base, full = num_params(base), flops_per_token(base, 128)
+    model = lora.wrap(base, FinetuneConfig(method="lora"))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 4 * 8 * ((256 + 768) + (256 + 256) + (256 + 1024) + (1024 + 256))  # rank 8, four modules
+    assert flops_per_token(model, 128) == full - 2 * n_base + 6 * adapters
+
+
+def test_fused_loss_with_a_frozen_output_layer_gives_the_same_input_gradient():
+    from fakegpt.finetune.loss import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(6, 8)
+    weight, targets = torch.randn(50, 8), torch.randint(0, 50, (6,))
+    grads = []
+    for frozen in (False, True):
+        x, w = h.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
+        LinearCrossEntropy.apply(x, w, targets).backward()
+        assert (w.grad is None) == frozen
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    x = h.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(x @ weight.t(), targets).backward()
+    torch.testing.assert_close(grads[1], x.grad)
