@@ -30,6 +30,7 @@ from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.models.checkpoint import ADAPTER_DIR, TrainingInfo
 
 ADAPTER = "default"  # peft's adapter name
+BASE_SUM_KEY = "lora_base_sum"  # in state.json's extra keys
 SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
 
@@ -85,6 +86,29 @@ def base_model(model: Any) -> Any:
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """The trainable tensors (the adapters) by their names in the PeftModel: what the resume state holds."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def state_extra(model: Any) -> dict[str, Any]:
+    """What a LoRA resume state records beside the adapters: a checksum of the frozen base weights ([float64 sum,
+    sum of absolute values] over every frozen tensor), so a resume on a base model that changed on disk is
+    refused. {} for a full fine-tune."""
+    if not is_lora(model):
+        return {}
+    frozen = [p.detach().double() for p in model.parameters() if not p.requires_grad]
+    return {BASE_SUM_KEY: [float(sum(p.sum() for p in frozen)), float(sum(p.abs().sum() for p in frozen))]}
+
+
+def check_base_sum(model: Any, extra: dict[str, Any], spec: str, state_folder: Path) -> None:
+    """On resume: the base model loaded again must be the one the adapters were trained on."""
+    saved = extra.get(BASE_SUM_KEY)
+    now = state_extra(model).get(BASE_SUM_KEY)
+    # the tolerance covers summation order (CPU vs GPU), relative to the sum of magnitudes, not to the sum
+    if saved and now and abs(now[0] - saved[0]) > 1e-9 * max(1.0, saved[1]):
+        raise FakegptError(
+            f"{state_folder}: the LoRA adapters were trained on another version of the base model {spec} (its "
+            f"weights changed since: checksum {saved[0]!r}, now {now[0]!r}); resume with the original base model"
+        )
 
 
 def load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:

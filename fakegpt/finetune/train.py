@@ -413,6 +413,8 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     s = resumed.info
     best = state_mod.cross_check(s, resumed.folder, t.out_dir)
     weights, payload = state_mod.load_tensors(resumed.folder)
+    if t.cfg.method == "lora":  # the base model loaded again must be the one the adapters were trained on
+        lora.check_base_sum(t.model, s.extra, s.init_from, resumed.folder)
     try:
         if t.cfg.method == "lora":
             lora.load_adapter_state(t.model, weights)
@@ -564,7 +566,7 @@ def _save_state(t: _Trainer) -> Path:
         files={},
         val_curve=[list(p) for p in t.val_curve],
         train_curve=[list(p) for p in t.train_curve],
-        extra={"last_eval_iter": t.last_eval_iter},
+        extra={"last_eval_iter": t.last_eval_iter, **lora.state_extra(unwrapped)},
     )
     payload = {
         "optimizer": t.optimizer.state_dict(),

@@ -275,3 +275,26 @@ def test_fused_loss_with_a_frozen_output_layer_gives_the_same_input_gradient():
     x = h.clone().requires_grad_()
     torch.nn.functional.cross_entropy(x @ weight.t(), targets).backward()
     torch.testing.assert_close(grads[1], x.grad)
+
+
+def test_lora_resume_refuses_a_base_model_that_changed(data_dir, tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = tmp_path / "out"
+    finetune(lora_cfg(data_dir, out, base, max_iters=2, eval_interval=2))
+    info = state_mod.read_info(state_mod.latest(out))
+    total, magnitude = info.extra["lora_base_sum"]
+    assert magnitude > abs(total) and magnitude > 1e4
+    changed = GPT2LMHeadModel.from_pretrained(base)
+    with torch.no_grad():
+        changed.transformer.h[1].mlp.c_fc.weight[0, 0] += 0.01  # one frozen weight of the base
+    changed.save_pretrained(base)
+    with pytest.raises(FakegptError, match="trained on another version of the base model .*base"):
+        finetune(
+            FinetuneConfig(init_from="resume", out_dir=str(out), max_iters=4),
+            given=frozenset({"init_from", "out_dir", "max_iters"}),
+        )
