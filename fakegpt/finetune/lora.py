@@ -4,7 +4,8 @@
 stored (in, out), hence `fan_in_fan_out=True`); every other weight is frozen, so the optimizer (which takes only
 parameters that require grad) sees the adapters alone. What is saved:
 - the resume state's model.pt holds only the adapter tensors (`adapter_state`); on resume the base model is
-  loaded again from the run's init_from and the adapters are put back (`load_adapter_state`);
+  loaded again from the run's init_from, checked against the shape and a checksum of its weights saved with
+  the state (`check_base`, `check_base_sum`), and the adapters are put back (`load_adapter_state`);
 - the best model OUT/checkpoint/ is written merged, W + (alpha/r)·(B·A)ᵀ, with plain GPT-2 key names
   (`merged_state`), so `sample`, `score`, `chat` and transformers load it unchanged. The merge is computed
   into new tensors: the model being trained is never modified (peft's `merge_and_unload` would);
@@ -185,9 +186,11 @@ __all__ = [
     "adapter_state",
     "base_model",
     "check_base",
+    "check_base_sum",
     "is_lora",
     "load_adapter_state",
     "merged_state",
+    "state_extra",
     "wrap",
     "write_adapter",
 ]
