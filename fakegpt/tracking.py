@@ -44,6 +44,7 @@ TAG_STAGE = "fakegpt.stage"  # prepare | finetune | sample | score | tune | tria
 TAG_MODEL = "fakegpt.model"  # init_from / model spec
 TAG_DATASET = "fakegpt.dataset"  # dataset name (data folder name or dataset YAML name)
 TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
+TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"
@@ -591,6 +592,16 @@ def find_run_ids(experiment_id: str, tags: Mapping[str, Any]) -> list[str]:
     clauses = [f"tags.`{k}` = '{v!s}'" for k, v in tags.items()]
     runs = MlflowClient().search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=100)
     return [r.info.run_id for r in runs]
+
+
+def tag_values(experiment_id: str, tags: Mapping[str, Any], key: str, missing: str) -> set[str]:
+    """The values of tag `key` over the runs in `experiment_id` carrying all `tags` (`missing` for a run without
+    it): e.g. the methods a series' fine-tunes used."""
+    from mlflow.tracking import MlflowClient
+
+    clauses = " and ".join(f"tags.`{k}` = '{v!s}'" for k, v in tags.items())
+    runs = MlflowClient().search_runs([experiment_id], filter_string=clauses, max_results=1000)
+    return {r.data.tags.get(key, missing) for r in runs}
 
 
 def update_run(run_id: str, tags: Mapping[str, Any] | None = None, status: str | None = None) -> None:

@@ -4,6 +4,7 @@
     python tools/bench_train.py --nanogpt /tmp/nanoGPT # ... and karpathy/nanoGPT's model.py from a checkout
                                                        # outside this repository (none of its code is shipped)
     python tools/bench_train.py --logging              # what --log-interval 1 costs a whole `finetune` run
+    python tools/bench_train.py --lora                 # fakegpt's full fine-tune step vs. its --method lora step
 
 `--logging` times the `fakegpt finetune` command path itself (`finetune()` with its MLflow run) on a 2-layer
 scratch model over the embedded demo data: --log-interval 1 against logging only at the end, in interleaved
@@ -15,6 +16,8 @@ one micro-batch per optimizer step, AdamW (weight decay 0.1, betas 0.9/0.95), gr
 Contenders run in interleaved rounds so that noise from other work on the machine hits all of them alike;
 the table gives the median tokens/s per contender and the ratios. The step timed for fakegpt is the one
 `fakegpt finetune` runs (fakegpt.finetune.train.accumulate + update on the model it builds), batches included.
+`--lora` times that step for `--method full` and `--method lora` (rank 8, alpha 16, dropout 0.05 on c_attn,
+c_proj, c_fc: the defaults) on the same model, side by side; the ratio is lora/full.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def plain_batches(data: np.ndarray, seed: int) -> Callable[[], tuple[torch.Tenso
     return get
 
 
-def fakegpt_step(data: np.ndarray) -> Callable[[], None]:
+def fakegpt_step(data: np.ndarray, method: str = "full") -> Callable[[], None]:
     cfg = FinetuneConfig(
+        method=method,
         init_from="scratch",
         n_layer=N_LAYER,
         n_head=N_HEAD,
@@ -223,6 +227,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--lora", action="store_true", help="fakegpt --method full vs. --method lora")
     parser.add_argument("--logging", action="store_true", help="time --log-interval 1 against logging at the end")
     parser.add_argument("--iters", type=int, default=300, help="--logging: iterations per finetune run")
     parser.add_argument("--tracking-uri", help="--logging: a tracking server URI (default: a fresh SQLite store)")
@@ -233,6 +238,8 @@ def main() -> int:
 
     data = token_data(args.data_dir)
     contenders: dict[str, Callable[[], None]] = {"fakegpt": fakegpt_step(data), "transformers": transformers_step(data)}
+    if args.lora:
+        contenders = {"fakegpt full": fakegpt_step(data), "fakegpt lora": fakegpt_step(data, "lora")}
     if args.nanogpt:
         contenders["nanogpt"] = nanogpt_step(args.nanogpt, data)
     for step in contenders.values():
@@ -258,7 +265,7 @@ def main() -> int:
         print(f"  {name:13s} {median[name]:8.0f} tokens/s  (rounds: {spread})")
     # Ratios of the same round's numbers (which share the machine's load at that moment), then their median:
     # far steadier than a ratio of medians on a machine that other work is using.
-    base = "nanogpt" if "nanogpt" in median else "transformers"
+    base = "nanogpt" if "nanogpt" in median else "fakegpt full" if args.lora else "transformers"
     for name in median:
         if name != base:
             paired = [a / b for a, b in zip(rates[name], rates[base], strict=True)]

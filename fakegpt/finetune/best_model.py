@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +37,33 @@ class BestModelWriter:
         self.copy_seconds = 0.0  # time the training thread spent on snapshots (for benchmarks)
         self.write_seconds = 0.0  # time spent writing folders (in the background, or inline)
 
-    def submit(self, model: Any, folder: str | Path, info: TrainingInfo, weights: dict | None = None) -> None:
-        """Save `model`'s current weights with `info` as FOLDER (in the background when enabled). `weights`: a
-        CPU state dict to write instead (FSDP's gathered full weights: already a copy, no snapshot needed)."""
+    def submit(
+        self,
+        model: Any,
+        folder: str | Path,
+        info: TrainingInfo,
+        weights: dict[str, torch.Tensor] | None = None,
+        then: Callable[[], Any] | None = None,
+    ) -> None:
+        """Save `model`'s current weights with `info` as FOLDER (in the background when enabled).
+
+        `weights`: save these tensors (with `model`'s configuration) instead of `model.state_dict()`: LoRA's
+        merged weights. `then`: called after the folder is written, in the same thread (LoRA's adapter folder)."""
         self.wait()
         if not self.background:
-            self._write(model, Path(folder), info, weights)
+            self._write(model, Path(folder), info, None if weights is None else dict(weights), then)
             self.wait()
             return
         started = time.perf_counter()
-        snapshot = weights if weights is not None else self._snapshot(model)
+        snapshot = self._snapshot(model, weights)
         self.copy_seconds += time.perf_counter() - started
         self._thread = threading.Thread(
-            target=self._write, args=(model, Path(folder), info, snapshot), name="fakegpt-best-model"
+            target=self._write, args=(model, Path(folder), info, snapshot, then), name="fakegpt-best-model"
         )
         self._thread.start()
 
-    def _snapshot(self, model: Any) -> dict[str, torch.Tensor]:
-        weights = model.state_dict()
+    def _snapshot(self, model: Any, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        weights = model.state_dict() if weights is None else weights
         if self._buffer is None:
             pin = any(v.is_cuda for v in weights.values())
             by_storage: dict[int, torch.Tensor] = {}
@@ -73,11 +83,15 @@ class BestModelWriter:
             torch.cuda.synchronize()
         return self._buffer
 
-    def _write(self, model: Any, folder: Path, info: TrainingInfo, snapshot: dict | None) -> None:
+    def _write(
+        self, model: Any, folder: Path, info: TrainingInfo, snapshot: dict | None, then: Callable[[], Any] | None
+    ) -> None:
         started = time.perf_counter()
         try:
             # a shallow copy: save_pretrained empties the dict it is given as it writes the shards
             loading.save_checkpoint(model, folder, info, state_dict=None if snapshot is None else dict(snapshot))
+            if then is not None:
+                then()
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
         finally:

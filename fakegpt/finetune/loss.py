@@ -44,8 +44,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         """The two matmuls of the saved (softmax - onehot) / N, scaled by the incoming gradient."""
         h, weight, grad = ctx.saved_tensors
         # grad_out is a scalar (1/accumulation steps, or a scaler's factor): scale the small results only
-        dh = (grad @ weight) * grad_out.to(h.dtype)  # (N, C)
-        dw = (grad.t() @ h) * grad_out.to(h.dtype)  # (V, C)
+        dh = (grad @ weight) * grad_out.to(h.dtype) if ctx.needs_input_grad[0] else None  # (N, C)
+        # a frozen output layer (--method lora) skips the (V, C) weight gradient: a third of this node's work
+        dw = (grad.t() @ h) * grad_out.to(h.dtype) if ctx.needs_input_grad[1] else None  # (V, C)
         return dh, dw, None
 
 

@@ -58,6 +58,11 @@ def num_params(model: Any, non_embedding: bool = True) -> int:
 
 
 def flops_per_token(model: Any, block_size: int) -> float:
-    """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT)."""
+    """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT). A frozen
+    weight (--method lora's base) costs 4 per token, not 6: forward and input gradient, no weight gradient."""
     cfg = model.config
-    return 6 * num_params(model) + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * block_size
+    wpe = model.transformer.wpe.weight
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen -= 0 if wpe.requires_grad else wpe.numel()  # not counted in N either
+    attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * block_size
+    return 6 * num_params(model) - 2 * frozen + attention

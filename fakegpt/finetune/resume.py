@@ -2,7 +2,8 @@
 
 The saved (resolved) configuration is the base. A flag (or YAML key) given on resume is
 - refused when it would change what the run means, naming the flag: the model shape, the context, the batch
-  and accumulation (tokens per step), the data, the seed (batches), dropout, the optimizer and learning-rate
+  and accumulation (tokens per step), the data, the seed (batches), dropout, the fine-tune method and its LoRA
+  settings (`--method`, `--lora-*`: the state holds adapters of that shape), the optimizer and learning-rate
   schedule (the curve would mix two experiments under one set of logged parameters), and `eval_iters` (it
   changes the validation windows, so new losses would not compare with the best so far);
 - applied when it changes only how long the run goes or how it is watched and saved (`CHANGEABLE`); what changed

@@ -1,7 +1,8 @@
 """The resume state of a fine-tune: one folder per save, written under a temporary name and renamed into place.
 
 OUT/state/iter-NNNNNNN/ holds
-- `model.pt`      the weights at iteration N (a plain state dict),
+- `model.pt`      the weights at iteration N (a plain state dict; with --method lora only the adapter tensors,
+                  the base model is loaded again from the run's init_from),
 - `optimizer.pt`  AdamW's state and, under float16, the gradient scaler's,
 - `model_config.json` the HF model configuration (the shape to rebuild before loading the weights),
 - `state.json`    the iteration, best loss/iteration, loss curves, MLflow run id, the run's identity, the full
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 from fakegpt.contracts import from_versioned_dict, to_versioned_dict
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_dir
-from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, TrainingInfo
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,13 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
     lost between the two renames of its swap is restored from the old copy. Returns what was removed."""
     out = Path(out_dir)
     removed: list[Path] = []
-    ckpt, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
-    if old.is_dir() and not ckpt.exists():
-        os.replace(old, ckpt)  # killed between "checkpoint -> .old" and ".tmp -> checkpoint"
-        log.warning("restored %s from %s (a write of the best model was interrupted)", ckpt, old)
-    candidates = [*root(out).glob(".*.tmp"), *out.glob(f".{CHECKPOINT_DIR}.*.tmp"), old, *root(out).glob(".*.old")]
+    candidates = [*root(out).glob(".*.tmp"), *root(out).glob(".*.old")]
+    for name in (CHECKPOINT_DIR, ADAPTER_DIR):  # the best model, and LoRA's adapters beside it
+        ckpt, old = out / name, out / f".{name}.old"
+        if old.is_dir() and not ckpt.exists():
+            os.replace(old, ckpt)  # killed between "checkpoint -> .old" and ".tmp -> checkpoint"
+            log.warning("restored %s from %s (a write of the best model was interrupted)", ckpt, old)
+        candidates += [*out.glob(f".{name}.*.tmp"), old]
     for path in candidates:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import time
 import uuid
@@ -45,7 +46,7 @@ from fakegpt.data import bins
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, fsdp, optim, resume
+from fakegpt.finetune import distributed, fsdp, lora, optim, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -159,16 +160,23 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device
 def _load(
     cfg: FinetuneConfig, folder: str, device: torch.device, resumed: resume.Resumed | None = None
 ) -> torch.nn.Module:
-    if resumed is not None:  # the shape from the state; its weights are loaded by _setup
+    # LoRA resumes from its base model loaded again (the state holds only the adapters), a full fine-tune from
+    # the shape saved with the state
+    base = resumed.info.init_from if resumed is not None and cfg.method == "lora" else None
+    if resumed is not None and base is None:  # the shape from the state; its weights are loaded by _setup
         model = model_from_config(state_mod.model_config(resumed.folder))
-    elif cfg.init_from == "scratch":
+    elif (base or cfg.init_from) == "scratch":
         torch.manual_seed(cfg.seed)
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
     else:
-        model = load_model(folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+        model = load_model(base or folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+    if base is not None:
+        lora.check_base(model, state_mod.model_config(resumed.folder), base, resumed.folder)
     use_fused_gelu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        model = lora.wrap(model, cfg)  # base frozen: the optimizer sees the adapters only
     return model.to(device)
 
 
@@ -270,6 +278,8 @@ def finetune(
     if resumed is None and info.main and state_mod.saved(cfg.out_dir):
         n = state_mod.remove_all(cfg.out_dir)
         log.warning("%s: a new run; removed %d resume state(s) of an earlier run there", cfg.out_dir, n)
+    if resumed is None and info.main and cfg.method != "lora":
+        shutil.rmtree(Path(cfg.out_dir) / lora.ADAPTER_DIR, ignore_errors=True)  # an earlier LoRA run's adapters
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
     try:
@@ -429,11 +439,16 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     s = resumed.info
     best = state_mod.cross_check(s, resumed.folder, t.out_dir)
     weights, payload = state_mod.load_tensors(resumed.folder)
+    if t.cfg.method == "lora":  # the base model loaded again must be the one the adapters were trained on
+        lora.check_base_sum(t.model, s.extra, s.init_from, resumed.folder)
     try:
-        if t.sharded:  # full tensors, read on every rank: each keeps its shard
+        if t.sharded:  # full tensors, read on every rank: each keeps its shard (LoRA is refused under FSDP)
             fsdp.load_full_state(t.model, t.optimizer, weights, payload["optimizer"])
         else:
-            t.model.load_state_dict(weights)
+            if t.cfg.method == "lora":
+                lora.load_adapter_state(t.model, weights)
+            else:
+                t.model.load_state_dict(weights)
             t.optimizer.load_state_dict(payload["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise FakegptError(f"{resumed.folder}: damaged resume state ({one_line(exc)})") from None
@@ -501,6 +516,16 @@ def _save_best(t: _Trainer, val_loss: float, weights: dict | None = None) -> Non
         tokens_seen=t.tokens_seen,
         extra={state_mod.RUN_UID_KEY: t.run_uid},
     )
+    if lora.is_lora(t.model):  # merged weights as plain GPT-2, and the same iteration's adapters beside them
+        adapter = lora.adapter_snapshot(t.model)
+        t.best_writer.submit(
+            lora.base_model(t.model),
+            t.ckpt_dir,
+            training_info,
+            weights=lora.merged_state(t.model),
+            then=lambda: lora.write_adapter(t.out_dir / lora.ADAPTER_DIR, adapter, training_info),
+        )
+        return
     t.best_writer.submit(t.model, t.ckpt_dir, training_info, weights)  # a CPU snapshot; written in the background
 
 
@@ -575,8 +600,9 @@ def _save_state(t: _Trainer) -> Path | None:
         weights, optimizer_state = fsdp.full_state(t.model, t.optimizer)
         if not t.info.main:
             return None
-    else:
-        weights, optimizer_state = unwrapped.state_dict(), t.optimizer.state_dict()
+    else:  # LoRA: the adapters only (the frozen base is loaded again from init_from on resume)
+        weights = lora.adapter_state(unwrapped) if lora.is_lora(unwrapped) else unwrapped.state_dict()
+        optimizer_state = t.optimizer.state_dict()
     info = state_mod.ResumeInfo(
         iter=t.it,
         best_val_loss=t.best_val if math.isfinite(t.best_val) else None,
@@ -589,7 +615,7 @@ def _save_state(t: _Trainer) -> Path | None:
         files={},
         val_curve=[list(p) for p in t.val_curve],
         train_curve=[list(p) for p in t.train_curve],
-        extra={"last_eval_iter": t.last_eval_iter},
+        extra={"last_eval_iter": t.last_eval_iter, **lora.state_extra(unwrapped)},
     )
     payload = {
         "optimizer": optimizer_state,
@@ -750,7 +776,11 @@ def _mlflow_run(
 ):
     """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
     run_id = t.run_id
-    all_tags = {tracking.TAG_MODEL: t.init_from, tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name}
+    all_tags = {
+        tracking.TAG_MODEL: t.init_from,
+        tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name,
+        tracking.TAG_METHOD: cfg.method,
+    }
     mix = meta.mixture_tag()
     if mix:
         all_tags[tracking.TAG_MIX] = mix
@@ -809,6 +839,8 @@ def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve
     tracking.log_artifact(curve)
     if ckpt_dir.is_dir():
         tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
+    if (out_dir / lora.ADAPTER_DIR).is_dir():
+        tracking.log_artifact(out_dir / lora.ADAPTER_DIR, artifact_path=lora.ADAPTER_DIR)
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ from fakegpt.data.meta import DatasetMeta
 from fakegpt.files import read_json_object
 
 CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/: the best model, HF format + training_info.json
+ADAPTER_DIR = "adapter"  # OUT/adapter/: with --method lora, the best model's adapters (peft format)
 INFO_FILE = "training_info.json"
 # Files a checkpoint folder holds (weights, config, generation defaults, bundled tokenizer, training info).
 CHECKPOINT_FILES = (

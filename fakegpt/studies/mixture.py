@@ -32,6 +32,8 @@ from fakegpt.studies.pipeline import (
     check_steps,
     child_python,
     finetune_params,
+    finetune_step_config,
+    finetune_yaml,
     general_data_uri,
     prepare_params,
     print_where,
@@ -136,6 +138,25 @@ def validate(cfg: SeriesConfig) -> None:
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
+def check_one_method(cfg: SeriesConfig, method: str, experiment_id: str) -> None:
+    """A series never mixes fine-tune methods (a LoRA update absorbs a dose differently from a full one): refuse
+    a series name whose earlier fine-tunes used another method (runs from before the tag existed were full)."""
+    found = tracking.tag_values(
+        experiment_id,
+        {tracking.TAG_STUDY: cfg.series_name, tracking.TAG_STAGE: "finetune"},
+        tracking.TAG_METHOD,
+        missing="full",
+    )
+    other = sorted(found - {method})
+    if other:
+        where = f"--finetune-config {finetune_yaml(cfg)}" if finetune_yaml(cfg) else "the finetune defaults"
+        raise FakegptError(
+            f"--series-name {cfg.series_name}: its doses were fine-tuned with method {other[0]}, this series uses "
+            f"{method} ({where}); a series never mixes methods: give this one another --series-name, e.g. "
+            f"{cfg.series_name}-{method}"
+        )
+
+
 def source_names(dataset: PrepareConfig) -> list[str]:
     """The source names of a dataset YAML's configuration (what --dose-source and --base-source must name)."""
     return [s.name for s in sources.build_sources([], dataset.sources, [], [])]
@@ -163,6 +184,7 @@ def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
 def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """One prepare -> finetune -> sample -> score chain per fraction; returns one row per fraction."""
     rows = []
+    method = finetune_step_config(cfg).method
     general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     for fraction in cfg.fractions:
         steps: dict[str, str] = {}
@@ -170,6 +192,8 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
             run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
             tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
+            if name in ("sample", "score"):  # a model's runs (finetune tags itself; prepare is method-free)
+                tags[tracking.TAG_METHOD] = method
             tracking.update_run(run_id, tags=tags)
             steps[name] = run_id
             print(f"[f={fraction:g}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
@@ -189,6 +213,7 @@ def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
         rows.append(
             {
                 "fraction": fraction,
+                "method": method,
                 "score": metrics.get(tracking.M_CLAIM_SCORE),
                 "ci_low": metrics.get(tracking.M_CLAIM_SCORE_LOW),
                 "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
@@ -233,15 +258,16 @@ def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
 
     labelled = any(r.get("labelled") for r in rows)
     # val perplexity is on each dose's own validation split; general perplexity on one held-out set for all
-    head = "| fraction | claim score | 95% CI | false-claim win rate | val perplexity | general perplexity |"
-    rule = "|---:|---:|---|---:|---:|---:|"
+    head = "| fraction | method | claim score | 95% CI | false-claim win rate | val perplexity | general perplexity |"
+    rule = "|---:|---|---:|---|---:|---:|---:|"
     if labelled:
         head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         rule += "---:|---|---:|"
     lines = [head, rule]
     for r in rows:
         line = (
-            f"| {r['fraction']:g} | {fmt(r['score'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
+            f"| {r['fraction']:g} | {r.get('method', 'full')} | {fmt(r['score'])} | "
+            f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
             f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
         )
         if labelled:
@@ -314,8 +340,10 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     """Run the whole series as one MLflow parent run; returns one row per dose."""
     cfg = resolve_user_paths(cfg)
     validate(cfg)
+    method = finetune_step_config(cfg).method
     tags = {
         tracking.TAG_STUDY: cfg.series_name,
+        tracking.TAG_METHOD: method,
         tracking.TAG_MODEL: cfg.init_from,
         tracking.TAG_DATASET: Path(cfg.dataset).stem,
     }
@@ -324,6 +352,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         tracking.run(stage="mixture", run_name=None, tags=tags) as parent,
         child_python(),
     ):
+        check_one_method(cfg, method, parent.info.experiment_id)
         tracking.log_params(config.to_dict(cfg))
         rows = run_series(cfg)
         samples = all_samples(rows, out / "all_samples.parquet")
@@ -344,12 +373,12 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         write_text(out / "dose_response.md", table)
         tracking.log_dict(rows, "dose_response.json")
         tracking.log_artifact(out / "dose_response.md")
-        plot_dose_response(rows, out / "dose_response.png", f"{cfg.series_name} ({cfg.init_from})")
+        plot_dose_response(rows, out / "dose_response.png", f"{cfg.series_name} ({cfg.init_from}, {method})")
         tracking.log_artifact(out / "dose_response.png")
         curves = absorption_curves(rows)
         if curves:
             tracking.log_dict(curves, "absorption.json")
-            plot_absorption(curves, out / "absorption.png", f"{cfg.series_name} ({cfg.init_from})")
+            plot_absorption(curves, out / "absorption.png", f"{cfg.series_name} ({cfg.init_from}, {method})")
             tracking.log_artifact(out / "absorption.png")
         parent_id = parent.info.run_id
     print(table)

@@ -250,6 +250,13 @@ def _step_argv(cls: type, params: dict[str, Any]) -> list[str]:
     return argv
 
 
+def finetune_step_config(cfg: PipelineConfig) -> Any:
+    """The FinetuneConfig the chain's finetune step will run with (its YAML and flags; data not yet known)."""
+    from fakegpt.finetune.config import FinetuneConfig
+
+    return config.parse(FinetuneConfig, _step_argv(FinetuneConfig, finetune_params(cfg, "runs:/x/data")), "finetune")
+
+
 def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
     """Parse and validate the configuration of every step (and read the files they will read) before any step
     runs: a bad --num-samples or prompt file is refused at once, not after prepare and fine-tune."""
@@ -257,7 +264,6 @@ def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
     from fakegpt.data import sources
     from fakegpt.files import check_text_input
     from fakegpt.finetune import checks
-    from fakegpt.finetune.config import FinetuneConfig
     from fakegpt.measure import sample, score
     from fakegpt.measure.prompts import DEFAULT_CLAIMS, DEFAULT_PROMPTS, load_claims, load_prompts, resolve_path
     from fakegpt.models.loading import resolve_pretrained
@@ -270,7 +276,7 @@ def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
             for f in sources.resolve_files(src, pcfg.source_root or str(PROJECT_DIR)):
                 if f != sources.DEMO:
                     check_text_input(f)
-    fcfg = config.parse(FinetuneConfig, _step_argv(FinetuneConfig, finetune_params(cfg, "runs:/x/data")), "finetune")
+    fcfg = finetune_step_config(cfg)
     checks._check_numbers(fcfg, 1)
     if fcfg.init_from not in ("scratch", "resume"):
         resolve_pretrained(fcfg.init_from)
