@@ -327,8 +327,8 @@ class MetricLogger:
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch call
     # Seconds points gather before a send: a few writes a minute instead of one per iteration. Sent one by one,
-    # --log-interval 1 cost a 2-layer CPU run +6.4% against SQLite; batched every 5 s, +2.8% (median of 4 rounds,
-    # range -6.7% .. +12.3%: within this VM's noise). tools/bench_train.py --logging measures it.
+    # --log-interval 1 cost a 2-layer CPU run +6.4% against SQLite; batched every 5 s, logging's own CPU time
+    # (log() + this thread) is 0.23% of such a run. tools/bench_train.py --logging measures both.
     FLUSH_INTERVAL = 5.0
 
     def __init__(

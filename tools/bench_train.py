@@ -148,6 +148,7 @@ def nanogpt_step(path: str, data: np.ndarray) -> Callable[[], None]:
 def logging_cost(rounds: int, iters: int, tracking_uri: str | None) -> int:
     """Seconds of a whole finetune() with --log-interval 1 vs. logging only the last iteration, side by side."""
     import os
+    import shutil
     import tempfile
 
     from fakegpt import tracking
@@ -216,6 +217,7 @@ def logging_cost(rounds: int, iters: int, tracking_uri: str | None) -> int:
         f"{100 * statistics.median(bounds):.2f}% of the run (median; range {100 * min(bounds):.2f}% .. "
         f"{100 * max(bounds):.2f}%): an upper bound on its cost, target < 2%"
     )
+    shutil.rmtree(work, ignore_errors=True)  # runs, checkpoints and the store of every round
     return 0
 
 
