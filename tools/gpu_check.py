@@ -10,8 +10,8 @@ OUT/metrics.jsonl gives train/tokens_per_s and mfu (medians over the second half
 compilation and warm-up) and gpu/peak_memory_gb / gpu/peak_memory_reserved_gb (the maximum). Beside each
 measurement the table shows `fakegpt finetune --plan`'s estimate for the same configuration.
 
-The LoRA row needs `--method lora` (the LoRA branch): a run that fails, or that is not tagged fakegpt.method=lora in
-MLflow, is shown as not measured rather than with figures of some other training.
+The LoRA row is checked to be LoRA: a run that fails, or that is not tagged fakegpt.method=lora in MLflow, is shown
+as not measured rather than with figures of some other training.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from fakegpt.data.meta import DatasetMeta  # noqa: E402
 from fakegpt.data.tokenizer import VOCAB_SIZE  # noqa: E402
 
-TAG_METHOD = "fakegpt.method"  # the LoRA branch tags each run with its method
+TAG_METHOD = "fakegpt.method"  # fakegpt.tracking.TAG_METHOD, without importing MLflow here
 
 
 @dataclasses.dataclass(frozen=True)
