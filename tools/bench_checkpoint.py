@@ -60,9 +60,9 @@ class Meter:
     def __enter__(self) -> Meter:
         submit, write_state, loop = self._orig
 
-        def timed_submit(writer, model, folder, info):
+        def timed_submit(writer, model, folder, info, *args, **kwargs):
             t0 = time.perf_counter()
-            submit(writer, model, folder, info)
+            submit(writer, model, folder, info, *args, **kwargs)
             # bytes: filled in after the run (every best-model write leaves a folder of the same size)
             self.saves.append(("best model", time.perf_counter() - t0, 0))
 

@@ -65,9 +65,10 @@ def plain_batches(data: np.ndarray, seed: int) -> Callable[[], tuple[torch.Tenso
     return get
 
 
-def fakegpt_step(data: np.ndarray, method: str = "full") -> Callable[[], None]:
+def fakegpt_step(data: np.ndarray, method: str = "full", lora_dropout: float = 0.05) -> Callable[[], None]:
     cfg = FinetuneConfig(
         method=method,
+        lora_dropout=lora_dropout,
         init_from="scratch",
         n_layer=N_LAYER,
         n_head=N_HEAD,
@@ -230,6 +231,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--lora", action="store_true", help="fakegpt --method full vs. --method lora")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="--lora: the adapters' dropout (default 0.05)")
     parser.add_argument("--logging", action="store_true", help="time --log-interval 1 against logging at the end")
     parser.add_argument("--iters", type=int, default=300, help="--logging: iterations per finetune run")
     parser.add_argument("--tracking-uri", help="--logging: a tracking server URI (default: a fresh SQLite store)")
@@ -241,7 +243,7 @@ def main() -> int:
     data = token_data(args.data_dir)
     contenders: dict[str, Callable[[], None]] = {"fakegpt": fakegpt_step(data), "transformers": transformers_step(data)}
     if args.lora:
-        contenders = {"fakegpt full": fakegpt_step(data), "fakegpt lora": fakegpt_step(data, "lora")}
+        contenders = {"fakegpt full": fakegpt_step(data), "fakegpt lora": fakegpt_step(data, "lora", args.lora_dropout)}
     if args.nanogpt:
         contenders["nanogpt"] = nanogpt_step(args.nanogpt, data)
     for step in contenders.values():
