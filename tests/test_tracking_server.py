@@ -168,8 +168,8 @@ def test_finetune_survives_server_restart_and_every_metric_arrives(prepared_what
     """The tracking server dies mid-run and comes back: training goes on, and every metric point reaches it."""
     import torch
     from mlflow import MlflowClient
+    from tiny_runs import tiny_config
 
-    from fakegpt.finetune.config import FinetuneConfig
     from fakegpt.finetune.train import METRICS_FILE, finetune
 
     folder = tmp_path / "srv"
@@ -187,22 +187,7 @@ def test_finetune_survives_server_restart_and_every_metric_arrives(prepared_what
         elif ev.iter == 12:  # ... and comes back on the same address with the same store
             procs.append(start_server(folder, port)[0])
 
-    cfg = FinetuneConfig(
-        data_dir=str(prepared_whatsapp),
-        out_dir=str(tmp_path / "out"),
-        init_from="scratch",
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        max_iters=16,
-        eval_interval=4,
-        eval_iters=2,
-        device="cpu",
-    )
+    cfg = tiny_config(prepared_whatsapp, tmp_path / "out", max_iters=16, eval_interval=4)
     torch.set_num_threads(1)
     try:
         result = finetune(cfg, on_eval=outage)

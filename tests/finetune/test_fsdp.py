@@ -7,11 +7,11 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TORCHRUN_2, tiny_config
 
 from fakegpt import tracking
 from fakegpt.errors import FakegptError
@@ -24,19 +24,6 @@ from fakegpt.finetune.train import _optimizer, finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_dir(prepared_whatsapp) -> Path:
-    return prepared_whatsapp
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_model():
@@ -54,11 +41,7 @@ def _client():
 
 def _torchrun(data_dir: Path, out: Path, *flags: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         "-m",
         "fakegpt",
         "finetune",
@@ -134,22 +117,7 @@ def test_fsdp_two_processes_saves_full_checkpoint_and_resumes(data_dir, tmp_path
 @pytest.mark.slow
 def test_state_of_one_process_resumes_under_fsdp(data_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = FinetuneConfig(
-        data_dir=str(data_dir),
-        out_dir=str(out),
-        init_from="scratch",
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        max_iters=3,
-        eval_interval=3,
-        eval_iters=2,
-        device="cpu",
-    )
+    cfg = tiny_config(data_dir, out, max_iters=3, eval_interval=3)
     finetune(cfg)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(

@@ -16,19 +16,6 @@ from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, TrainingInfo
 
 
-@pytest.fixture(scope="module")
-def data_dir(prepared_whatsapp) -> Path:
-    return prepared_whatsapp
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lora_cfg(data_dir: Path, out_dir: Path, base: Path, **overrides) -> FinetuneConfig:
     values = dict(
         data_dir=str(data_dir),

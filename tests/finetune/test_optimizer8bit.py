@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from fakegpt.errors import FakegptError
 from fakegpt.finetune import optim
@@ -20,40 +21,8 @@ from fakegpt.finetune.train import finetune
 pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def data_dir(prepared_whatsapp) -> Path:
-    return prepared_whatsapp
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
-    values = dict(
-        data_dir=str(data_dir),
-        out_dir=str(out_dir),
-        init_from="scratch",
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        max_iters=20,
-        eval_interval=10,
-        eval_iters=2,
-        device="cpu",
-        optimizer="adamw8bit",
-        seed=0,
-    )
-    values.update(overrides)
-    return FinetuneConfig(**values)
+    return tiny_config(data_dir, out_dir, **{"max_iters": 20, "optimizer": "adamw8bit", **overrides})
 
 
 def _states(optimizer_state: dict) -> list[dict]:

@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tensor_bytes(tensors) -> int:
     """Bytes of distinct storages (bitsandbytes shares its code maps between parameters)."""
     seen: dict[int, int] = {}

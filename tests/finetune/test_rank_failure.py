@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from tiny_runs import TORCHRUN_2
 
 from fakegpt import tracking
 from fakegpt.finetune import state as state_mod
@@ -76,11 +76,7 @@ def test_other_rank_exits_within_seconds_when_one_fails(prepared_whatsapp, tmp_p
     launcher.write_text(LAUNCHER)
     mark, out = tmp_path / "failed_at", tmp_path / "out"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         str(launcher),
         *("--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32"),
         *("--batch-size", "2", "--gradient-accumulation-steps", "2", "--eval-iters", "2", "--device", "cpu"),

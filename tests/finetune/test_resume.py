@@ -31,19 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "batch_size": 2, "gradient_accumulation_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def data_dir(prepared_whatsapp) -> Path:
-    return prepared_whatsapp
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
     values = dict(
         data_dir=str(data_dir),

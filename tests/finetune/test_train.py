@@ -6,13 +6,14 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import TORCHRUN_2
+from tiny_runs import tiny_config as tiny
 
 from fakegpt import tracking
 from fakegpt.data.bins import eval_starts
@@ -25,43 +26,6 @@ from fakegpt.finetune.train import CURVE_FILE, EvalResult, NonFiniteLossError, f
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_dir(prepared_whatsapp) -> Path:
-    """Bins that `prepare` made from the real WhatsApp corpus (conftest's session fixture)."""
-    return prepared_whatsapp
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spinning against neighbours."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
-    values = dict(
-        data_dir=str(data_dir),
-        out_dir=str(out_dir),
-        init_from="scratch",
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        max_iters=25,
-        eval_interval=10,
-        eval_iters=2,
-        device="cpu",
-        seed=0,
-    )
-    values.update(overrides)
-    return FinetuneConfig(**values)
 
 
 def _client():
@@ -205,11 +169,7 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
 def test_two_processes_torchrun_gloo(data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         "-m",
         "fakegpt",
         "finetune",
