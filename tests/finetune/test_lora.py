@@ -285,3 +285,48 @@ def test_lora_resume_refuses_a_base_model_that_changed(data_dir, tmp_path, tiny_
             FinetuneConfig(init_from="resume", out_dir=str(out), max_iters=4),
             given=frozenset({"init_from", "out_dir", "max_iters"}),
         )
+
+
+def test_lora_with_gradient_checkpointing_trains_the_same(data_dir, tmp_path, tiny_model_dir):
+    """The frozen embeddings give the checkpointed blocks inputs that need no gradient: the adapters must still get
+    theirs (non-reentrant checkpointing), and recomputation (dropout masks included) must not change the run."""
+    common = dict(max_iters=6, eval_interval=2, lora_dropout=0.1)
+    plain = finetune(lora_cfg(data_dir, tmp_path / "plain", tiny_model_dir, **common))
+    ckpt = finetune(lora_cfg(data_dir, tmp_path / "ckpt", tiny_model_dir, gradient_checkpointing=True, **common))
+    losses = [v for _, v in ckpt.val_curve]
+    assert losses[-1] < losses[0]  # it trained
+    np.testing.assert_allclose(losses, [v for _, v in plain.val_curve], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_ddp_saves_merged_model_and_resumes(data_dir, tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+
+    from tiny_runs import TORCHRUN_2
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "out"
+    cmd = [
+        *TORCHRUN_2,
+        *("-m", "fakegpt", "finetune", "--init-from", str(tiny_model_dir), "--method", "lora", "--lora-rank", "4"),
+        *("--block-size", "32", "--batch-size", "2", "--gradient-accumulation-steps", "4", "--learning-rate", "1e-2"),
+        *("--max-iters", "4", "--eval-interval", "2", "--eval-iters", "3", "--device", "cpu"),
+        *("--data-dir", str(data_dir), "--out-dir", str(out)),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best val/loss") == 1  # rank 0 alone reports and saves
+    merged = GPT2LMHeadModel.from_pretrained(out / CHECKPOINT_DIR)
+    base = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(merged.transformer.h[1].mlp.c_fc.weight, base.transformer.h[1].mlp.c_fc.weight)
+    assert TrainingInfo.load(out / ADAPTER_DIR).iter == TrainingInfo.load(out / CHECKPOINT_DIR).iter
+    weights, _ = state_mod.load_tensors(state_mod.latest(out))
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)  # adapters only, as in one process
+
+    resume = [*cmd[: cmd.index("--init-from")], "--init-from", "resume", "--out-dir", str(out), "--max-iters", "6"]
+    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"resuming {out} from iteration 4") == 1
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000006"]
