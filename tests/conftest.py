@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_runs import make_tiny_model
 
 # Never touch the network: transformers would retry each missing hub file for ~23 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -54,22 +55,6 @@ def _isolated_tracking(tmp_path, monkeypatch, _mlflow_template_db):
             mlflow.end_run()
     except ImportError:
         pass
-
-
-def make_tiny_model(
-    folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, n_positions: int = 256, seed: int = 0
-) -> Path:
-    """A randomly initialised GPT-2 in HF format (safetensors + config + bundled tokenizer files)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from fakegpt.data.tokenizer import write_hf_tokenizer_files
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    write_hf_tokenizer_files(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

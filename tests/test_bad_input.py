@@ -82,7 +82,7 @@ def assert_refused(argv: list[str], names: tuple[str, ...], capsys, *folders: Pa
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, shared_data) -> dict[str, Path]:
     """Built once: a small real CSV, a tiny model, its prepared dataset, a sample table."""
-    from conftest import make_tiny_model
+    from tiny_runs import make_tiny_model
 
     from fakegpt.data.prepare import PrepareConfig, prepare
 

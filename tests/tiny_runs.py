@@ -1,6 +1,8 @@
 """The tiny fine-tune the tests run: a 2-layer, 64-wide GPT-2 from scratch on 32-token windows, on the CPU.
 
-Importable from any test (pytest puts tests/ on sys.path with its conftest.py): `tiny_config(data, out, **changes)`.
+Importable from any test (pytest puts tests/ on sys.path with its conftest.py): `tiny_config(data, out, **changes)`,
+`make_tiny_model(folder)`. (Not in a conftest.py: two of them, tests/ and tests/finetune/, make `from conftest
+import ...` ambiguous.)
 """
 
 from __future__ import annotations
@@ -33,3 +35,19 @@ def tiny_config(data_dir: str | Path, out_dir: str | Path, **changes: Any) -> Fi
     )
     values.update(changes)
     return FinetuneConfig(**values)
+
+
+def make_tiny_model(
+    folder: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, n_positions: int = 256, seed: int = 0
+) -> Path:
+    """A randomly initialised GPT-2 in HF format (safetensors + config + bundled tokenizer files)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fakegpt.data.tokenizer import write_hf_tokenizer_files
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    write_hf_tokenizer_files(folder)
+    return folder
