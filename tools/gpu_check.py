@@ -36,8 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from fakegpt.data.meta import DatasetMeta  # noqa: E402
 from fakegpt.data.tokenizer import VOCAB_SIZE  # noqa: E402
-
-TAG_METHOD = "fakegpt.method"  # fakegpt.tracking.TAG_METHOD, without importing MLflow here
+from fakegpt.tracking import TAG_METHOD  # noqa: E402  (tracking imports MLflow only when it logs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,8 +96,13 @@ def state_extra(model: Any) -> dict[str, Any]:
     refused. {} for a full fine-tune."""
     if not is_lora(model):
         return {}
-    frozen = [p.detach().double() for p in model.parameters() if not p.requires_grad]
-    return {BASE_SUM_KEY: [float(sum(p.sum() for p in frozen)), float(sum(p.abs().sum() for p in frozen))]}
+    total = magnitude = 0.0
+    for p in model.parameters():  # one tensor at a time: a float64 copy of all of gpt2-xl would be 12 GB
+        if not p.requires_grad:
+            x = p.detach().double()
+            total += float(x.sum())
+            magnitude += float(x.abs().sum())
+    return {BASE_SUM_KEY: [total, magnitude]}
 
 
 def check_base_sum(model: Any, extra: dict[str, Any], spec: str, state_folder: Path) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import os
 import warnings
@@ -39,10 +38,10 @@ from typing import Any
 
 from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
+from fakegpt.finetune import checks
 from fakegpt.finetune import state as state_mod
-from fakegpt.finetune.checks import CHOICES, lora_targets
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.models.loading import HUB_MODELS
+from fakegpt.models.loading import HUB_MODELS, model_config
 
 GIB = 1024**3
 CARDS_GIB = (16, 24, 40, 80)  # V100/T4-class, RTX 4090/A10/L4, A100 40GB, A100/H100 80GB
@@ -104,14 +103,14 @@ def model_shape(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
         return str(folder), state_mod.model_config(folder)
     path = Path(cfg.init_from).expanduser()
     if path.is_dir():
-        return str(path), _read_config(path / "config.json")
+        return str(path), model_config(path)
     if cfg.init_from not in HUB_MODELS and "/" not in cfg.init_from:
         raise FakegptError(
             f"--init-from {cfg.init_from!r}: not a local model folder nor a known hub name ({', '.join(HUB_MODELS)})"
         )
     cached = _cached_config(cfg.init_from)
     if cached is not None:
-        return f"{cfg.init_from} ({cached.parent})", _read_config(cached)
+        return f"{cfg.init_from} ({cached.parent})", model_config(cached.parent)
     if cfg.init_from in HUB_SHAPES:
         n_layer, n_head, n_embd = HUB_SHAPES[cfg.init_from]
         shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, vocab_size=VOCAB_SIZE)
@@ -127,16 +126,6 @@ def _cached_config(repo: str) -> Path | None:
     except Exception:  # a malformed name, an unreadable cache: fall back to the built-in shapes
         return None
     return Path(found) if isinstance(found, str) else None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FakegptError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(data, dict):
-        raise FakegptError(f"{path}: not a JSON object")
-    return data
 
 
 def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
@@ -160,22 +149,12 @@ def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
 
 
 def lora_wrap(model: Any, cfg: FinetuneConfig) -> Any:
-    """peft's LoRA on `model` with cfg's rank, alpha, dropout and target modules (GPT-2's Conv1D: fan_in_fan_out)."""
+    """`model` with LoRA adapters exactly as training puts them (`fakegpt.finetune.lora.wrap`), quietly."""
+    from fakegpt.finetune import lora
+
     # peft's optional backends announce themselves on import; its deprecation warnings are for peft's maintainers
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), _quiet():
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=lora_targets(cfg),
-            fan_in_fan_out=True,
-        )
-        try:
-            return get_peft_model(model, config)
-        except ValueError as exc:
-            raise FakegptError(f"--lora-targets {cfg.lora_targets}: {exc}") from None
+        return lora.wrap(model, cfg)
 
 
 @contextlib.contextmanager
@@ -203,14 +182,7 @@ def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[st
         from fakegpt.finetune import resume
 
         cfg = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given).cfg
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise FakegptError(
-                f"--{name.replace('_', '-')}: expected {' | '.join(choices)}, got {getattr(cfg, name)!r}"
-            )
-    for name in ("batch_size", "block_size"):
-        if getattr(cfg, name) <= 0:
-            raise FakegptError(f"--{name.replace('_', '-')}: must be positive, got {getattr(cfg, name)}")
+    checks._check_numbers(cfg, 1)  # the choices and ranges training checks (the world size is the plan's own)
     world = world_size if world_size is not None else _env_world_size()
     source, hf = model_shape(cfg)
     shape = {k: int(hf.get(k, d)) for k, d in (("n_layer", 12), ("n_head", 12), ("n_embd", 768))}

@@ -493,15 +493,13 @@ def _evaluate(t: _Trainer) -> tuple[float, float, dict[str, float]]:
     return train_loss, val_loss, by_source
 
 
-def _gather_best(t: _Trainer, val_loss: float) -> dict | None:
-    """FSDP, every rank: when this evaluation saves the best model, gather its full weights (a collective) for
-    rank 0 to write. The other ranks keep the best loss in step with rank 0's, so all ranks decide alike."""
-    if not (val_loss < t.best_val or t.cfg.always_save_checkpoint):
-        return None
-    weights = fsdp.full_model_state(t.model)
-    if not t.info.main and val_loss < t.best_val:
+def _record_best(t: _Trainer, val_loss: float) -> bool:
+    """Every rank: keep the best loss and iteration; True when this evaluation writes the best model (it
+    improved, or --always-save-checkpoint). The losses are all-reduced, so all ranks decide alike."""
+    improved = val_loss < t.best_val
+    if improved:
         t.best_val, t.best_iter = val_loss, t.it
-    return weights
+    return improved or t.cfg.always_save_checkpoint
 
 
 def _save_best(t: _Trainer, val_loss: float, weights: dict | None = None) -> None:
@@ -537,19 +535,18 @@ def _report_evaluation(
     lr: float,
     metrics: tracking.MetricLogger,
     on_eval: Callable[[EvalResult], None] | None,
+    save: bool,
     weights: dict | None = None,
 ) -> BaseException | None:
-    """Rank 0: best model, metrics, callback. Returns the exception the callback raised (a stop request).
-    `weights`: the best model's full weights, gathered under FSDP (`_gather_best`)."""
+    """Rank 0: best model (when `save`, from `_record_best`), metrics, callback. Returns the exception the
+    callback raised (a stop request). `weights`: the best model's full weights, gathered under FSDP."""
     logged = {
         tracking.M_VAL_LOSS: val_loss,
         tracking.M_EVAL_TRAIN_LOSS: train_loss,
         tracking.M_TOKENS_SEEN: t.tokens_seen,
         **{tracking.source_val_metric(name): loss for name, loss in by_source.items()},
     }
-    if val_loss < t.best_val or t.cfg.always_save_checkpoint:
-        if val_loss < t.best_val:
-            t.best_val, t.best_iter = val_loss, t.it
+    if save:
         _save_best(t, val_loss, weights)
         logged[tracking.M_BEST_VAL_LOSS] = t.best_val
     metrics.log(logged, step=t.it)
@@ -690,9 +687,11 @@ def _loop(
         lr = lr_at(cfg, t.it)
         if (t.it % cfg.eval_interval == 0 or t.it == cfg.max_iters) and t.it != t.last_eval_iter:
             train_loss, val_loss, by_source = _evaluate(t)
-            weights = _gather_best(t, val_loss) if t.sharded else None
+            save = _record_best(t, val_loss)
+            # FSDP: gathering the full weights is a collective every rank takes part in; rank 0 writes them
+            weights = fsdp.full_model_state(t.model) if save and t.sharded else None
             if main:
-                stop = _report_evaluation(t, train_loss, val_loss, by_source, lr, metrics, on_eval, weights)
+                stop = _report_evaluation(t, train_loss, val_loss, by_source, lr, metrics, on_eval, save, weights)
                 if stop is not None:
                     stop_exc.append(stop)
                 bar.set_postfix(val=f"{val_loss:.4f}", best=f"{t.best_val:.4f}")

@@ -181,10 +181,9 @@ def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
     return run_id
 
 
-def run_series(cfg: SeriesConfig) -> list[dict[str, Any]]:
-    """One prepare -> finetune -> sample -> score chain per fraction; returns one row per fraction."""
+def run_series(cfg: SeriesConfig, method: str) -> list[dict[str, Any]]:
+    """One prepare -> finetune -> sample -> score chain per fraction (fine-tuned by `method`); one row each."""
     rows = []
-    method = finetune_step_config(cfg).method
     general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     for fraction in cfg.fractions:
         steps: dict[str, str] = {}
@@ -354,7 +353,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     ):
         check_one_method(cfg, method, parent.info.experiment_id)
         tracking.log_params(config.to_dict(cfg))
-        rows = run_series(cfg)
+        rows = run_series(cfg, method)
         samples = all_samples(rows, out / "all_samples.parquet")
         tracking.log_artifact(samples)
         if cfg.label_sheet:
