@@ -55,6 +55,30 @@ def test_fused_loss_matches_transformers_loss_and_gradients(real_batch):
         assert causal_lm_loss(model, x, y).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def test_fused_loss_reuses_its_buffer_without_mixing_steps(real_batch):
+    """On the CPU the (V, N) buffer of one step is written again by the next: accumulated micro-batches (forward,
+    backward, forward, backward) and a batch of another size still give the reference gradients."""
+    from fakegpt.finetune.loss import LinearCrossEntropy
+
+    x, y = real_batch
+    torch.manual_seed(2)
+    model = scratch_model(2, 2, 64, 32)
+    model.train()
+    batches = [(x, y), (x.flip(1), y.flip(1)), (x[:1], y[:1]), (x, y)]
+    for xb, yb in batches:
+        F.cross_entropy(model(input_ids=xb).logits.reshape(-1, VOCAB_SIZE), yb.reshape(-1)).div(4).backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    LinearCrossEntropy._spare = None
+    buffers = []
+    for xb, yb in batches:
+        (causal_lm_loss(model, xb, yb, fused=True) / 4).backward()
+        buffers.append(LinearCrossEntropy._spare.data_ptr())
+    assert buffers[1] == buffers[0] and buffers[3] != buffers[2]  # reused when the shape allows it
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_fused_gelu_is_the_same_function(real_batch):
     x, y = real_batch
     torch.manual_seed(1)
