@@ -17,10 +17,12 @@ happened to improve: the case where saving costs most). Two runs:
   background thread; the resume state every 30 minutes and at the end (`--save-interval 0 --save-every-minutes
   30`).
 
-Saving is timed by wrapping the two writers (best model, resume state) the loop calls: the seconds the training
-thread spent in them (for a background write: the host copy only); bytes are the sizes of what each write left
-on disk; "share" is that time over the training loop's wall time (evaluations included). On a 2-core CPU the
-background write still competes with training for the cores, which shows in the loop time, not in "save s".
+Saving is timed on the training thread: for the resume state, the seconds in its writer; for the best model,
+the writer's own count (an inline write; or, in the background, setting up the snapshot, the wait for its copy
+before the next optimizer step and any wait for a write still in flight). Bytes are the sizes of what each write
+left on disk; "share" is that time over the training loop's wall time (evaluations included). On a 2-core CPU
+the background copy and write still compete with training for the cores, which shows in the loop time, not in
+"save s": compare "loop s/iter" of new and new-sync.
 """
 
 from __future__ import annotations
@@ -54,17 +56,17 @@ class Meter:
     def __init__(self) -> None:
         self.saves: list[tuple[str, float, int]] = []  # (kind, seconds on the training thread, bytes)
         self.loop_s = 0.0
-        self.background_s = 0.0  # best-model writes done in the background thread
+        self.background_s = 0.0  # best-model copies and writes done in the background thread
+        self.best_s = 0.0  # training-thread seconds spent on best-model writes (all of them)
         self._orig = (BestModelWriter.submit, state_mod.write, train_mod._loop)
 
     def __enter__(self) -> Meter:
         submit, write_state, loop = self._orig
 
         def timed_submit(writer, model, folder, info, *args, **kwargs):
-            t0 = time.perf_counter()
             submit(writer, model, folder, info, *args, **kwargs)
-            # bytes: filled in after the run (every best-model write leaves a folder of the same size)
-            self.saves.append(("best model", time.perf_counter() - t0, 0))
+            # seconds: the writer's own count of training-thread time, read after the loop; bytes: after the run
+            self.saves.append(("best model", 0.0, 0))
 
         def timed_state(*args, **kwargs):
             t0 = time.perf_counter()
@@ -78,6 +80,9 @@ class Meter:
                 return loop(t, *args, **kwargs)
             finally:
                 self.loop_s += time.perf_counter() - t0
+                # the best model's share of the training thread: inline writes, or the snapshot set-up, the
+                # wait for the copy before the next optimizer step and any wait for a write still in flight
+                self.best_s += t.best_writer.blocked_seconds
                 if t.best_writer.background:
                     self.background_s += t.best_writer.write_seconds
 
@@ -113,7 +118,10 @@ def run(name: str, args: argparse.Namespace, data_dir: Path, work: Path, **flags
     with Meter() as meter:
         result = train_mod.finetune(cfg, run_name=f"bench_checkpoint {name}")
     best_bytes = folder_bytes(result.checkpoint_dir)
-    meter.saves = [(k, sec, best_bytes if k == "best model" else b) for k, sec, b in meter.saves]
+    n_best = sum(k == "best model" for k, _, _ in meter.saves)
+    meter.saves = [
+        (k, meter.best_s / n_best, best_bytes) if k == "best model" else (k, sec, b) for k, sec, b in meter.saves
+    ]
     save_s = sum(s for _, s, _ in meter.saves)
     written = sum(b for _, _, b in meter.saves)
 

@@ -524,7 +524,8 @@ def _save_best(t: _Trainer, val_loss: float, weights: dict | None = None) -> Non
             then=lambda: lora.write_adapter(t.out_dir / lora.ADAPTER_DIR, adapter, training_info),
         )
         return
-    t.best_writer.submit(t.model, t.ckpt_dir, training_info, weights)  # a CPU snapshot; written in the background
+    # a host snapshot taken during the next step (or FSDP's gathered copy as it is); written in the background
+    t.best_writer.submit(t.model, t.ckpt_dir, training_info, weights, owned=weights is not None)
 
 
 def _report_evaluation(
@@ -583,6 +584,7 @@ def _step(t: _Trainer, lr: float, stop_asked: bool) -> tuple[float, bool]:
     if not math.isfinite(step_loss):
         t.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(_nonfinite_message("training", t.it, step_loss, t.best_iter, t.ckpt_dir))
+    t.best_writer.before_update()  # the best model's snapshot, taken during this step's passes, is complete
     update(t.model, t.optimizer, t.scaler, t.cfg.grad_clip)
     t.it += 1
     t.train_curve.append((t.tokens_seen, step_loss))
