@@ -86,6 +86,30 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def fsync_files(folder: str | Path) -> None:
+    """Flush every file in `folder` (and the folder's entries) to the disk: what a rename then publishes
+    survives a machine crash, not only a killed process."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crc32_of(path: str | Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file, read in 16 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON object from `path`; {} when there is no such file. Unreadable or not an object: one-line error."""
     path = Path(path)

@@ -21,10 +21,14 @@ from typing import Any
 
 import torch
 
+from fakegpt.files import crc32_of
+from fakegpt.finetune.state import WeightsFile
 from fakegpt.models import loading
 from fakegpt.models.checkpoint import TrainingInfo
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"  # save_pretrained's one file (its shards start at 50 GB)
 
 
 class BestModelWriter:
@@ -42,6 +46,9 @@ class BestModelWriter:
         self._stream: Any = None
         # the training thread's time on the best model: inline writes, snapshot set-up, waits (for benchmarks)
         self.blocked_seconds = 0.0
+        # the last background write's weights file, durable and checksummed: a resume state of the same
+        # iteration links it instead of writing the weights again
+        self.last_weights: tuple[int, WeightsFile] | None = None
         self.write_seconds = 0.0  # time spent copying and writing folders (in the background, or inline)
 
     def submit(
@@ -168,9 +175,16 @@ class BestModelWriter:
         self, model: Any, folder: Path, info: TrainingInfo, snapshot: dict | None, then: Callable[[], Any] | None
     ) -> None:
         started = time.perf_counter()
+        self.last_weights = None
         try:
-            # a shallow copy: save_pretrained empties the dict it is given as it writes the shards
-            loading.save_checkpoint(model, folder, info, state_dict=None if snapshot is None else dict(snapshot))
+            # a shallow copy: save_pretrained empties the dict it is given as it writes the shards. In the
+            # background, the flush to disk and the checksum cost the training thread nothing
+            loading.save_checkpoint(
+                model, folder, info, state_dict=None if snapshot is None else dict(snapshot), durable=self.background
+            )
+            weights = folder / WEIGHTS_NAME
+            if self.background and weights.is_file():
+                self.last_weights = (info.iter, WeightsFile(weights, weights.stat().st_size, crc32_of(weights)))
             if then is not None:
                 then()
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()

@@ -620,7 +620,19 @@ def _save_state(t: _Trainer) -> Path | None:
         "optimizer": optimizer_state,
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
     }
-    return state_mod.write(t.out_dir, info, weights, payload, unwrapped.config.to_dict(), keep=t.cfg.keep_states)
+    # the best model of this very iteration (the end of a run whose last evaluation improved) holds these
+    # weights, durable and checksummed: the state links its file instead of writing them again
+    same = t.best_writer.last_weights
+    linkable = same is not None and same[0] == t.it and not lora.is_lora(unwrapped)
+    return state_mod.write(
+        t.out_dir,
+        info,
+        weights,
+        payload,
+        unwrapped.config.to_dict(),
+        keep=t.cfg.keep_states,
+        weights_file=same[1] if linkable and same is not None else None,
+    )
 
 
 def _train(

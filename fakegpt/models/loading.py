@@ -17,7 +17,7 @@ from typing import Any
 
 from fakegpt.data.tokenizer import VOCAB_SIZE, write_hf_tokenizer_files
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.files import atomic_dir, read_json_object
+from fakegpt.files import atomic_dir, fsync_files, read_json_object
 from fakegpt.models.checkpoint import TrainingInfo
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -129,13 +129,18 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs
 
 
 def save_checkpoint(
-    model: Any, folder: str | Path, info: TrainingInfo | None = None, state_dict: dict | None = None
+    model: Any,
+    folder: str | Path,
+    info: TrainingInfo | None = None,
+    state_dict: dict | None = None,
+    durable: bool = False,
 ) -> Path:
     """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically.
 
     `info` (finetune's training_info.json) is written inside the same folder before it is swapped in, so the
     weights and their description never disagree. `state_dict`: save these weights (a snapshot taken earlier)
-    with `model`'s configuration, instead of the model's current ones.
+    with `model`'s configuration, instead of the model's current ones. `durable`: fsync the files before the
+    folder is swapped in (it then survives a machine crash, not only a killed process).
     """
     from transformers.utils import logging as hf_logging
 
@@ -151,6 +156,8 @@ def save_checkpoint(
         write_hf_tokenizer_files(tmp)
         if info is not None:
             info.write(tmp)
+        if durable:
+            fsync_files(tmp)
     return folder
 
 

@@ -55,10 +55,10 @@ def _record_saves(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
     saves: dict[int, dict[str, torch.Tensor]] = {}
     original = loading.save_checkpoint
 
-    def recording(model, folder, info=None, state_dict=None):
+    def recording(model, folder, info=None, state_dict=None, **kwargs):
         weights = model.state_dict() if state_dict is None else state_dict
         saves[info.iter] = {k: v.detach().clone() for k, v in weights.items()}
-        return original(model, folder, info, state_dict)
+        return original(model, folder, info, state_dict, **kwargs)
 
     monkeypatch.setattr(loading, "save_checkpoint", recording)
     return saves

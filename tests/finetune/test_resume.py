@@ -193,7 +193,7 @@ def test_interrupted_write_leaves_previous_state_and_is_cleaned_up(data_dir, tmp
     # state folder, a half-written temporary checkpoint, and the best model moved aside mid-swap
     tmp_state = out / state_mod.STATE_DIR / ".iter-0000009.k1ll3d.tmp"
     tmp_state.mkdir()
-    (tmp_state / state_mod.MODEL_FILE).write_bytes((good / state_mod.MODEL_FILE).read_bytes()[:5000])
+    (tmp_state / state_mod.OPTIMIZER_FILE).write_bytes((good / state_mod.OPTIMIZER_FILE).read_bytes()[:5000])
     tmp_ckpt = out / ".checkpoint.k1ll3d.tmp"
     shutil.copytree(out / CHECKPOINT_DIR, tmp_ckpt)
     (tmp_ckpt / "model.safetensors").write_bytes(b"partial")
@@ -252,7 +252,8 @@ def test_refused_flags_on_resume_name_the_flag(data_dir, tmp_path, capsys, monke
 
 def test_damaged_state_is_one_line_error_naming_the_file(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    finetune(tiny(data_dir, out, max_iters=3, eval_interval=3))
+    # the best model written inline: the state writes its own model.pt (a linked file: the test further down)
+    finetune(tiny(data_dir, out, max_iters=3, eval_interval=3, background_save=False))
     folder = state_mod.latest(out)
     args = ["finetune", "--init-from", "resume", "--out-dir", str(out)]
     capsys.readouterr()
@@ -426,3 +427,56 @@ def test_new_max_iters_keeps_the_cosine_schedule(data_dir, tmp_path):
     lrs = {m.step: m.value for m in _history(first.run_id, tracking.M_LR)}
     assert lrs[2] > lrs[4] and [lrs[s] for s in (5, 6, 7)] == pytest.approx([1e-4] * 3)  # decayed, stays at min
     assert state_mod.read_info(state_mod.latest(out)).config["lr_decay_iters"] == 4
+
+
+def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("can_link", [True, False])
+def test_end_state_links_the_best_model_of_its_iteration_and_resumes_exactly(data_dir, tmp_path, monkeypatch, can_link):
+    """A run whose last evaluation wrote the best model: the end state holds that very file (a hard link, not a
+    second copy), and resuming from it gives the run an uninterrupted one would have. Where the file system
+    cannot link, the state writes the weights itself."""
+    if not can_link:
+
+        def refuse(src, dst):
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    settings = dict(eval_interval=2, always_save_checkpoint=True)
+    finetune(tiny(data_dir, out, max_iters=4, **settings))
+    folder = state_mod.latest(out)
+    info = state_mod.read_info(folder)
+    ckpt_file = out / CHECKPOINT_DIR / "model.safetensors"
+    if can_link:
+        assert sorted(info.files) == ["model.safetensors", "optimizer.pt"] and not (folder / "model.pt").exists()
+        assert (folder / "model.safetensors").stat().st_ino == ckpt_file.stat().st_ino
+    else:
+        assert sorted(info.files) == ["model.pt", "optimizer.pt"] and not (folder / "model.safetensors").exists()
+    cfg, given = resume_cfg(out, max_iters=6)
+    resumed = finetune(cfg, given=given)
+    uninterrupted = finetune(tiny(data_dir, straight, max_iters=6, **settings))
+    assert resumed.best_iter == uninterrupted.best_iter == 6
+    assert resumed.best_val_loss == uninterrupted.best_val_loss
+    a, b = _weights_of(out / CHECKPOINT_DIR), _weights_of(straight / CHECKPOINT_DIR)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # the state at 4 was replaced by the one at 6 (keep 1); the best model swap did not touch the linked file
+    assert [p.name for p in state_mod.saved(out)] == ["iter-0000006"]
+
+
+def test_damaged_linked_weights_are_one_line_error(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    finetune(tiny(data_dir, out, max_iters=2, eval_interval=2, always_save_checkpoint=True))
+    linked = state_mod.latest(out) / "model.safetensors"
+    data = bytearray(linked.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit inside a tensor: the size still matches
+    linked.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["finetune", "--init-from", "resume", "--out-dir", str(out), "--max-iters", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{linked}: damaged resume state (CRC-32" in err

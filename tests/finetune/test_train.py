@@ -78,8 +78,10 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
     # the resume state: one folder, written at the end (no interval given), loadable with weights_only
     (folder,) = state_mod.saved(tmp_path / "out")
     assert folder.name == "iter-0000025"
+    # the weights: the best model's own file, linked, when the last evaluation wrote it; else model.pt
+    model_file = state_mod.LINKED_MODEL_FILE if result.best_iter == 25 else state_mod.MODEL_FILE
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [state_mod.MODEL_FILE, state_mod.OPTIMIZER_FILE, state_mod.STATE_JSON, state_mod.MODEL_CONFIG]
+        [model_file, state_mod.OPTIMIZER_FILE, state_mod.STATE_JSON, state_mod.MODEL_CONFIG]
     )
     saved = state_mod.read_info(folder)
     assert (saved.iter, saved.best_iter, saved.run_id) == (25, result.best_iter, result.run_id)
