@@ -45,8 +45,27 @@ from fakegpt.finetune.best_model import BestModelWriter  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def folder_bytes(path: Path, links: bool = True) -> int:
+    """Bytes a write put on disk. `links=False`: leave out files with other names too (the resume state's link
+    to the best model's weights file was not written again)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and (links or p.stat().st_nlink == 1))
+
+
+def disk_floor(nbytes: int, folder: Path) -> float:
+    """Seconds this disk takes to write and fsync `nbytes` of incompressible data: what any durable write of
+    that much costs, whatever writes it."""
+    block = os.urandom(64 << 20)
+    path = folder / "floor.bin"
+    started = time.perf_counter()
+    with open(path, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            left -= fh.write(block[: min(left, len(block))])
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return seconds
 
 
 class Meter:
@@ -58,6 +77,7 @@ class Meter:
         self.loop_s = 0.0
         self.background_s = 0.0  # best-model copies and writes done in the background thread
         self.best_s = 0.0  # training-thread seconds spent on best-model writes (all of them)
+        self.flight_s = 0.0  # ... of which waiting for a background write to finish (e.g. before the end state)
         self._orig = (BestModelWriter.submit, state_mod.write, train_mod._loop)
 
     def __enter__(self) -> Meter:
@@ -71,7 +91,7 @@ class Meter:
         def timed_state(*args, **kwargs):
             t0 = time.perf_counter()
             out = write_state(*args, **kwargs)
-            self.saves.append(("resume state", time.perf_counter() - t0, folder_bytes(out)))
+            self.saves.append(("resume state", time.perf_counter() - t0, folder_bytes(out, links=False)))
             return out
 
         def timed_loop(t, *args, **kwargs):
@@ -83,6 +103,7 @@ class Meter:
                 # the best model's share of the training thread: inline writes, or the snapshot set-up, the
                 # wait for the copy before the next optimizer step and any wait for a write still in flight
                 self.best_s += t.best_writer.blocked_seconds
+                self.flight_s += t.best_writer.flight_seconds
                 if t.best_writer.background:
                     self.background_s += t.best_writer.write_seconds
 
@@ -147,6 +168,9 @@ def run(name: str, args: argparse.Namespace, data_dir: Path, work: Path, **flags
         "train_s": (meter.loop_s - save_s) / args.iters,  # an iteration with its evaluation, without saving
         "state_every": 1 if flags.get("save_interval") == 1 else 0,
         "background_s": meter.background_s,
+        "flight_s": meter.flight_s,
+        # what the end of the run must put on disk durably: the last best model and the end state
+        "end_bytes": best_b * (best_n > 0) + ([b for k, _, b in meter.saves if k == "resume state"] or [0])[-1],
     }
 
 
@@ -187,6 +211,8 @@ def main() -> None:
             "new": {},
         }
         rows = [run(name, args, data_dir, work, **flags[name]) for name in args.runs.split(",")]
+        for r in rows:
+            r["floor_s"] = disk_floor(int(r["end_bytes"]), work)
     n_params = args.n_layer * 12 * args.n_embd**2 + 50257 * args.n_embd + args.block_size * args.n_embd
     print(
         f"\nscratch GPT-2 {args.n_layer} layers x {args.n_head} heads x {args.n_embd} (~{n_params / 1e6:.0f} M "
@@ -213,6 +239,17 @@ def main() -> None:
             f"{r['name']:<14} {r['best_s']:>38.2f} {r['best_gb']:>5.2f} {r['state_s']:>9.2f} {r['state_gb']:>5.2f}   "
             f"{projected_share(r, args.project, args.eval_interval):>8.1%} (eval every {args.eval_interval}), "
             f"{projected_share(r, args.project, 5):.1%} (every 5, the default)"
+        )
+    print(
+        "\nthe end of a run, and the floor it sets: the last best model and the end state must be on disk "
+        "(fsync) before the run is done;\nthis disk writes and fsyncs that many incompressible bytes in:"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<14} {r['end_bytes'] / 1e9:.2f} GB in {r['floor_s']:.2f} s = {r['floor_s'] / r['loop_s']:.1%} "
+            f"of the loop (saving took {r['save_s'] / r['loop_s']:.1%}; of the best model's "
+            f"{r['best_s'] * r['best_writes']:.2f} s on the training thread, {r['flight_s']:.2f} s waited for a "
+            "write in flight)"
         )
     print(
         "\nold: resume state (weights + AdamW) at every iteration and the best model written inline "

@@ -46,6 +46,7 @@ class BestModelWriter:
         self._stream: Any = None
         # the training thread's time on the best model: inline writes, snapshot set-up, waits (for benchmarks)
         self.blocked_seconds = 0.0
+        self.flight_seconds = 0.0  # the part of it spent waiting for a write in flight to reach the disk
         # the last background write's weights file, durable and checksummed: a resume state of the same
         # iteration links it instead of writing the weights again
         self.last_weights: tuple[int, WeightsFile] | None = None
@@ -199,6 +200,7 @@ class BestModelWriter:
             self._thread.join()
             self._thread = None
             self.blocked_seconds += time.perf_counter() - started
+            self.flight_seconds += time.perf_counter() - started
         self._copied, self._copied_on_gpu = None, None
         error, self._error = self._error, None
         if error is not None:
