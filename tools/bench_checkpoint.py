@@ -79,19 +79,25 @@ class Meter:
         self.best_s = 0.0  # training-thread seconds spent on best-model writes (all of them)
         self.flight_s = 0.0  # ... of which waiting for a background write to finish (e.g. before the end state)
         self._orig = (BestModelWriter.submit, state_mod.write, train_mod._loop)
+        self.writers: list[BestModelWriter] = []
 
     def __enter__(self) -> Meter:
         submit, write_state, loop = self._orig
 
         def timed_submit(writer, model, folder, info, *args, **kwargs):
+            if writer not in self.writers:
+                self.writers.append(writer)
             submit(writer, model, folder, info, *args, **kwargs)
             # seconds: the writer's own count of training-thread time, read after the loop; bytes: after the run
             self.saves.append(("best model", 0.0, 0))
 
         def timed_state(*args, **kwargs):
             t0 = time.perf_counter()
+            waited = self.writers[-1].flight_seconds if self.writers else 0.0
             out = write_state(*args, **kwargs)
-            self.saves.append(("resume state", time.perf_counter() - t0, folder_bytes(out, links=False)))
+            # a wait for the best model inside the state write is the best model's (counted by its writer)
+            waited = (self.writers[-1].flight_seconds if self.writers else 0.0) - waited
+            self.saves.append(("resume state", time.perf_counter() - t0 - waited, folder_bytes(out, links=False)))
             return out
 
         def timed_loop(t, *args, **kwargs):

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -193,21 +194,23 @@ def write(
     optimizer_state: dict,
     model_config: dict[str, Any],
     keep: int = 1,
-    weights_file: WeightsFile | None = None,
+    weights_file: Callable[[], WeightsFile | None] | None = None,
 ) -> Path:
     """Write OUT/state/iter-N/ as one unit (temporary folder, fsync, rename), then keep only the newest `keep`.
 
-    `weights_file`: a durable safetensors file of exactly `model_state` (the best model of this iteration): it is
-    hard-linked instead of writing the weights again."""
+    `weights_file`: called once the optimizer state is written (meanwhile a best-model write in flight may
+    finish); when it returns a durable safetensors file of exactly `model_state` (the best model of this
+    iteration), that file is hard-linked instead of writing the weights again."""
     final = folder_for(out_dir, info.iter)
     with atomic_dir(final) as tmp:
         (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
-        if _link(weights_file, tmp / LINKED_MODEL_FILE):
-            assert weights_file is not None
-            crcs = {LINKED_MODEL_FILE: weights_file.crc32}
+        crcs = {OPTIMIZER_FILE: _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)}
+        linked = weights_file() if weights_file is not None else None
+        if _link(linked, tmp / LINKED_MODEL_FILE):
+            assert linked is not None
+            crcs[LINKED_MODEL_FILE] = linked.crc32
         else:
-            crcs = {MODEL_FILE: _save_synced(model_state, tmp / MODEL_FILE)}
-        crcs[OPTIMIZER_FILE] = _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)
+            crcs[MODEL_FILE] = _save_synced(model_state, tmp / MODEL_FILE)
         info.files = {name: (tmp / name).stat().st_size for name in crcs}
         info.checksums = {name: f"{crc:08x}" for name, crc in crcs.items()}
         text = json.dumps(to_versioned_dict(info), indent=1, ensure_ascii=False, default=str) + "\n"

@@ -593,7 +593,6 @@ def _step(t: _Trainer, lr: float, stop_asked: bool) -> tuple[float, bool]:
 
 def _save_state(t: _Trainer) -> Path | None:
     """OUT/state/iter-N/: everything needed to continue exactly here (rank 0; under FSDP every rank gathers)."""
-    t.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
     unwrapped = getattr(t.model, "_orig_mod", t.model)
     if t.sharded:  # full (unsharded) weights and optimizer state, so any --parallel (or one process) resumes
         weights, optimizer_state = fsdp.full_state(t.model, t.optimizer)
@@ -620,19 +619,19 @@ def _save_state(t: _Trainer) -> Path | None:
         "optimizer": optimizer_state,
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
     }
-    # the best model of this very iteration (the end of a run whose last evaluation improved) holds these
-    # weights, durable and checksummed: the state links its file instead of writing them again
-    same = t.best_writer.last_weights
-    linkable = same is not None and same[0] == t.it and not lora.is_lora(unwrapped)
-    return state_mod.write(
-        t.out_dir,
-        info,
-        weights,
-        payload,
-        unwrapped.config.to_dict(),
-        keep=t.cfg.keep_states,
-        weights_file=same[1] if linkable and same is not None else None,
-    )
+
+    def best_model_file() -> state_mod.WeightsFile | None:
+        """Called by the state writer after the optimizer file, which a best-model write in flight overlaps."""
+        t.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
+        same = t.best_writer.last_weights
+        # the best model of this very iteration (the end of a run whose last evaluation improved) holds these
+        # weights, durable and checksummed: the state links its file instead of writing them again
+        if same is not None and same[0] == t.it and not lora.is_lora(unwrapped):
+            return same[1]
+        return None
+
+    config = unwrapped.config.to_dict()
+    return state_mod.write(t.out_dir, info, weights, payload, config, t.cfg.keep_states, best_model_file)
 
 
 def _train(

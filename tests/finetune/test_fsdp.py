@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -99,11 +100,16 @@ def test_fsdp_two_processes_saves_full_checkpoint_and_resumes(data_dir, tmp_path
     cfg = FinetuneConfig(init_from="scratch", learning_rate=3e-3)
     _optimizer(model, cfg, torch.device("cpu")).load_state_dict(payload["optimizer"])
 
-    # resume under fsdp: both ranks continue from iteration 6 with the saved configuration
-    cmd = _torchrun(data_dir, out, "--init-from", "resume", "--max-iters", "8")
+    # the end state links the best model's file (its last evaluation was the best): the same bytes once on disk
+    assert (folder / state_mod.LINKED_MODEL_FILE).stat().st_ino == (ckpt / "model.safetensors").stat().st_ino
+
+    # resume under fsdp: both ranks continue from iteration 6 with the saved configuration, now with gradient
+    # checkpointing (a flag that may change on resume) inside the sharded blocks
+    cmd = _torchrun(data_dir, out, "--init-from", "resume", "--max-iters", "8", "--gradient-checkpointing", "true")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(f"resuming {out} from iteration 6") == 1
+    assert re.search(r"changed on resume: .*gradient_checkpointing [Ff]alse->[Tt]rue", proc.stderr)
     hist = client.get_metric_history(mlflow_run.info.run_id, tracking.M_TRAIN_LOSS)
     assert sorted(m.step for m in hist) == list(range(1, 9))
     assert [p.name for p in state_mod.saved(out)] == ["iter-0000008"]
