@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from fakegpt.finetune.batches import Batches  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
-from fakegpt.finetune.train import _load, _Objective, _optimizer, accumulate, update  # noqa: E402
+from fakegpt.finetune.step import Objective, accumulate, update  # noqa: E402
+from fakegpt.finetune.train import _load, _optimizer  # noqa: E402
 from fakegpt.models.loading import scratch_model  # noqa: E402
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 256, 128, 8
@@ -88,7 +89,7 @@ def fakegpt_step(data: np.ndarray, method: str = "full", lora_dropout: float = 0
     device = torch.device("cpu")
     model = _load(cfg, "scratch", device)
     model.train()
-    objective = _Objective(model, fused=True)
+    objective = Objective(model, fused=True)
     optimizer = _optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = Batches(data, BATCH, BLOCK, device, seed=0)

@@ -28,6 +28,7 @@ import re
 import shutil
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -138,14 +139,27 @@ def remove_all(out_dir: str | Path) -> int:
 
 
 class _Crc32Writer:
-    """A file wrapper that checksums what torch.save writes through it (no second pass over gigabytes)."""
+    """A file wrapper that checksums what torch.save writes through it (no second pass over gigabytes). A large
+    block is checksummed in a helper thread while it is being written (zlib releases the GIL): the CRC then
+    costs almost nothing next to the write (1 s less for a gpt2-medium AdamW state of 2.8 GB)."""
+
+    _helper: ThreadPoolExecutor | None = None
 
     def __init__(self, fh: Any):
         self.fh, self.crc = fh, 0
 
     def write(self, data: Any) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        return self.fh.write(data)
+        if len(data) < (1 << 20):
+            self.crc = zlib.crc32(data, self.crc)
+            return self.fh.write(data)
+        if _Crc32Writer._helper is None:
+            _Crc32Writer._helper = ThreadPoolExecutor(1, thread_name_prefix="fakegpt-crc")
+        checksum = _Crc32Writer._helper.submit(zlib.crc32, data, self.crc)
+        try:
+            written = self.fh.write(data)
+        finally:
+            self.crc = checksum.result()  # before returning: `data` may be reused by the caller afterwards
+        return written
 
     def flush(self) -> None:
         self.fh.flush()

@@ -13,7 +13,9 @@ and only rank 0 logs and saves. With `--parallel fsdp` the model is sharded acro
 
 The loop (`_train`) is short: `_setup` builds model, optimizer and batches (or restores them), then per
 iteration `_evaluate` (every eval_interval: losses, best model, metrics, callback), `_step` (one optimizer
-step) and `_save_state` when due or asked to stop.
+step) and `_save_state` when due or asked to stop. The step's parts (schedule, accumulation, update, loss
+estimate) are in `fakegpt.finetune.step`; the MLflow run, its artifacts and the registry in
+`fakegpt.finetune.record`; the best model's background write in `fakegpt.finetune.best_model`.
 
 Configuration field names are nanoGPT's. The defaults reproduce the original study's fine-tune (nanoGPT's
 finetune_shakespeare settings): micro-batch 1 x 32 accumulation steps x block 1024 = 32,768 tokens per
@@ -41,27 +43,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fakegpt import config as config_mod
-from fakegpt import plots, tracking
-from fakegpt.data import bins
+from fakegpt import tracking
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, fsdp, lora, optim, resume
+from fakegpt.finetune import distributed, fsdp, lora, optim, record, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
 from fakegpt.finetune.checks import check, source_val_sets
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
 from fakegpt.finetune.saving import SaveSchedule, StopSignals
+from fakegpt.finetune.step import Objective, accumulate, estimate, gpu_memory, lr_at, update
 from fakegpt.measure.claim_probe import ClaimProbe
-from fakegpt.models.checkpoint import CHECKPOINT_DIR, INFO_FILE, TrainingInfo
+from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
 from fakegpt.models.device import resolve_device, resolve_dtype, tf32, torch_dtype
 from fakegpt.models.loading import (
     dropout_overrides,
     load_model,
-    load_tokenizer,
     model_from_config,
     scratch_model,
     use_fused_gelu,
@@ -69,7 +69,6 @@ from fakegpt.models.loading import (
 
 log = logging.getLogger(__name__)
 
-CURVE_FILE = "loss_curve.png"
 METRICS_FILE = "metrics.jsonl"  # OUT/metrics.jsonl: every metric point, whatever the tracking server does
 
 
@@ -110,47 +109,11 @@ class Preempted(FakegptError):
         self.exit_status = 128 + signum
 
 
-# --- configuration resolution and checks (all before any model is loaded) ---------------------------------
-
-
-def lr_at(cfg: FinetuneConfig, it: int) -> float:
-    """Learning rate for iteration `it`: linear warmup, then constant or cosine decay to min_lr (nanoGPT)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    end = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
-    if it >= end:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
 # --- the training loop ---------------------------------------------------------------------------------------
-
-
-class _Objective(torch.nn.Module):
-    """Wraps the HF model so that DDP (and torch.compile) see a module whose forward returns the loss."""
-
-    def __init__(self, model: torch.nn.Module, fused: bool):
-        super().__init__()
-        self.model = model
-        self.fused = fused
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, x, y, fused=self.fused)
 
 
 class _Stop(Exception):
     """Raised on ranks > 0 when rank 0 stops training (its callback raised or the loss was not finite)."""
-
-
-def gpu_memory(device: torch.device) -> dict[str, float]:
-    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in GB."""
-    return {
-        tracking.M_GPU_MEM: torch.cuda.max_memory_allocated(device) / 1e9,
-        tracking.M_GPU_MEM_RESERVED: torch.cuda.max_memory_reserved(device) / 1e9,
-    }
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -178,65 +141,6 @@ def _load(
     if cfg.method == "lora":
         model = lora.wrap(model, cfg)  # base frozen: the optimizer sees the adapters only
     return model.to(device)
-
-
-def accumulate(
-    objective: torch.nn.Module, batches: Batches, accum: int, autocast: Any, scaler: torch.amp.GradScaler
-) -> float:
-    """Forward + backward over `accum` micro-batches; returns this rank's mean loss. Under DDP the gradients
-    are all-reduced only on the last micro-batch (no_sync before), once per optimizer step."""
-    loss_sum = None
-    for micro in range(accum):
-        x, y = batches.next()  # (B, T), (B, T)
-        last = micro == accum - 1
-        with contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync():
-            with autocast:
-                loss = objective(x, y) / accum
-            scaler.scale(loss).backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return loss_sum.item()  # one host sync per step
-
-
-def update(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float
-) -> None:
-    """Clip (after unscaling), step the optimizer through the scaler, and clear the gradients."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-@torch.no_grad()
-def _estimate(
-    objective: torch.nn.Module,
-    batches: Batches,
-    starts: Any,
-    info: distributed.Dist,
-    autocast: Any,
-    lockstep: bool = False,
-) -> float:
-    """Mean loss over fixed windows; each rank takes every world_size-th micro-batch, sums are all-reduced.
-    `lockstep` (FSDP, where a forward gathers weights from all ranks): every rank runs as many forwards; a
-    rank with one micro-batch fewer repeats its first, uncounted."""
-    objective.eval()
-    total, count = 0.0, 0
-    b = batches.batch_size
-    chunks = [starts[i : i + b] for i in range(0, len(starts), b)]
-    mine = chunks[info.rank :: info.world_size]
-    for chunk in mine:
-        x, y = batches.windows(chunk)
-        with autocast:
-            total += objective(x, y).item() * len(chunk)
-        count += len(chunk)
-    for _ in range(-(-len(chunks) // info.world_size) - len(mine) if lockstep else 0):
-        with autocast:
-            objective(*batches.windows(chunks[0]))
-    objective.train()
-    total, count = distributed.all_sum([total, float(count)], batches.device)
-    return total / count
 
 
 def finetune(
@@ -376,7 +280,7 @@ def _setup(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     # The fused output layer + loss is for eager fp32 (the CPU); under autocast or torch.compile the plain
     # logits + cross-entropy path is used (inductor fuses it by itself).
-    objective: torch.nn.Module = _Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
+    objective: torch.nn.Module = Objective(model, fused=not cfg.compile and cfg.dtype == "float32")
     if sharded:  # FSDP2: the parameters become DTensor shards, so the optimizer is built after this
         objective = fsdp.shard(objective, model, cfg.dtype)
     elif info.world_size > 1:
@@ -478,10 +382,10 @@ def _evaluate(t: _Trainer) -> tuple[float, float, dict[str, float]]:
     """(train, val, per-source val) loss on the fixed windows; a non-finite one stops training naming the
     iteration. `val` is the loss that picks the best model: val.bin's, or the `--select-on` source's."""
     plain = getattr(t.objective, "module", t.objective)  # no DDP hooks in evaluation
-    train_loss = _estimate(plain, t.train_batches, t.fixed["train"], t.info, t.autocast, t.sharded)
-    val_loss = _estimate(plain, t.val_batches, t.fixed["val"], t.info, t.autocast, t.sharded)
+    train_loss = estimate(plain, t.train_batches, t.fixed["train"], t.info, t.autocast, t.sharded)
+    val_loss = estimate(plain, t.val_batches, t.fixed["val"], t.info, t.autocast, t.sharded)
     by_source = {
-        name: _estimate(plain, batches, starts, t.info, t.autocast, t.sharded)
+        name: estimate(plain, batches, starts, t.info, t.autocast, t.sharded)
         for name, (batches, starts) in t.source_val.items()
     }
     if t.cfg.select_on != "val":
@@ -649,7 +553,11 @@ def _train(
 ) -> FinetuneResult:
     t = _setup(cfg, folder, meta, info, device, resumed)
     stop_exc: list[BaseException] = []  # a deliberate stop: on_eval's exception, or Preempted
-    run_ctx = _mlflow_run(cfg, t, meta, resumed, nested, run_name, tags, stop_exc) if info.main else None
+    run_ctx = (
+        record.mlflow_run(cfg, t.init_from, t.run_id, meta, resumed, nested, run_name, tags, stop_exc)
+        if info.main
+        else None
+    )
     with run_ctx or contextlib.nullcontext(None) as active, StopSignals() as signals:
         if active is not None:
             t.run_id = active.info.run_id
@@ -666,22 +574,10 @@ def _train(
         if info.main:
             if t.probe is not None:
                 tracking.log_metrics({tracking.M_CLAIM_EVAL_SECONDS: t.claim_seconds})
-            _final_artifacts(t.out_dir, t.ckpt_dir, t.train_curve, t.val_curve, t.best_iter)
+            record.final_artifacts(t.out_dir, t.ckpt_dir, t.train_curve, t.val_curve, t.best_iter)
             if cfg.register_as and t.ckpt_dir.is_dir():
-                _register(t)
+                record.register(t.ckpt_dir, t.run_id, cfg.register_as, cfg.register_alias)
     return t.result()
-
-
-def _register(t: _Trainer) -> None:
-    """The best model into MLflow's registry (transformers flavour), tagged with where its training_info lies."""
-    model = load_model(str(t.ckpt_dir), dtype=torch.float32)
-    tokenizer = load_tokenizer(t.ckpt_dir)
-    info_uri = f"runs:/{t.run_id}/{CHECKPOINT_DIR}/{INFO_FILE}"
-    version = tracking.register_hf_model(
-        model, tokenizer, t.cfg.register_as, t.cfg.register_alias, {tracking.TAG_TRAINING_INFO: info_uri}
-    )
-    alias = f"@{t.cfg.register_alias}" if t.cfg.register_alias else f"/{version}"
-    log.info("registered the best model as models:/%s%s (version %s)", t.cfg.register_as, alias, version)
 
 
 def _loop(
@@ -773,86 +669,6 @@ def _nonfinite_message(where: str, it: int, value: float, best_iter: int, ckpt_d
         f"non-finite {where} loss ({value}) at iteration {it}; {kept}. Lower --learning-rate, set "
         "--grad-clip, or use --dtype bfloat16/float32 instead of float16"
     )
-
-
-@contextlib.contextmanager
-def _mlflow_run(
-    cfg: FinetuneConfig,
-    t: _Trainer,
-    meta: DatasetMeta,
-    resumed: resume.Resumed | None,
-    nested: bool,
-    run_name: str | None,
-    tags: dict | None,
-    stop_exc: list[BaseException],
-):
-    """The MLflow run (rank 0 only): resumed runs continue their own run id when this store has it."""
-    run_id = t.run_id
-    all_tags = {
-        tracking.TAG_MODEL: t.init_from,
-        tracking.TAG_DATASET: meta.dataset or Path(cfg.data_dir).name,
-        tracking.TAG_METHOD: cfg.method,
-    }
-    mix = meta.mixture_tag()
-    if mix:
-        all_tags[tracking.TAG_MIX] = mix
-    if resumed is not None:
-        all_tags[tracking.TAG_RESUMED_AT] = str(resumed.info.iter)
-        if resumed.changes:
-            all_tags[tracking.TAG_RESUME_CHANGES] = resume.describe(resumed.changes)
-    if run_id is not None:
-        try:
-            tracking.get_run(run_id)
-        except Exception:
-            log.warning("resume: run %s is not in this MLflow store; starting a new run tagged with it", run_id)
-            all_tags[tracking.TAG_RESUMED_FROM] = run_id
-            run_id = None
-    all_tags.update(tags or {})
-
-    def killed(exc: BaseException) -> bool:
-        return bool(stop_exc) and exc is stop_exc[0]
-
-    with tracking.run(
-        stage="finetune",
-        run_name=run_name,
-        tags=all_tags,
-        nested=nested,
-        run_id=run_id,
-        killed=killed,
-        system_metrics=True,
-    ) as active:
-        # A resumed run keeps its logged parameters; the ones changed on resume are in TAG_RESUME_CHANGES.
-        tracking.log_params(config_mod.to_dict(cfg))
-        tracking.log_params(meta.to_dict(), prefix="data.")
-        source = (tags or {}).get(tracking.TAG_DATA_URI) or str(Path(cfg.data_dir).resolve())
-        tracking.log_dataset_input(meta.dataset, source, bins.fingerprint(cfg.data_dir), context="training")
-        if resumed is None:
-            tracking.log_dict(config_mod.to_dict(cfg), "config.yaml")
-        try:
-            yield active
-        except BaseException as exc:
-            if stop_exc and exc is stop_exc[0]:
-                tracking.set_tags({tracking.TAG_STOP: type(exc).__name__})
-            elif isinstance(exc, Exception):
-                with contextlib.suppress(Exception):
-                    tracking.set_tags({tracking.TAG_ERROR: one_line(exc)})
-            raise
-
-
-def _final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve: list, best_iter: int) -> None:
-    curve = plots.line_plot(
-        out_dir / CURVE_FILE,
-        {"train": train_curve, "val": val_curve},
-        xlabel="tokens seen",
-        ylabel="cross-entropy loss",
-        title=f"fine-tune (best val at iteration {best_iter})",
-        markers=("val",),
-    )
-    tracking.log_artifact(curve)
-    if ckpt_dir.is_dir():
-        tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
-    if (out_dir / lora.ADAPTER_DIR).is_dir():
-        tracking.log_artifact(out_dir / lora.ADAPTER_DIR, artifact_path=lora.ADAPTER_DIR)
 
 
 def main(argv: list[str]) -> int:

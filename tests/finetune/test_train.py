@@ -22,7 +22,8 @@ from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.finetune.train import CURVE_FILE, EvalResult, NonFiniteLossError, finetune, lr_at
+from fakegpt.finetune.record import CURVE_FILE
+from fakegpt.finetune.train import EvalResult, NonFiniteLossError, finetune, lr_at
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,9 +144,9 @@ def test_on_eval_stop_ends_run_killed_and_reraises(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    import fakegpt.finetune.train as train_mod
+    import fakegpt.finetune.step as step_mod
 
-    real = train_mod.causal_lm_loss
+    real = step_mod.causal_lm_loss
     calls = {"train": 0}
 
     def poisoned(model, x, y, fused=True):
@@ -156,7 +157,7 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(step_mod, "causal_lm_loss", poisoned)
     cfg = tiny(data_dir, tmp_path / "out", max_iters=20, eval_interval=5)
     with pytest.raises(NonFiniteLossError, match="iteration 7") as err:
         finetune(cfg)
