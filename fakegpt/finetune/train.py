@@ -53,6 +53,7 @@ from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
 from fakegpt.finetune.checks import check, source_val_sets
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.loss import LinearCrossEntropy
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
 from fakegpt.finetune.saving import SaveSchedule, StopSignals
 from fakegpt.finetune.step import Objective, accumulate, estimate, gpu_memory, lr_at, update
@@ -570,6 +571,8 @@ def _train(
             except BaseException:
                 t.best_writer.wait(raise_error=False)  # the last good best model stays whole on disk
                 raise
+            finally:
+                LinearCrossEntropy.release()  # the output layer's CPU buffer is not kept past training
             t.best_writer.wait()
         if info.main:
             if t.probe is not None:
