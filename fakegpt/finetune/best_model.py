@@ -112,17 +112,21 @@ class BestModelWriter:
                 self._buffer[name] = by_storage[ptr]
         return self._buffer
 
+    def _fill(self, weights: dict[str, torch.Tensor], non_blocking: bool = False) -> dict[str, torch.Tensor]:
+        """Copy `weights` into the host buffer, each storage once (tied weights share one)."""
+        buffer = self._host_buffer(weights)
+        copied: set[int] = set()
+        for name, value in weights.items():
+            target = buffer[name]
+            if target.data_ptr() not in copied:
+                target.copy_(value.detach(), non_blocking=non_blocking)
+                copied.add(target.data_ptr())
+        return buffer
+
     def _copy(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CPU weights into the host buffer (in the writer thread); the training thread waits in before_update."""
         try:
-            buffer = self._host_buffer(weights)
-            copied: set[int] = set()
-            for name, value in weights.items():
-                target = buffer[name]
-                if target.data_ptr() not in copied:
-                    target.copy_(value.detach())
-                    copied.add(target.data_ptr())
-            return buffer
+            return self._fill(weights)
         finally:
             if self._copied is not None:
                 self._copied.set()  # also on failure: the training thread must not wait forever
@@ -130,20 +134,15 @@ class BestModelWriter:
     def _copy_on_side_stream(self, weights: dict[str, torch.Tensor]) -> Callable[[], dict[str, torch.Tensor]]:
         """Queue the device-to-host copy on a side stream, after the work queued so far; return what the
         writer thread calls to wait for it."""
-        buffer = self._host_buffer(weights)
         device = next(v.device for v in weights.values() if v.is_cuda)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
-        copied: set[int] = set()
         with torch.cuda.stream(self._stream):
-            for name, value in weights.items():
-                target = buffer[name]
-                if target.data_ptr() not in copied:
-                    target.copy_(value.detach(), non_blocking=True)
-                    copied.add(target.data_ptr())
-                if value.is_cuda:
-                    value.record_stream(self._stream)  # LoRA's merged tensors: not reused until the copy is done
+            buffer = self._fill(weights, non_blocking=True)
+        for value in weights.values():
+            if value.is_cuda:
+                value.record_stream(self._stream)  # LoRA's merged tensors: not reused until the copy is done
         event = torch.cuda.Event()
         event.record(self._stream)
         self._copied_on_gpu = event

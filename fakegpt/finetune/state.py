@@ -186,11 +186,9 @@ class WeightsFile:
     crc32: int
 
 
-def _link(weights: WeightsFile | None, target: Path) -> bool:
+def _link(weights: WeightsFile, target: Path) -> bool:
     """Hard-link `weights` as `target`; False (the caller writes the weights) when it is gone, changed or the
     file system cannot link."""
-    if weights is None:
-        return False
     try:
         if weights.path.stat().st_size != weights.size:
             return False
@@ -220,8 +218,7 @@ def write(
         (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
         crcs = {OPTIMIZER_FILE: _save_synced(optimizer_state, tmp / OPTIMIZER_FILE)}
         linked = weights_file() if weights_file is not None else None
-        if _link(linked, tmp / LINKED_MODEL_FILE):
-            assert linked is not None
+        if linked is not None and _link(linked, tmp / LINKED_MODEL_FILE):
             crcs[LINKED_MODEL_FILE] = linked.crc32
         else:
             crcs[MODEL_FILE] = _save_synced(model_state, tmp / MODEL_FILE)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from fakegpt import tracking
 from fakegpt.cli import main as cli_main
@@ -32,20 +33,8 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "batch_size"
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> FinetuneConfig:
-    values = dict(
-        data_dir=str(data_dir),
-        out_dir=str(out_dir),
-        init_from="scratch",
-        learning_rate=3e-3,
-        max_iters=6,
-        eval_interval=3,
-        eval_iters=2,
-        device="cpu",
-        seed=0,
-        **SHAPE,
-    )
-    values.update(overrides)
-    return FinetuneConfig(**values)
+    """The shared tiny fine-tune, shortened to 6 iterations evaluated every 3."""
+    return tiny_config(data_dir, out_dir, **{"max_iters": 6, "eval_interval": 3, **overrides})
 
 
 def resume_cfg(out_dir: Path, **given) -> tuple[FinetuneConfig, frozenset[str]]:
