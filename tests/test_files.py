@@ -117,3 +117,31 @@ def test_check_text_input_refuses_what_csv_readers_cannot_read(tmp_path, content
         path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
         with pytest.raises(FakegptError, match=f"{path.name}: .*{message}"):
             check_text_input(path)
+
+
+def test_durable_file_checksums_what_it_wrote_and_starts_the_disk_on_each_window(tmp_path, monkeypatch):
+    """Small and large blocks (the large ones checksummed in the helper thread) give the CRC-32 of the file's
+    bytes; writeback is asked for each window as it fills, in order, never past what was flushed."""
+    import random
+    import zlib
+
+    from fakegpt import files
+
+    pushed: list[tuple[int, int, int]] = []  # (offset, length, bytes in the file when asked)
+    path = tmp_path / "state.pt"
+    monkeypatch.setattr(files, "WRITEBACK_BYTES", 3 << 20)
+    monkeypatch.setattr(files, "start_writeback", lambda fd, off, n: pushed.append((off, n, os.fstat(fd).st_size)))
+    rng = random.Random(0)
+    blocks = [rng.randbytes(rng.choice([100, 70_000, 1 << 20, (5 << 20) + 3])) for _ in range(12)]
+    with files.DurableFile(path) as fh:
+        for block in blocks:
+            assert fh.write(memoryview(block)) == len(block)
+    data = path.read_bytes()
+    assert data == b"".join(blocks)
+    assert fh.crc == zlib.crc32(data)
+    assert pushed and pushed[0][0] == 0
+    for (off, n, size), (next_off, _, _) in zip(pushed, pushed[1:]):
+        assert next_off == off + n  # consecutive windows, each at least WRITEBACK_BYTES
+    for off, n, size in pushed:
+        assert n >= 3 << 20 and off + n <= size  # only bytes the OS already has
+    assert pushed[-1][0] + pushed[-1][1] > len(data) - (3 << 20)  # at most one window left for the fsync

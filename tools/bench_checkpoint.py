@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import fakegpt.finetune.train as train_mod  # noqa: E402
+from fakegpt.files import DurableFile  # noqa: E402
 from fakegpt.finetune import state as state_mod  # noqa: E402
 from fakegpt.finetune.best_model import BestModelWriter  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
@@ -52,17 +53,15 @@ def folder_bytes(path: Path, links: bool = True) -> int:
 
 
 def disk_floor(nbytes: int, folder: Path) -> float:
-    """Seconds this disk takes to write and fsync `nbytes` of incompressible data: what any durable write of
-    that much costs, whatever writes it."""
+    """Seconds this disk takes to write and fsync `nbytes` of incompressible data, written back as they go (as
+    the resume state's files are): what any durable write of that much costs, whatever writes it."""
     block = os.urandom(64 << 20)
     path = folder / "floor.bin"
     started = time.perf_counter()
-    with open(path, "wb") as fh:
+    with DurableFile(path) as fh:
         left = nbytes
         while left > 0:
             left -= fh.write(block[: min(left, len(block))])
-        fh.flush()
-        os.fsync(fh.fileno())
     seconds = time.perf_counter() - started
     path.unlink()
     return seconds
