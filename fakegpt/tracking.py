@@ -490,17 +490,57 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """Log a file or folder. If the store refuses it, say where the file stays on disk."""
+def log_artifact(path: str | Path, artifact_path: str | None = None, link: bool = False) -> None:
+    """Log a file or folder. If the store refuses it, say where the file stays on disk.
+
+    `link`: where the run's artifacts are a local folder on the same file system, hard-link the files instead
+    of copying them (a best model is 1.4 GB at gpt2-medium, 6.2 GB at gpt2-xl: that much less to write and to
+    keep at the end of every run). Only for files that are replaced, never changed in place: fakegpt writes a
+    checkpoint as new files and renames them in, so the run's copy keeps the bytes it was logged with."""
     mlflow = _mlflow()
     path = Path(path)
     try:
+        if link and _link_artifacts(path, artifact_path):
+            return
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
     except Exception as exc:
         raise FakegptError(f"could not log artifact to MLflow ({exc}); it is kept on disk at {path}") from None
+
+
+def _link_artifacts(path: Path, artifact_path: str | None) -> bool:
+    """Hard-link `path` (a file, or a folder's files) into the active run's local artifact folder; False (and
+    nothing left behind) where the store is not a local folder or the file system cannot link there."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
+
+    uri = _mlflow().get_artifact_uri(artifact_path)
+    if not is_local_uri(uri):
+        return False
+    target = Path(local_file_uri_to_path(uri))
+    if not path.is_dir():
+        target = target / path.name
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+    made: list[Path] = []
+    try:
+        for source in files:
+            dest = target if source == path else target / source.relative_to(path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists() and dest.samefile(source):  # logged again unchanged (rename would keep both names)
+                continue
+            tmp = dest.with_name(f".{dest.name}.link")
+            tmp.unlink(missing_ok=True)
+            os.link(source, tmp)
+            os.replace(tmp, dest)  # a resumed run logs its checkpoint again over the old one
+            made.append(dest)
+    except OSError as exc:
+        log.debug("copying %s into the run's artifacts instead of linking (%s)", path, exc)
+        for dest in made:
+            dest.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def log_dict(data: Any, artifact_file: str) -> None:

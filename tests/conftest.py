@@ -43,6 +43,9 @@ def _isolated_tracking(tmp_path, monkeypatch, _mlflow_template_db):
     import shutil
 
     shutil.copyfile(_mlflow_template_db, tmp_path / "mlflow.db")
+    # MLflow puts a new experiment's artifacts in ./mlruns: this test's folder, not the working tree (where
+    # every run of the suite used to leave its checkpoints behind)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

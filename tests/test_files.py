@@ -140,7 +140,7 @@ def test_durable_file_checksums_what_it_wrote_and_starts_the_disk_on_each_window
     assert data == b"".join(blocks)
     assert fh.crc == zlib.crc32(data)
     assert pushed and pushed[0][0] == 0
-    for (off, n, size), (next_off, _, _) in zip(pushed, pushed[1:]):
+    for (off, n, _), (next_off, _, _) in zip(pushed, pushed[1:], strict=False):
         assert next_off == off + n  # consecutive windows, each at least WRITEBACK_BYTES
     for off, n, size in pushed:
         assert n >= 3 << 20 and off + n <= size  # only bytes the OS already has

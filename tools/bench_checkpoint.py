@@ -203,9 +203,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint.", dir=args.work) as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()
+        data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
+        os.chdir(work)  # MLflow's ./mlruns (a 1.4 GB best model per run) in the work folder, removed at the end
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-        data_dir = Path(args.data_dir) if args.data_dir else work / "data"
         if not args.data_dir:
             from fakegpt.data.prepare import PrepareConfig, prepare
 

@@ -77,10 +77,10 @@ def run_prepare(csv: Path, out: Path, threads: int) -> dict:
     cmd = [sys.executable, "-m", "fakegpt", "prepare", str(csv), "--out", str(out), "--force"]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out.parent}/mlflow.db")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out.parent}/mlflow.db", PYTHONPATH=str(ROOT))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    subprocess.run(cmd, check=True, env=env, cwd=out.parent)  # the store's ./mlruns in the work folder
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     meta = json.loads((out / "meta.json").read_text())

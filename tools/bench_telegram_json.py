@@ -128,7 +128,8 @@ def run_prepare(path: Path, out: Path, work: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "fakegpt", "prepare", str(path), "--out", str(out), "--force"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: the run's artifacts (./mlruns) stay in the work folder, removed at the end
+    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tree_peak = 0
     while True:  # sample the RSS of prepare and its children (the JSON reader process) every 50 ms
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

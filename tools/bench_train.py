@@ -158,6 +158,7 @@ def logging_cost(rounds: int, iters: int, tracking_uri: str | None) -> int:
     from fakegpt.finetune.train import finetune
 
     work = Path(tempfile.mkdtemp(prefix="bench-logging-"))
+    os.chdir(work)  # MLflow's ./mlruns (the runs' artifacts) in the work folder, removed at the end
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or f"sqlite:///{work}/mlflow.db"
     prepare(PrepareConfig(out=str(work / "data")), track=False)
     base = dict(

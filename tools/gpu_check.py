@@ -174,7 +174,8 @@ def run_check(check: Check, data: Path, work: Path, iters: int, tiny: bool, time
     try:
         with log.open("w") as fh:
             command = [sys.executable, "-m", "fakegpt", "finetune", *args]
-            proc = subprocess.run(command, env=env, stdout=fh, stderr=fh, timeout=timeout)
+            # cwd: the run's MLflow artifacts (./mlruns; the best model, 6 GB at gpt2-xl) stay in `work`
+            proc = subprocess.run(command, env=env, stdout=fh, stderr=fh, timeout=timeout, cwd=work)
     except subprocess.TimeoutExpired:
         return {**row, "status": f"not measured: over its {timeout:.0f} s; log {log}"}
     finally:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters or (6 if args.tiny else 30)
     card = card_name(args.tiny)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        work = Path(args.work or tmp)
+        work = Path(args.work or tmp).resolve()  # absolute: each run's working folder is `work`
         work.mkdir(parents=True, exist_ok=True)
         data = make_data(work / "data", 200_000 if args.tiny else 4_000_000, 50_000 if args.tiny else 400_000)
         checks = [c for c in CHECKS if not args.only or any(o in c.name for o in args.only)]

@@ -107,7 +107,7 @@ def final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve:
     )
     tracking.log_artifact(curve)
     if ckpt_dir.is_dir():
-        tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR)
+        tracking.log_artifact(ckpt_dir, artifact_path=CHECKPOINT_DIR, link=True)
     if (out_dir / lora.ADAPTER_DIR).is_dir():
         tracking.log_artifact(out_dir / lora.ADAPTER_DIR, artifact_path=lora.ADAPTER_DIR)
 

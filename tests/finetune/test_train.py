@@ -119,6 +119,13 @@ def test_val_loss_falls_checkpoint_and_mlflow_contents(data_dir, tmp_path):
     assert {CHECKPOINT_DIR, CURVE_FILE, "config.yaml"} <= top
     logged = {Path(a.path).name for a in client.list_artifacts(result.run_id, CHECKPOINT_DIR)}
     assert logged == set(CHECKPOINT_FILES)
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    weights = Path(local_file_uri_to_path(run.info.artifact_uri)) / CHECKPOINT_DIR / "model.safetensors"
+    ours = tmp_path / "out" / CHECKPOINT_DIR / "model.safetensors"
+    assert weights.read_bytes() == ours.read_bytes()
+    if weights.stat().st_dev == ours.stat().st_dev:  # one file system: linked, not copied
+        assert weights.stat().st_ino == ours.stat().st_ino
     assert (tmp_path / "out" / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
