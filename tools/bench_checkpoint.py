@@ -3,6 +3,7 @@
     python tools/bench_checkpoint.py                     # gpt2-medium shape (24 x 16 x 1024), 5 iterations each
     python tools/bench_checkpoint.py --iters 3 --block-size 32 --n-layer 12 --n-head 12 --n-embd 768   # gpt2 shape
     python tools/bench_checkpoint.py --runs new --iters 100 --eval-interval 5   # the target's run, measured whole
+    python tools/bench_checkpoint.py --disk     # the disk alone under that run's writes (4 min, no training)
 
 A scratch model trains on the CPU through `fakegpt.finetune.train.finetune` itself (block 64, micro-batch 1, no
 accumulation, one evaluation batch, lr 1e-4) with an evaluation at every iteration (`--eval-interval`) that
@@ -65,6 +66,21 @@ def disk_floor(nbytes: int, folder: Path) -> float:
     seconds = time.perf_counter() - started
     path.unlink()
     return seconds
+
+
+def disk_profile(folder: Path, writes: int = 21, nbytes: int = int(1.42e9), every: float = 11.0) -> None:
+    """How this disk takes the run's writes: `writes` durable writes of a gpt2-medium best model, one every
+    `every` seconds (the 100-iteration run's pace), then the end's 4.25 GB (best model + AdamW state) at once."""
+    total = nbytes * writes / 1e9
+    print(f"disk: {total:.0f} GB as {writes} durable writes of {nbytes / 1e9:.2f} GB, one every {every:.0f} s")
+    for i in range(writes):
+        started = time.perf_counter()
+        seconds = disk_floor(nbytes, folder)
+        print(f"  write {i + 1:>2}: {seconds:5.2f} s ({nbytes / seconds / 1e6:,.0f} MB/s)", flush=True)
+        time.sleep(max(0.0, every - (time.perf_counter() - started)))
+    end = int(4.25e9)
+    seconds = disk_floor(end, folder)
+    print(f"then the end's {end / 1e9:.2f} GB: {seconds:.2f} s ({end / seconds / 1e6:,.0f} MB/s)")
 
 
 class Meter:
@@ -200,7 +216,14 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", help="a prepared data folder (default: prepare the embedded demo data)")
     parser.add_argument("--work", help="folder for the runs' outputs (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--disk", action="store_true", help="only profile the disk under the 100-iteration run's writes (no training)"
+    )
     args = parser.parse_args()
+    if args.disk:
+        with tempfile.TemporaryDirectory(prefix="bench_checkpoint.", dir=args.work) as tmp:
+            disk_profile(Path(tmp))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint.", dir=args.work) as tmp:
         work = Path(tmp).resolve()
