@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +135,15 @@ def save_checkpoint(
     info: TrainingInfo | None = None,
     state_dict: dict | None = None,
     durable: bool = False,
+    written: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically.
 
     `info` (finetune's training_info.json) is written inside the same folder before it is swapped in, so the
     weights and their description never disagree. `state_dict`: save these weights (a snapshot taken earlier)
     with `model`'s configuration, instead of the model's current ones. `durable`: fsync the files before the
-    folder is swapped in (it then survives a machine crash, not only a killed process).
+    folder is swapped in (it then survives a machine crash, not only a killed process). `written`: called with
+    the temporary folder once every file is written, before that flush (a checksum read there overlaps it).
     """
     from transformers.utils import logging as hf_logging
 
@@ -156,6 +159,8 @@ def save_checkpoint(
         write_hf_tokenizer_files(tmp)
         if info is not None:
             info.write(tmp)
+        if written is not None:
+            written(tmp)
         if durable:
             fsync_files(tmp)
     return folder
