@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def _mlflow_template_db(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    with contextlib.chdir(path.parent):  # the Default experiment's artifacts: ./mlruns here, not the repository
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers_measure import log_softmax, make_constant_model
 
-from fakegpt import cli
+from fakegpt import cli, tracking
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import Statement, load_claims
@@ -287,7 +287,8 @@ def test_general_ability_perplexity_on_the_shared_news_corpus(tmp_path, tiny_mod
     from fakegpt.data import bins
     from fakegpt.measure.score import val_perplexity
 
-    monkeypatch.chdir(ROOT)
+    mlflow.set_experiment(tracking.DEFAULT_EXPERIMENT)  # created in this test's folder: its ./mlruns holds the runs
+    monkeypatch.chdir(ROOT)  # the dataset YAML names its corpus relative to the repository, as users run it
     general = tmp_path / "general"
     assert cli.main(["prepare", "--config", "experiments/datasets/general_pt.yaml", "--out", str(general)]) == 0
     assert (

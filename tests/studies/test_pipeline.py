@@ -266,7 +266,8 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
     from fakegpt.errors import FakegptError
     from fakegpt.studies.mixture import SeriesConfig, check_dose_size, validate
 
-    monkeypatch.chdir(ROOT)
+    mlflow.set_experiment(tracking.DEFAULT_EXPERIMENT)  # created in this test's folder: its ./mlruns holds the runs
+    monkeypatch.chdir(ROOT)  # the dataset YAML names its corpora relative to the repository, as users run it
     demo = ROOT / "experiments" / "datasets" / "demo_mix.yaml"
     nocap = tmp_path / "nocap.yaml"
     nocap.write_text("\n".join(line for line in demo.read_text().splitlines() if "max_train_tokens" not in line))
