@@ -16,25 +16,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from fakegpt.files import crc32_read
-from fakegpt.finetune.state import WeightsFile
 from fakegpt.models import loading
 from fakegpt.models.checkpoint import TrainingInfo
+from fakegpt.models.weights import WeightsFile
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"  # save_pretrained's one file (its shards start at 50 GB)
-
-
-def _crc32_and_close(fh: BinaryIO) -> int:
-    with fh:
-        return crc32_read(fh)
 
 
 class BestModelWriter:
@@ -182,31 +173,14 @@ class BestModelWriter:
     ) -> None:
         started = time.perf_counter()
         self.last_weights = None
-        checksum: list[Future[int]] = []
-
-        def checksum_during_flush(tmp: Path) -> None:
-            """The weights file's CRC-32, read from the page cache while the flush to disk runs: at the end of a
-            run the resume state waits for it (6.2 GB at gpt2-xl: ~2 s read after the flush, else)."""
-            if (tmp / WEIGHTS_NAME).is_file():
-                fh = open(tmp / WEIGHTS_NAME, "rb")  # noqa: SIM115 - opened now: the folder is renamed meanwhile
-                checksum.append(pool.submit(_crc32_and_close, fh))
-
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="fakegpt-best-crc") as pool:
-                # a shallow copy: save_pretrained empties the dict it is given as it writes the shards. In the
-                # background, the flush to disk and the checksum cost the training thread nothing
-                loading.save_checkpoint(
-                    model,
-                    folder,
-                    info,
-                    state_dict=None if snapshot is None else dict(snapshot),
-                    durable=self.background,
-                    written=checksum_during_flush if self.background else None,
-                )
-                if checksum:
-                    weights = folder / WEIGHTS_NAME
-                    crc = checksum[0].result()
-                    self.last_weights = (info.iter, WeightsFile(weights, weights.stat().st_size, crc))
+            # a shallow copy: the tied weights are dropped from the dict that is written. In the background, the
+            # fsync'd folder costs the training thread nothing; its weights file's CRC-32 comes from the write
+            weights = loading.save_checkpoint(
+                model, folder, info, state_dict=None if snapshot is None else dict(snapshot), durable=self.background
+            )
+            if self.background:
+                self.last_weights = (info.iter, weights)
             if then is not None:
                 then()
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()

@@ -35,6 +35,7 @@ from fakegpt.contracts import from_versioned_dict, to_versioned_dict
 from fakegpt.errors import FakegptError
 from fakegpt.files import DurableFile, atomic_dir, crc32_of
 from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.weights import WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +151,6 @@ def _save_synced(obj: Any, path: Path) -> int:
     finally:
         torch.serialization.set_crc32_options(torch_crc)
     return fh.crc
-
-
-@dataclass(frozen=True)
-class WeightsFile:
-    """A safetensors file on disk holding exactly the weights a state is about to save (the best model's)."""
-
-    path: Path
-    size: int
-    crc32: int
 
 
 def _link(weights: WeightsFile, target: Path) -> bool:

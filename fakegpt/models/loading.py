@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from fakegpt.data.tokenizer import VOCAB_SIZE, write_hf_tokenizer_files
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import atomic_dir, fsync_files, read_json_object
 from fakegpt.models.checkpoint import TrainingInfo
+from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile, write_safetensors
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -135,35 +135,40 @@ def save_checkpoint(
     info: TrainingInfo | None = None,
     state_dict: dict | None = None,
     durable: bool = False,
-    written: Callable[[Path], Any] | None = None,
-) -> Path:
-    """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically.
+) -> WeightsFile:
+    """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically; returns its
+    weights file (final path, size, CRC-32).
 
-    `info` (finetune's training_info.json) is written inside the same folder before it is swapped in, so the
-    weights and their description never disagree. `state_dict`: save these weights (a snapshot taken earlier)
-    with `model`'s configuration, instead of the model's current ones. `durable`: fsync the files before the
-    folder is swapped in (it then survives a machine crash, not only a killed process). `written`: called with
-    the temporary folder once every file is written, before that flush (a checksum read there overlaps it).
+    The folder is what `save_pretrained` writes (config.json and generation_config.json by transformers itself,
+    tied weights left out by its own rule), but the weights go straight to the disk through
+    `fakegpt.models.weights` (byte-identical to safetensors' file; see there for why). `info` (finetune's
+    training_info.json) is written inside the same folder before it is swapped in, so the weights and their
+    description never disagree. `state_dict`: save these weights (a snapshot taken earlier) with `model`'s
+    configuration, instead of the model's current ones. `durable`: fsync the small files and the folder too
+    (the weights file always is), so the folder survives a machine crash, not only a killed process.
     """
-    from transformers.utils import logging as hf_logging
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     folder = Path(folder)
     unwrapped = getattr(model, "module", model)  # DDP
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+    weights = remove_tied_weights_from_state_dict(
+        dict(unwrapped.state_dict() if state_dict is None else state_dict), unwrapped
+    )
     with atomic_dir(folder) as tmp:
-        hf_logging.disable_progress_bar()  # "Writing model shards" at every save would flood the log
-        try:
-            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        finally:
-            hf_logging.enable_progress_bar()
+        written = write_safetensors(weights, tmp / WEIGHTS_NAME, {"format": "pt"})
+        # what save_pretrained records beside the weights
+        unwrapped.config.dtype = str(unwrapped.dtype).split(".")[1]
+        unwrapped.config.architectures = [type(unwrapped).__name__]
+        unwrapped.config.save_pretrained(tmp)
+        if unwrapped.can_generate():
+            unwrapped.generation_config.save_pretrained(tmp)
         write_hf_tokenizer_files(tmp)
         if info is not None:
             info.write(tmp)
-        if written is not None:
-            written(tmp)
         if durable:
             fsync_files(tmp)
-    return folder
+    return WeightsFile(folder / WEIGHTS_NAME, written.size, written.crc32)
 
 
 def dropout_overrides(dropout: float) -> dict[str, float]:

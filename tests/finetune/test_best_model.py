@@ -10,11 +10,11 @@ from tiny_runs import tiny_config
 
 from fakegpt.files import crc32_of
 from fakegpt.finetune.best_model import BestModelWriter
-from fakegpt.finetune.state import WeightsFile
 from fakegpt.finetune.train import finetune
 from fakegpt.models import loading
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
 from fakegpt.models.loading import scratch_model
+from fakegpt.models.weights import WeightsFile
 
 
 def _slow_buffer(monkeypatch, seconds: float = 0.5) -> None:
@@ -50,8 +50,8 @@ def test_snapshot_is_the_weights_at_submit_even_when_the_step_follows_at_once(tm
     for name, value in saved.items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
     assert writer.blocked_seconds > 0.3 and writer.write_seconds > 0.5  # waits are counted on the training side
-    # what a resume state of iteration 3 would link: the published file, its size and CRC-32 (read while the
-    # temporary folder was flushed and renamed)
+    # what a resume state of iteration 3 would link: the published file, its size and CRC-32 (computed as it
+    # was written)
     weights = tmp_path / "ckpt" / "model.safetensors"
     assert writer.last_weights == (3, WeightsFile(weights, weights.stat().st_size, crc32_of(weights)))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fakegpt.data.tokenizer import VOCAB_SIZE, get_encoding
 from fakegpt.errors import FakegptError
+from fakegpt.files import crc32_of
 from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, num_params
 from fakegpt.models.checkpoint import CHECKPOINT_FILES, TrainingInfo
@@ -115,7 +116,10 @@ def test_save_checkpoint_exact_files_and_training_info(tmp_path):
 
     model = scratch_model(1, 2, 32, 16)
     info = TrainingInfo(init_from="scratch", config={"n_layer": 1}, data={}, iter=3, val_loss=2.5, tokens_seen=48)
-    folder = save_checkpoint(model, tmp_path / "ckpt", info)
+    weights = save_checkpoint(model, tmp_path / "ckpt", info)
+    folder = weights.path.parent
+    assert folder == tmp_path / "ckpt" and weights.path.name == "model.safetensors"
+    assert (weights.size, weights.crc32) == (weights.path.stat().st_size, crc32_of(weights.path))
     assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
     assert json.loads((folder / "training_info.json").read_text()) == {
         "init_from": "scratch",
@@ -130,3 +134,26 @@ def test_save_checkpoint_exact_files_and_training_info(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     again = GPT2LMHeadModel.from_pretrained(folder)
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_save_checkpoint_writes_what_save_pretrained_writes(tmp_path, dtype, snapshot):
+    """The weights go to the disk through fakegpt's own safetensors writer (direct I/O, CRC on the way), and the
+    folder is byte for byte what transformers' save_pretrained writes: weights file (tied output layer left
+    out), config.json, generation_config.json. Also from a host snapshot whose tied weights share one tensor,
+    as the best model's writer passes it."""
+    model = scratch_model(2, 2, 32, 16, dtype=dtype)
+    state = None
+    if snapshot:  # a copy of the weights, the tied pair kept as one tensor (BestModelWriter's host buffer)
+        copies: dict[int, torch.Tensor] = {}
+        state = {k: copies.setdefault(v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # the model moves on; the snapshot is what must be saved
+    reference = scratch_model(2, 2, 32, 16, dtype=dtype)
+    reference.load_state_dict(state if snapshot else model.state_dict())
+    reference.save_pretrained(tmp_path / "hf")
+    save_checkpoint(model, tmp_path / "ours", state_dict=state)
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
