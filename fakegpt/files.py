@@ -144,7 +144,8 @@ class DurableFile:
       reached ~1.5 GB/s (`tools/bench_checkpoint.py --disk` measures both); a multi-GB checkpoint also no longer
       pushes the training data out of the cache. The last partial buffer is written padded to the alignment,
       then the file is cut to its size.
-    - Where the file system refuses O_DIRECT, the same buffers are written through the page cache, and every
+    - Where the file system refuses O_DIRECT (at open, or at the first write), the same buffers are written
+      through the page cache, and every
       WRITEBACK_BYTES the disk is asked to start on what came before (else the fsync would pay for it all).
     - `crc`: the CRC-32 of everything written, computed on each staging buffer while the previous one is on
       its way to the disk (zlib releases the GIL): no second pass over the file.
@@ -192,7 +193,7 @@ class DurableFile:
             if self._fill:
                 self._submit()
             self._wait()
-            if self.direct and self.size % DIRECT_ALIGN:
+            if os.fstat(self._fd).st_size != self.size:
                 os.ftruncate(self._fd, self.size)  # the last block went out padded to the alignment
             os.fsync(self._fd)
         finally:
@@ -225,7 +226,12 @@ class DurableFile:
             with memoryview(buffer) as view:
                 done = 0
                 while done < length:
-                    done += os.pwrite(self._fd, view[done:length], offset + done)
+                    try:
+                        done += os.pwrite(self._fd, view[done:length], offset + done)
+                    except OSError as exc:
+                        if not (self.direct and exc.errno == errno.EINVAL):
+                            raise
+                        self._stop_direct_io()  # opened with O_DIRECT, but this file system refuses the writes
             if not self.direct and offset + length - self._pushed >= WRITEBACK_BYTES:
                 start_writeback(self._fd, self._pushed, offset + length - self._pushed)
                 self._pushed = offset + length
@@ -233,6 +239,13 @@ class DurableFile:
             self._error = exc
         finally:
             self._free.put(buffer)
+
+    def _stop_direct_io(self) -> None:
+        """Writer thread: go on through the page cache (a file system that takes O_DIRECT at open, not at write)."""
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def _wait(self) -> None:
         for future in self._pending:

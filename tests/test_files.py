@@ -208,3 +208,33 @@ def test_durable_file_reports_a_failed_write_and_closes_cleanly(tmp_path, monkey
             for _ in range(20):
                 fh.write(bytes(1 << 20))
     assert fh._closed and fh._writer._shutdown
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this OS")
+def test_durable_file_goes_on_through_the_page_cache_when_direct_writes_are_refused(tmp_path, monkeypatch):
+    """A file system that accepts O_DIRECT at open but refuses the writes (EINVAL): the writer clears the flag
+    and writes the same bytes through the page cache; the padded tail is still cut off."""
+    import fcntl
+    import zlib
+
+    from fakegpt import files
+
+    if not _direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    real = os.pwrite
+    refused = []
+
+    def no_direct_writes(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(22, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(files.os, "pwrite", no_direct_writes)
+    blocks = _mixed_blocks(2)
+    with files.DurableFile(tmp_path / "state.pt") as fh:
+        for block in blocks:
+            fh.write(block)
+    data = (tmp_path / "state.pt").read_bytes()
+    assert refused == [0] and not fh.direct
+    assert data == b"".join(blocks) and fh.crc == zlib.crc32(data)

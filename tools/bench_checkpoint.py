@@ -3,7 +3,7 @@
     python tools/bench_checkpoint.py                     # gpt2-medium shape (24 x 16 x 1024), 5 iterations each
     python tools/bench_checkpoint.py --iters 3 --block-size 32 --n-layer 12 --n-head 12 --n-embd 768   # gpt2 shape
     python tools/bench_checkpoint.py --runs new --iters 100 --eval-interval 5   # the target's run, measured whole
-    python tools/bench_checkpoint.py --disk     # the disk alone under that run's writes (4 min, no training)
+    python tools/bench_checkpoint.py --disk     # the disk alone: the end's 4.25 GB, page cache vs direct I/O
 
 A scratch model trains on the CPU through `fakegpt.finetune.train.finetune` itself (block 64, micro-batch 1, no
 accumulation, one evaluation batch, lr 1e-4) with an evaluation at every iteration (`--eval-interval`) that
@@ -53,13 +53,14 @@ def folder_bytes(path: Path, links: bool = True) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and (links or p.stat().st_nlink == 1))
 
 
-def disk_floor(nbytes: int, folder: Path) -> float:
-    """Seconds this disk takes to write and fsync `nbytes` of incompressible data, written back as they go (as
-    the resume state's files are): what any durable write of that much costs, whatever writes it."""
+def disk_floor(nbytes: int, folder: Path, direct: bool = True) -> float:
+    """Seconds this disk takes to write and fsync `nbytes` of incompressible data the way checkpoints are
+    written (`DurableFile`: direct I/O; `direct=False`: through the page cache, written back as it goes): what
+    any durable write of that much costs, whatever writes it."""
     block = os.urandom(64 << 20)
     path = folder / "floor.bin"
     started = time.perf_counter()
-    with DurableFile(path) as fh:
+    with DurableFile(path, direct=direct) as fh:
         left = nbytes
         while left > 0:
             left -= fh.write(block[: min(left, len(block))])
@@ -68,19 +69,24 @@ def disk_floor(nbytes: int, folder: Path) -> float:
     return seconds
 
 
-def disk_profile(folder: Path, writes: int = 21, nbytes: int = int(1.42e9), every: float = 11.0) -> None:
-    """How this disk takes the run's writes: `writes` durable writes of a gpt2-medium best model, one every
-    `every` seconds (the 100-iteration run's pace), then the end's 4.25 GB (best model + AdamW state) at once."""
-    total = nbytes * writes / 1e9
-    print(f"disk: {total:.0f} GB as {writes} durable writes of {nbytes / 1e9:.2f} GB, one every {every:.0f} s")
-    for i in range(writes):
-        started = time.perf_counter()
-        seconds = disk_floor(nbytes, folder)
-        print(f"  write {i + 1:>2}: {seconds:5.2f} s ({nbytes / seconds / 1e6:,.0f} MB/s)", flush=True)
-        time.sleep(max(0.0, every - (time.perf_counter() - started)))
-    end = int(4.25e9)
-    seconds = disk_floor(end, folder)
-    print(f"then the end's {end / 1e9:.2f} GB: {seconds:.2f} s ({end / seconds / 1e6:,.0f} MB/s)")
+def disk_profile(folder: Path, rounds: int = 5, nbytes: int = int(4.25e9), pause: float = 5.0) -> None:
+    """The end of the 100-iteration run's bytes (best model + AdamW state, 4.25 GB), written durably through the
+    page cache (the writer before direct I/O) and with direct I/O (now), alternately, `rounds` times."""
+    print(f"disk: {nbytes / 1e9:.2f} GB written and fsync'd, page cache vs direct I/O, {rounds} alternating rounds")
+    ratios = []
+    for i in range(rounds):
+        cached = disk_floor(nbytes, folder, direct=False)
+        time.sleep(pause)  # the disk settles between writes
+        direct = disk_floor(nbytes, folder, direct=True)
+        time.sleep(pause)
+        ratios.append(cached / direct)
+        print(
+            f"  round {i + 1}: page cache {cached:5.2f} s ({nbytes / cached / 1e6:,.0f} MB/s), direct {direct:5.2f} s "
+            f"({nbytes / direct / 1e6:,.0f} MB/s): {cached / direct:.1f}x",
+            flush=True,
+        )
+    ratios.sort()
+    print(f"median: direct I/O {ratios[len(ratios) // 2]:.1f}x faster")
 
 
 class Meter:
@@ -217,7 +223,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="a prepared data folder (default: prepare the embedded demo data)")
     parser.add_argument("--work", help="folder for the runs' outputs (default: a temporary folder, removed)")
     parser.add_argument(
-        "--disk", action="store_true", help="only profile the disk under the 100-iteration run's writes (no training)"
+        "--disk", action="store_true", help="only the disk: the end's bytes through the page cache vs direct I/O"
     )
     args = parser.parse_args()
     if args.disk:
