@@ -145,8 +145,8 @@ class DurableFile:
       pushes the training data out of the cache. The last partial buffer is written padded to the alignment,
       then the file is cut to its size.
     - Where the file system refuses O_DIRECT (at open, or at the first write), the same buffers are written
-      through the page cache, and every
-      WRITEBACK_BYTES the disk is asked to start on what came before (else the fsync would pay for it all).
+      through the page cache, and every WRITEBACK_BYTES the disk is asked to start on what came before (else
+      the fsync would pay for it all).
     - `crc`: the CRC-32 of everything written, computed on each staging buffer while the previous one is on
       its way to the disk (zlib releases the GIL): no second pass over the file.
     """
