@@ -140,8 +140,8 @@ class DurableFile:
 
     - The bytes bypass the page cache (O_DIRECT): they are copied into page-aligned staging buffers and a
       writer thread hands each full buffer to the disk while the caller produces the next. Through the page
-      cache, the kernel's writeback on this VM's disk reached ~400 MB/s where direct writes of the same bytes
-      reached ~1.5 GB/s (`tools/bench_checkpoint.py --disk` measures both); a multi-GB checkpoint also no longer
+      cache, the kernel's writeback on this VM's disk reached ~500 MB/s where direct writes of the same bytes
+      reached ~1.8 GB/s (`tools/bench_checkpoint.py --disk` measures both); a multi-GB checkpoint also no longer
       pushes the training data out of the cache. The last partial buffer is written padded to the alignment,
       then the file is cut to its size.
     - Where the file system refuses O_DIRECT (at open, or at the first write), the same buffers are written
