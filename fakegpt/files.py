@@ -20,6 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from fakegpt.errors import FakegptError
 
 
@@ -148,17 +150,19 @@ class DurableFile:
       through the page cache, and every WRITEBACK_BYTES the disk is asked to start on what came before (else
       the fsync would pay for it all).
     - `crc`: the CRC-32 of everything written, computed on each staging buffer while the previous one is on
-      its way to the disk (zlib releases the GIL): no second pass over the file.
+      its way to the disk: no second pass over the file. The copy (numpy), the checksum (zlib) and the writes
+      release the GIL, so a background write leaves the training thread's Python alone.
     """
 
     def __init__(self, path: str | Path, direct: bool = True):
         self._fd, self.direct = _open_for_writing(path, direct)
         self.crc = 0
         self.size = 0  # bytes written so far (the file's size once closed)
-        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        # anonymous maps are page-aligned, as O_DIRECT needs; numpy copies into them without holding the GIL
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for _ in range(STAGING_BUFFERS):
-            self._free.put(mmap.mmap(-1, STAGING_BYTES))  # anonymous maps are page-aligned, as O_DIRECT needs
-        self._buffer: mmap.mmap | None = None
+            self._free.put(np.frombuffer(mmap.mmap(-1, STAGING_BYTES), dtype=np.uint8))
+        self._buffer: np.ndarray | None = None
         self._fill = 0
         self._offset = 0  # where the buffer being filled goes in the file
         self._pushed = 0  # buffered fallback: bytes whose writeback has been started
@@ -174,7 +178,7 @@ class DurableFile:
             if self._buffer is None:
                 self._buffer = self._take_buffer()
             n = min(len(view) - pos, STAGING_BYTES - self._fill)
-            self._buffer[self._fill : self._fill + n] = view[pos : pos + n]
+            np.copyto(self._buffer[self._fill : self._fill + n], np.frombuffer(view[pos : pos + n], dtype=np.uint8))
             self._fill += n
             pos += n
             if self._fill == STAGING_BYTES:
@@ -199,7 +203,7 @@ class DurableFile:
         finally:
             self._release()
 
-    def _take_buffer(self) -> mmap.mmap:
+    def _take_buffer(self) -> np.ndarray:
         buffer = self._free.get()  # waits while every buffer is with the writer: the disk sets the pace
         if self._error is not None:
             self._free.put(buffer)
@@ -209,29 +213,28 @@ class DurableFile:
     def _submit(self) -> None:
         buffer, n, offset = self._buffer, self._fill, self._offset
         assert buffer is not None
-        self.crc = zlib.crc32(memoryview(buffer)[:n], self.crc)
+        self.crc = zlib.crc32(buffer[:n], self.crc)
         length = n
         if self.direct and n % DIRECT_ALIGN:  # only the last buffer of a file is partial
             length = n + DIRECT_ALIGN - n % DIRECT_ALIGN
-            buffer[n:length] = bytes(length - n)
+            buffer[n:length] = 0
         self._buffer, self._fill, self._offset = None, 0, offset + n
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._writer.submit(self._write_out, buffer, length, offset))
 
-    def _write_out(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+    def _write_out(self, buffer: np.ndarray, length: int, offset: int) -> None:
         """Writer thread: one staging buffer to the file at `offset`; the buffer goes back to the free list."""
         try:
             if self._error is not None:
                 return
-            with memoryview(buffer) as view:
-                done = 0
-                while done < length:
-                    try:
-                        done += os.pwrite(self._fd, view[done:length], offset + done)
-                    except OSError as exc:
-                        if not (self.direct and exc.errno == errno.EINVAL):
-                            raise
-                        self._stop_direct_io()  # opened with O_DIRECT, but this file system refuses the writes
+            done = 0
+            while done < length:
+                try:
+                    done += os.pwrite(self._fd, buffer[done:length], offset + done)
+                except OSError as exc:
+                    if not (self.direct and exc.errno == errno.EINVAL):
+                        raise
+                    self._stop_direct_io()  # opened with O_DIRECT, but this file system refuses the writes
             if not self.direct and offset + length - self._pushed >= WRITEBACK_BYTES:
                 start_writeback(self._fd, self._pushed, offset + length - self._pushed)
                 self._pushed = offset + length
@@ -258,14 +261,9 @@ class DurableFile:
         self._closed = True
         self._writer.shutdown(wait=True)
         os.close(self._fd)
-        buffers = [self._free.get() for _ in range(self._free.qsize())]
-        if self._buffer is not None:
-            buffers.append(self._buffer)
-            self._buffer = None
-        for buffer in buffers:
-            # a failed write's traceback may still hold a view of its buffer: then the GC unmaps it later
-            with contextlib.suppress(BufferError):
-                buffer.close()
+        # the staging maps are unmapped with their last reference (a failed write's traceback may hold one)
+        self._free = queue.SimpleQueue()
+        self._buffer = None
 
     def __enter__(self) -> DurableFile:
         return self
