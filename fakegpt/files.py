@@ -126,7 +126,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 def _open_for_writing(path: str | Path, direct: bool) -> tuple[int, bool]:
     """(fd, whether it bypasses the page cache). O_DIRECT where the OS and file system take it, else buffered."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     o_direct = getattr(os, "O_DIRECT", 0)
     if direct and o_direct:
         try:
@@ -135,6 +135,14 @@ def _open_for_writing(path: str | Path, direct: bool) -> tuple[int, bool]:
             if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs on older kernels)
                 raise
     return os.open(path, flags, 0o666), False
+
+
+def _pwrite(fd: int, data: Any, offset: int) -> int:
+    """os.pwrite, or seek + write where there is none (Windows); only the one writer thread moves the offset."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
 
 class DurableFile:
@@ -230,7 +238,7 @@ class DurableFile:
             done = 0
             while done < length:
                 try:
-                    done += os.pwrite(self._fd, buffer[done:length], offset + done)
+                    done += _pwrite(self._fd, buffer[done:length], offset + done)
                 except OSError as exc:
                     if not (self.direct and exc.errno == errno.EINVAL):
                         raise
