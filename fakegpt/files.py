@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -283,18 +283,13 @@ class DurableFile:
             self._release()
 
 
-def crc32_read(fh: BinaryIO, chunk: int = 1 << 24) -> int:
-    """CRC-32 of what is left to read in an open binary file, in 16 MiB blocks."""
+def crc32_of(path: str | Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file, read in 16 MiB blocks."""
     crc = 0
-    while block := fh.read(chunk):
-        crc = zlib.crc32(block, crc)
-    return crc
-
-
-def crc32_of(path: str | Path) -> int:
-    """CRC-32 of a file."""
     with open(path, "rb") as fh:
-        return crc32_read(fh)
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -174,11 +174,9 @@ class BestModelWriter:
         started = time.perf_counter()
         self.last_weights = None
         try:
-            # a shallow copy: the tied weights are dropped from the dict that is written. In the background, the
-            # fsync'd folder costs the training thread nothing; its weights file's CRC-32 comes from the write
-            weights = loading.save_checkpoint(
-                model, folder, info, state_dict=None if snapshot is None else dict(snapshot), durable=self.background
-            )
+            # in the background, the fsync'd folder costs the training thread nothing; its weights file's CRC-32
+            # comes from the write
+            weights = loading.save_checkpoint(model, folder, info, state_dict=snapshot, durable=self.background)
             if self.background:
                 self.last_weights = (info.iter, weights)
             if then is not None:

@@ -35,13 +35,13 @@ from fakegpt.contracts import from_versioned_dict, to_versioned_dict
 from fakegpt.errors import FakegptError
 from fakegpt.files import DurableFile, atomic_dir, crc32_of
 from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, TrainingInfo
-from fakegpt.models.weights import WeightsFile
+from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "state"  # OUT/state/iter-NNNNNNN/
 MODEL_FILE = "model.pt"
-LINKED_MODEL_FILE = "model.safetensors"  # the best model's own file, hard-linked (see the module docstring)
+LINKED_MODEL_FILE = WEIGHTS_NAME  # the best model's own file, hard-linked (see the module docstring)
 TIED_KEYS = {"lm_head.weight": "transformer.wte.weight"}  # left out of HF's safetensors: one tensor, two names
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_JSON = "state.json"

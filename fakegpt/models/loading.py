@@ -152,6 +152,7 @@ def save_checkpoint(
     folder = Path(folder)
     unwrapped = getattr(model, "module", model)  # DDP
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile
+    # a shallow copy: transformers deletes the tied names from the dict it is given (the caller's snapshot stays)
     weights = remove_tied_weights_from_state_dict(
         dict(unwrapped.state_dict() if state_dict is None else state_dict), unwrapped
     )
