@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import mmap
 import os
 import queue
@@ -371,8 +372,19 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON to `path` atomically."""
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    """Write `data` as indented UTF-8 JSON to `path` atomically; NaN and infinities become null (an undefined
+    interval), since `NaN` is not JSON and strict readers refuse the whole file."""
+    write_text(path, json.dumps(_finite(data), indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n")
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
 
 
 LOCK_FILE = ".fakegpt.lock"

@@ -46,6 +46,7 @@ TAG_DATASET = "fakegpt.dataset"  # dataset name (data folder name or dataset YAM
 TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
 TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
+TAG_REFERENCE = "fakegpt.reference"  # score --reference: the model the paired differences are from
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"
 TAG_TRIAL = "fakegpt.trial"  # optuna trial number of a tune trial's (nested) run
@@ -71,6 +72,14 @@ M_CLAIM_WIN = "claim/false_win_rate"
 M_CLAIM_MC1 = "claim/mc1"  # share of claims whose most likely statement is a false one (TruthfulQA's MC1, inverted)
 M_CLAIM_MC2 = "claim/mc2"  # mean normalised probability mass on a claim's false statements (MC2 on the false set)
 M_CLAIM_LOGLIK = "claim/mean_loglik"  # mean length-normalised log-likelihood of all scored statements
+M_CLAIM_SCORE_P = "claim/score_p_value"  # two-sided p-value of M_CLAIM_SCORE against 0
+M_CLAIM_SCORE_P_HOLM = "claim/score_p_holm"  # per topic (claim/score_p_holm/<topic>): Holm-adjusted over topics
+PAIRED_PREFIX = "paired/"  # score --reference: paired/<measure> = this model minus the reference, claim by claim
+# A dose series' primary endpoint: the slope of the claim score on dose (per unit of dose fraction)
+M_DOSE_SLOPE = "dose/slope"
+M_DOSE_SLOPE_LOW = "dose/slope_ci_low"
+M_DOSE_SLOPE_HIGH = "dose/slope_ci_high"
+M_DOSE_P = "dose/p_value"
 TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: human | judge:<model folder>
 M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
@@ -700,6 +709,13 @@ def metric_history(run_id: str, name: str) -> list[tuple[int, float]]:
     """(step, value) of every point of one metric of a run, in step order."""
     points = _mlflow().MlflowClient().get_metric_history(run_id, name)
     return sorted((int(m.step), float(m.value)) for m in points)
+
+
+def paired_metric(measure: str) -> str:
+    """The metric of a paired difference from the reference: paired/claim/score, paired/val/nll."""
+    if measure.startswith(("val_", "general_")):
+        return PAIRED_PREFIX + measure.replace("_", "/", 1)
+    return f"{PAIRED_PREFIX}claim/{measure}"
 
 
 def claim_topic_metric(topic: str, name: str = M_CLAIM_SCORE) -> str:

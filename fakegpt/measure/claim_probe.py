@@ -11,20 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import torch
 
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import load_claims, resolve_path
-from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, statement_table, summarise
+from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, statement_table, summarise, with_logprobs
 
 
 class ClaimProbe:
     """Score one claim set on a model, repeatedly; returns the `score` stage's MLflow metrics each time."""
 
-    def __init__(self, claims: str | Path, batch_size: int = 16, bootstrap: int = 200, seed: int = 0):
+    def __init__(self, claims: str | Path, batch_size: int = 16, bootstrap: int = ScoreConfig.bootstrap, seed: int = 0):
         statements = load_claims(resolve_path(claims))
         if not any(s.pair_id for s in statements):
             raise ValueError(f"{claims}: no claim pairs to score")
@@ -52,8 +51,5 @@ class ClaimProbe:
             logps = token_logprobs(model, self.sequences, batch_size=self.cfg.batch_size)
         finally:
             model.train(was_training)
-        table = self.table.with_columns(
-            loglik=pl.Series([float(lp.mean()) for lp in logps]),
-            tokens=pl.Series([int(lp.numel()) for lp in logps]),
-        )
+        table = with_logprobs(self.table, self.sequences, [lp.numpy() for lp in logps])
         return metrics_of(summarise("training", None, table, pair_table(table), self.cfg))

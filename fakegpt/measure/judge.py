@@ -11,13 +11,19 @@ aggregate` read it unchanged) plus the judge's probabilities and a `labelled_by`
 
 A judge is trusted only after it is measured: with `--human SHEET` (a filled human sheet of the same samples)
 it reports Cohen's kappa overall and per class (one class against the rest), with 95% intervals that resample
-prompts, since the samples of one prompt are not independent. No NLI model ships with fakegpt: download a
-multilingual one (an XNLI fine-tune) once where there is network, and pass its folder.
+prompts, since the samples of one prompt are not independent, and the judge x human confusion counts. Kappa
+is undefined (NaN; null in agreement.json) where both labellings use a single class; resamples where it is
+undefined are left out of the interval and counted (`undefined_resamples`), and too many of them leave no
+interval (see `kappa_entry`). The same report is given per dose (`per_fraction`, for a mixture series'
+all_samples.parquet) and per model (`per_model`). No NLI model ships with fakegpt: download a multilingual
+one (an XNLI fine-tune) once where there is network, and pass its folder.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,50 +131,241 @@ def judge_samples(samples: pl.DataFrame, cfg: AutoConfig) -> pl.DataFrame:
     )
 
 
-def cohen_kappa(a: list[str], b: list[str], classes: list[str] | None = None) -> float:
-    """Cohen's kappa between two labellings of the same items: (observed - chance agreement) / (1 - chance)."""
+MIN_DEFINED_SHARE = 0.8  # an interval needs at least this share of resamples with kappa defined (see kappa_entry)
+GROUP_COLUMNS = ("fraction", "model")  # the samples' columns agreement is also reported per value of, when present
+
+
+def kappa_from_confusion(counts: np.ndarray) -> np.ndarray:
+    """Cohen's kappa of one or more confusion matrices `counts[..., judge, human]`; NaN where it is undefined.
+
+    With n items, A agreements and C = sum over classes of (judge count x human count), kappa is
+    (n A - C) / (n^2 - C): the usual (observed - chance) / (1 - chance) multiplied through by n^2, so that the
+    one undefined case, chance agreement exactly 1 (both labellings use one and the same class only), is an
+    exact integer test rather than a float comparison.
+    """
+    m = np.asarray(counts, dtype=np.int64)
+    n = m.sum(axis=(-2, -1))
+    agree = np.trace(m, axis1=-2, axis2=-1)
+    chance = (m.sum(axis=-1) * m.sum(axis=-2)).sum(axis=-1)
+    denominator = n * n - chance
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator == 0, np.nan, (n * agree - chance) / denominator)
+
+
+def confusion_matrix(a: list, b: list, classes: list) -> np.ndarray:
+    """Counts [i, j] of items labelled classes[i] in `a` and classes[j] in `b`."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in (*a, *b) if v not in index})
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not one of the classes {classes}")
+    k = len(classes)
+    codes = np.array([index[x] * k + index[y] for x, y in zip(a, b, strict=True)], dtype=np.int64)
+    return np.bincount(codes, minlength=k * k).reshape(k, k)
+
+
+def cohen_kappa(a: list, b: list, classes: list | None = None) -> float:
+    """Cohen's kappa between two labellings of the same items: (observed - chance agreement) / (1 - chance).
+
+    NaN (math.nan) when chance agreement is 1, i.e. both labellings put every item in the same single class:
+    kappa is 0/0 there, and calling it perfect agreement (the old 1.0) made bootstrap resamples that happened
+    to miss a rare class count as perfect, pushing the upper bound of the interval to 1.0.
+    """
     if len(a) != len(b) or not a:
         raise ValueError("two labellings of the same, non-empty set of items are needed")
     classes = classes or sorted(set(a) | set(b))
-    x, y = np.asarray(a), np.asarray(b)
-    observed = float((x == y).mean())
-    chance = float(sum((x == c).mean() * (y == c).mean() for c in classes))
-    return 1.0 if chance == 1.0 else (observed - chance) / (1.0 - chance)
+    return float(kappa_from_confusion(confusion_matrix(a, b, classes)))
 
 
-def agreement(judged: pl.DataFrame, human: pl.DataFrame, labels: list[str], n_boot: int, seed: int = 0) -> dict:
-    """Kappa overall and per class (one against the rest) with 95% intervals resampling prompts."""
-    both = judged.select("sample_id", "prompt_id", pl.col("label").alias("judge")).join(
+def one_vs_rest(counts: np.ndarray, i: int) -> np.ndarray:
+    """The 2x2 matrices [..., (class i, the rest), (class i, the rest)] collapsed from K x K confusion matrices."""
+    hit = counts[..., i, i]
+    judge_only = counts[..., i, :].sum(axis=-1) - hit
+    human_only = counts[..., :, i].sum(axis=-1) - hit
+    rest = counts.sum(axis=(-2, -1)) - hit - judge_only - human_only
+    return np.stack([np.stack([hit, judge_only], -1), np.stack([human_only, rest], -1)], -2)
+
+
+def kappa_entry(point: np.ndarray, draws: np.ndarray, names: list[str], prompts: int) -> dict[str, Any]:
+    """kappa, its interval over the bootstrap draws that define it, how many did not, and the confusion matrix.
+
+    A draw whose kappa is undefined (both labellings put all its items in one class: for a class against the
+    rest, mostly a draw in which nobody used the class) says nothing about agreement, so it is left out of the
+    quantiles and counted in `undefined_resamples`. The interval is then one of the resamples that hold the
+    class, which stands for the data only when nearly all do. When the class occurs
+    in the samples of a single prompt (of P), a resample misses that prompt with probability (1 - 1/P)^P,
+    25% to 37% for P >= 2, and every resample that has the class has it from that one prompt: there is no
+    spread between prompts to measure. With the class in two prompts or more, misses fall to at most 14%
+    ((1 - 2/P)^P <= e^-2). MIN_DEFINED_SHARE = 80% separates the two cases: with fewer defined resamples,
+    or fewer than 2 prompts (every resample is then the same one), ci_low and ci_high are NaN.
+    """
+    kappa = float(kappa_from_confusion(point))
+    boot = kappa_from_confusion(draws)
+    defined = boot[~np.isnan(boot)]
+    undefined = int(boot.size - defined.size)
+    note = None
+    if prompts < 2:
+        low = high = math.nan
+        note = "interval undefined: fewer than 2 prompts to resample"
+    elif defined.size == 0 or defined.size < MIN_DEFINED_SHARE * boot.size:
+        low = high = math.nan
+        note = (
+            f"interval undefined: kappa is defined in {defined.size} of {boot.size} resamples "
+            f"(under {MIN_DEFINED_SHARE:.0%})"
+        )
+    else:
+        low, high = (float(q) for q in np.quantile(defined, [0.025, 0.975]))
+    if math.isnan(kappa):
+        note = "kappa undefined: both labellings use one class only" + (f"; {note}" if note else "")
+    table = {j: {h: int(point[a, b]) for b, h in enumerate(names)} for a, j in enumerate(names)}
+    return {
+        "kappa": kappa,
+        "ci_low": low,
+        "ci_high": high,
+        "undefined_resamples": undefined,
+        "confusion": table,
+        "note": note,
+    }
+
+
+def paired_labels(judged: pl.DataFrame, human: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """sample_id, prompt_id, the `by` columns, judge and human label: one row per sample both labelled."""
+    both = judged.select("sample_id", "prompt_id", *by, pl.col("label").alias("judge")).join(
         human.select("sample_id", pl.col("label").alias("human")), on="sample_id", how="inner"
     )
     if both.height == 0:
         raise FakegptError("--human: none of its samples were judged (a sheet of other samples?)")
-    groups = [idx.to_numpy() for idx in both.with_row_index("i").group_by("prompt_id").agg("i")["i"]]
+    return both
+
+
+def agreement_report(both: pl.DataFrame, labels: list[str], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Kappa overall and per class (one against the rest) of paired labels, with intervals resampling prompts."""
+    unknown = sorted((set(both["judge"]) | set(both["human"])) - set(labels))
+    if unknown:
+        raise FakegptError(f"agreement: label {unknown[0]!r} is not one of {labels}")
+    # Prompts in sorted order, not group_by's arbitrary one, so a seed gives the same draws on every run.
+    prompts = sorted(set(both["prompt_id"].to_list()))
+    index = {c: i for i, c in enumerate(labels)}
+    where = {p: i for i, p in enumerate(prompts)}
+    k = len(labels)
+    per_prompt = np.zeros((len(prompts), k, k), dtype=np.int64)
+    np.add.at(
+        per_prompt,
+        (
+            np.array([where[p] for p in both["prompt_id"]], dtype=np.int64),
+            np.array([index[v] for v in both["judge"]], dtype=np.int64),
+            np.array([index[v] for v in both["human"]], dtype=np.int64),
+        ),
+        1,
+    )
     rng = np.random.default_rng(seed)
-    judge, human_labels = both["judge"].to_numpy(), both["human"].to_numpy()
+    # A draw takes len(prompts) prompts with replacement (one rng.integers call per draw, in order); its
+    # confusion matrix is the sum of theirs, a prompt drawn twice counted twice.
+    times = np.zeros((n_boot, len(prompts)), dtype=np.int64)
+    for row in times:
+        row += np.bincount(rng.integers(0, len(prompts), size=len(prompts)), minlength=len(prompts))
+    draws = np.tensordot(times, per_prompt, axes=1)  # (n_boot, k, k)
+    point = per_prompt.sum(axis=0)
+    report: dict[str, Any] = {
+        "n": both.height,
+        "prompts": len(prompts),
+        "intervals": (
+            f"95% bootstrap over prompts ({n_boot} resamples); resamples with kappa undefined are left out "
+            f"and counted; no interval under {MIN_DEFINED_SHARE:.0%} defined"
+        ),
+        "overall": kappa_entry(point, draws, labels, len(prompts)),
+    }
+    for i, c in enumerate(labels):
+        names = [c, f"not {c}"]
+        report[c] = kappa_entry(one_vs_rest(point, i), one_vs_rest(draws, i), names, len(prompts))
+    return report
 
-    def kappas(rows: np.ndarray) -> dict[str, float]:
-        j, h = judge[rows].tolist(), human_labels[rows].tolist()
-        out = {"overall": cohen_kappa(j, h, labels)}
-        for c in labels:
-            out[c] = cohen_kappa([v == c for v in j], [v == c for v in h], [True, False])
-        return out
 
-    point = kappas(np.arange(both.height))
-    draws = []
-    for _ in range(n_boot):
-        picked = rng.integers(0, len(groups), size=len(groups))
-        draws.append(kappas(np.concatenate([groups[g] for g in picked])))
-    result = {"n": both.height, "prompts": len(groups), "intervals": "95% bootstrap over prompts"}
-    for key, value in point.items():
-        values = np.array([d[key] for d in draws])
-        low, high = np.quantile(values, [0.025, 0.975])
-        result[key] = {"kappa": value, "ci_low": float(low), "ci_high": float(high)}
-    return result
+def agreement(
+    judged: pl.DataFrame,
+    human: pl.DataFrame,
+    labels: list[str],
+    n_boot: int,
+    seed: int = 0,
+    by: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Kappa overall and per class with 95% intervals resampling prompts; with `by`, also per value of each.
+
+    `per_<column>` maps each (non-null) value of the column among the paired samples, as a string (0.2 ->
+    "0.2"), to the report of those samples alone: exactly `agreement` of the judged rows with that value (same
+    labels, same seed), so a dose's numbers do not depend on which other doses were labelled.
+    """
+    missing = [c for c in by if c not in judged.columns]
+    if missing:
+        raise FakegptError(f"agreement by {missing[0]!r}: the judged samples have no such column")
+    both = paired_labels(judged, human, list(by))
+    report = agreement_report(both, labels, n_boot, seed)
+    for column in by:
+        values = sorted(both[column].drop_nulls().unique().to_list())
+        report[f"per_{column}"] = {
+            str(v): agreement_report(both.filter(pl.col(column) == v), labels, n_boot, seed) for v in values
+        }
+    return report
+
+
+def metric_part(value: str) -> str:
+    """A group value as one MLflow metric-name segment: characters MLflow refuses (and '/') become '_'.
+
+    MLflow names allow letters, digits, _ - . space and /; '/' would split a model spec such as runs:/<id>/best
+    into levels of the name. Two values differing only in such characters would share a name.
+    """
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", value)
+
+
+def agreement_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of a report: labels/judge_kappa/<key>, labels/judge_kappa_by_<column>/<value>/<key>.
+
+    Undefined (NaN) kappas are left out: MLflow would store NaN as a number, and a missing point reads right.
+    """
+
+    def kappas(part: dict[str, Any], prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/{key}": entry["kappa"]
+            for key, entry in part.items()
+            if isinstance(entry, dict) and "kappa" in entry and not math.isnan(entry["kappa"])
+        }
+
+    out = kappas(report, tracking.M_JUDGE_KAPPA)
+    for section, groups in report.items():
+        if section.startswith("per_"):
+            for value, part in groups.items():
+                out |= kappas(part, f"{tracking.M_JUDGE_KAPPA}_by_{section[4:]}/{metric_part(value)}")
+    return out
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with NaN floats as None, so agreement.json is JSON every reader accepts (NaN is not JSON)."""
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [strict_json(v) for v in data]
+    return None if isinstance(data, float) and math.isnan(data) else data
+
+
+def format_kappa(entry: dict[str, Any]) -> str:
+    """'0.812 [0.650, 0.910]' for a kappa entry, with 'undefined' for a NaN (or null) kappa or bound."""
+
+    def number(x: float | None) -> str:
+        return "undefined" if x is None or math.isnan(x) else f"{x:.3f}"
+
+    if entry["ci_low"] is None or math.isnan(entry["ci_low"]):
+        interval = "[interval undefined]"
+    else:
+        interval = f"[{number(entry['ci_low'])}, {number(entry['ci_high'])}]"
+    return f"{number(entry['kappa'])} {interval}"
 
 
 def auto(cfg: AutoConfig, samples: pl.DataFrame, read_human: Any) -> tuple[Path, dict | None]:
-    """Judge every sample, write the sheet (and agreement.json beside it with --human); returns both."""
+    """Judge every sample, write the sheet (and agreement.json beside it with --human); returns both.
+
+    agreement.json has the pooled report plus `per_fraction` / `per_model` for those of the two columns the
+    samples have (a mixture series' all_samples.parquet has `fraction`), even with one value, so its shape
+    depends only on the table's columns.
+    """
     if not cfg.judge:
         raise FakegptError("--judge: the folder of an NLI model is required")
     if not 0.0 < cfg.threshold < 1.0:
@@ -188,10 +385,9 @@ def auto(cfg: AutoConfig, samples: pl.DataFrame, read_human: Any) -> tuple[Path,
         report = None
         if human is not None:
             labels = sorted(set(judged["label"]) | set(human["label"]))
-            report = agreement(judged, human, labels, cfg.bootstrap)
-            write_json(path.with_name("agreement.json"), report)
+            by = [c for c in GROUP_COLUMNS if c in judged.columns]
+            report = agreement(judged, human, labels, cfg.bootstrap, by=by)
+            write_json(path.with_name("agreement.json"), strict_json(report))
             tracking.log_artifact(path.with_name("agreement.json"))
-            tracking.log_metrics(
-                {f"{tracking.M_JUDGE_KAPPA}/{k}": v["kappa"] for k, v in report.items() if isinstance(v, dict)}
-            )
+            tracking.log_metrics(agreement_metrics(report))
     return path, report

@@ -23,7 +23,7 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_table
-from fakegpt.measure.judge import AutoConfig, auto
+from fakegpt.measure.judge import AutoConfig, auto, format_kappa
 from fakegpt.plots import figure
 from fakegpt.stats import clustered_wilson
 
@@ -306,9 +306,10 @@ def main(argv: list[str]) -> int:
         path, report = auto(cfg, samples, lambda p: read_sheet(p, samples, DEFAULT_LABELS, allow_unlabelled=True))
         print(f"{samples.height} samples judged -> {path}")
         if report:
+            # format_kappa: a NaN kappa or bound (one class only, too few defined resamples) prints "undefined"
             print(
-                f"agreement with {cfg.human}: Cohen's kappa {report['overall']['kappa']:.3f} "
-                f"[{report['overall']['ci_low']:.3f}, {report['overall']['ci_high']:.3f}] over {report['n']} samples"
+                f"agreement with {cfg.human}: Cohen's kappa {format_kappa(report['overall'])} "
+                f"over {report['n']} samples"
             )
         return 0
     if isinstance(cfg, ExportConfig):

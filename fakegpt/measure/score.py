@@ -2,13 +2,21 @@
 
     fakegpt score --models gpt2,runs:/<finetune run id> --claims experiments/claims/antivax_six.yaml
 
-For every statement, the length-normalised log-likelihood: the mean over its tokens of log p(token | <eot> +
-the tokens before it). For every pair, score = loglik(false claim) - loglik(correction): above 0 means the model
-finds the false claim more likely. Per topic and overall: the mean score with a bootstrap 95% interval over
-claims (a pair and its translation resampled together), and the share of pairs the false claim wins. With
---data-dir, also the perplexity on fixed windows of val.bin. One model: metrics on the stage's run; several:
-one nested child run per model (tagged with its dose fraction from training_info.json) plus a plot of the
-score against that fraction.
+Every statement is scored token by token after an <eot> context. A pair's score is length-fair: the tokens that
+the false claim and its correction share at the start cancel (they have the same log-probabilities), so only
+the differing continuations count, each as its mean log-probability per token: score = mean log p(false
+continuation) - mean log p(true continuation), above 0 when the model finds the false claim more likely. The
+summed (`score_sum`, the full sentences' log-likelihood ratio) and per-byte (`score_per_byte`) variants and the
+old whole-statement mean (`score_full_mean`) are reported beside it; the README's validation section has the
+simulation behind the choice. Per topic and overall: the mean with a 95% interval over claims (a pair and its
+translation resampled together; a t interval below 10 claims) and a p-value (Holm-adjusted across topics).
+
+`--reference MODEL` (in main: the pretrained base model) reports every measure of every other model as its
+paired difference from the reference, claim by claim (windows for perplexity), which removes what the claims
+share across models and is far more sensitive than comparing two models' own intervals. With --data-dir, also
+the perplexity on fixed windows of val.bin. One model: metrics on the stage's run; several: one nested child
+run per model (tagged with its dose fraction from training_info.json) plus a plot of the score against that
+fraction.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.loading import model_config
 from fakegpt.models.refs import ModelRef, context_length, load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import cluster_bootstrap_ci
+from fakegpt.stats import Estimate, cluster_estimate, holm
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +53,12 @@ VAL_BLOCK = 256  # tokens per validation window: fixed, so perplexities of diffe
 
 # What the intervals resample, written into summary.json so that a reader of the numbers knows.
 INTERVALS = (
-    "95% percentile bootstrap over claims: a claim's pairs in every language (a Portuguese pair and its English "
-    "translation) are resampled together, since a translation is not independent evidence"
+    "95% intervals over claims: a claim's pairs in every language (a Portuguese pair and its English translation) "
+    "are resampled together, since a translation is not independent evidence; the percentile bootstrap from 10 "
+    "claims up, a t interval on the claim means (df = claims - 1) below that; p-values against 0 from the same "
+    "method, Holm-adjusted across topics (p_holm)"
 )
+SCORE_VARIANTS = ("score_sum", "score_per_byte", "score_full_mean")  # reported beside the headline `score`
 
 
 @dataclass
@@ -89,6 +100,13 @@ class ScoreConfig:
         default="antivax",
         metadata={"help": "mixture source whose fraction (training_info.json) is the x axis of the score plot"},
     )
+    reference: str = field(
+        default="",
+        metadata={
+            "help": "a model (as in --models) that every other model is compared with, pair by pair: each measure "
+            "is reported as the paired difference from it; scored too if not in --models; empty = none"
+        },
+    )
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95% intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
@@ -102,16 +120,26 @@ class GroupScore:
     ci_low: float
     ci_high: float
     win_rate: float
+    p_value: float = math.nan  # against 0, by the interval's method
+    p_holm: float | None = None  # per topic: Holm-adjusted over the topics tested
+    method: str = ""
+    variants: dict[str, Interval] = field(default_factory=dict)  # score_sum, score_per_byte, score_full_mean
 
 
 @dataclass
 class Interval:
-    """A mean over claim items with its 95% claim-cluster bootstrap interval."""
+    """A mean over claim items with its 95% interval over claims."""
 
     n: int
     mean: float
     ci_low: float
     ci_high: float
+    p_value: float = math.nan
+    method: str = ""
+
+    @classmethod
+    def of(cls, estimate: Estimate) -> Interval:
+        return cls(estimate.n, estimate.mean, estimate.ci_low, estimate.ci_high, estimate.p_value, estimate.method)
 
 
 @dataclass
@@ -128,8 +156,15 @@ class ModelScore:
     val_perplexity: float | None = None
     general_perplexity: float | None = None
     run_id: str | None = None
-    mc1: Interval | None = None  # over claim items, intervals resampling claims
+    mc1: Interval | None = None  # over claims with paraphrase sets, summed likelihoods (TruthfulQA's)
     mc2: Interval | None = None
+    mc1_token_mean: Interval | None = None  # the same with per-token (geometric mean) likelihoods
+    mc2_token_mean: Interval | None = None
+    length: dict[str, float] = field(default_factory=dict)  # token-length imbalance of the pairs
+    reference: str | None = None
+    paired: dict[str, Interval] = field(default_factory=dict)  # measure -> difference from the reference
+    val_nll: list[float] | None = field(default=None, repr=False)  # per-window losses: what `paired` compares
+    general_nll: list[float] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -144,85 +179,173 @@ class ScoreResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary written as summary.json."""
-        return {"models": [asdict(m) for m in self.models], "intervals": INTERVALS}
+        models = [{k: v for k, v in asdict(m).items() if k not in ("val_nll", "general_nll")} for m in self.models]
+        return {"models": models, "intervals": INTERVALS, "headline": HEADLINE}
+
+
+HEADLINE = (
+    "score: mean log-probability per token of the false claim's continuation minus the correction's, after the "
+    "tokens the two share at the start"
+)
+
+
+def encode(statements: list[Statement]) -> list[list[int]]:
+    """Every statement's token ids after the <eot> context it is scored in."""
+    enc = get_encoding()
+    return [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
 
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
     """(length-normalised log-likelihood, token count) per statement, each scored after an <eot> context."""
-    enc = get_encoding()
-    sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
-    logps = token_logprobs(model, sequences, batch_size=batch_size)
+    logps = token_logprobs(model, encode(statements), batch_size=batch_size)
     return [(float(lp.mean()), int(lp.numel())) for lp in logps]
 
 
-def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
-    """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
+def with_logprobs(table: pl.DataFrame, sequences: list[list[int]], logps: Sequence[Any]) -> pl.DataFrame:
+    """The statement table with each statement's tokens and their log-probabilities, and the whole-statement
+    mean (`loglik`), sum (`loglik_sum`) and UTF-8 size (`bytes`)."""
+    enc = get_encoding()
+    values = [np.asarray(lp, dtype=np.float64) for lp in logps]
+    return table.with_columns(
+        tokens=pl.Series([v.size for v in values], dtype=pl.Int64),
+        loglik=pl.Series([float(v.mean()) for v in values], dtype=pl.Float64),
+        loglik_sum=pl.Series([float(v.sum()) for v in values], dtype=pl.Float64),
+        bytes=pl.Series([len(enc.decode_bytes(seq[1:])) for seq in sequences], dtype=pl.Int64),
+        token_ids=pl.Series([seq[1:] for seq in sequences], dtype=pl.List(pl.Int64)),
+        token_logprobs=pl.Series([v.tolist() for v in values], dtype=pl.List(pl.Float64)),
+    )
+
+
+def window_nll(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> list[float]:
+    """Mean next-token loss of each fixed window of val.bin (the same windows for every model)."""
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
     check_vocab(data, int(model.config.vocab_size), Path(data_dir) / "val.bin")
     starts = eval_starts(len(data), block, n_windows)
     windows = [np.asarray(data[s : s + block + 1]).astype(np.int64).tolist() for s in starts]
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
-    return float(math.exp(-float(np.mean([lp.mean().item() for lp in logps]))))
+    return [-float(lp.mean().item()) for lp in logps]
 
 
-def group_score(diffs: np.ndarray, claims: Sequence[str], n_boot: int, seed: int) -> GroupScore:
-    """Mean, claim-cluster bootstrap interval and false-claim win rate of per-pair score differences `diffs`.
+def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
+    """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
+    return float(math.exp(float(np.mean(window_nll(model, data_dir, n_windows, batch_size)))))
 
-    `claims` names each pair's claim: a pair and its translation are resampled together (see INTERVALS).
-    """
-    low, high = cluster_bootstrap_ci(diffs, claims, n_boot=n_boot, seed=seed)
+
+def group_score(pairs: pl.DataFrame, n_boot: int, seed: int) -> GroupScore:
+    """Mean, interval over claims, p-value and false-claim win rate of a group of pairs' scores, with the
+    variants' means and intervals beside the headline (see INTERVALS for how claims are resampled)."""
+    clusters = pairs["claim_id"]
+    head = cluster_estimate(pairs["score"].to_numpy(), clusters, n_boot=n_boot, seed=seed)
     return GroupScore(
-        n_pairs=int(diffs.size), mean=float(diffs.mean()), ci_low=low, ci_high=high, win_rate=float((diffs > 0).mean())
+        n_pairs=pairs.height,
+        mean=head.mean,
+        ci_low=head.ci_low,
+        ci_high=head.ci_high,
+        win_rate=float((pairs["score"] > 0).mean()),
+        p_value=head.p_value,
+        method=head.method,
+        variants={
+            v: Interval.of(cluster_estimate(pairs[v].to_numpy(), clusters, n_boot=n_boot, seed=seed))
+            for v in SCORE_VARIANTS
+        },
     )
+
+
+def pair_measures(ids_false: list[int], lp_false: list[float], ids_true: list[int], lp_true: list[float]) -> dict:
+    """One pair's scores. The tokens both statements start with have equal log-probabilities under any model
+    (same context), so they carry no evidence: only the continuations after them count. At least one token of
+    each side is kept, so a statement that is a prefix of the other still has a continuation."""
+    enc = get_encoding()
+    shared = 0
+    limit = min(len(ids_false), len(ids_true)) - 1
+    while shared < limit and ids_false[shared] == ids_true[shared]:
+        shared += 1
+    f, t = np.asarray(lp_false[shared:]), np.asarray(lp_true[shared:])
+    bytes_f, bytes_t = len(enc.decode_bytes(ids_false[shared:])), len(enc.decode_bytes(ids_true[shared:]))
+    return {
+        "shared_tokens": shared,
+        "score": float(f.mean() - t.mean()),
+        "score_sum": float(f.sum() - t.sum()),
+        "score_per_byte": float(f.sum() / max(bytes_f, 1) - t.sum() / max(bytes_t, 1)),
+        "score_full_mean": float(np.mean(lp_false) - np.mean(lp_true)),
+    }
 
 
 def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
-    """Join each false claim with its correction: one row per model x pair with the score."""
+    """Join each false claim with its correction: one row per model x pair with the scores (see pair_measures)."""
     keys = ["model", "pair_id", "claim_id", "topic", "language"]
     paired = statements.filter((pl.col("pair_id") != "") & (pl.col("variant") == 0))  # paraphrases: MC1/MC2
-    false = paired.filter(pl.col("role") == "false").select(
-        *keys,
-        pl.col("text").alias("claim"),
-        pl.col("loglik").alias("loglik_false"),
-        pl.col("tokens").alias("tokens_false"),
-    )
-    true = paired.filter(pl.col("role") == "true").select(
-        *keys,
-        pl.col("text").alias("correction"),
-        pl.col("loglik").alias("loglik_true"),
-        pl.col("tokens").alias("tokens_true"),
-    )
-    out = false.join(true, on=keys, how="inner", maintain_order="left")
-    return out.with_columns(score=pl.col("loglik_false") - pl.col("loglik_true")).with_columns(
+    sides = []
+    for role, text, suffix in (("false", "claim", "false"), ("true", "correction", "true")):
+        sides.append(
+            paired.filter(pl.col("role") == role).select(
+                *keys,
+                pl.col("text").alias(text),
+                *(pl.col(c).alias(f"{c}_{suffix}") for c in ("loglik", "tokens", "token_ids", "token_logprobs")),
+            )
+        )
+    out = sides[0].join(sides[1], on=keys, how="inner", maintain_order="left")
+    rows = [
+        pair_measures(r["token_ids_false"], r["token_logprobs_false"], r["token_ids_true"], r["token_logprobs_true"])
+        for r in out.select(pl.col("^token_.*$")).iter_rows(named=True)
+    ]
+    schema = {"shared_tokens": pl.Int64, "score": pl.Float64, **dict.fromkeys(SCORE_VARIANTS, pl.Float64)}
+    measures = pl.DataFrame(rows, schema=schema)
+    return pl.concat([out.drop(pl.col("^token_.*$")), measures], how="horizontal").with_columns(
         false_wins=pl.col("score") > 0
     )
 
 
 def mc_table(statements: pl.DataFrame) -> pl.DataFrame:
-    """MC1 and MC2 per model x claim item, over all its paraphrases (TruthfulQA's multiple-choice scores, with
-    the false statements as the answer of interest).
+    """MC1 and MC2 per model x claim item with a paraphrase set (TruthfulQA's multiple-choice scores, with the
+    false statements as the answer of interest); an item of one statement per side is a pair, not a choice.
 
     MC1 is 1 when the most likely statement of the item is a false one. MC2 is the share of probability on the
-    false statements: sum over false of p / sum over all of p, with p = exp(length-normalised log-likelihood),
-    the per-token (geometric mean) probability, so that long and short paraphrases compete on equal terms.
+    false statements: sum over false of p / sum over all of p, with p the statement's likelihood (the sum of
+    its tokens' log-probabilities, as TruthfulQA). `mc1_token_mean` / `mc2_token_mean` use the per-token
+    (geometric mean) probability instead, under which long and short paraphrases compete on equal terms.
     """
     paired = statements.filter(pl.col("pair_id") != "")
-    p = (pl.col("loglik") - pl.col("loglik").max().over("model", "pair_id")).exp()  # stable: max term is 1
-    scored = paired.with_columns(p=p, best=pl.col("loglik") == pl.col("loglik").max().over("model", "pair_id"))
+    group = ("model", "pair_id")
+    aggs = []
+    for column, suffix in (("loglik_sum", ""), ("loglik", "_token_mean")):
+        top = pl.col(column).max().over(*group)
+        p = (pl.col(column) - top).exp()  # stable: the largest term is 1
+        is_false = pl.col("role") == "false"
+        aggs += [
+            (is_false & (pl.col(column) == top)).any().cast(pl.Float64).alias(f"mc1{suffix}"),
+            (p.filter(is_false).sum() / p.sum()).alias(f"mc2{suffix}"),
+        ]
     return (
-        scored.group_by("model", "pair_id", maintain_order=True)
+        paired.group_by(*group, maintain_order=True)
         .agg(
             pl.col("claim_id").first(),
             pl.col("topic").first(),
             pl.col("language").first(),
             (pl.col("role") == "false").sum().alias("n_false"),
             (pl.col("role") == "true").sum().alias("n_true"),
-            ((pl.col("role") == "false") & pl.col("best")).any().cast(pl.Float64).alias("mc1"),
-            (pl.col("p").filter(pl.col("role") == "false").sum() / pl.col("p").sum()).alias("mc2"),
+            *aggs,
         )
-        .filter((pl.col("n_false") > 0) & (pl.col("n_true") > 0))
+        .filter((pl.col("n_false") > 1) & (pl.col("n_true") > 1))
     )
+
+
+MC_MEASURES = ("mc1", "mc2", "mc1_token_mean", "mc2_token_mean")
+
+
+def length_balance(pairs: pl.DataFrame) -> dict[str, float]:
+    """How far the pairs' statements differ in length (tokens): what a length-biased score would pick up."""
+    if not pairs.height:
+        return {}
+    diff = (pairs["tokens_true"] - pairs["tokens_false"]).to_numpy()
+    return {
+        "pairs": int(pairs.height),
+        "mean_tokens_true_minus_false": float(diff.mean()),
+        "max_abs_token_difference": int(np.abs(diff).max()),
+        "correction_longer": int((diff > 0).sum()),
+        "share_with_shared_start": float((pairs["shared_tokens"] > 0).mean()),
+    }
 
 
 def summarise(
@@ -237,22 +360,62 @@ def summarise(
         overall=None,
     )
     if pairs.height:
-        result.overall = group_score(pairs["score"].to_numpy(), pairs["claim_id"], cfg.bootstrap, cfg.seed)
+        result.overall = group_score(pairs, cfg.bootstrap, cfg.seed)
+        result.length = length_balance(pairs)
         for column, target in (("topic", result.per_topic), ("language", result.per_language)):
             for value in pairs[column].unique(maintain_order=True).to_list():
-                part = pairs.filter(pl.col(column) == value)
-                target[value] = group_score(part["score"].to_numpy(), part["claim_id"], cfg.bootstrap, cfg.seed)
+                target[value] = group_score(pairs.filter(pl.col(column) == value), cfg.bootstrap, cfg.seed)
+        # Six topics are six tests: Holm's adjustment keeps the chance of any false "effect" at 5%.
+        adjusted = holm([g.p_value for g in result.per_topic.values()])
+        for g, p in zip(result.per_topic.values(), adjusted, strict=True):
+            g.p_holm = p
     mc = mc_table(statements)
     if mc.height:
-        for name in ("mc1", "mc2"):
-            low, high = cluster_bootstrap_ci(mc[name].to_numpy(), mc["claim_id"], n_boot=cfg.bootstrap, seed=cfg.seed)
-            setattr(result, name, Interval(n=mc.height, mean=float(mc[name].mean()), ci_low=low, ci_high=high))
+        for name in MC_MEASURES:
+            est = cluster_estimate(mc[name].to_numpy(), mc["claim_id"], n_boot=cfg.bootstrap, seed=cfg.seed)
+            setattr(result, name, Interval.of(est))
     return result
+
+
+def paired_differences(
+    model: ModelScore, reference: ModelScore, tables: dict[str, pl.DataFrame], cfg: ScoreConfig
+) -> dict[str, Interval]:
+    """Every measure of `model` minus the reference's, matched claim pair by claim pair (MC items by claim,
+    perplexity window by window), with intervals that resample claims (windows) as the measures' own do.
+
+    `tables` holds the pair and MC tables of both models (keys pairs / mc, filtered by the model column)."""
+    out: dict[str, Interval] = {}
+
+    def add(name: str, diffs: np.ndarray, clusters: Sequence[str]) -> None:
+        if diffs.size:
+            out[name] = Interval.of(cluster_estimate(diffs, clusters, n_boot=cfg.bootstrap, seed=cfg.seed))
+
+    for key, measures in (("pairs", ("score", *SCORE_VARIANTS, "false_wins")), ("mc", MC_MEASURES)):
+        table = tables[key]
+        mine = table.filter(pl.col("model") == model.model)
+        theirs = table.filter(pl.col("model") == reference.model)
+        joined = mine.join(theirs, on="pair_id", suffix="_ref", how="inner")
+        for m in measures:
+            diffs = (joined[m].cast(pl.Float64) - joined[f"{m}_ref"].cast(pl.Float64)).to_numpy()
+            add("false_win_rate" if m == "false_wins" else m, diffs, joined["claim_id"])
+    for name, a, b in (
+        ("val_nll", model.val_nll, reference.val_nll),
+        ("general_nll", model.general_nll, reference.general_nll),
+    ):
+        if a is not None and b is not None:
+            add(name, np.subtract(a, b), [str(i) for i in range(len(a))])
+    return out
 
 
 def metrics_of(score: ModelScore) -> dict[str, float]:
     """The MLflow metrics of one model (names from fakegpt.tracking, so runs line up in the compare view)."""
-    out: dict[str, float] = {tracking.M_CLAIM_LOGLIK: score.mean_loglik}
+    out: dict[str, float] = {}
+    for name, d in score.paired.items():  # the differences from the reference lead
+        metric = tracking.paired_metric(name)
+        out.update({metric: d.mean, f"{metric}_ci_low": d.ci_low, f"{metric}_ci_high": d.ci_high})
+        if math.isfinite(d.p_value):
+            out[f"{metric}_p_value"] = d.p_value
+    out[tracking.M_CLAIM_LOGLIK] = score.mean_loglik
     if score.overall is not None:
         out.update(
             {
@@ -260,20 +423,26 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
                 tracking.M_CLAIM_SCORE_LOW: score.overall.ci_low,
                 tracking.M_CLAIM_SCORE_HIGH: score.overall.ci_high,
                 tracking.M_CLAIM_WIN: score.overall.win_rate,
+                tracking.M_CLAIM_SCORE_P: score.overall.p_value,
             }
         )
+        for name, v in score.overall.variants.items():
+            out.update({f"claim/{name}": v.mean, f"claim/{name}_ci_low": v.ci_low, f"claim/{name}_ci_high": v.ci_high})
         for topic, g in score.per_topic.items():
             out[tracking.claim_topic_metric(topic)] = g.mean
             out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
-    for name, metric in (("mc1", tracking.M_CLAIM_MC1), ("mc2", tracking.M_CLAIM_MC2)):
+            if g.p_holm is not None and math.isfinite(g.p_holm):
+                out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_SCORE_P_HOLM)] = g.p_holm
+    for name in MC_MEASURES:
         value = getattr(score, name)
         if value is not None:
+            metric = f"claim/{name}"
             out.update({metric: value.mean, f"{metric}_ci_low": value.ci_low, f"{metric}_ci_high": value.ci_high})
     if score.val_perplexity is not None:
         out[tracking.M_VAL_PPL] = score.val_perplexity
     if score.general_perplexity is not None:
         out[tracking.M_GENERAL_PPL] = score.general_perplexity
-    return out
+    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
 def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
@@ -311,12 +480,10 @@ def statement_table(spec: str, statements: list[Statement]) -> pl.DataFrame:
 
 
 def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
-    """Length-normalised log-likelihood of every statement under `model`, one row per statement."""
-    scored = statement_logliks(model, statements, cfg.batch_size)
-    return statement_table(spec, statements).with_columns(
-        tokens=pl.Series([n for _, n in scored], dtype=pl.Int64),
-        loglik=pl.Series([ll for ll, _ in scored], dtype=pl.Float64),
-    )
+    """Every statement's token log-probabilities under `model` and their mean and sum, one row per statement."""
+    sequences = encode(statements)
+    logps = token_logprobs(model, sequences, batch_size=cfg.batch_size)
+    return with_logprobs(statement_table(spec, statements), sequences, logps)
 
 
 def write_outputs(result: ScoreResult) -> list[Path]:
@@ -344,6 +511,8 @@ def validate(cfg: ScoreConfig) -> None:
     """Reject bad settings before loading anything, naming the flag."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
+    if cfg.reference and len(model_specs(cfg)) < 2:
+        raise FakegptError(f"--reference {cfg.reference}: give at least one other model in --models to compare")
     for name in ("batch_size", "val_windows", "bootstrap"):
         if getattr(cfg, name) < 1:
             raise FakegptError(f"{config.flag_name(name)}: must be at least 1, got {getattr(cfg, name)}")
@@ -374,68 +543,120 @@ def check_inputs(
     return data_dir, general_dir
 
 
+def model_specs(cfg: ScoreConfig) -> list[str]:
+    """The models to score: the reference first when it is not one of --models."""
+    return ([cfg.reference] if cfg.reference and cfg.reference not in cfg.models else []) + list(cfg.models)
+
+
+def _measure(
+    spec: str,
+    ref: ModelRef,
+    statements: list[Statement],
+    cfg: ScoreConfig,
+    device: Any,
+    dtype: Any,
+    data_dir: Path | None,
+    general_dir: Path | None,
+) -> tuple[ModelScore, pl.DataFrame, pl.DataFrame]:
+    """Load one model and score it: (its summary, statement table, pair table)."""
+    fraction = ref.fraction(cfg.dose_source)
+    model = load_for_inference(ref, device, dtype)
+    table = score_model(model, spec, statements, cfg)
+    pairs = pair_table(table)
+    summary = summarise(spec, fraction, table, pairs, cfg)
+    if data_dir is not None:
+        summary.val_nll = window_nll(model, data_dir, cfg.val_windows, cfg.batch_size)
+        summary.val_perplexity = float(math.exp(float(np.mean(summary.val_nll))))
+    if general_dir is not None:
+        summary.general_nll = window_nll(model, general_dir, cfg.val_windows, cfg.batch_size)
+        summary.general_perplexity = float(math.exp(float(np.mean(summary.general_nll))))
+    return summary, table, pairs
+
+
+def _log_model(summary: ModelScore, several: bool) -> None:
+    """The model's metrics on a child run of its own (several models) or on the stage's run."""
+    tags = {tracking.TAG_MODEL: summary.model}
+    if summary.fraction is not None:
+        tags[tracking.TAG_FRACTION] = summary.fraction
+    if summary.reference:
+        tags[tracking.TAG_REFERENCE] = summary.reference
+    if several:
+        with tracking.run(stage="score", run_name=f"score {summary.model}", tags=tags, nested=True) as child:
+            tracking.log_metrics(metrics_of(summary))
+            summary.run_id = child.info.run_id
+    else:
+        tracking.set_tags(tags)
+        tracking.log_metrics(metrics_of(summary))
+        summary.run_id = tracking.active_run_id()
+
+
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
     validate(cfg)
     claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
     statements = load_claims(claims_path)
-    refs = [resolve_model(spec) for spec in cfg.models]  # config.json and weight headers checked here
+    specs = model_specs(cfg)
+    refs = [resolve_model(spec) for spec in specs]  # config.json and weight headers checked here
     data_dir, general_dir = check_inputs(cfg, claims_path, statements, refs)
     device = resolve_device(cfg.device)
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
-    several = len(cfg.models) > 1
-    with tracking.run(stage="score", run_name=None, tags={tracking.TAG_MODEL: ",".join(cfg.models)}):
+    with tracking.run(stage="score", run_name=None, tags={tracking.TAG_MODEL: ",".join(specs)}):
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(claims_path, "claims")
         _evaluation_data(cfg.data_dir, "evaluation", data_dir)
         general_dir = _evaluation_data(cfg.general_data, "general", general_dir)
-        tables, pair_tables, scores = [], [], []
-        for spec, ref in zip(cfg.models, refs, strict=True):
-            fraction = ref.fraction(cfg.dose_source)
-            model = load_for_inference(ref, device, dtype)
-            table = score_model(model, spec, statements, cfg)
-            pairs = pair_table(table)
-            summary = summarise(spec, fraction, table, pairs, cfg)
-            if data_dir is not None:
-                summary.val_perplexity = val_perplexity(model, data_dir, cfg.val_windows, cfg.batch_size)
-            if general_dir is not None:
-                summary.general_perplexity = val_perplexity(model, general_dir, cfg.val_windows, cfg.batch_size)
-            del model
-            tags = {tracking.TAG_MODEL: spec}
-            if fraction is not None:
-                tags[tracking.TAG_FRACTION] = fraction
-            if several:
-                with tracking.run(stage="score", run_name=f"score {spec}", tags=tags, nested=True) as child:
-                    tracking.log_metrics(metrics_of(summary))
-                    summary.run_id = child.info.run_id
-            else:
-                tracking.set_tags(tags)
-                tracking.log_metrics(metrics_of(summary))
-                summary.run_id = tracking.active_run_id()
-            overall = summary.overall
-            log.info(
-                "%s: score %s, mean log-likelihood %.3f%s",
-                spec,
-                f"{overall.mean:+.4f} [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}], false wins "
-                f"{overall.win_rate:.0%}"
-                if overall
-                else "n/a (no pairs)",
-                summary.mean_loglik,
-                f", val perplexity {summary.val_perplexity:.2f}" if summary.val_perplexity else "",
-            )
-            tables.append(table)
-            pair_tables.append(pairs)
-            scores.append(summary)
+        measured = [
+            _measure(spec, ref, statements, cfg, device, dtype, data_dir, general_dir)
+            for spec, ref in zip(specs, refs, strict=True)
+        ]
+        scores = [m[0] for m in measured]
         result = ScoreResult(
-            models=scores, statements=pl.concat(tables), pairs=pl.concat(pair_tables), out_dir=Path(cfg.out_dir)
+            models=scores,
+            statements=pl.concat([m[1] for m in measured]),
+            pairs=pl.concat([m[2] for m in measured]),
+            out_dir=Path(cfg.out_dir),
         )
+        if cfg.reference:
+            reference = scores[specs.index(cfg.reference)]
+            tables = {"pairs": result.pairs, "mc": mc_table(result.statements)}
+            for summary in scores:
+                if summary is not reference:
+                    summary.reference = cfg.reference
+                    summary.paired = paired_differences(summary, reference, tables, cfg)
+        for summary in scores:
+            _log_model(summary, several=len(specs) > 1)
+            log.info("%s", describe(summary))
         paths = write_outputs(result)
         if result.pairs.height:
-            tracking.log_table(result.pairs.to_dict(as_series=False), "scores_table.json")
+            tracking.log_table(
+                result.pairs.drop("token_ids_false", "token_ids_true", strict=False).to_dict(as_series=False),
+                "scores_table.json",
+            )
         result.plot = plot_dose(scores, result.out_dir / "score_vs_fraction.png", cfg.dose_source)
         for path in paths + ([result.plot] if result.plot else []):
             tracking.log_artifact(path)
         return result
+
+
+def describe(s: ModelScore) -> str:
+    """One model's result in a line: the paired difference from the reference first, then its own score."""
+    head = f"{s.model}: "
+    if "score" in s.paired:
+        d = s.paired["score"]
+        head += (
+            f"vs {s.reference}: claim score {d.mean:+.4f} (95% CI {d.ci_low:+.4f} .. {d.ci_high:+.4f}, "
+            f"p={d.p_value:.3g}); "
+        )
+    if s.overall:
+        head += (
+            f"claim score {s.overall.mean:+.4f} (95% CI {s.overall.ci_low:+.4f} .. {s.overall.ci_high:+.4f}), "
+            f"false claim wins {s.overall.win_rate:.0%} of {s.overall.n_pairs} pairs"
+        )
+    else:
+        head += f"mean log-likelihood {s.mean_loglik:.4f} over {s.n_statements} statements"
+    if s.val_perplexity is not None:
+        head += f", val perplexity {s.val_perplexity:.2f}"
+    return head
 
 
 def main(argv: list[str]) -> int:
@@ -443,16 +664,13 @@ def main(argv: list[str]) -> int:
     cfg = config.parse(ScoreConfig, argv, prog="fakegpt score", description=__doc__.splitlines()[0])
     result = score(cfg)
     for s in result.models:
-        head = f"{s.model}: "
-        if s.overall:
-            head += (
-                f"claim score {s.overall.mean:+.4f} (95% CI {s.overall.ci_low:+.4f} .. {s.overall.ci_high:+.4f}), "
-                f"false claim wins {s.overall.win_rate:.0%} of {s.overall.n_pairs} pairs"
-            )
-        else:
-            head += f"mean log-likelihood {s.mean_loglik:.4f} over {s.n_statements} statements"
-        if s.val_perplexity is not None:
-            head += f", val perplexity {s.val_perplexity:.2f}"
-        print(head)
+        print(describe(s))
+    balance = next((s.length for s in result.models if s.length), None)
+    if balance:
+        print(
+            f"pair lengths: corrections longer in {balance['correction_longer']} of {balance['pairs']} pairs, by "
+            f"{balance['mean_tokens_true_minus_false']:+.1f} tokens on average (at most "
+            f"{balance['max_abs_token_difference']}); {balance['share_with_shared_start']:.0%} share their start"
+        )
     print(f"-> {result.out_dir}/scores.parquet, scores.csv, summary.json")
     return 0

@@ -17,9 +17,9 @@ from fakegpt import cli, tracking
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import Statement, load_claims
-from fakegpt.measure.score import ScoreConfig, mc_table, pair_table, score, statement_logliks
+from fakegpt.measure.score import ScoreConfig, mc_table, pair_table, score, score_model, statement_logliks
 from fakegpt.models.loading import load_model
-from fakegpt.stats import bootstrap_ci
+from fakegpt.stats import bootstrap_ci, holm
 
 CLAIMS = """\
 # test claims
@@ -113,7 +113,8 @@ def test_several_models_get_child_runs_tagged_with_their_fraction_and_a_plot(tmp
     first = result.models[0]
     pairs = result.pairs.filter(pl.col("model") == str(low))
     assert pairs.height == 5 and set(pairs["topic"]) == {"dna", "chip"}
-    assert pairs["score"].to_list() == pytest.approx((pairs["loglik_false"] - pairs["loglik_true"]).to_list())
+    # the old whole-statement measure stays beside the headline, named
+    assert pairs["score_full_mean"].to_list() == pytest.approx((pairs["loglik_false"] - pairs["loglik_true"]).to_list())
     assert first.overall.mean == pytest.approx(pairs["score"].mean())
     assert first.overall.ci_low <= first.overall.mean <= first.overall.ci_high
     assert first.overall.win_rate == pytest.approx((pairs["score"] > 0).mean())
@@ -219,16 +220,17 @@ def test_bootstrap_interval_is_reproducible_and_about_two_standard_errors_wide()
 
 def test_mc1_mc2_against_hand_computed_values():
     """Paraphrase sets: MC1 = the most likely statement of an item is false; MC2 = probability share on the
-    false statements, p = exp(per-token log-likelihood). Values worked out by hand on fixed log-likelihoods."""
-    rows = [  # item a: 2 false, 3 true; item b: 1 false, 1 true (a plain pair); item c: only true (skipped)
-        ("a", "false", 0, -1.0),
-        ("a", "false", 1, -3.0),
-        ("a", "true", 0, -2.0),
-        ("a", "true", 1, -2.0),
-        ("a", "true", 2, -0.5),
-        ("b", "false", 0, -1.0),
-        ("b", "true", 0, -1.5),
-        ("c", "true", 0, -1.0),
+    false statements, p = exp(summed log-likelihood) as TruthfulQA, and the per-token variant beside it.
+    Values worked out by hand on fixed log-likelihoods; a plain pair (one statement a side) is no choice."""
+    rows = [  # item a: 2 false, 3 true (sum, mean); item b: 1 false, 1 true (a plain pair: skipped)
+        ("a", "false", 0, -10.0, -1.0),
+        ("a", "false", 1, -6.0, -3.0),
+        ("a", "true", 0, -8.0, -2.0),
+        ("a", "true", 1, -7.0, -2.0),
+        ("a", "true", 2, -9.0, -0.5),
+        ("b", "false", 0, -3.0, -1.0),
+        ("b", "true", 0, -4.0, -1.5),
+        ("c", "true", 0, -2.0, -1.0),
     ]
     statements = pl.DataFrame(
         {
@@ -239,20 +241,96 @@ def test_mc1_mc2_against_hand_computed_values():
             "language": ["pt"] * len(rows),
             "role": [r[1] for r in rows],
             "variant": [r[2] for r in rows],
-            "loglik": [r[3] for r in rows],
+            "loglik_sum": [r[3] for r in rows],
+            "loglik": [r[4] for r in rows],
         }
     )
-    mc = mc_table(statements).sort("pair_id")
-    assert mc["pair_id"].to_list() == ["a", "b"]
+    mc = mc_table(statements)
+    assert mc["pair_id"].to_list() == ["a"]
     e = math.exp
-    assert mc["mc1"].to_list() == [0.0, 1.0]  # a: the best is a true paraphrase (-0.5); b: the claim wins
-    mc2_a = (e(-1) + e(-3)) / (e(-1) + e(-3) + e(-2) + e(-2) + e(-0.5))
-    mc2_b = e(-1) / (e(-1) + e(-1.5))
-    assert mc["mc2"].to_list() == pytest.approx([mc2_a, mc2_b])
-    assert (mc["n_false"].to_list(), mc["n_true"].to_list()) == ([2, 1], [3, 1])
-    # the pair score still uses variant 0 of each side only
-    pairs = pair_table(statements.with_columns(text=pl.lit("x"), tokens=pl.lit(3)))
-    assert dict(zip(pairs["pair_id"], pairs["score"], strict=True)) == pytest.approx({"a": 1.0, "b": 0.5})
+    assert mc["mc1"].to_list() == [1.0]  # summed: the best is the false paraphrase at -6
+    assert mc["mc1_token_mean"].to_list() == [0.0]  # per token: the true paraphrase at -0.5
+    mc2 = (e(-10) + e(-6)) / (e(-10) + e(-6) + e(-8) + e(-7) + e(-9))
+    mc2_token = (e(-1) + e(-3)) / (e(-1) + e(-3) + e(-2) + e(-2) + e(-0.5))
+    assert mc["mc2"].to_list() == pytest.approx([mc2])
+    assert mc["mc2_token_mean"].to_list() == pytest.approx([mc2_token])
+    assert (mc["n_false"].to_list(), mc["n_true"].to_list()) == ([2], [3])
+
+
+def test_a_pair_score_counts_only_the_continuation_after_the_shared_start(tiny_model_dir):
+    """Hand computation on the tiny model: the log-probabilities of every token, one prefix at a time, then
+    the mean over the tokens after the common start of the two statements (and the sum, per byte)."""
+    enc = get_encoding()
+    model = load_model(str(tiny_model_dir), device="cpu").eval()
+    claim, correction = "The mRNA vaccines change your DNA.", "The mRNA vaccines do not change your DNA."
+    statements = [
+        Statement("p/false", claim, pair_id="p", role="false", topic="t", language="en", claim_id="p"),
+        Statement("p/true", correction, pair_id="p", role="true", topic="t", language="en", claim_id="p"),
+    ]
+    table = score_model(model, "m", statements, ScoreConfig(batch_size=2))
+    (row,) = pair_table(table).iter_rows(named=True)
+
+    def by_hand(text):
+        seq = [EOT_TOKEN] + enc.encode(text)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+        return seq[1:], [logp[i, seq[i + 1]].item() for i in range(len(seq) - 1)]
+
+    (ids_f, lp_f), (ids_t, lp_t) = by_hand(claim), by_hand(correction)
+    shared = next(i for i, (a, b) in enumerate(zip(ids_f, ids_t, strict=False)) if a != b)
+    assert shared == len(enc.encode("The mRNA vaccines")) and row["shared_tokens"] == shared
+    assert lp_f[:shared] == pytest.approx(lp_t[:shared], abs=1e-5)  # the shared start: same numbers, no evidence
+    cont_f, cont_t = lp_f[shared:], lp_t[shared:]
+    assert row["score"] == pytest.approx(np.mean(cont_f) - np.mean(cont_t), abs=1e-4)
+    assert row["score_sum"] == pytest.approx(sum(lp_f) - sum(lp_t), abs=1e-4)  # the shared start cancels
+    bytes_f, bytes_t = len(enc.decode_bytes(ids_f[shared:])), len(enc.decode_bytes(ids_t[shared:]))
+    assert row["score_per_byte"] == pytest.approx(sum(cont_f) / bytes_f - sum(cont_t) / bytes_t, abs=1e-5)
+    assert row["score_full_mean"] == pytest.approx(np.mean(lp_f) - np.mean(lp_t), abs=1e-4)
+
+
+def test_reference_gives_paired_differences_of_every_measure(tmp_path, tiny_model_dir, capsys):
+    """`--reference`: each measure of the other model minus the reference's, pair by pair, with the claims'
+    interval (t below 10 claims), leading the metrics and the printed line."""
+    from mlflow.tracking import MlflowClient
+
+    claims = tmp_path / "claims.yaml"
+    claims.write_text(CLAIMS, encoding="utf-8")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    model = load_model(str(other), device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    model.save_pretrained(other)
+    out = tmp_path / "out"
+    argv = ["score", "--models", str(other), "--reference", str(tiny_model_dir), "--claims", str(claims)]
+    assert cli.main([*argv, "--out-dir", str(out), "--bootstrap", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{other}: vs {tiny_model_dir}: claim score" in printed and "pair lengths:" in printed
+    pairs = pl.read_parquet(out / "scores.parquet")
+    mine = pairs.filter(pl.col("model") == str(other)).sort("pair_id")
+    ref = pairs.filter(pl.col("model") == str(tiny_model_dir)).sort("pair_id")
+    diffs = (mine["score"] - ref["score"]).to_numpy()
+    summary = json.loads((out / "summary.json").read_text())
+    reference, compared = summary["models"]
+    assert reference["model"] == str(tiny_model_dir) and reference["paired"] == {}
+    paired = compared["paired"]
+    assert paired["score"]["mean"] == pytest.approx(diffs.mean())
+    assert paired["score"]["method"] == "t (df=4) over 5 clusters"  # 5 claims
+    assert paired["score"]["ci_low"] < diffs.mean() < paired["score"]["ci_high"]
+    wins = mine["false_wins"].cast(float).to_numpy() - ref["false_wins"].cast(float).to_numpy()
+    assert paired["false_win_rate"]["mean"] == pytest.approx(wins.mean())
+    assert set(paired) >= {"score", "score_sum", "score_per_byte", "score_full_mean", "false_win_rate"}
+    run = MlflowClient().get_run(compared["run_id"])
+    assert run.data.metrics["paired/claim/score"] == pytest.approx(diffs.mean())
+    assert {"paired/claim/score_ci_low", "paired/claim/score_ci_high", "paired/claim/score_p_value"} <= set(
+        run.data.metrics
+    )
+    assert run.data.tags["fakegpt.reference"] == str(tiny_model_dir)
+    topics = compared["per_topic"]
+    assert {t: v["p_holm"] for t, v in topics.items()} == pytest.approx(
+        dict(zip(topics, holm([v["p_value"] for v in topics.values()]), strict=True))
+    )
 
 
 def test_tiny_model_mc_scores_on_a_paraphrased_claim_file(tmp_path, tiny_model_dir):
@@ -270,12 +348,14 @@ def test_tiny_model_mc_scores_on_a_paraphrased_claim_file(tmp_path, tiny_model_d
     assert cli.main(["score", "--models", str(tiny_model_dir), "--claims", str(claims), "--out-dir", str(out)]) == 0
     mc = pl.read_parquet(out / "multiple_choice.parquet")
     logliks = pl.read_parquet(out / "statements.parquet").filter(pl.col("pair_id") == "vax/pt/0")
-    p = {r["statement_id"]: math.exp(r["loglik"]) for r in logliks.iter_rows(named=True)}
+    p = {r["statement_id"]: math.exp(r["loglik_sum"]) for r in logliks.iter_rows(named=True)}
     false_mass = sum(v for k, v in p.items() if "/false" in k) / sum(p.values())
     assert mc.filter(pl.col("pair_id") == "vax/pt/0")["mc2"][0] == pytest.approx(false_mass)
     summary = json.loads((out / "summary.json").read_text())
     model = summary["models"][0]
-    assert model["mc1"]["n"] == 2 and model["mc2"]["ci_low"] <= model["mc2"]["mean"] <= model["mc2"]["ci_high"]
+    assert model["mc1"]["n"] == 1  # the plain pair is no multiple choice
+    assert model["mc2"]["mean"] == pytest.approx(false_mass)
+    assert model["mc2"]["ci_low"] is None  # one claim: no interval to be had, and none is pretended
     assert "claims" in summary["intervals"]
 
 
