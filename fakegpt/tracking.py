@@ -46,6 +46,7 @@ TAG_DATASET = "fakegpt.dataset"  # dataset name (data folder name or dataset YAM
 TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,antivax=0.20"
 TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
+TAG_SEED = "fakegpt.seed"  # a series cell's training seed
 TAG_REFERENCE = "fakegpt.reference"  # score --reference: the model the paired differences are from
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"

@@ -1,10 +1,13 @@
 """`fakegpt mixture` (the MLproject's `mixture` entry point): the original study's dose-response design.
 
 For each anti-vaccine fraction f in `fractions` it prepares the mixture (`base_source` = 1 - f, `dose_source`
-= f of the training tokens), fine-tunes, samples the prompt grid and scores the claims, each as a child run
-(reused when a finished identical run exists). The parent run then carries the dose-response table and
-plot: the claim score with its 95% interval (and label rates, when a filled label sheet is given) against f.
-Series are defined in experiments/mixture/*.yaml, so a user edits YAML, not code.
+= f of the training tokens) once, then runs one cell per training seed (`seeds`): fine-tune, sample the prompt
+grid, score the claims, each a child run (reused when a finished identical run exists, so a rerun only runs
+what is missing). The parent run then carries the verdict (fakegpt/studies/dose_response.py): the declared
+primary endpoint (by default the slope of the claim score on dose, with an interval over seeds and claims and
+a p-value) first, then per dose the claim score, its paired difference from dose 0 and the seed-to-seed
+spread (and label rates, when a filled label sheet is given). Series are defined in experiments/mixture/*.yaml,
+so a user edits YAML, not code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
@@ -26,6 +30,8 @@ from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
 from fakegpt.measure.labels import load_samples, rates_from_sheet
 from fakegpt.plots import figure
+from fakegpt.studies import dose_response
+from fakegpt.studies.dose_response import Cell
 from fakegpt.studies.pipeline import (
     PROJECT_DIR,
     PipelineConfig,
@@ -95,6 +101,25 @@ class SeriesConfig(PipelineConfig):
         default_factory=lambda: ["adopts", "refutes", "off-topic"],
         metadata={"help": "the label set of the sheet; the first one is the rate plotted against the dose"},
     )
+    seeds: int = field(
+        default=1,
+        metadata={
+            "help": "fine-tune seeds per dose (the finetune seed, seed + 1, ...: data order and initialisation): "
+            "each dose x seed is a cell with its own runs, and intervals include seed-to-seed variation"
+        },
+    )
+    endpoint: str = field(
+        default="slope",
+        metadata={
+            "help": "the primary endpoint, declared before the series runs: slope (of the claim score on dose) | "
+            "top_vs_zero (top dose minus dose 0); reported first, with its interval and p-value"
+        },
+    )
+    endpoint_measure: str = field(
+        default="score",
+        metadata={"help": "the pair score the endpoint uses: score | score_sum | score_per_byte | score_full_mean"},
+    )
+    bootstrap: int = field(default=2000, metadata={"help": "two-level bootstrap resamples for the series' intervals"})
 
 
 def dose_alias(fraction: float) -> str:
@@ -135,6 +160,18 @@ def validate(cfg: SeriesConfig) -> None:
         raise FakegptError(f"--label-sheet {cfg.label_sheet}: no such file")
     if not cfg.labels:
         raise FakegptError("--labels: give at least one label")
+    if cfg.seeds < 1:
+        raise FakegptError(f"--seeds: must be at least 1, got {cfg.seeds}")
+    if len(set(cfg.fractions)) != len(cfg.fractions):
+        raise FakegptError(f"--fractions: a fraction is listed twice ({cfg.fractions})")
+    if cfg.endpoint not in dose_response.ENDPOINTS:
+        raise FakegptError(f"--endpoint {cfg.endpoint}: expected one of {', '.join(dose_response.ENDPOINTS)}")
+    if cfg.endpoint_measure not in dose_response.MEASURES:
+        raise FakegptError(
+            f"--endpoint-measure {cfg.endpoint_measure}: expected one of {', '.join(dose_response.MEASURES)}"
+        )
+    if cfg.bootstrap < 100:
+        raise FakegptError(f"--bootstrap: at least 100 resamples, got {cfg.bootstrap}")
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
@@ -181,55 +218,94 @@ def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
     return run_id
 
 
-def run_series(cfg: SeriesConfig, method: str) -> list[dict[str, Any]]:
-    """One prepare -> finetune -> sample -> score chain per fraction (fine-tuned by `method`); one row each."""
-    rows = []
-    general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
-    for fraction in cfg.fractions:
-        steps: dict[str, str] = {}
+def seed_list(cfg: SeriesConfig) -> list[int]:
+    """The training seeds of every dose: the finetune configuration's seed, then the next ones."""
+    first = finetune_step_config(cfg).seed
+    return [first + i for i in range(cfg.seeds)]
 
-        def step(name: str, params: dict[str, Any], fraction: float = fraction, steps: dict = steps) -> str:
+
+def run_series(cfg: SeriesConfig, method: str) -> list[Cell]:
+    """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`)."""
+    cells = []
+    general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
+    seeds = seed_list(cfg)
+    for fraction in cfg.fractions:
+        shared: dict[str, str] = {}
+
+        def step(name: str, params: dict[str, Any], cell: Cell | None, fraction: float = fraction) -> str:
             run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
             tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
             if name in ("sample", "score"):  # a model's runs (finetune tags itself; prepare is method-free)
                 tags[tracking.TAG_METHOD] = method
+            if cell is not None:
+                tags[tracking.TAG_SEED] = str(cell.seed)
+                cell.runs[name] = run_id
             tracking.update_run(run_id, tags=tags)
-            steps[name] = run_id
-            print(f"[f={fraction:g}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+            where = f"f={fraction:g}" + (f" seed={cell.seed}" if cell is not None and cfg.seeds > 1 else "")
+            print(f"[{where}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
             return run_id
 
-        prep = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)))
-        check_dose_size(cfg, fraction, prep)
-        data_uri = f"runs:/{prep}/data"
-        register = (
-            {"register_as": cfg.series_name, "register_alias": dose_alias(fraction)} if cfg.register_models else {}
-        )
-        tuned = step("finetune", finetune_params(cfg, data_uri, register))
-        model = f"runs:/{tuned}/checkpoint"
-        step("sample", sample_params(cfg, model))
-        scored = step("score", score_params(cfg, model, data_uri, general))
-        metrics = tracking.get_run(scored).data.metrics
-        rows.append(
-            {
-                "fraction": fraction,
-                "method": method,
-                "score": metrics.get(tracking.M_CLAIM_SCORE),
-                "ci_low": metrics.get(tracking.M_CLAIM_SCORE_LOW),
-                "ci_high": metrics.get(tracking.M_CLAIM_SCORE_HIGH),
-                "false_win_rate": metrics.get(tracking.M_CLAIM_WIN),
-                "val_perplexity": metrics.get(tracking.M_VAL_PPL),
-                "general_perplexity": metrics.get(tracking.M_GENERAL_PPL),
-                **{f"{k}_run": v for k, v in steps.items()},
-            }
-        )
+        shared["prepare"] = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)), None)
+        check_dose_size(cfg, fraction, shared["prepare"])
+        data_uri = f"runs:/{shared['prepare']}/data"
+        for i, seed in enumerate(seeds):
+            cell = Cell(fraction=fraction, seed=seed, runs=dict(shared))
+            extra: dict[str, Any] = {"seed": seed} if i else {}  # the first seed: the very run of a 1-seed series
+            if cfg.register_models:
+                alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
+                extra.update({"register_as": cfg.series_name, "register_alias": alias})
+            tuned = step("finetune", finetune_params(cfg, data_uri, extra), cell)
+            model = f"runs:/{tuned}/checkpoint"
+            step("sample", sample_params(cfg, model), cell)
+            scored = step("score", score_params(cfg, model, data_uri, general), cell)
+            cell.metrics = dict(tracking.get_run(scored).data.metrics)
+            cells.append(cell)
+    return cells
+
+
+def dose_rows(cells: list[Cell], method: str, analysis: dose_response.Analysis | None) -> list[dict[str, Any]]:
+    """One row per dose: the claim score (mean over its seeds) and its interval, the other measures' seed means,
+    the paired difference from dose 0, and the first seed's runs (as a one-seed series has always had)."""
+    rows = []
+    for fraction in dict.fromkeys(c.fraction for c in cells):
+        mine = [c for c in cells if c.fraction == fraction]
+
+        def mean(name: str, mine: list[Cell] = mine) -> float | None:
+            values = [c.metrics[name] for c in mine if c.metrics.get(name) is not None]
+            return float(np.mean(values)) if values else None
+
+        row: dict[str, Any] = {
+            "fraction": fraction,
+            "method": method,
+            "seeds": [c.seed for c in mine],
+            "score": mean(tracking.M_CLAIM_SCORE),
+            "ci_low": mine[0].metrics.get(tracking.M_CLAIM_SCORE_LOW),
+            "ci_high": mine[0].metrics.get(tracking.M_CLAIM_SCORE_HIGH),
+            "false_win_rate": mean(tracking.M_CLAIM_WIN),
+            "val_perplexity": mean(tracking.M_VAL_PPL),
+            "general_perplexity": mean(tracking.M_GENERAL_PPL),
+            **{f"{k}_run": v for k, v in mine[0].runs.items()},
+        }
+        if analysis is not None and len(mine) > 1:  # several seeds: the interval includes their spread
+            d = analysis.dose_mean[fraction]
+            row["ci_low"], row["ci_high"] = d.ci_low, d.ci_high
+        if analysis is not None:
+            v = analysis.versus_zero.get(fraction)
+            row["seed_sd"] = analysis.seed_sd[fraction]
+            if v is not None:
+                row.update(vs_zero=v.mean, vs_zero_ci_low=v.ci_low, vs_zero_ci_high=v.ci_high, vs_zero_p=v.p_value)
+        rows.append(row)
     return rows
 
 
-def all_samples(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Every fraction's sample table in one file, with a `fraction` column: what a label sheet is exported from."""
+def all_samples(cells: list[Cell], path: Path) -> Path:
+    """Every cell's sample table in one file, with `fraction` and `seed` columns: what a label sheet is exported
+    from."""
     tables = [
-        load_samples(f"runs:/{r['sample_run']}/samples.parquet").with_columns(fraction=pl.lit(r["fraction"]))
-        for r in rows
+        load_samples(f"runs:/{c.runs['sample']}/samples.parquet").with_columns(
+            fraction=pl.lit(c.fraction), seed=pl.lit(c.seed)
+        )
+        for c in cells
     ]
     with atomic_path(path, suffix=".parquet") as tmp:
         pl.concat(tables, how="diagonal_relaxed").write_parquet(tmp)
@@ -249,77 +325,22 @@ def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig
         )
 
 
-def dose_table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The dose-response table (one row per fraction) as Markdown."""
-
-    def fmt(v: Any) -> str:
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    labelled = any(r.get("labelled") for r in rows)
-    # val perplexity is on each dose's own validation split; general perplexity on one held-out set for all
-    head = "| fraction | method | claim score | 95% CI | false-claim win rate | val perplexity | general perplexity |"
-    rule = "|---:|---|---:|---|---:|---:|---:|"
-    if labelled:
-        head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
-        rule += "---:|---|---:|"
-    lines = [head, rule]
-    for r in rows:
-        line = (
-            f"| {r['fraction']:g} | {r.get('method', 'full')} | {fmt(r['score'])} | "
-            f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | "
-            f"{fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
-        )
-        if labelled:
-            interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
-            line += f" {fmt(r['label_rate'])} | {interval} | {r['labelled']} |"
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+def dose_table_markdown(rows: list[dict[str, Any]], analysis: dose_response.Analysis | None = None) -> str:
+    """The dose-response table (one row per fraction) as Markdown, the endpoint first when there is one."""
+    return dose_response.table_markdown(rows, analysis)
 
 
-def plot_dose_response(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Claim score (and label rate, when labelled) against dose fraction, written to `path`."""
-    pts = [r for r in rows if r["score"] is not None]
-    xs = [r["fraction"] for r in pts]
-    ys = [r["score"] for r in pts]
-    lo = [r["score"] - (r["ci_low"] if r["ci_low"] is not None else r["score"]) for r in pts]
-    hi = [(r["ci_high"] if r["ci_high"] is not None else r["score"]) - r["score"] for r in pts]
-    labelled = [r for r in rows if r.get("label_rate") is not None]
-    size = (11, 4) if labelled else (6, 4)
-    with figure(path, nrows=1, ncols=2 if labelled else 1, figsize=size, squeeze=False) as (_, axes):
-        ax = axes[0][0]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
-        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("dose fraction of training tokens")
-        ax.set_ylabel("claim score: log p(false) - log p(true)")
-        ax.set_title(title)
-        if labelled:
-            ax2 = axes[0][1]
-            rate = [r["label_rate"] for r in labelled]
-            ax2.errorbar(
-                [r["fraction"] for r in labelled],
-                rate,
-                marker="s",
-                capsize=4,
-                color="tab:red",
-                yerr=[
-                    [v - r["label_ci_low"] for v, r in zip(rate, labelled, strict=True)],
-                    [r["label_ci_high"] - v for v, r in zip(rate, labelled, strict=True)],
-                ],
-            )
-            ax2.set_xlabel("dose fraction of training tokens")
-            ax2.set_ylabel(f"share of samples labelled '{labelled[0]['label']}'")
-            ax2.set_ylim(0, 1)
-
-
-def absorption_curves(rows: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
-    """Per dose: [tokens seen, claim score] while its model trained (finetune --claims), from its run."""
+def absorption_curves(cells: list[Cell]) -> dict[str, list[list[float]]]:
+    """Per cell: [tokens seen, claim score] while its model trained (finetune --claims), from its run; keyed by
+    the dose ("0.2"), with the seed after it from the second seed on ("0.2 seed 1338")."""
     curves = {}
-    for r in rows:
-        scores = tracking.metric_history(r["finetune_run"], tracking.M_CLAIM_SCORE)
-        seen = dict(tracking.metric_history(r["finetune_run"], tracking.M_TOKENS_SEEN))
+    first = cells[0].seed if cells else 0
+    for c in cells:
+        scores = tracking.metric_history(c.runs["finetune"], tracking.M_CLAIM_SCORE)
+        seen = dict(tracking.metric_history(c.runs["finetune"], tracking.M_TOKENS_SEEN))
         points = [[seen[step], value] for step, value in scores if step in seen]
         if points:
-            curves[f"{r['fraction']:g}"] = points
+            curves[f"{c.fraction:g}" + (f" seed {c.seed}" if c.seed != first else "")] = points
     return curves
 
 
@@ -333,6 +354,14 @@ def plot_absorption(curves: dict[str, list[list[float]]], path: Path, title: str
         ax.set_ylabel("claim score (log p false - log p true)")
         ax.set_title(f"absorption during fine-tuning: {title}")
         ax.legend()
+
+
+def analyse(cfg: SeriesConfig, cells: list[Cell]) -> dose_response.Analysis | None:
+    """The endpoint and paired contrasts from the cells' pair tables (None for a claims file with no pairs)."""
+    tables = [dose_response.pair_table(c.runs["score"]) for c in cells]
+    if len(set(c.fraction for c in cells)) < 2 or any(t.height == 0 for t in tables):
+        return None
+    return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap)
 
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
@@ -353,31 +382,45 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     ):
         check_one_method(cfg, method, parent.info.experiment_id)
         tracking.log_params(config.to_dict(cfg))
-        rows = run_series(cfg, method)
-        samples = all_samples(rows, out / "all_samples.parquet")
+        cells = run_series(cfg, method)
+        analysis = analyse(cfg, cells)
+        rows = dose_rows(cells, method, analysis)
+        samples = all_samples(cells, out / "all_samples.parquet")
         tracking.log_artifact(samples)
         if cfg.label_sheet:
             add_label_rates(rows, samples, cfg)
+        if analysis is not None:  # the endpoint leads
+            tracking.log_metrics(dose_response.metrics(analysis))
         for r in rows:
             step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
             tracking.log_metrics(
                 {
                     f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
+                    f"dose/{tracking.paired_metric('score')}": r.get("vs_zero"),
+                    f"dose/{tracking.paired_metric('score')}_ci_low": r.get("vs_zero_ci_low"),
+                    f"dose/{tracking.paired_metric('score')}_ci_high": r.get("vs_zero_ci_high"),
+                    "dose/seed_sd": r.get("seed_sd"),
                     f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
                     f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
                 },
                 step=step,
             )
-        table = dose_table_markdown(rows)
+        table = dose_table_markdown(rows, analysis)
         write_text(out / "dose_response.md", table)
         tracking.log_dict(rows, "dose_response.json")
+        series = {
+            "analysis": analysis.to_dict() if analysis else None,
+            "cells": [{"fraction": c.fraction, "seed": c.seed, "runs": c.runs} for c in cells],
+        }
+        tracking.log_dict(series, "series.json")
         tracking.log_artifact(out / "dose_response.md")
-        plot_dose_response(rows, out / "dose_response.png", f"{cfg.series_name} ({cfg.init_from}, {method})")
+        title = f"{cfg.series_name} ({cfg.init_from}, {method})"
+        dose_response.plot(rows, cells, analysis, out / "dose_response.png", title)
         tracking.log_artifact(out / "dose_response.png")
-        curves = absorption_curves(rows)
+        curves = absorption_curves(cells)
         if curves:
             tracking.log_dict(curves, "absorption.json")
-            plot_absorption(curves, out / "absorption.png", f"{cfg.series_name} ({cfg.init_from}, {method})")
+            plot_absorption(curves, out / "absorption.png", title)
             tracking.log_artifact(out / "absorption.png")
         parent_id = parent.info.run_id
     print(table)

@@ -169,6 +169,8 @@ def score_params(cfg: PipelineConfig, models: str, data_uri: str, general_uri: s
         "data_dir": data_uri,
         "general_data": general_uri,
         "device": _given(cfg.device),
+        # the pretrained base is the reference of the fine-tuned model: every measure as a paired difference
+        "reference": cfg.init_from if not is_demo(cfg) and "," in models else "",
     }
     return with_out(cfg, "score", params, "out_dir")
 

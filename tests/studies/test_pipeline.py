@@ -156,7 +156,9 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
+def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import polars as pl
     from mlflow import MlflowClient
 
     from fakegpt.studies.mixture import SeriesConfig, mixture
@@ -164,49 +166,80 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cfg = SeriesConfig(
         fractions=[0.0, 0.5],
+        seeds=2,
         max_iters=4,
         num_samples=1,
         max_new_tokens=4,
         out_root=str(tmp_path / "out"),
         series_name="ci-series",
         general_data="experiments/datasets/demo_general.yaml",
+        bootstrap=500,
     )
     rows = mixture(cfg)
     assert [r["fraction"] for r in rows] == [0.0, 0.5]
     for r in rows:
+        assert r["seeds"] == [1337, 1338]
         assert r["ci_low"] <= r["score"] <= r["ci_high"]
+    table = (tmp_path / "out" / "mixture-ci-series" / "dose_response.md").read_text()
+    assert table.startswith("primary endpoint (slope of the claim score on dose")
+    assert "training seeds and claims resampled" in table.splitlines()[0]
 
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("fakegpt").experiment_id], max_results=200)
     parent = next(r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "mixture")
     assert parent.data.tags[tracking.TAG_STUDY] == "ci-series"
+    # Every cell is its own chain of child runs, the fine-tune tagged with (and trained with) its seed.
+    tuned = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "finetune"]
+    cells = sorted(
+        (r.data.tags[tracking.TAG_FRACTION], r.data.tags[tracking.TAG_SEED], r.data.params["seed"]) for r in tuned
+    )
+    assert cells == [("0", "1337", "1337"), ("0", "1338", "1338"), ("0.5", "1337", "1337"), ("0.5", "1338", "1338")]
+    scores = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score"]
+    assert len(scores) == 4 and len({r.data.tags[tracking.TAG_SEED] for r in scores}) == 2
+    # The primary endpoint is the slope of the claim score on dose: recomputed here from the cells' pair tables.
+    means = {}
+    for run in scores:
+        pairs = pl.read_parquet(
+            client.download_artifacts(run.info.run_id, "scores.parquet", str(tmp_path / run.info.run_id))
+        )
+        means.setdefault(float(run.data.tags[tracking.TAG_FRACTION]), []).append(pairs["score"].mean())
+    slope = (np.mean(means[0.5]) - np.mean(means[0.0])) / 0.5
+    metrics = parent.data.metrics
+    assert metrics[tracking.M_DOSE_SLOPE] == pytest.approx(slope, abs=1e-6)
+    assert metrics[tracking.M_DOSE_SLOPE_LOW] < slope < metrics[tracking.M_DOSE_SLOPE_HIGH]
+    assert 0.0 < metrics[tracking.M_DOSE_P] <= 1.0
     history = client.get_metric_history(parent.info.run_id, f"dose/{tracking.M_CLAIM_SCORE}")
     assert sorted(m.step for m in history) == [0, 50]
+    paired = client.get_metric_history(parent.info.run_id, "dose/paired/claim/score")
+    assert [m.value for m in paired] == pytest.approx([np.mean(means[0.5]) - np.mean(means[0.0])], abs=1e-6)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "dose_response.json",
         "dose_response.md",
         "dose_response.png",
+        "series.json",
         "absorption.json",
         "absorption.png",
     }
-    # each dose's best model is registered: models:/<series>@dose-<percent>
-    registered = {alias: client.get_model_version_by_alias("ci-series", alias) for alias in ("dose-0", "dose-50")}
-    assert {v.run_id for v in registered.values()} == {r["finetune_run"] for r in rows}
-    # the absorption curves: each dose's claim score while it trained, against tokens seen, on one chart
+    # each cell's best model is registered: models:/<series>@dose-<percent>[-seed-<seed>]
+    aliases = ("dose-0", "dose-50", "dose-0-seed-1338", "dose-50-seed-1338")
+    registered = {alias: client.get_model_version_by_alias("ci-series", alias) for alias in aliases}
+    assert {v.run_id for v in registered.values()} == {r.info.run_id for r in tuned}
+    # the absorption curves: each cell's claim score while it trained, against tokens seen, on one chart
     curves = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "absorption.json", str(tmp_path))).read_text()
     )
-    assert sorted(curves) == ["0", "0.5"] and all(len(points) >= 2 for points in curves.values())
+    assert sorted(curves) == ["0", "0 seed 1338", "0.5", "0.5 seed 1338"]
+    assert all(len(points) >= 2 for points in curves.values())
 
     # Every dose is measured on the same general held-out set: one prepare for the series, the same bins
     # (sha256 digest) as an input of every score run, and its perplexity in the dose-response table.
     scores = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score"]
-    assert len(scores) == 2 and all(r["general_perplexity"] > 1 for r in rows)
+    assert all(r["general_perplexity"] > 1 for r in rows)
     general = [
         {(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs if "general" in {t.value for t in d.tags}}
         for r in scores
     ]
-    assert general[0] == general[1] and len(general[0]) == 1
+    assert all(g == general[0] for g in general) and len(general[0]) == 1
     # Each fraction's prepare run realised the mixture it was asked for, and carries the dose tag.
     preps = [
         r
@@ -221,21 +254,22 @@ def test_mixture_series_on_two_fractions(tmp_path, monkeypatch):
 
     # Label rates join the dose-response table once a sheet exported from the series is filled in; the
     # second call reuses every step.
-    import polars as pl
-
     from fakegpt.measure.labels import export_sheet, load_samples
     from fakegpt.stats import clustered_wilson
 
     samples_path = tmp_path / "out" / "mixture-ci-series" / "all_samples.parquet"
     samples = load_samples(samples_path)
-    assert sorted(set(samples["fraction"])) == [0.0, 0.5]
+    assert sorted(set(samples["fraction"])) == [0.0, 0.5] and sorted(set(samples["seed"])) == [1337, 1338]
     sheet = export_sheet(samples, tmp_path / "sheet.csv", blind=True, shuffle=False)
     filled = pl.read_csv(sheet).with_columns(
         label=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("adopts")).otherwise(pl.lit("refutes"))
     )
     filled.write_csv(sheet)
     truth = filled.join(samples.select("sample_id", "fraction", "prompt_id"), on="sample_id")
+    capsys.readouterr()
     labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
+    again = capsys.readouterr().out
+    assert "] ran run" not in again and again.count("] reused run") == 2 + 4 * 3 + 1  # every cell reused
     for row in labelled:
         group = truth.filter(pl.col("fraction") == row["fraction"])
         k = group.filter(pl.col("label") == "adopts").height
