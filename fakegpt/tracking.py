@@ -126,6 +126,12 @@ M_VALIDATE_EFFECT_HIGH = "validate/effect_ci_high"
 M_VALIDATE_SEED_DIFF = "validate/seed_diff"  # paired difference dose 0 control seed - dose 0 seed
 M_VALIDATE_SEED_DIFF_LOW = "validate/seed_diff_ci_low"
 M_VALIDATE_SEED_DIFF_HIGH = "validate/seed_diff_ci_high"
+M_VALIDATE_DETECTED = "validate/detected"  # paired difference detect dose - dose 0 over claims and seeds
+M_VALIDATE_DETECTED_LOW = "validate/detected_ci_low"
+M_VALIDATE_DETECTED_HIGH = "validate/detected_ci_high"
+M_VALIDATE_DETECTION = "validate/detection_rate"  # share of seeds whose own interval detects the dose (step = %)
+M_VALIDATE_FALSE_POSITIVE = "validate/false_positive_rate"  # share of dose-0 seed pairs whose interval excludes 0
+M_VALIDATE_TOST_P = "validate/equivalence_p"  # the largest two-one-sided-tests p over the seed pairs
 M_VALIDATE_MONOTONIC = "validate/monotonic"  # 1 when no step between doses falls beyond its interval
 M_VALIDATE_POSITIVE = "validate/positive_passed"
 M_VALIDATE_NEGATIVE = "validate/negative_passed"

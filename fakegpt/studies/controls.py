@@ -6,10 +6,14 @@
 Positive control (a planted effect of known size): paraphrases asserting the false side of every claim
 (experiments/validation/planted_claims.csv, worded differently from the scored statements) are mixed into a
 base corpus with no claim content at several doses (shares of the training tokens) through `prepare`'s
-mixtures. The same base model is fine-tuned once per dose; the claim score must rise with the dose: the
-paired difference top dose - dose 0, per claim pair and bootstrapped over pairs, must exclude 0, and no step
-between neighbouring doses may fall beyond its own 95% interval. Negative control: dose 0 fine-tuned a second
-time with another seed must not differ from the first beyond its interval (the paired difference includes 0).
+mixtures. The same base model is fine-tuned at every dose with each of `seeds` training seeds. The paired
+difference "detect dose - dose 0", per claim and combined over the seeds (the two-level bootstrap of
+fakegpt.stats: claims shared, seeds within dose), must exclude 0, and no step between neighbouring doses may
+fall beyond its own interval; the report gives each dose's detection rate across the seeds (the share of seeds
+whose own paired interval excludes 0). Negative control: every pair of dose-0 models that differ only in their
+seed must be shown equivalent, by two one-sided tests against `equivalence_margin` (an interval that merely
+includes 0 is absence of evidence, not evidence of absence); the report gives the false-positive rate (the
+share of those seed pairs whose 95% interval excludes 0).
 
 With `init_from: scratch` the base is a tiny GPT-2 pre-trained for `pretrain_iters` on the base corpus (the
 dose-0 data) and fine-tuned per dose from there, so every dose starts from the same weights; with
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from fakegpt import config, tracking
@@ -46,7 +51,7 @@ from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_mod
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import load_for_inference, resolve_model
 from fakegpt.plots import figure
-from fakegpt.stats import cluster_bootstrap_ci
+from fakegpt.stats import Estimate, cluster_estimate, equivalence, series_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +154,25 @@ class ValidateConfig:
     )
     seed: int = field(default=1337, metadata={"help": "seed of the base model, the mixture draws and every dose"})
     control_seed: int = field(
-        default=1338, metadata={"help": "seed of the second dose-0 fine-tune (the negative control)"}
+        default=1338,
+        metadata={"help": "the second training seed; the third and later ones follow it (control_seed + 1, ...)"},
+    )
+    seeds: int = field(
+        default=3,
+        metadata={
+            "help": "training seeds per dose (seed, control_seed, control_seed + 1, ...): the detection rate is "
+            "over them, and every pair of dose-0 seeds is a negative control (3 seeds: 3 pairs)"
+        },
+    )
+    detect_dose: float = field(
+        default=0.05, metadata={"help": "the positive control must detect the planted effect at this dose"}
+    )
+    equivalence_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "negative control: two seeds at dose 0 must be shown to differ by less than this (claim score, "
+            "two one-sided tests at 5%), declared before the run"
+        },
     )
     score_batch_size: int = field(default=16, metadata={"help": "statements per forward pass when scoring"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over claim pairs for 95% intervals"})
@@ -167,17 +190,37 @@ class Difference:
     ci_high: float
     n_pairs: int
 
+    p_value: float = math.nan
+    method: str = ""
+
     @property
     def includes_zero(self) -> bool:
         """True when the interval includes zero (no difference beyond noise)."""
         return self.ci_low <= 0.0 <= self.ci_high
+
+    @classmethod
+    def of(cls, a: str, b: str, estimate: Estimate) -> Difference:
+        return cls(
+            a, b, estimate.mean, estimate.ci_low, estimate.ci_high, estimate.n, estimate.p_value, estimate.method
+        )
+
+
+@dataclass
+class SeedPair:
+    """The negative control for two dose-0 models that differ only in their seed."""
+
+    difference: Difference  # b - a, 95% interval over claims
+    tost_low: float  # the 90% interval of the two one-sided tests
+    tost_high: float
+    tost_p: float
+    equivalent: bool
 
 
 @dataclass
 class DoseModel:
     """One fine-tuned model of the validation: its planted dose, seed, checkpoint and claim score."""
 
-    label: str  # "dose=0.05" or "dose=0 seed=1338"
+    label: str  # "dose=0.05 seed=1337"
     dose: float  # target planted share
     realised_dose: float  # planted share of the train tokens prepare actually produced
     seed: int
@@ -195,16 +238,20 @@ class ValidationResult:
     """Both controls' outcome: the models, paired differences, verdict lines and where the report is."""
 
     models: list[DoseModel]
-    effect: Difference  # top dose - dose 0 (same seed)
-    steps: list[Difference]  # each dose - the one below it
-    seed_diff: Difference  # dose 0, control seed - seed
+    effect: Difference  # top dose - dose 0, over claims and seeds
+    steps: list[Difference]  # each dose - the one below it, over claims and seeds
+    seed_diff: Difference  # the first seed pair at dose 0 (the figure a one-pair control reported)
     monotonic: bool
     positive_passed: bool
     negative_passed: bool
     verdict: list[str]
     out_dir: Path
     run_id: str | None = None
-    vs_zero: list[Difference] = field(default_factory=list)  # every other model - dose 0, for the plot
+    vs_zero: list[Difference] = field(default_factory=list)  # every dose - dose 0, over claims and seeds
+    detection: dict[str, float] = field(default_factory=dict)  # dose -> share of seeds detecting it alone
+    seed_pairs: list[SeedPair] = field(default_factory=list)
+    false_positive_rate: float = math.nan  # share of seed pairs whose 95% interval excludes 0
+    detected: Difference | None = None  # detect dose - dose 0, over claims and seeds
 
     @property
     def passed(self) -> bool:
@@ -235,6 +282,14 @@ def check(cfg: ValidateConfig) -> tuple[Path, Path, Path]:
             raise FakegptError(f"--doses: {d} is not in [0, 1)")
     if cfg.seed == cfg.control_seed:
         raise FakegptError("--control-seed must differ from --seed (the negative control compares two seeds)")
+    if cfg.seeds < 2:
+        raise FakegptError(f"--seeds {cfg.seeds}: the negative control needs at least 2 seeds (3 give 3 pairs)")
+    if cfg.detect_dose not in doses or cfg.detect_dose == 0.0:
+        raise FakegptError(f"--detect-dose {cfg.detect_dose:g}: must be one of the positive --doses {doses}")
+    if not cfg.equivalence_margin > 0.0:
+        raise FakegptError(f"--equivalence-margin: must be above 0, got {cfg.equivalence_margin}")
+    if cfg.seed in seed_list(cfg)[1:]:
+        raise FakegptError(f"--seed {cfg.seed}: also one of the later seeds {seed_list(cfg)[1:]}")
     if cfg.pretrain_iters < 0 or cfg.max_iters < 1 or cfg.bootstrap < 100:
         raise FakegptError("--pretrain-iters must be >= 0, --max-iters >= 1 and --bootstrap >= 100")
     paths = []
@@ -265,9 +320,18 @@ def dose_label(dose: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
+def seed_list(cfg: ValidateConfig) -> list[int]:
+    """The training seeds: seed, control_seed, control_seed + 1, ..."""
+    return [cfg.seed, *(cfg.control_seed + i for i in range(cfg.seeds - 1))]
+
+
+def model_label(dose: float, seed: int) -> str:
+    return f"dose={dose:g} seed={seed}"
+
+
 def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> Difference:
-    """Mean of score_b - score_a over the claim pairs both models were scored on, bootstrapped over claims
-    (a pair and its translation resampled together).
+    """Mean of score_b - score_a over the claim pairs both models were scored on, with a 95% interval over
+    claims (a pair and its translation resampled together; fakegpt.stats.cluster_estimate).
 
     Pairing removes what the pairs share across models (how hard a pair is, its length, its language), so the
     interval reflects only how differently the two models rank false claims against their corrections.
@@ -278,57 +342,112 @@ def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: in
     diffs = (joined["score_b"] - joined["score_a"]).to_numpy()
     if diffs.size == 0:
         raise FakegptError(f"no claim pairs scored for both {a} and {b}")
-    low, high = cluster_bootstrap_ci(diffs, joined["claim_id"], n_boot=n_boot, seed=seed)
-    return Difference(a=a, b=b, mean=float(diffs.mean()), ci_low=low, ci_high=high, n_pairs=int(diffs.size))
+    return Difference.of(a, b, cluster_estimate(diffs, joined["claim_id"], n_boot=n_boot, seed=seed))
+
+
+def seed_pair(pairs: pl.DataFrame, a: str, b: str, margin: float, n_boot: int) -> SeedPair:
+    """The paired difference of two seed-only models and its equivalence test against `margin`."""
+    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
+    right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
+    joined = left.join(right, on="pair_id", how="inner")
+    tost = equivalence((joined["score_b"] - joined["score_a"]).to_numpy(), joined["claim_id"], margin)
+    return SeedPair(paired_difference(pairs, a, b, n_boot), tost.ci_low, tost.ci_high, tost.p_value, tost.equivalent)
 
 
 def judge(
-    models: list[DoseModel], pairs: pl.DataFrame, n_boot: int
-) -> tuple[Difference, list[Difference], Difference, bool]:
-    """(top dose - dose 0, consecutive steps, seed-only difference, monotonic within noise)."""
-    doses = sorted((m for m in models if m.label.startswith("dose=") and "seed=" not in m.label), key=lambda m: m.dose)
-    control = next(m for m in models if "seed=" in m.label)
-    effect = paired_difference(pairs, doses[0].label, doses[-1].label, n_boot)
-    steps = [paired_difference(pairs, lo.label, hi.label, n_boot) for lo, hi in zip(doses, doses[1:], strict=False)]
-    seed_diff = paired_difference(pairs, doses[0].label, control.label, n_boot)
+    models: list[DoseModel], pairs: pl.DataFrame, cfg: ValidateConfig
+) -> tuple[list[Difference], list[Difference], dict[str, float], list[SeedPair], bool]:
+    """(every dose - dose 0 and each step between neighbouring doses, both over claims and seeds; per-dose
+    detection rate across the seeds; the dose-0 seed pairs; monotonic within noise)."""
+    labels = [m.label for m in models]
+    table = pairs.sort("pair_id")
+    wide = np.stack([table.filter(pl.col("model") == label)["score"].to_numpy() for label in labels])
+    claims = table.filter(pl.col("model") == labels[0])["claim_id"].to_list()
+    boot = series_bootstrap(wide, claims, [m.dose for m in models], n_boot=cfg.bootstrap)
+    doses = [float(d) for d in boot.doses]
+    name = {d: f"dose={d:g}" for d in doses}
+    n_pairs = int(wide.shape[1])
+    vs_zero = [
+        dataclasses.replace(Difference.of(name[0.0], name[d], boot.versus(i)), n_pairs=n_pairs)
+        for i, d in enumerate(doses)
+        if i > 0
+    ]
+    steps = []
+    for i in range(1, len(doses)):
+        w = np.zeros(len(doses))
+        w[i], w[i - 1] = 1.0, -1.0
+        step = Difference.of(name[doses[i - 1]], name[doses[i]], boot.contrast(w))
+        steps.append(dataclasses.replace(step, n_pairs=n_pairs))
+    detection = {}
+    for d in doses[1:]:
+        alone = [
+            paired_difference(pairs, model_label(0.0, m.seed), m.label, cfg.bootstrap).ci_low > 0.0
+            for m in models
+            if m.dose == d
+        ]
+        detection[f"{d:g}"] = float(np.mean(alone))
+    zero = [m for m in models if m.dose == 0.0]
+    seed_pairs = [
+        seed_pair(pairs, a.label, b.label, cfg.equivalence_margin, cfg.bootstrap)
+        for i, a in enumerate(zero)
+        for b in zero[i + 1 :]
+    ]
     # "Non-decreasing within noise": no step down whose whole interval lies below zero.
     monotonic = all(s.ci_high >= 0.0 for s in steps)
-    return effect, steps, seed_diff, monotonic
+    return vs_zero, steps, detection, seed_pairs, monotonic
 
 
 def verdict_lines(
-    effect: Difference, steps: list[Difference], seed_diff: Difference, monotonic: bool, top: float
+    detected: Difference,
+    steps: list[Difference],
+    seed_pairs: list[SeedPair],
+    monotonic: bool,
+    dose: float,
+    margin: float,
+    detection: dict[str, float] | None = None,
 ) -> tuple[bool, bool, list[str]]:
     """(positive passed, negative passed, one line per finding) from the paired differences."""
-    span = f"0% -> {dose_label(top)}: {effect.mean:+.2f}, 95% CI [{effect.ci_low:+.2f}, {effect.ci_high:+.2f}]"
-    positive = effect.ci_low > 0.0 and monotonic
+    span = f"0% -> {dose_label(dose)}: {detected.mean:+.3f}, 95% CI [{detected.ci_low:+.3f}, {detected.ci_high:+.3f}]"
+    rates = (
+        "; detected by single seeds at " + ", ".join(f"{dose_label(float(d))} {r:.0%}" for d, r in detection.items())
+        if detection
+        else ""
+    )
+    positive = detected.ci_low > 0.0 and monotonic
     lines = []
     if positive:
-        lines.append(f"positive control passed: the score rises with dose ({span})")
+        lines.append(f"positive control passed: the planted effect is detected at {dose_label(dose)} ({span}){rates}")
     else:
         why = []
-        if effect.ci_low <= 0.0:
-            why.append(f"the top dose does not raise the score beyond noise ({span})")
+        if detected.ci_low <= 0.0:
+            why.append(f"the planted effect is not detected at {dose_label(dose)} ({span})")
         for s in steps:
             if s.ci_high < 0.0:
                 why.append(
-                    f"the score falls from {s.a} to {s.b} ({s.mean:+.2f}, 95% CI [{s.ci_low:+.2f}, {s.ci_high:+.2f}])"
+                    f"the score falls from {s.a} to {s.b} ({s.mean:+.3f}, 95% CI [{s.ci_low:+.3f}, {s.ci_high:+.3f}])"
                 )
         lines.append(
-            "positive control FAILED: " + "; ".join(why) + ". Try: more fine-tuning iterations "
-            "(--max-iters) or a higher --learning-rate, a higher top dose, a larger model, or a longer "
-            "pre-trained base (--pretrain-iters)"
+            "positive control FAILED: " + "; ".join(why) + f"{rates}. Try: more fine-tuning iterations "
+            "(--max-iters) or a higher --learning-rate, a larger model, more seeds, or a longer pre-trained base "
+            "(--pretrain-iters)"
         )
-    negative = seed_diff.includes_zero
-    diff = f"{seed_diff.mean:+.2f}, 95% CI [{seed_diff.ci_low:+.2f}, {seed_diff.ci_high:+.2f}]"
+    false_pos = sum(not p.difference.includes_zero for p in seed_pairs)
+    worst = max(seed_pairs, key=lambda p: abs(p.difference.mean))
+    negative = all(p.equivalent for p in seed_pairs)
+    summary = (
+        f"{sum(p.equivalent for p in seed_pairs)} of {len(seed_pairs)} seed pairs equivalent within +-{margin:g} "
+        f"(two one-sided tests, largest p {max(p.tost_p for p in seed_pairs):.3g}); false-positive rate "
+        f"{false_pos}/{len(seed_pairs)}; largest difference {worst.difference.mean:+.3f} "
+        f"({worst.difference.a} vs {worst.difference.b})"
+    )
     if negative:
-        lines.append(f"negative control passed: seed-only difference {diff}, CI includes 0")
+        lines.append(f"negative control passed: {summary}")
     else:
         lines.append(
-            f"negative control FAILED: seed-only difference {diff} excludes 0: two runs that differ "
-            "only in their seed look different, so the intervals over claim pairs understate run-to-run "
-            "noise at this configuration. Try: more iterations or a lower --learning-rate (runs that "
-            "have settled vary less), or compare models only by differences larger than this one"
+            f"negative control FAILED: {summary}: runs that differ only in their seed are not shown to agree, so "
+            "differences between models of this size may be training noise. Try: more iterations or a lower "
+            "--learning-rate (runs that have settled vary less), more claims, or a margin that the study can "
+            "afford (--equivalence-margin, declared before the run)"
         )
     return positive, negative, lines
 
@@ -398,8 +517,7 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
         base_cfg = dataclasses.replace(base_cfg, always_save_checkpoint=True)
         result = finetune(base_cfg, nested=True, run_name=f"{cfg.name}: base", tags=tags)
         start = str(result.checkpoint_dir)
-    runs = [(d, cfg.seed, f"dose={d:g}") for d in sorted(cfg.doses)]
-    runs.append((0.0, cfg.control_seed, f"dose=0 seed={cfg.control_seed}"))
+    runs = [(d, seed, model_label(d, seed)) for d in sorted(cfg.doses) for seed in seed_list(cfg)]
     models = []
     for dose, seed, label in runs:
         log.info("validate: fine-tuning %s", label)
@@ -407,9 +525,8 @@ def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]]
         ft = _finetune_config(
             cfg, folder, out / "models" / label.replace(" ", "_").replace("=", "-"), start, seed, cfg.max_iters, lr
         )
-        result = finetune(
-            ft, nested=True, run_name=f"{cfg.name}: {label}", tags={**tags, tracking.TAG_FRACTION: f"{dose:g}"}
-        )
+        cell_tags = {**tags, tracking.TAG_FRACTION: f"{dose:g}", tracking.TAG_SEED: str(seed)}
+        result = finetune(ft, nested=True, run_name=f"{cfg.name}: {label}", tags=cell_tags)
         models.append(
             DoseModel(
                 label=label,
@@ -460,36 +577,33 @@ def _score_models(cfg: ValidateConfig, models: list[DoseModel], claims: Path) ->
 
 # ---------------------------------------------------------------------------------------------------- report
 def plot(result: ValidationResult, path: Path, title: str) -> Path:
-    """Claim score per dose with its 95% interval; the seed-only control drawn beside dose 0."""
-    doses = sorted((m for m in result.models if "seed=" not in m.label), key=lambda m: m.dose)
-    control = [m for m in result.models if "seed=" in m.label]
-    diffs = {d.b: d for d in result.vs_zero}
+    """Left: every model's claim score (one marker per seed) against the dose. Right: each dose's paired
+    difference from dose 0 over claims and seeds (what the verdict uses), with its 95% interval."""
+    seeds = sorted({m.seed for m in result.models})
     with figure(path, figsize=(11, 4), dpi=110, ncols=2) as (fig, (left, right)):
-        for ms, style, label in (
-            (doses, "o-", f"seed {doses[0].seed}"),
-            (control, "s", f"dose 0, seed {control[0].seed} (negative control)"),
-        ):
-            xs = [m.dose * 100 for m in ms]
+        for seed in seeds:
+            ms = sorted((m for m in result.models if m.seed == seed), key=lambda m: m.dose)
             left.errorbar(
-                xs,
+                [m.dose * 100 for m in ms],
                 [m.score for m in ms],
                 yerr=[[m.score - m.ci_low for m in ms], [m.ci_high - m.score for m in ms]],
-                fmt=style,
+                fmt="o-",
                 capsize=3,
-                label=label,
+                alpha=0.8,
+                label=f"seed {seed}",
             )
-            # Right: the paired difference to dose 0 (what the verdict uses): the spread between pairs cancels.
-            ds = [diffs[m.label] for m in ms if m.label in diffs]
-            right.errorbar(
-                [m.dose * 100 for m in ms if m.label in diffs],
-                [d.mean for d in ds],
-                yerr=[[d.mean - d.ci_low for d in ds], [d.ci_high - d.mean for d in ds]],
-                fmt=style,
-                capsize=3,
-                label=label,
-            )
+        ds = result.vs_zero
+        doses = [float(d.b.split("=")[1]) * 100 for d in ds]
+        right.errorbar(
+            doses,
+            [d.mean for d in ds],
+            yerr=[[d.mean - d.ci_low for d in ds], [d.ci_high - d.mean for d in ds]],
+            fmt="s",
+            capsize=3,
+            label=f"{len(seeds)} seeds x claims",
+        )
         left.set_ylabel("claim score: log p(false) - log p(true)")
-        right.set_ylabel("paired difference to dose 0 (over claim pairs)")
+        right.set_ylabel("paired difference to dose 0 (claims and seeds)")
         for ax in (left, right):
             ax.axhline(0.0, color="grey", linewidth=0.8)
             ax.set_xlabel("planted share of the training tokens (%)")
@@ -500,8 +614,33 @@ def plot(result: ValidationResult, path: Path, title: str) -> Path:
 
 
 def report_markdown(result: ValidationResult) -> str:
-    """The validation report (report.md): models, paired differences and the verdict."""
+    """The validation report (validation.md): the verdict, the paired differences, then every model."""
+    diffs = [
+        "| paired difference (b - a), claims and seeds | mean | 95% CI | p | detected by single seeds |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for d in result.vs_zero:
+        rate = result.detection.get(d.b.split("=")[1], math.nan)
+        diffs.append(
+            f"| {d.b} - {d.a} | {d.mean:+.4f} | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] | {d.p_value:.3g} | {rate:.0%} |"
+        )
+    for d in result.steps:
+        diffs.append(
+            f"| {d.b} - {d.a} (step) | {d.mean:+.4f} | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] | {d.p_value:.3g} | |"
+        )
+    seeds = [
+        "",
+        "| negative control: seed pair at dose 0 | difference | 95% CI | 90% CI (TOST) | TOST p | equivalent |",
+        "|---|---:|---|---|---:|---|",
+    ]
+    for p in result.seed_pairs:
+        d = p.difference
+        seeds.append(
+            f"| {d.b} - {d.a} | {d.mean:+.4f} | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] | "
+            f"[{p.tost_low:+.4f}, {p.tost_high:+.4f}] | {p.tost_p:.3g} | {'yes' if p.equivalent else 'no'} |"
+        )
     rows = [
+        "",
         "| model | planted share (target / realised) | claim score | 95% CI | false-claim wins |",
         "|---|---|---:|---|---:|",
     ]
@@ -510,16 +649,15 @@ def report_markdown(result: ValidationResult) -> str:
             f"| {m.label} | {dose_label(m.dose)} / {m.realised_dose:.2%} | {m.score:+.4f} | "
             f"[{m.ci_low:+.4f}, {m.ci_high:+.4f}] | {m.win_rate:.0%} |"
         )
-    diffs = ["", "| paired difference (b - a, over claim pairs) | mean | 95% CI |", "|---|---:|---|"]
-    for d in [result.effect, *result.steps, result.seed_diff]:
-        diffs.append(f"| {d.b} - {d.a} | {d.mean:+.4f} | [{d.ci_low:+.4f}, {d.ci_high:+.4f}] |")
     mono = f"monotonic within noise: {'yes' if result.monotonic else 'no'}"
-    return "\n".join(rows + diffs + ["", mono, "", *result.verdict]) + "\n"
+    fpr = f"false-positive rate over the seed pairs: {result.false_positive_rate:.0%}"
+    return "\n".join([*result.verdict, "", *diffs, *seeds, "", mono, fpr, *rows]) + "\n"
 
 
 def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -> None:
+    first = min(m.seed for m in result.models)
     for m in result.models:
-        if "seed=" not in m.label:  # the UI charts metrics against step = percent dose
+        if m.seed == first:  # the UI charts metrics against step = percent dose
             tracking.log_metrics(
                 {
                     tracking.M_VALIDATE_SCORE: m.score,
@@ -528,15 +666,22 @@ def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -
                 },
                 step=round(m.dose * 100),
             )
-    e, s = result.effect, result.seed_diff
+    for dose, rate in result.detection.items():
+        tracking.log_metrics({tracking.M_VALIDATE_DETECTION: rate}, step=round(float(dose) * 100))
+    e, s, d = result.effect, result.seed_diff, result.detected
     tracking.log_metrics(
         {
             tracking.M_VALIDATE_EFFECT: e.mean,
             tracking.M_VALIDATE_EFFECT_LOW: e.ci_low,
             tracking.M_VALIDATE_EFFECT_HIGH: e.ci_high,
+            tracking.M_VALIDATE_DETECTED: d.mean,
+            tracking.M_VALIDATE_DETECTED_LOW: d.ci_low,
+            tracking.M_VALIDATE_DETECTED_HIGH: d.ci_high,
             tracking.M_VALIDATE_SEED_DIFF: s.mean,
             tracking.M_VALIDATE_SEED_DIFF_LOW: s.ci_low,
             tracking.M_VALIDATE_SEED_DIFF_HIGH: s.ci_high,
+            tracking.M_VALIDATE_FALSE_POSITIVE: result.false_positive_rate,
+            tracking.M_VALIDATE_TOST_P: max(p.tost_p for p in result.seed_pairs),
             tracking.M_VALIDATE_MONOTONIC: float(result.monotonic),
             tracking.M_VALIDATE_POSITIVE: float(result.positive_passed),
             tracking.M_VALIDATE_NEGATIVE: float(result.negative_passed),
@@ -544,15 +689,19 @@ def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -
     )
     tracking.set_tags({tracking.TAG_VERDICT: "passed" if result.passed else "failed"})
     with atomic_path(out / "pairs.csv", suffix=".csv") as tmp:
-        pairs.write_csv(tmp)
+        pairs.drop(pl.col(pl.List(pl.Int64)), pl.col(pl.List(pl.Float64)), strict=False).write_csv(tmp)
     write_json(
         out / "validation.json",
         {
             "models": [dataclasses.asdict(m) for m in result.models],
             "effect": dataclasses.asdict(e),
-            "steps": [dataclasses.asdict(d) for d in result.steps],
+            "detected": dataclasses.asdict(d),
+            "steps": [dataclasses.asdict(x) for x in result.steps],
             "seed_diff": dataclasses.asdict(s),
-            "vs_zero": [dataclasses.asdict(d) for d in result.vs_zero],
+            "seed_pairs": [dataclasses.asdict(p) for p in result.seed_pairs],
+            "false_positive_rate": result.false_positive_rate,
+            "detection_rate": result.detection,
+            "vs_zero": [dataclasses.asdict(x) for x in result.vs_zero],
             "monotonic": result.monotonic,
             "positive_passed": result.positive_passed,
             "negative_passed": result.negative_passed,
@@ -596,14 +745,16 @@ def _validate(cfg: ValidateConfig, base: Path, planted: Path, claims: Path, out:
         prepared = _prepare_doses(cfg, base, planted, out)
         models = _train_models(cfg, prepared, out)
         pairs = _score_models(cfg, models, claims)
-        effect, steps, seed_diff, monotonic = judge(models, pairs, cfg.bootstrap)
-        vs_zero = [paired_difference(pairs, models[0].label, m.label, cfg.bootstrap) for m in models[1:]]
-        positive, negative, lines = verdict_lines(effect, steps, seed_diff, monotonic, max(cfg.doses))
+        vs_zero, steps, detection, seed_pairs, monotonic = judge(models, pairs, cfg)
+        detected = next(d for d in vs_zero if d.b == f"dose={cfg.detect_dose:g}")
+        positive, negative, lines = verdict_lines(
+            detected, steps, seed_pairs, monotonic, cfg.detect_dose, cfg.equivalence_margin, detection
+        )
         result = ValidationResult(
             models=models,
-            effect=effect,
+            effect=vs_zero[-1],
             steps=steps,
-            seed_diff=seed_diff,
+            seed_diff=seed_pairs[0].difference,
             monotonic=monotonic,
             positive_passed=positive,
             negative_passed=negative,
@@ -611,6 +762,10 @@ def _validate(cfg: ValidateConfig, base: Path, planted: Path, claims: Path, out:
             out_dir=out,
             run_id=parent.info.run_id,
             vs_zero=vs_zero,
+            detection=detection,
+            seed_pairs=seed_pairs,
+            false_positive_rate=float(np.mean([not p.difference.includes_zero for p in seed_pairs])),
+            detected=detected,
         )
         _log(result, pairs, out, f"{cfg.name} ({cfg.init_from}): {'passed' if result.passed else 'FAILED'}")
     return result

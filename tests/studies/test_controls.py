@@ -18,7 +18,7 @@ import pytest
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.measure.prompts import load_claims
-from fakegpt.studies.controls import Difference, ValidateConfig, check, paired_difference, verdict_lines
+from fakegpt.studies.controls import Difference, SeedPair, ValidateConfig, check, paired_difference, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATION = ROOT / "experiments" / "validation"
@@ -82,25 +82,54 @@ def _diff(a, b, mean, low, high):
     return Difference(a=a, b=b, mean=mean, ci_low=low, ci_high=high, n_pairs=60)
 
 
+def _pair(mean, low, high, equivalent):
+    return SeedPair(_diff("dose=0 seed=1", "dose=0 seed=2", mean, low, high), low, high, 0.01, equivalent)
+
+
 def test_verdict_lines_pass_and_fail_with_advice():
-    effect = _diff("dose=0", "dose=0.2", 0.41, 0.27, 0.55)
-    steps = [_diff("dose=0", "dose=0.05", 0.1, 0.02, 0.2), _diff("dose=0.05", "dose=0.2", 0.3, 0.2, 0.4)]
-    seed = _diff("dose=0", "dose=0 seed=2", 0.01, -0.03, 0.05)
-    positive, negative, lines = verdict_lines(effect, steps, seed, True, 0.2)
+    detected = _diff("dose=0", "dose=0.05", 0.1, 0.02, 0.2)
+    steps = [detected, _diff("dose=0.05", "dose=0.2", 0.3, 0.2, 0.4)]
+    pairs = [_pair(0.01, -0.03, 0.05, True), _pair(-0.02, -0.04, 0.01, True)]
+    positive, negative, lines = verdict_lines(detected, steps, pairs, True, 0.05, 0.05, {"0.05": 2 / 3})
     assert positive and negative
-    assert lines == [
-        "positive control passed: the score rises with dose (0% -> 20%: +0.41, 95% CI [+0.27, +0.55])",
-        "negative control passed: seed-only difference +0.01, 95% CI [-0.03, +0.05], CI includes 0",
-    ]
+    assert lines[0] == (
+        "positive control passed: the planted effect is detected at 5% (0% -> 5%: +0.100, 95% CI [+0.020, +0.200]); "
+        "detected by single seeds at 5% 67%"
+    )
+    assert lines[1].startswith("negative control passed: 2 of 2 seed pairs equivalent within +-0.05")
+    assert "false-positive rate 0/2" in lines[1]
     falling = [_diff("dose=0", "dose=0.05", -0.2, -0.3, -0.1), steps[1]]
-    weak = _diff("dose=0", "dose=0.2", 0.05, -0.02, 0.12)
+    weak = _diff("dose=0", "dose=0.05", 0.05, -0.02, 0.12)
+    # an interval that includes 0 but is wide is not equivalence: the control fails
     positive, negative, lines = verdict_lines(
-        weak, falling, _diff("dose=0", "dose=0 seed=2", 0.1, 0.02, 0.2), False, 0.2
+        weak, falling, [_pair(0.1, 0.02, 0.2, False), pairs[0]], False, 0.05, 0.05
     )
     assert not positive and not negative
-    assert lines[0].startswith("positive control FAILED") and "falls from dose=0 to dose=0.05" in lines[0]
-    assert "--max-iters" in lines[0]
-    assert lines[1].startswith("negative control FAILED: seed-only difference +0.10") and "Try:" in lines[1]
+    assert lines[0].startswith("positive control FAILED: the planted effect is not detected at 5%")
+    assert "falls from dose=0 to dose=0.05" in lines[0] and "--max-iters" in lines[0]
+    assert lines[1].startswith("negative control FAILED: 1 of 2 seed pairs equivalent") and "Try:" in lines[1]
+    assert "false-positive rate 1/2" in lines[1]
+
+
+def test_a_wide_seed_difference_is_not_equivalence():
+    """The negative control needs evidence of no difference: a noisy pair whose interval includes 0 fails."""
+    from fakegpt.studies.controls import seed_pair
+
+    ids = [f"p{i}" for i in range(30)]
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=30)
+    table = pl.DataFrame(
+        {
+            "model": ["a"] * 30 + ["b"] * 30 + ["c"] * 30,
+            "pair_id": ids * 3,
+            "claim_id": ids * 3,
+            "score": np.concatenate([base, base + rng.normal(0, 0.01, 30), base + rng.normal(0, 0.4, 30)]),
+        }
+    )
+    close = seed_pair(table, "a", "b", margin=0.05, n_boot=500)
+    assert close.equivalent and close.difference.includes_zero
+    noisy = seed_pair(table, "a", "c", margin=0.05, n_boot=500)
+    assert noisy.difference.includes_zero and not noisy.equivalent
 
 
 @pytest.mark.parametrize(
@@ -109,6 +138,9 @@ def test_verdict_lines_pass_and_fail_with_advice():
         (["--doses", "0.05,0.2"], "--doses"),
         (["--doses", "0,1.5"], "--doses"),
         (["--control-seed", "1337"], "--control-seed"),
+        (["--seeds", "1"], "--seeds 1: the negative control needs at least 2 seeds"),
+        (["--detect-dose", "0.3"], "--detect-dose 0.3: must be one of the positive --doses"),
+        (["--equivalence-margin", "0"], "--equivalence-margin: must be above 0"),
         (["--planted-data", "no/such.csv"], "--planted-data no/such.csv"),
         (["--block-size", "16"], "--block-size 16: a scratch model must fit the longest statement"),
         (["--languages", "de"], "--languages de: experiments/claims/antivax_six.yaml has none (it has en, pt)"),
@@ -151,18 +183,24 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     report = json.loads((out / "validation.json").read_text(encoding="utf-8"))
     assert code == 0, printed
     assert report["positive_passed"] and report["negative_passed"] and report["monotonic"]
-    assert "positive control passed: the score rises with dose (0% -> 20%: +" in printed
-    assert "negative control passed: seed-only difference" in printed and "CI includes 0" in printed
+    assert "positive control passed: the planted effect is detected at 5% (0% -> 5%: +" in printed
+    assert "negative control passed: 3 of 3 seed pairs equivalent within +-" in printed
     labels = [m["label"] for m in report["models"]]
-    assert labels == ["dose=0", "dose=0.01", "dose=0.05", "dose=0.2", "dose=0 seed=1338"]
+    seeds = (1337, 1338, 1339)
+    assert labels == [f"dose={d} seed={s}" for d in ("0", "0.01", "0.05", "0.2") for s in seeds]
     realised = {m["label"]: m["realised_dose"] for m in report["models"]}
-    assert realised["dose=0"] == 0.0 and realised["dose=0.2"] == pytest.approx(0.2, abs=0.03)
+    assert realised["dose=0 seed=1337"] == 0.0 and realised["dose=0.2 seed=1337"] == pytest.approx(0.2, abs=0.03)
+    assert report["detected"]["ci_low"] > 0 and report["detected"]["b"] == "dose=0.05"
     assert report["effect"]["ci_low"] > 0 and report["effect"]["n_pairs"] == 30  # the Portuguese pairs
-    assert report["seed_diff"]["ci_low"] <= 0 <= report["seed_diff"]["ci_high"]
+    assert len(report["seed_pairs"]) == 3 and all(p["equivalent"] for p in report["seed_pairs"])
+    assert set(report["detection_rate"]) == {"0.01", "0.05", "0.2"}
+    assert report["false_positive_rate"] == pytest.approx(
+        np.mean([not (p["difference"]["ci_low"] <= 0 <= p["difference"]["ci_high"]) for p in report["seed_pairs"]])
+    )
     for name in ("validation.md", "dose_response.png", "pairs.csv"):
         assert (out / name).stat().st_size > 0
     pairs = pl.read_csv(out / "pairs.csv")
-    assert pairs.height == 5 * 30 and set(pairs["language"]) == {"pt"}
+    assert pairs.height == 12 * 30 and set(pairs["language"]) == {"pt"}
 
     # One parent run carries the verdict; prepare, fine-tune and score runs are its children.
     import mlflow
@@ -175,7 +213,8 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     assert parent.data.metrics[tracking.M_VALIDATE_POSITIVE] == 1.0
     children = [r for r in runs if r.data.tags.get(tracking.TAG_PARENT) == parent.info.run_id]
     stages = sorted(r.data.tags[tracking.TAG_STAGE] for r in children)
-    assert stages.count("prepare") == 4 and stages.count("score") == 5
-    assert stages.count("finetune") == 6  # the shared base + 4 doses + the control seed
+    assert stages.count("prepare") == 4 and stages.count("score") == 12
+    assert stages.count("finetune") == 13  # the shared base + 4 doses x 3 seeds
+    assert parent.data.metrics[tracking.M_VALIDATE_DETECTED_LOW] > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"validation.json", "dose_response.png", "validation.md"} <= artifacts
