@@ -329,6 +329,16 @@ def model_label(dose: float, seed: int) -> str:
     return f"dose={dose:g} seed={seed}"
 
 
+def _joined(pairs: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
+    """The claim pairs both models were scored on, with score_a and score_b side by side."""
+    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
+    right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
+    joined = left.join(right, on="pair_id", how="inner")
+    if joined.height == 0:
+        raise FakegptError(f"no claim pairs scored for both {a} and {b}")
+    return joined.with_columns(diff=pl.col("score_b") - pl.col("score_a"))
+
+
 def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> Difference:
     """Mean of score_b - score_a over the claim pairs both models were scored on, with a 95% interval over
     claims (a pair and its translation resampled together; fakegpt.stats.cluster_estimate).
@@ -336,21 +346,16 @@ def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: in
     Pairing removes what the pairs share across models (how hard a pair is, its length, its language), so the
     interval reflects only how differently the two models rank false claims against their corrections.
     """
-    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
-    right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
-    joined = left.join(right, on="pair_id", how="inner")
-    diffs = (joined["score_b"] - joined["score_a"]).to_numpy()
-    if diffs.size == 0:
-        raise FakegptError(f"no claim pairs scored for both {a} and {b}")
-    return Difference.of(a, b, cluster_estimate(diffs, joined["claim_id"], n_boot=n_boot, seed=seed))
+    joined = _joined(pairs, a, b)
+    return Difference.of(
+        a, b, cluster_estimate(joined["diff"].to_numpy(), joined["claim_id"], n_boot=n_boot, seed=seed)
+    )
 
 
 def seed_pair(pairs: pl.DataFrame, a: str, b: str, margin: float, n_boot: int) -> SeedPair:
     """The paired difference of two seed-only models and its equivalence test against `margin`."""
-    left = pairs.filter(pl.col("model") == a).select("pair_id", "claim_id", pl.col("score").alias("score_a"))
-    right = pairs.filter(pl.col("model") == b).select("pair_id", pl.col("score").alias("score_b"))
-    joined = left.join(right, on="pair_id", how="inner")
-    tost = equivalence((joined["score_b"] - joined["score_a"]).to_numpy(), joined["claim_id"], margin)
+    joined = _joined(pairs, a, b)
+    tost = equivalence(joined["diff"].to_numpy(), joined["claim_id"], margin)
     return SeedPair(paired_difference(pairs, a, b, n_boot), tost.ci_low, tost.ci_high, tost.p_value, tost.equivalent)
 
 

@@ -18,6 +18,7 @@ import pytest
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.measure.prompts import load_claims
+from fakegpt.stats import cluster_estimate
 from fakegpt.studies.controls import Difference, SeedPair, ValidateConfig, check, paired_difference, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,18 +59,23 @@ def test_planted_paraphrases_cover_every_claim_in_other_words():
             assert _longest_common_run(_words(text), _words(s.text)) <= 6, (text, s.text)
 
 
-def test_paired_difference_is_per_pair_and_bootstrapped():
-    ids = [f"p{i}" for i in range(40)]
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=40)
-    pairs = pl.DataFrame(
+def _three_models(base: np.ndarray, b: np.ndarray, c: np.ndarray) -> pl.DataFrame:
+    """The pair table of models a (scores `base`), b and c; one language: each pair is its own claim."""
+    ids = [f"p{i}" for i in range(base.size)]
+    return pl.DataFrame(
         {
-            "model": ["a"] * 40 + ["b"] * 40 + ["c"] * 40,
+            "model": ["a"] * base.size + ["b"] * base.size + ["c"] * base.size,
             "pair_id": ids * 3,
-            "claim_id": ids * 3,  # one language: each pair is its own claim
-            "score": np.concatenate([base, base + 0.5, base + rng.normal(scale=0.01, size=40)]),
+            "claim_id": ids * 3,
+            "score": np.concatenate([base, b, c]),
         }
     )
+
+
+def test_paired_difference_is_per_pair_and_bootstrapped():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=40)
+    pairs = _three_models(base, base + 0.5, base + rng.normal(scale=0.01, size=40))
     shifted = paired_difference(pairs, "a", "b", n_boot=500)
     assert shifted.mean == pytest.approx(0.5) and shifted.ci_low == pytest.approx(0.5)
     assert shifted.n_pairs == 40 and not shifted.includes_zero
@@ -115,17 +121,9 @@ def test_a_wide_seed_difference_is_not_equivalence():
     """The negative control needs evidence of no difference: a noisy pair whose interval includes 0 fails."""
     from fakegpt.studies.controls import seed_pair
 
-    ids = [f"p{i}" for i in range(30)]
     rng = np.random.default_rng(1)
     base = rng.normal(size=30)
-    table = pl.DataFrame(
-        {
-            "model": ["a"] * 30 + ["b"] * 30 + ["c"] * 30,
-            "pair_id": ids * 3,
-            "claim_id": ids * 3,
-            "score": np.concatenate([base, base + rng.normal(0, 0.01, 30), base + rng.normal(0, 0.4, 30)]),
-        }
-    )
+    table = _three_models(base, base + rng.normal(0, 0.01, 30), base + rng.normal(0, 0.4, 30))
     close = seed_pair(table, "a", "b", margin=0.05, n_boot=500)
     assert close.equivalent and close.difference.includes_zero
     noisy = seed_pair(table, "a", "c", margin=0.05, n_boot=500)
@@ -164,8 +162,12 @@ def test_validation_yamls_are_valid_configs(name):
 
 
 @pytest.mark.slow
-def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
-    """The CI configuration: planted effect detected and rising with dose; two seeds at dose 0 agree."""
+def test_validate_end_to_end_reports_controls_that_follow_from_its_numbers(tmp_path, shared_data, capsys):
+    """The CI configuration, 4 doses x 3 seeds of a tiny model. Its verdict is whatever the data say (the README
+    reports it); the test checks that every figure of the verdict follows from the models' pair scores: the
+    single-seed detection rates, the equivalence test of every dose-0 seed pair, the false-positive rate, the
+    pass/fail flags and the exit status."""
+    from fakegpt.stats import equivalence
     from fakegpt.studies.controls import main
 
     out = tmp_path / "validate"
@@ -181,26 +183,38 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     )
     printed = capsys.readouterr().out
     report = json.loads((out / "validation.json").read_text(encoding="utf-8"))
-    assert code == 0, printed
-    assert report["positive_passed"] and report["negative_passed"] and report["monotonic"]
-    assert "positive control passed: the planted effect is detected at 5% (0% -> 5%: +" in printed
-    assert "negative control passed: 3 of 3 seed pairs equivalent within +-" in printed
+    assert code == (0 if report["positive_passed"] and report["negative_passed"] else 1), printed
     labels = [m["label"] for m in report["models"]]
     seeds = (1337, 1338, 1339)
     assert labels == [f"dose={d} seed={s}" for d in ("0", "0.01", "0.05", "0.2") for s in seeds]
     realised = {m["label"]: m["realised_dose"] for m in report["models"]}
     assert realised["dose=0 seed=1337"] == 0.0 and realised["dose=0.2 seed=1337"] == pytest.approx(0.2, abs=0.03)
-    assert report["detected"]["ci_low"] > 0 and report["detected"]["b"] == "dose=0.05"
-    assert report["effect"]["ci_low"] > 0 and report["effect"]["n_pairs"] == 30  # the Portuguese pairs
-    assert len(report["seed_pairs"]) == 3 and all(p["equivalent"] for p in report["seed_pairs"])
-    assert set(report["detection_rate"]) == {"0.01", "0.05", "0.2"}
-    assert report["false_positive_rate"] == pytest.approx(
-        np.mean([not (p["difference"]["ci_low"] <= 0 <= p["difference"]["ci_high"]) for p in report["seed_pairs"]])
-    )
-    for name in ("validation.md", "dose_response.png", "pairs.csv"):
-        assert (out / name).stat().st_size > 0
     pairs = pl.read_csv(out / "pairs.csv")
     assert pairs.height == 12 * 30 and set(pairs["language"]) == {"pt"}
+
+    def diffs(a, b):
+        x = pairs.filter(pl.col("model") == a).sort("pair_id")
+        y = pairs.filter(pl.col("model") == b).sort("pair_id")
+        return (y["score"] - x["score"]).to_numpy(), x["claim_id"].to_list()
+
+    # The combined 5% - 0% difference is the mean over seeds of the per-seed paired differences.
+    per_seed = [diffs(f"dose=0 seed={s}", f"dose=0.05 seed={s}")[0].mean() for s in seeds]
+    assert report["detected"]["b"] == "dose=0.05" and report["detected"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert report["positive_passed"] == (report["detected"]["ci_low"] > 0 and report["monotonic"])
+    for dose, rate in report["detection_rate"].items():
+        alone = [cluster_estimate(*diffs(f"dose=0 seed={s}", f"dose={dose} seed={s}")).ci_low > 0 for s in seeds]
+        assert rate == pytest.approx(np.mean(alone))
+    assert len(report["seed_pairs"]) == 3
+    for p in report["seed_pairs"]:
+        d, claims = diffs(p["difference"]["a"], p["difference"]["b"])
+        assert p["equivalent"] == equivalence(d, claims, margin=0.05).equivalent
+    assert report["negative_passed"] == all(p["equivalent"] for p in report["seed_pairs"])
+    outside = [not (p["difference"]["ci_low"] <= 0 <= p["difference"]["ci_high"]) for p in report["seed_pairs"]]
+    assert report["false_positive_rate"] == pytest.approx(np.mean(outside))
+    verdict = "passed" if report["positive_passed"] else "FAILED"
+    assert f"positive control {verdict}" in printed and "false-positive rate" in printed
+    for name in ("validation.md", "dose_response.png", "pairs.csv"):
+        assert (out / name).stat().st_size > 0
 
     # One parent run carries the verdict; prepare, fine-tune and score runs are its children.
     import mlflow
@@ -208,13 +222,13 @@ def test_validate_end_to_end_both_controls_pass(tmp_path, shared_data, capsys):
     client = mlflow.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "validate")
-    assert parent.data.tags[tracking.TAG_VERDICT] == "passed"
-    assert parent.data.metrics[tracking.M_VALIDATE_EFFECT_LOW] > 0
-    assert parent.data.metrics[tracking.M_VALIDATE_POSITIVE] == 1.0
+    assert parent.data.tags[tracking.TAG_VERDICT] == ("passed" if code == 0 else "failed")
+    assert parent.data.metrics[tracking.M_VALIDATE_DETECTED] == pytest.approx(report["detected"]["mean"])
+    assert parent.data.metrics[tracking.M_VALIDATE_POSITIVE] == float(report["positive_passed"])
+    assert parent.data.metrics[tracking.M_VALIDATE_FALSE_POSITIVE] == pytest.approx(report["false_positive_rate"])
     children = [r for r in runs if r.data.tags.get(tracking.TAG_PARENT) == parent.info.run_id]
     stages = sorted(r.data.tags[tracking.TAG_STAGE] for r in children)
     assert stages.count("prepare") == 4 and stages.count("score") == 12
     assert stages.count("finetune") == 13  # the shared base + 4 doses x 3 seeds
-    assert parent.data.metrics[tracking.M_VALIDATE_DETECTED_LOW] > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"validation.json", "dose_response.png", "validation.md"} <= artifacts
