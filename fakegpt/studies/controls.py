@@ -505,7 +505,7 @@ def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) ->
 
 
 def _train_models(cfg: ValidateConfig, prepared: dict[float, tuple[Path, float]], out: Path) -> list[DoseModel]:
-    """The shared base (scratch only), then one fine-tune per dose plus the dose-0 control seed."""
+    """The shared base (scratch only), then one fine-tune per dose and seed."""
     tags = {tracking.TAG_STUDY: cfg.name}
     start, lr = cfg.init_from, cfg.learning_rate
     if cfg.init_from == "scratch" and cfg.pretrain_iters > 0:
