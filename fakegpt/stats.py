@@ -41,17 +41,27 @@ def cluster_bootstrap_ci(
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         return (math.nan, math.nan)
-    _, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
-    sums = np.bincount(index, weights=data)  # (k,) per-cluster sum and size
-    sizes = np.bincount(index).astype(np.float64)
+    sums, sizes = _cluster_sums(data, clusters)
     if sums.size == 1:
         mean = float(sums[0] / sizes[0])
         return (mean, mean)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, sums.size, size=(n_boot, sums.size))  # (n_boot, k) resampled clusters
-    stats = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+    stats = _cluster_replicates(sums, sizes, n_boot, seed)
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return (float(low), float(high))
+
+
+def _cluster_sums(values: Sequence[float], clusters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(k,) per-cluster sums and sizes of `values`."""
+    data = np.asarray(values, dtype=np.float64)
+    _, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
+    return np.bincount(index, weights=data), np.bincount(index).astype(np.float64)
+
+
+def _cluster_replicates(sums: np.ndarray, sizes: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot,) means of bootstrap resamples of whole clusters (drawn with replacement)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, sums.size, size=(n_boot, sums.size))  # (n_boot, k) resampled clusters
+    return sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
 
 
 def design_effect(successes: Sequence[int], sizes: Sequence[int]) -> float:
@@ -134,19 +144,16 @@ class Estimate:
         return self.ci_low > 0.0 or self.ci_high < 0.0
 
 
-def _cluster_sums(values: Sequence[float], clusters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums and sizes of `values` (clusters in first-seen order)."""
-    data = np.asarray(values, dtype=np.float64)
-    _, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
-    return np.bincount(index, weights=data), np.bincount(index).astype(np.float64)
-
-
 def cluster_se(values: Sequence[float], clusters: Sequence[str]) -> float:
     """Cluster-robust standard error of the mean of `values` (the linearised ratio estimator over clusters).
 
     With equal cluster sizes this is exactly the standard error of the cluster means, sd / sqrt(k).
     """
-    sums, sizes = _cluster_sums(values, clusters)
+    return _se(*_cluster_sums(values, clusters))
+
+
+def _se(sums: np.ndarray, sizes: np.ndarray) -> float:
+    """cluster_se from the per-cluster sums and sizes."""
     k, n = sums.size, sizes.sum()
     if k < 2:
         return math.nan
@@ -190,9 +197,7 @@ def cluster_estimate(
     sums, sizes = _cluster_sums(data, clusters)
     k, mean = sums.size, float(data.mean())
     if k >= MIN_BOOTSTRAP_CLUSTERS:
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, k, size=(n_boot, k))
-        reps = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+        reps = _cluster_replicates(sums, sizes, n_boot, seed)
         low, high = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
         return Estimate(
             mean,
@@ -203,7 +208,7 @@ def cluster_estimate(
             k,
             f"percentile bootstrap over {k} clusters",
         )
-    low, high, p = t_interval(mean, cluster_se(data, clusters), k - 1, alpha)
+    low, high, p = t_interval(mean, _se(sums, sizes), k - 1, alpha)
     return Estimate(mean, low, high, p, int(data.size), k, f"t (df={k - 1}) over {k} clusters")
 
 
@@ -237,8 +242,8 @@ def equivalence(values: Sequence[float], clusters: Sequence[str], margin: float,
     from scipy import stats as sps
 
     data = np.asarray(values, dtype=np.float64)
-    mean, se = float(data.mean()), cluster_se(data, clusters)
-    df = _cluster_sums(data, clusters)[0].size - 1
+    sums, sizes = _cluster_sums(data, clusters)
+    mean, se, df = float(data.mean()), _se(sums, sizes), sums.size - 1
     if not se > 0.0:
         inside = abs(mean) < margin
         return Equivalence(mean, mean, mean, margin, 0.0 if inside else 1.0, inside)

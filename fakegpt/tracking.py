@@ -80,7 +80,11 @@ PAIRED_PREFIX = "paired/"  # score --reference: paired/<measure> = this model mi
 M_DOSE_SLOPE = "dose/slope"
 M_DOSE_SLOPE_LOW = "dose/slope_ci_low"
 M_DOSE_SLOPE_HIGH = "dose/slope_ci_high"
-M_DOSE_P = "dose/p_value"
+M_DOSE_P = "dose/p_value"  # of the declared endpoint (dose/primary: the slope, or top dose - dose 0)
+M_DOSE_PRIMARY = "dose/primary"
+M_DOSE_PRIMARY_LOW = "dose/primary_ci_low"
+M_DOSE_PRIMARY_HIGH = "dose/primary_ci_high"
+M_DOSE_SEED_SD = "dose/seed_sd"  # per dose (step = percent): standard deviation of its seeds' claim scores
 TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: human | judge:<model folder>
 M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>

@@ -227,9 +227,14 @@ def window_nll(model: Any, data_dir: str | Path, n_windows: int, batch_size: int
     return [-float(lp.mean().item()) for lp in logps]
 
 
+def perplexity(window_losses: Sequence[float]) -> float:
+    """exp(mean next-token loss) over the windows."""
+    return float(math.exp(float(np.mean(window_losses))))
+
+
 def val_perplexity(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> float:
     """exp(mean next-token loss) over fixed windows of val.bin (the same windows for every model)."""
-    return float(math.exp(float(np.mean(window_nll(model, data_dir, n_windows, batch_size)))))
+    return perplexity(window_nll(model, data_dir, n_windows, batch_size))
 
 
 def group_score(pairs: pl.DataFrame, n_boot: int, seed: int) -> GroupScore:
@@ -412,9 +417,14 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, d in score.paired.items():  # the differences from the reference lead
         metric = tracking.paired_metric(name)
-        out.update({metric: d.mean, f"{metric}_ci_low": d.ci_low, f"{metric}_ci_high": d.ci_high})
-        if math.isfinite(d.p_value):
-            out[f"{metric}_p_value"] = d.p_value
+        out.update(
+            {
+                metric: d.mean,
+                f"{metric}_ci_low": d.ci_low,
+                f"{metric}_ci_high": d.ci_high,
+                f"{metric}_p_value": d.p_value,
+            }
+        )
     out[tracking.M_CLAIM_LOGLIK] = score.mean_loglik
     if score.overall is not None:
         out.update(
@@ -431,8 +441,7 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
         for topic, g in score.per_topic.items():
             out[tracking.claim_topic_metric(topic)] = g.mean
             out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_WIN)] = g.win_rate
-            if g.p_holm is not None and math.isfinite(g.p_holm):
-                out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_SCORE_P_HOLM)] = g.p_holm
+            out[tracking.claim_topic_metric(topic, tracking.M_CLAIM_SCORE_P_HOLM)] = g.p_holm
     for name in MC_MEASURES:
         value = getattr(score, name)
         if value is not None:
@@ -442,7 +451,7 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
         out[tracking.M_VAL_PPL] = score.val_perplexity
     if score.general_perplexity is not None:
         out[tracking.M_GENERAL_PPL] = score.general_perplexity
-    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
+    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}  # undefined: no point logged
 
 
 def plot_dose(scores: list[ModelScore], path: Path, source: str) -> Path | None:
@@ -566,10 +575,10 @@ def _measure(
     summary = summarise(spec, fraction, table, pairs, cfg)
     if data_dir is not None:
         summary.val_nll = window_nll(model, data_dir, cfg.val_windows, cfg.batch_size)
-        summary.val_perplexity = float(math.exp(float(np.mean(summary.val_nll))))
+        summary.val_perplexity = perplexity(summary.val_nll)
     if general_dir is not None:
         summary.general_nll = window_nll(model, general_dir, cfg.val_windows, cfg.batch_size)
-        summary.general_perplexity = float(math.exp(float(np.mean(summary.general_nll))))
+        summary.general_perplexity = perplexity(summary.general_nll)
     return summary, table, pairs
 
 
@@ -628,10 +637,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             log.info("%s", describe(summary))
         paths = write_outputs(result)
         if result.pairs.height:
-            tracking.log_table(
-                result.pairs.drop("token_ids_false", "token_ids_true", strict=False).to_dict(as_series=False),
-                "scores_table.json",
-            )
+            tracking.log_table(result.pairs.to_dict(as_series=False), "scores_table.json")
         result.plot = plot_dose(scores, result.out_dir / "score_vs_fraction.png", cfg.dose_source)
         for path in paths + ([result.plot] if result.plot else []):
             tracking.log_artifact(path)

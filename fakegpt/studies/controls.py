@@ -346,7 +346,10 @@ def paired_difference(pairs: pl.DataFrame, a: str, b: str, n_boot: int, seed: in
     Pairing removes what the pairs share across models (how hard a pair is, its length, its language), so the
     interval reflects only how differently the two models rank false claims against their corrections.
     """
-    joined = _joined(pairs, a, b)
+    return _difference(_joined(pairs, a, b), a, b, n_boot, seed)
+
+
+def _difference(joined: pl.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> Difference:
     return Difference.of(
         a, b, cluster_estimate(joined["diff"].to_numpy(), joined["claim_id"], n_boot=n_boot, seed=seed)
     )
@@ -356,7 +359,7 @@ def seed_pair(pairs: pl.DataFrame, a: str, b: str, margin: float, n_boot: int) -
     """The paired difference of two seed-only models and its equivalence test against `margin`."""
     joined = _joined(pairs, a, b)
     tost = equivalence(joined["diff"].to_numpy(), joined["claim_id"], margin)
-    return SeedPair(paired_difference(pairs, a, b, n_boot), tost.ci_low, tost.ci_high, tost.p_value, tost.equivalent)
+    return SeedPair(_difference(joined, a, b, n_boot), tost.ci_low, tost.ci_high, tost.p_value, tost.equivalent)
 
 
 def judge(

@@ -64,8 +64,16 @@ class Analysis:
         return out
 
 
-def pair_table(score_run: str) -> pl.DataFrame:
-    """A score run's pair table (scores.parquet, one row per claim pair)."""
+def check(endpoint: str, measure: str) -> None:
+    """The declared endpoint and its measure are ones this module computes (checked before a series runs)."""
+    if endpoint not in ENDPOINTS:
+        raise FakegptError(f"--endpoint {endpoint}: expected one of {', '.join(ENDPOINTS)}")
+    if measure not in MEASURES:
+        raise FakegptError(f"--endpoint-measure {measure}: expected one of {', '.join(MEASURES)}")
+
+
+def cell_pairs(score_run: str) -> pl.DataFrame:
+    """A cell's pair table, from its score run (scores.parquet, one row per claim pair)."""
     return pl.read_parquet(tracking.download(f"runs:/{score_run}/scores.parquet"))
 
 
@@ -76,11 +84,7 @@ def yardstick(pairs: pl.DataFrame) -> str:
 
 
 def analyse(cells: list[Cell], tables: list[pl.DataFrame], endpoint: str, measure: str, n_boot: int) -> Analysis:
-    """The endpoint and per-dose contrasts from every cell's pair table (in `cells` order)."""
-    if endpoint not in ENDPOINTS:
-        raise FakegptError(f"--endpoint {endpoint}: expected one of {', '.join(ENDPOINTS)}")
-    if measure not in MEASURES:
-        raise FakegptError(f"--endpoint-measure {measure}: expected one of {', '.join(MEASURES)}")
+    """The endpoint and per-dose contrasts from every cell's pair table (in `cells` order; see `check`)."""
     tables = [t.sort("pair_id") for t in tables]
     marks = [yardstick(t) for t in tables]
     for cell, mark in zip(cells, marks, strict=True):
@@ -126,15 +130,16 @@ def endpoint_line(a: Analysis) -> str:
 
 
 def metrics(a: Analysis) -> dict[str, float]:
-    """The parent run's endpoint metrics (dose/slope, its interval, dose/p_value) and per-dose paired ones."""
+    """The parent run's endpoint metrics: dose/slope with its interval, the declared endpoint with its interval
+    and its p-value (dose/p_value)."""
     out = {
         tracking.M_DOSE_SLOPE: a.slope.mean,
         tracking.M_DOSE_SLOPE_LOW: a.slope.ci_low,
         tracking.M_DOSE_SLOPE_HIGH: a.slope.ci_high,
         tracking.M_DOSE_P: a.primary.p_value,
-        "dose/primary": a.primary.mean,
-        "dose/primary_ci_low": a.primary.ci_low,
-        "dose/primary_ci_high": a.primary.ci_high,
+        tracking.M_DOSE_PRIMARY: a.primary.mean,
+        tracking.M_DOSE_PRIMARY_LOW: a.primary.ci_low,
+        tracking.M_DOSE_PRIMARY_HIGH: a.primary.ci_high,
     }
     return {k: v for k, v in out.items() if math.isfinite(v)}
 

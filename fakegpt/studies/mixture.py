@@ -164,12 +164,7 @@ def validate(cfg: SeriesConfig) -> None:
         raise FakegptError(f"--seeds: must be at least 1, got {cfg.seeds}")
     if len(set(cfg.fractions)) != len(cfg.fractions):
         raise FakegptError(f"--fractions: a fraction is listed twice ({cfg.fractions})")
-    if cfg.endpoint not in dose_response.ENDPOINTS:
-        raise FakegptError(f"--endpoint {cfg.endpoint}: expected one of {', '.join(dose_response.ENDPOINTS)}")
-    if cfg.endpoint_measure not in dose_response.MEASURES:
-        raise FakegptError(
-            f"--endpoint-measure {cfg.endpoint_measure}: expected one of {', '.join(dose_response.MEASURES)}"
-        )
+    dose_response.check(cfg.endpoint, cfg.endpoint_measure)
     if cfg.bootstrap < 100:
         raise FakegptError(f"--bootstrap: at least 100 resamples, got {cfg.bootstrap}")
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
@@ -358,7 +353,7 @@ def plot_absorption(curves: dict[str, list[list[float]]], path: Path, title: str
 
 def analyse(cfg: SeriesConfig, cells: list[Cell]) -> dose_response.Analysis | None:
     """The endpoint and paired contrasts from the cells' pair tables (None for a claims file with no pairs)."""
-    tables = [dose_response.pair_table(c.runs["score"]) for c in cells]
+    tables = [dose_response.cell_pairs(c.runs["score"]) for c in cells]
     if len(set(c.fraction for c in cells)) < 2 or any(t.height == 0 for t in tables):
         return None
     return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap)
@@ -399,7 +394,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
                     f"dose/{tracking.paired_metric('score')}": r.get("vs_zero"),
                     f"dose/{tracking.paired_metric('score')}_ci_low": r.get("vs_zero_ci_low"),
                     f"dose/{tracking.paired_metric('score')}_ci_high": r.get("vs_zero_ci_high"),
-                    "dose/seed_sd": r.get("seed_sd"),
+                    tracking.M_DOSE_SEED_SD: r.get("seed_sd"),
                     f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
                     f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
                 },
