@@ -375,17 +375,13 @@ def judge(
     doses = [float(d) for d in boot.doses]
     name = {d: f"dose={d:g}" for d in doses}
     n_pairs = int(wide.shape[1])
-    vs_zero = [
-        dataclasses.replace(Difference.of(name[0.0], name[d], boot.versus(i)), n_pairs=n_pairs)
-        for i, d in enumerate(doses)
-        if i > 0
-    ]
-    steps = []
-    for i in range(1, len(doses)):
-        w = np.zeros(len(doses))
-        w[i], w[i - 1] = 1.0, -1.0
-        step = Difference.of(name[doses[i - 1]], name[doses[i]], boot.contrast(w))
-        steps.append(dataclasses.replace(step, n_pairs=n_pairs))
+
+    def contrast(i: int, below: int) -> Difference:  # dose i - dose `below`, over claims and seeds
+        estimate = Difference.of(name[doses[below]], name[doses[i]], boot.versus(i, below))
+        return dataclasses.replace(estimate, n_pairs=n_pairs)
+
+    vs_zero = [contrast(i, 0) for i in range(1, len(doses))]
+    steps = [contrast(i, i - 1) for i in range(1, len(doses))]
     detection = {}
     for d in doses[1:]:
         alone = [

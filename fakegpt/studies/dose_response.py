@@ -132,7 +132,7 @@ def endpoint_line(a: Analysis) -> str:
 def metrics(a: Analysis) -> dict[str, float]:
     """The parent run's endpoint metrics: dose/slope with its interval, the declared endpoint with its interval
     and its p-value (dose/p_value)."""
-    out = {
+    return {  # tracking.log_metrics leaves out undefined (NaN) values
         tracking.M_DOSE_SLOPE: a.slope.mean,
         tracking.M_DOSE_SLOPE_LOW: a.slope.ci_low,
         tracking.M_DOSE_SLOPE_HIGH: a.slope.ci_high,
@@ -141,7 +141,6 @@ def metrics(a: Analysis) -> dict[str, float]:
         tracking.M_DOSE_PRIMARY_LOW: a.primary.ci_low,
         tracking.M_DOSE_PRIMARY_HIGH: a.primary.ci_high,
     }
-    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def fmt(v: Any) -> str:

@@ -225,7 +225,6 @@ def run_series(cfg: SeriesConfig, method: str) -> list[Cell]:
     general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     seeds = seed_list(cfg)
     for fraction in cfg.fractions:
-        shared: dict[str, str] = {}
 
         def step(name: str, params: dict[str, Any], cell: Cell | None, fraction: float = fraction) -> str:
             run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
@@ -240,11 +239,11 @@ def run_series(cfg: SeriesConfig, method: str) -> list[Cell]:
             print(f"[{where}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
             return run_id
 
-        shared["prepare"] = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)), None)
-        check_dose_size(cfg, fraction, shared["prepare"])
-        data_uri = f"runs:/{shared['prepare']}/data"
+        prepared = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)), None)
+        check_dose_size(cfg, fraction, prepared)
+        data_uri = f"runs:/{prepared}/data"
         for i, seed in enumerate(seeds):
-            cell = Cell(fraction=fraction, seed=seed, runs=dict(shared))
+            cell = Cell(fraction=fraction, seed=seed, runs={"prepare": prepared})  # the dose's seeds share it
             extra: dict[str, Any] = {"seed": seed} if i else {}  # the first seed: the very run of a 1-seed series
             if cfg.register_models:
                 alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
