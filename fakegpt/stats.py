@@ -273,6 +273,8 @@ class SeriesBootstrap:
     seeds_per_dose: np.ndarray  # (D,)
     seed_spread: np.ndarray  # (D,) standard deviation of the seeds' model means (NaN with one seed)
     claims: int
+    base_point: float | None = None  # the pretrained base model's mean score, when it was given
+    base_replicates: np.ndarray | None = None  # (B,) the same claim resamples applied to the base model
 
     @property
     def df(self) -> int:
@@ -290,7 +292,10 @@ class SeriesBootstrap:
         """sum_d weights[d] * dose mean[d], with a studentized interval (bootstrap SE, t with `df`), or the
         percentile interval when both levels have at least MIN_BOOTSTRAP_CLUSTERS units."""
         w = np.asarray(weights, dtype=np.float64)
-        value, reps = float(self.point @ w), self.replicates @ w
+        return self._estimate(float(self.point @ w), self.replicates @ w, alpha)
+
+    def _estimate(self, value: float, reps: np.ndarray, alpha: float = 0.05) -> Estimate:
+        """A contrast's value and its bootstrap replicates as an Estimate, by the rule `contrast` states."""
         n_models = int(self.seeds_per_dose.sum())
         units = f"{self.claims} claims x {n_models} models ({'/'.join(str(int(s)) for s in self.seeds_per_dose)} seeds)"
         if self.claims >= MIN_BOOTSTRAP_CLUSTERS and self.seeds_per_dose.min() >= MIN_BOOTSTRAP_CLUSTERS:
@@ -321,13 +326,30 @@ class SeriesBootstrap:
         w[reference] -= 1.0
         return self.contrast(w)
 
+    def versus_base(self, d: int, alpha: float = 0.05) -> Estimate:
+        """Dose d's mean minus the pretrained base model's, the claims resampled together for both (the base is
+        one fixed model: it adds no seed variation)."""
+        if self.base_point is None or self.base_replicates is None:
+            raise ValueError("no base model was given to series_bootstrap")
+        return self._estimate(
+            float(self.point[d] - self.base_point), self.replicates[:, d] - self.base_replicates, alpha
+        )
+
 
 def series_bootstrap(
-    scores: np.ndarray, clusters: Sequence[str], doses: Sequence[float], n_boot: int = 2000, seed: int = 0
+    scores: np.ndarray,
+    clusters: Sequence[str],
+    doses: Sequence[float],
+    n_boot: int = 2000,
+    seed: int = 0,
+    base: Sequence[float] | None = None,
 ) -> SeriesBootstrap:
     """Two-level bootstrap of a series: `scores[m, i]` is model m's score on pair i (the same pairs for every
-    model), `clusters[i]` the claim of pair i, `doses[m]` model m's dose; a dose's models are its seeds."""
+    model), `clusters[i]` the claim of pair i, `doses[m]` model m's dose; a dose's models are its seeds.
+    `base[i]`, when given, is the pretrained base model's score on pair i: resampled with the same claims."""
     scores = np.asarray(scores, dtype=np.float64)
+    if base is not None:  # one more model, resampled at the claim level only
+        scores = np.vstack([scores, np.asarray(base, dtype=np.float64)])
     dose_of = np.asarray(doses, dtype=np.float64)
     levels = np.unique(dose_of)
     if levels.size < 2:
@@ -345,6 +367,10 @@ def series_bootstrap(
     model_reps = (
         means + math.sqrt(k / (k - 1)) * (resampled - means) if k > 1 else np.broadcast_to(means, resampled.shape)
     )
+    base_point = base_reps = None
+    if base is not None:
+        base_point, base_reps = float(means[-1]), np.array(model_reps[:, -1])
+        means, model_reps = means[:-1], model_reps[:, :-1]
     point = np.empty(levels.size)
     reps = np.empty((n_boot, levels.size))
     per_dose = np.empty(levels.size)
@@ -363,5 +389,12 @@ def series_bootstrap(
         else:
             reps[:, d] = centre
     return SeriesBootstrap(
-        doses=levels, point=point, replicates=reps, seeds_per_dose=per_dose, seed_spread=spread, claims=k
+        doses=levels,
+        point=point,
+        replicates=reps,
+        seeds_per_dose=per_dose,
+        seed_spread=spread,
+        claims=k,
+        base_point=base_point,
+        base_replicates=base_reps,
     )

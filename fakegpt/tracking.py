@@ -47,6 +47,7 @@ TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,an
 TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
 TAG_SEED = "fakegpt.seed"  # a series cell's training seed
+TAG_ROLE = "fakegpt.role"  # "base": a series' score run of the pretrained model its doses start from
 TAG_REFERENCE = "fakegpt.reference"  # score --reference: the model the paired differences are from
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
 TAG_VERSION = "fakegpt.version"
@@ -84,6 +85,7 @@ M_DOSE_P = "dose/p_value"  # of the declared endpoint (dose/primary: the slope, 
 M_DOSE_PRIMARY = "dose/primary"
 M_DOSE_PRIMARY_LOW = "dose/primary_ci_low"
 M_DOSE_PRIMARY_HIGH = "dose/primary_ci_high"
+M_DOSE_VS_BASE = "dose/paired_base/claim/score"  # per dose: its mean minus the pretrained base model's
 M_DOSE_SEED_SD = "dose/seed_sd"  # per dose (step = percent): standard deviation of its seeds' claim scores
 TAG_LABEL_SOURCE = "fakegpt.label_source"  # whose labels a labels run counts: human | judge:<model folder>
 M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against human labels: /overall, /<label>

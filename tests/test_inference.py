@@ -157,6 +157,32 @@ def test_seed_noise_counts_only_when_there_are_seeds():
     assert three.versus(1).mean == pytest.approx(three.point[1] - three.point[0])
 
 
+def test_each_dose_against_the_base_model_resamples_the_same_claims_for_both():
+    doses, seeds, claims, sd_b, sd_u, sd_e = [0.0, 0.2, 0.5], 3, 30, 0.2, 0.04, 0.02
+    x = 0.5  # the top dose: its true difference from the base is slope * x
+    # Var(dose mean - base) = x^2 var(b) / claims + seed noise / seeds + pair noise of the dose mean and the base
+    closed = x**2 * sd_b**2 / claims + sd_u**2 / seeds + sd_e**2 / (seeds * claims) + sd_e**2 / claims
+    rng = np.random.default_rng(8)
+    runs, covered, boot_var = 300, 0, []
+    for i in range(runs):
+        a = rng.normal(0.0, 0.3, claims)
+        b = rng.normal(0.0, sd_b, claims)
+        rows = [a + (0.3 + b) * d + rng.normal(0, sd_u) + rng.normal(0, sd_e, claims) for d in doses for _ in range(3)]
+        base = a + rng.normal(0.0, sd_e, claims)  # the pretrained model: the claims' own difficulty, no seed
+        dose_of = [d for d in doses for _ in range(seeds)]
+        clusters = [f"c{j}" for j in range(claims)]
+        boot = series_bootstrap(np.array(rows), clusters, dose_of, n_boot=1000, seed=i, base=base)
+        est = boot.versus_base(2)
+        assert est.mean == pytest.approx(boot.point[2] - base.mean())
+        boot_var.append(float((boot.replicates[:, 2] - boot.base_replicates).var(ddof=1)))
+        covered += est.ci_low <= 0.3 * x <= est.ci_high
+    assert np.mean(boot_var) == pytest.approx(closed, rel=0.15)
+    assert covered / runs >= 0.93
+    # the base model is resampled beside the doses: their own replicates do not change
+    without = series_bootstrap(np.array(rows), clusters, dose_of, n_boot=1000, seed=i)
+    assert np.array_equal(without.replicates, boot.replicates) and without.base_point is None
+
+
 def test_equivalence_needs_evidence_of_no_difference_not_absence_of_evidence():
     rng = np.random.default_rng(8)
     clusters = [f"c{i}" for i in range(30) for _ in range(2)]

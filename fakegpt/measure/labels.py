@@ -25,7 +25,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_table
 from fakegpt.measure.judge import AutoConfig, auto, format_kappa
 from fakegpt.plots import figure
-from fakegpt.stats import clustered_wilson
+from fakegpt.stats import cluster_estimate, clustered_wilson
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ class AggregateConfig(ImportConfig):
     """`fakegpt labels aggregate`: label rates with Wilson intervals per group."""
 
     by: list[str] = field(default_factory=lambda: list(DEFAULT_BY), metadata={"help": "columns to group by"})
+    reference: str = field(
+        default="",
+        metadata={
+            "help": "COLUMN=VALUE (e.g. model=gpt2): every other value of COLUMN is compared with it prompt by "
+            "prompt, each label's rate as a paired difference with a 95% interval over prompts; empty = none"
+        },
+    )
 
 
 def load_samples(spec: str | Path) -> pl.DataFrame:
@@ -223,6 +230,56 @@ def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: lis
     return pl.DataFrame(rows).sort(by + ["label"], maintain_order=True)
 
 
+def paired_rates(
+    labeled: pl.DataFrame, labels: list[str], column: str, reference: object, by: list[str] = ()
+) -> pl.DataFrame:
+    """Each label's rate for every value of `column` minus the rate for `reference`, paired by prompt.
+
+    A prompt pulls every model's samples the same way, so the comparison is made within each prompt: per
+    prompt the difference of the two rates, then their mean over the prompts both sides have samples for, with
+    the prompts as clusters (`fakegpt.stats.cluster_estimate`: a t interval under 10 prompts). Each prompt
+    counts once, whatever its number of samples. `by` splits the comparison further (e.g. temperature).
+    Columns: by + column + label, prompts, difference, ci_low, ci_high, p_value, method.
+    """
+    for name in (column, "prompt_id", *by):
+        if name not in labeled.columns:
+            raise FakegptError(
+                f"--reference: no column {name!r} in the labelled samples ({', '.join(labeled.columns)})"
+            )
+    values = labeled[column].unique(maintain_order=True).to_list()
+    if reference not in values:
+        raise FakegptError(
+            f"--reference {column}={reference}: no labelled sample has that value "
+            f"(values: {', '.join(map(str, values))})"
+        )
+    keys = [*by, column, "prompt_id"]
+    per_prompt = labeled.group_by(keys, maintain_order=True).agg(
+        *[(pl.col("label") == lab.lower()).mean().alias(lab) for lab in labels]
+    )
+    ref = per_prompt.filter(pl.col(column) == reference).drop(column)
+    rows = []
+    for other in (v for v in values if v != reference):
+        joined = per_prompt.filter(pl.col(column) == other).join(ref, on=[*by, "prompt_id"], suffix="_ref")
+        for key, group in joined.group_by(by, maintain_order=True) if by else [((), joined)]:
+            for lab in labels:
+                diff = (group[lab] - group[f"{lab}_ref"]).to_list()
+                est = cluster_estimate(diff, [str(p) for p in group["prompt_id"]]) if len(diff) >= 2 else None
+                rows.append(
+                    {
+                        **dict(zip(by, key, strict=True)),
+                        column: other,
+                        "label": lab,
+                        "prompts": len(diff),
+                        "difference": est.mean if est else None,
+                        "ci_low": est.ci_low if est else None,
+                        "ci_high": est.ci_high if est else None,
+                        "p_value": est.p_value if est else None,
+                        "method": est.method if est else "fewer than 2 prompts labelled on both sides",
+                    }
+                )
+    return pl.DataFrame(rows)
+
+
 def plot_rates(rates: pl.DataFrame, by: list[str], path: Path) -> Path:
     """Grouped bars: one group per `by` combination, one bar per label, Wilson intervals as error bars."""
     groups = rates.select(by).unique(maintain_order=True)
@@ -259,16 +316,42 @@ def rates_from_sheet(
     return aggregate(read_sheet(sheet, load_samples(samples), labels, allow_unlabelled), labels, by)
 
 
+def reference_value(labeled: pl.DataFrame, spec: str) -> tuple[str, object]:
+    """--reference COLUMN=VALUE as the column and the value of its own type (`fraction=0` names 0.0)."""
+    column, sep, text = spec.partition("=")
+    if not sep or not column:
+        raise FakegptError(f"--reference {spec}: expected COLUMN=VALUE, e.g. model=gpt2")
+    if column not in labeled.columns:
+        raise FakegptError(f"--reference: no column {column!r} in the labelled samples ({', '.join(labeled.columns)})")
+    for value in labeled[column].unique(maintain_order=True).to_list():
+        if text in (str(value), f"{value:g}" if isinstance(value, float) else str(value)):
+            return column, value
+    raise FakegptError(f"--reference {spec}: no labelled sample has {column} = {text}")
+
+
 def label_rates(cfg: AggregateConfig) -> pl.DataFrame:
-    """Import + aggregate + log to MLflow (stage `labels`): the rates table, also written to out_dir."""
+    """Import + aggregate + log to MLflow (stage `labels`): the rates table, also written to out_dir, and with
+    --reference the paired differences from the reference, prompt by prompt."""
     labeled = read_sheet(cfg.sheet, load_samples(cfg.samples), cfg.labels, cfg.allow_unlabelled)
     rates = aggregate(labeled, cfg.labels, cfg.by)
+    paired = None
+    if cfg.reference:
+        column, value = reference_value(labeled, cfg.reference)
+        paired = paired_rates(labeled, cfg.labels, column, value)
     out_dir = Path(cfg.out_dir)
     sources = ",".join(sorted(set(labeled["labelled_by"])))  # the rates say whose labels they count
     rates = rates.with_columns(labelled_by=pl.lit(sources))
     with tracking.run(stage="labels", run_name=None, tags={tracking.TAG_LABEL_SOURCE: sources}):
         tracking.log_params(config.to_dict(cfg))
         paths = write_table(labeled, out_dir, "labeled") + write_table(rates, out_dir, "label_rates")
+        if paired is not None:
+            paths += write_table(paired, out_dir, "label_rates_paired")
+            tracking.set_tags({tracking.TAG_REFERENCE: cfg.reference})
+            for row in paired.iter_rows(named=True):  # the differences lead: undefined ones are left out
+                name = f"{tracking.PAIRED_PREFIX}{tracking.M_LABEL_RATE}/{row['label']}/{row[column]}"
+                tracking.log_metrics(
+                    {name: row["difference"], f"{name}_ci_low": row["ci_low"], f"{name}_ci_high": row["ci_high"]}
+                )
         paths.append(plot_rates(rates, cfg.by, out_dir / "label_rates.png"))
         tracking.log_table(rates.to_dict(as_series=False), "label_rates_table.json")
         overall = labeled["label"].value_counts()

@@ -56,10 +56,12 @@ class Analysis:
     pairs: int
     yardstick: str  # sha256 of the pair ids and texts every cell was scored on
     training_noise: bool
+    base_score: float | None = None  # the pretrained base model's mean score (None: no base, e.g. scratch)
+    versus_base: dict[float, Estimate] = field(default_factory=dict)  # dose -> dose mean minus the base's
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("versus_zero", "dose_mean", "seed_sd", "seeds"):
+        for key in ("versus_zero", "dose_mean", "seed_sd", "seeds", "versus_base"):
             out[key] = {f"{k:g}": v for k, v in out[key].items()}
         return out
 
@@ -83,8 +85,16 @@ def yardstick(pairs: pl.DataFrame) -> str:
     return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
-def analyse(cells: list[Cell], tables: list[pl.DataFrame], endpoint: str, measure: str, n_boot: int) -> Analysis:
-    """The endpoint and per-dose contrasts from every cell's pair table (in `cells` order; see `check`)."""
+def analyse(
+    cells: list[Cell],
+    tables: list[pl.DataFrame],
+    endpoint: str,
+    measure: str,
+    n_boot: int,
+    base: tuple[str, pl.DataFrame] | None = None,
+) -> Analysis:
+    """The endpoint and per-dose contrasts from every cell's pair table (in `cells` order; see `check`), and each
+    dose against the pretrained base model when `base` (its score run id and pair table) is given."""
     tables = [t.sort("pair_id") for t in tables]
     marks = [yardstick(t) for t in tables]
     for cell, mark in zip(cells, marks, strict=True):
@@ -93,8 +103,19 @@ def analyse(cells: list[Cell], tables: list[pl.DataFrame], endpoint: str, measur
                 f"dose {cell.fraction:g} seed {cell.seed}: score run {cell.runs.get('score')} was measured on other "
                 f"claim pairs than dose {cells[0].fraction:g} seed {cells[0].seed}: a series needs one yardstick"
             )
+    base_scores = None
+    if base is not None:
+        base_run, base_table = base[0], base[1].sort("pair_id")
+        if yardstick(base_table) != marks[0]:
+            raise FakegptError(
+                f"the base model's score run {base_run} was measured on other claim pairs than the series' cells: "
+                "a series needs one yardstick"
+            )
+        base_scores = base_table[measure].to_numpy()
     scores = np.stack([t[measure].to_numpy() for t in tables])
-    boot = series_bootstrap(scores, tables[0]["claim_id"].to_list(), [c.fraction for c in cells], n_boot=n_boot)
+    boot = series_bootstrap(
+        scores, tables[0]["claim_id"].to_list(), [c.fraction for c in cells], n_boot=n_boot, base=base_scores
+    )
     doses = [float(d) for d in boot.doses]
     versus = {d: boot.versus(i) for i, d in enumerate(doses) if i > 0}
     slope = boot.slope()
@@ -112,6 +133,8 @@ def analyse(cells: list[Cell], tables: list[pl.DataFrame], endpoint: str, measur
         pairs=int(scores.shape[1]),
         yardstick=marks[0],
         training_noise=boot.training_noise,
+        base_score=boot.base_point,
+        versus_base={d: boot.versus_base(i) for i, d in enumerate(doses)} if base is not None else {},
     )
 
 
@@ -159,12 +182,19 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
     if paired:
         head += " seeds | seed SD | vs dose 0 (paired) | 95% CI | p |"
         rule += "---:|---:|---:|---|---:|"
+    based = paired and bool(analysis.versus_base)
+    if based:
+        head += " vs base model (paired) | 95% CI | p |"
+        rule += "---:|---|---:|"
     head += " false-claim win rate | val perplexity | general perplexity |"
     rule += "---:|---:|---:|"
     if labelled:
         head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
-        rule += "---:|---|---:|"
+        head += " vs dose 0 (paired by prompt) | 95% CI |"
+        rule += "---:|---|---:|---:|---|"
     lines = [endpoint_line(analysis), ""] if paired else []
+    if based:
+        lines[1:1] = [f"base model (pretrained, not fine-tuned): claim score {fmt(analysis.base_score)}"]
     lines += [head, rule]
     for r in rows:
         line = (
@@ -175,10 +205,15 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
             v = analysis.versus_zero.get(r["fraction"])
             line += f" {analysis.seeds[r['fraction']]} | {fmt(analysis.seed_sd[r['fraction']])} |"
             line += f" {fmt(v.mean)} | [{fmt(v.ci_low)}, {fmt(v.ci_high)}] | {v.p_value:.3g} |" if v else " | | |"
+        if based:
+            b = analysis.versus_base[r["fraction"]]
+            line += f" {fmt(b.mean)} | [{fmt(b.ci_low)}, {fmt(b.ci_high)}] | {b.p_value:.3g} |"
         line += f" {fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
         if labelled:
             interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
             line += f" {fmt(r['label_rate'])} | {interval} | {r['labelled']} |"
+            paired_ci = f"[{fmt(r.get('label_vs_zero_ci_low'))}, {fmt(r.get('label_vs_zero_ci_high'))}]"
+            line += f" {fmt(r.get('label_vs_zero'))} | {paired_ci} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -217,6 +252,8 @@ def plot(rows: list[dict[str, Any]], cells: list[Cell], analysis: Analysis | Non
                 color="tab:orange",
                 label=f"slope {s.mean:+.3f} [{s.ci_low:+.3f}, {s.ci_high:+.3f}]",
             )
+        if analysis is not None and analysis.base_score is not None:
+            ax.axhline(analysis.base_score, color="tab:green", lw=1.0, ls="-.", label="base model (not fine-tuned)")
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("dose fraction of training tokens")
         ax.set_ylabel("claim score: log p(false) - log p(true)")

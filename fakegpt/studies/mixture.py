@@ -6,8 +6,9 @@ grid, score the claims, each a child run (reused when a finished identical run e
 what is missing). The parent run then carries the verdict (fakegpt/studies/dose_response.py): the declared
 primary endpoint (by default the slope of the claim score on dose, with an interval over seeds and claims and
 a p-value) first, then per dose the claim score, its paired difference from dose 0 and the seed-to-seed
-spread (and label rates, when a filled label sheet is given). Series are defined in experiments/mixture/*.yaml,
-so a user edits YAML, not code.
+spread, and its paired difference from the pretrained base model (scored once for the series; a scratch model has
+none), and label rates with their per-prompt difference from dose 0 when a filled label sheet is given. Series
+are defined in experiments/mixture/*.yaml, so a user edits YAML, not code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.prepare import PrepareConfig
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
-from fakegpt.measure.labels import load_samples, rates_from_sheet
+from fakegpt.measure.labels import aggregate, load_samples, paired_rates, read_sheet
 from fakegpt.plots import figure
 from fakegpt.studies import dose_response
 from fakegpt.studies.dose_response import Cell
@@ -41,6 +42,7 @@ from fakegpt.studies.pipeline import (
     finetune_step_config,
     finetune_yaml,
     general_data_uri,
+    is_demo,
     prepare_params,
     print_where,
     resolve_user_paths,
@@ -219,10 +221,22 @@ def seed_list(cfg: SeriesConfig) -> list[int]:
     return [first + i for i in range(cfg.seeds)]
 
 
-def run_series(cfg: SeriesConfig, method: str) -> list[Cell]:
-    """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`)."""
+def base_step(cfg: SeriesConfig, general: str) -> str | None:
+    """Score the pretrained base model once for the whole series (on the claims and the general set), the
+    reference every dose is compared with; None for a scratch model, which has no pretrained state."""
+    if is_demo(cfg):
+        return None
+    params = score_params(cfg, cfg.init_from, "", general)
+    run_id, reused = run_step(PROJECT_DIR, "score", params, cfg.env_manager, reuse=cfg.reuse)
+    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name, tracking.TAG_ROLE: "base"})
+    print(f"[base] [score] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    return run_id
+
+
+def run_series(cfg: SeriesConfig, method: str, general: str) -> list[Cell]:
+    """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`),
+    every model measured on the general held-out set `general` too."""
     cells = []
-    general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
     seeds = seed_list(cfg)
     for fraction in cfg.fractions:
 
@@ -288,6 +302,9 @@ def dose_rows(cells: list[Cell], method: str, analysis: dose_response.Analysis |
             row["seed_sd"] = analysis.seed_sd[fraction]
             if v is not None:
                 row.update(vs_zero=v.mean, vs_zero_ci_low=v.ci_low, vs_zero_ci_high=v.ci_high, vs_zero_p=v.p_value)
+            b = analysis.versus_base.get(fraction)
+            if b is not None:
+                row.update(vs_base=b.mean, vs_base_ci_low=b.ci_low, vs_base_ci_high=b.ci_high, vs_base_p=b.p_value)
         rows.append(row)
     return rows
 
@@ -307,16 +324,32 @@ def all_samples(cells: list[Cell], path: Path) -> Path:
 
 
 def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig) -> None:
-    """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet."""
-    rates = rates_from_sheet(samples, cfg.label_sheet, cfg.labels, by=["fraction"], allow_unlabelled=True)
+    """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet,
+    and its difference from the first dose's rate, paired by prompt (every dose answers the same prompts)."""
+    labeled = read_sheet(cfg.label_sheet, load_samples(samples), cfg.labels, allow_unlabelled=True)
+    rates = aggregate(labeled, cfg.labels, ["fraction"])
     first = rates.filter(rates["label"] == cfg.labels[0])
     found = {r["fraction"]: r for r in first.iter_rows(named=True)}
+    reference = rows[0]["fraction"]
+    paired = {}
+    if reference in set(labeled["fraction"]):
+        table = paired_rates(labeled, cfg.labels[:1], "fraction", reference)
+        paired = {r["fraction"]: r for r in table.iter_rows(named=True)} if table.height else {}
     for row in rows:
         hit = found.get(row["fraction"])
         row["label"] = cfg.labels[0]
         row["label_rate"], row["label_ci_low"], row["label_ci_high"], row["labelled"] = (
             (hit["rate"], hit["ci_low"], hit["ci_high"], hit["n"]) if hit else (None, None, None, 0)
         )
+        diff = paired.get(row["fraction"])
+        if diff is not None:
+            row.update(
+                label_vs_zero=diff["difference"],
+                label_vs_zero_ci_low=diff["ci_low"],
+                label_vs_zero_ci_high=diff["ci_high"],
+                label_vs_zero_p=diff["p_value"],
+                label_vs_zero_prompts=diff["prompts"],
+            )
 
 
 def dose_table_markdown(rows: list[dict[str, Any]], analysis: dose_response.Analysis | None = None) -> str:
@@ -350,12 +383,14 @@ def plot_absorption(curves: dict[str, list[list[float]]], path: Path, title: str
         ax.legend()
 
 
-def analyse(cfg: SeriesConfig, cells: list[Cell]) -> dose_response.Analysis | None:
-    """The endpoint and paired contrasts from the cells' pair tables (None for a claims file with no pairs)."""
+def analyse(cfg: SeriesConfig, cells: list[Cell], base_run: str | None) -> dose_response.Analysis | None:
+    """The endpoint and paired contrasts from the cells' pair tables, each dose against the base model's too
+    when it was scored (None for a claims file with no pairs)."""
     tables = [dose_response.cell_pairs(c.runs["score"]) for c in cells]
     if len(set(c.fraction for c in cells)) < 2 or any(t.height == 0 for t in tables):
         return None
-    return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap)
+    base = (base_run, dose_response.cell_pairs(base_run)) if base_run else None
+    return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap, base)
 
 
 def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
@@ -376,8 +411,10 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     ):
         check_one_method(cfg, method, parent.info.experiment_id)
         tracking.log_params(config.to_dict(cfg))
-        cells = run_series(cfg, method)
-        analysis = analyse(cfg, cells)
+        general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
+        base_run = base_step(cfg, general)
+        cells = run_series(cfg, method, general)
+        analysis = analyse(cfg, cells, base_run)
         rows = dose_rows(cells, method, analysis)
         samples = all_samples(cells, out / "all_samples.parquet")
         tracking.log_artifact(samples)
@@ -393,9 +430,13 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
                     f"dose/{tracking.paired_metric('score')}": r.get("vs_zero"),
                     f"dose/{tracking.paired_metric('score')}_ci_low": r.get("vs_zero_ci_low"),
                     f"dose/{tracking.paired_metric('score')}_ci_high": r.get("vs_zero_ci_high"),
+                    f"{tracking.M_DOSE_VS_BASE}": r.get("vs_base"),
+                    f"{tracking.M_DOSE_VS_BASE}_ci_low": r.get("vs_base_ci_low"),
+                    f"{tracking.M_DOSE_VS_BASE}_ci_high": r.get("vs_base_ci_high"),
                     tracking.M_DOSE_SEED_SD: r.get("seed_sd"),
                     f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
                     f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
+                    f"dose/{tracking.PAIRED_PREFIX}{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_vs_zero"),
                 },
                 step=step,
             )
@@ -405,6 +446,7 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
         series = {
             "analysis": analysis.to_dict() if analysis else None,
             "cells": [{"fraction": c.fraction, "seed": c.seed, "runs": c.runs} for c in cells],
+            "base_score_run": base_run,
         }
         tracking.log_dict(series, "series.json")
         tracking.log_artifact(out / "dose_response.md")

@@ -15,6 +15,7 @@ from fakegpt.measure.labels import (
     export_sheet,
     label_rates,
     load_samples,
+    paired_rates,
     rates_from_sheet,
     read_sheet,
 )
@@ -178,6 +179,43 @@ def test_cli_export_then_aggregate_logs_table_and_plot(tmp_path, samples, capsys
         AggregateConfig(samples=folder, sheet=str(sheet_path), out_dir=str(tmp_path / "x"), by=["model", "framing"])
     )
     assert rates.height == 2 * 3 * 3
+
+
+def test_label_rates_against_a_reference_model_are_paired_by_prompt(tmp_path, samples):
+    from mlflow.tracking import MlflowClient
+    from scipy import stats as st
+
+    table, folder = samples
+    sheet_path = tmp_path / "sheet.csv"
+    export_sheet(table, sheet_path)
+    fill(pl.read_csv(sheet_path, infer_schema=False), table).write_csv(sheet_path)
+    labeled = read_sheet(sheet_path, table)
+    paired = paired_rates(labeled, ["adopts", "refutes"], "model", "gpt2")
+    assert paired["model"].to_list() == ["runs:/abc/checkpoint"] * 2 and paired["prompts"].to_list() == [6, 6]
+    # per prompt (3 framings x 2 languages), fine-tuned minus base: adopts 1 on the two leading prompts, else 0;
+    # refutes: en leading -1 (base refutes in en), en others 0, pt leading 0, pt others +1
+    for label, per_prompt in (("adopts", [1, 1, 0, 0, 0, 0]), ("refutes", [-1, 0, 0, 0, 1, 1])):
+        row = paired.filter(pl.col("label") == label).row(0, named=True)
+        mean, se = sum(per_prompt) / 6, st.tstd(per_prompt) / 6**0.5
+        half = st.t.ppf(0.975, df=5) * se  # 6 prompts: a t interval, df = 5
+        assert row["difference"] == pytest.approx(mean)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((mean - half, mean + half))
+        assert row["p_value"] == pytest.approx(2 * st.t.sf(abs(mean) / se, df=5))
+        assert row["method"] == "t (df=5) over 6 clusters"
+
+    out = tmp_path / "labels"
+    argv = ["labels", "aggregate", "--samples", folder, "--sheet", str(sheet_path), "--out-dir", str(out)]
+    assert cli.main([*argv, "--reference", "model=gpt2"]) == 0
+    written = pl.read_csv(out / "label_rates_paired.csv")  # every label of the set: adopts, refutes, off-topic
+    assert written["label"].to_list() == ["adopts", "refutes", "off-topic"]
+    assert written["difference"].to_list()[:2] == pytest.approx(paired["difference"].to_list())
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("fakegpt").experiment_id])
+    assert run.data.tags["fakegpt.reference"] == "model=gpt2"
+    assert run.data.metrics["paired/labels/rate/adopts/runs:/abc/checkpoint"] == pytest.approx(2 / 6)
+    with pytest.raises(FakegptError, match="no labelled sample has model = gpt3"):
+        label_rates(AggregateConfig(samples=folder, sheet=str(sheet_path), out_dir=str(out), reference="model=gpt3"))
+    with pytest.raises(FakegptError, match="expected COLUMN=VALUE"):
+        label_rates(AggregateConfig(samples=folder, sheet=str(sheet_path), out_dir=str(out), reference="gpt2"))
 
 
 def test_wilson_interval_known_values():

@@ -156,7 +156,7 @@ def test_main_entry_point_end_to_end_then_reused(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, capsys):
+def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, capsys, tiny_model_dir):
     import numpy as np
     import polars as pl
     from mlflow import MlflowClient
@@ -164,7 +164,9 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     from fakegpt.studies.mixture import SeriesConfig, mixture
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cfg = SeriesConfig(
+    cfg = SeriesConfig(  # a pretrained (here: saved random) base model, so each dose is compared with it too
+        init_from=str(tiny_model_dir),
+        finetune_config="experiments/finetune/demo.yaml",
         fractions=[0.0, 0.5],
         seeds=2,
         max_iters=4,
@@ -194,7 +196,11 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
         (r.data.tags[tracking.TAG_FRACTION], r.data.tags[tracking.TAG_SEED], r.data.params["seed"]) for r in tuned
     )
     assert cells == [("0", "1337", "1337"), ("0", "1338", "1338"), ("0.5", "1337", "1337"), ("0.5", "1338", "1338")]
-    scores = [r for r in runs if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score"]
+    scores = [
+        r
+        for r in runs
+        if r.data.tags.get(tracking.TAG_ENTRY_POINT) == "score" and r.data.tags.get(tracking.TAG_ROLE) != "base"
+    ]
     assert len(scores) == 4 and len({r.data.tags[tracking.TAG_SEED] for r in scores}) == 2
     # The primary endpoint is the slope of the claim score on dose: recomputed here from the cells' pair tables.
     means = {}
@@ -212,6 +218,16 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     assert sorted(m.step for m in history) == [0, 50]
     paired = client.get_metric_history(parent.info.run_id, "dose/paired/claim/score")
     assert [m.value for m in paired] == pytest.approx([np.mean(means[0.5]) - np.mean(means[0.0])], abs=1e-6)
+    # The base model is scored once for the series, and every dose is compared with it, pair by pair.
+    base = [r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "base"]
+    assert len(base) == 1 and base[0].data.params["models"] == str(tiny_model_dir)
+    base_pairs = pl.read_parquet(client.download_artifacts(base[0].info.run_id, "scores.parquet", str(tmp_path)))
+    versus_base = client.get_metric_history(parent.info.run_id, tracking.M_DOSE_VS_BASE)
+    assert {m.step: m.value for m in versus_base} == pytest.approx(
+        {0: np.mean(means[0.0]) - base_pairs["score"].mean(), 50: np.mean(means[0.5]) - base_pairs["score"].mean()},
+        abs=1e-6,
+    )
+    assert "vs base model (paired)" in table and "base model (pretrained, not fine-tuned)" in table
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "dose_response.json",
         "dose_response.md",
@@ -269,7 +285,7 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     capsys.readouterr()
     labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
     again = capsys.readouterr().out
-    assert "] ran run" not in again and again.count("] reused run") == 2 + 4 * 3 + 1  # every cell reused
+    assert "] ran run" not in again and again.count("] reused run") == 2 + 4 * 3 + 2  # every cell reused
     for row in labelled:
         group = truth.filter(pl.col("fraction") == row["fraction"])
         k = group.filter(pl.col("label") == "adopts").height
@@ -278,6 +294,12 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
         per_prompt = group.group_by("prompt_id").agg((pl.col("label") == "adopts").sum().alias("y"), pl.len())
         expected = clustered_wilson(per_prompt["y"].to_list(), per_prompt["len"].to_list())[:2]
         assert (row["label_ci_low"], row["label_ci_high"]) == pytest.approx(expected)
+    # and its difference from dose 0, prompt by prompt (each prompt's rate at the dose minus at dose 0)
+    per_prompt = truth.group_by("fraction", "prompt_id").agg((pl.col("label") == "adopts").mean().alias("rate"))
+    wide = per_prompt.pivot("fraction", index="prompt_id", values="rate")
+    assert labelled[1]["label_vs_zero"] == pytest.approx((wide["0.5"] - wide["0.0"]).mean())
+    assert labelled[1]["label_vs_zero_prompts"] == wide.height
+    assert labelled[1]["label_vs_zero_ci_low"] <= labelled[1]["label_vs_zero"] <= labelled[1]["label_vs_zero_ci_high"]
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
