@@ -1,4 +1,4 @@
-"""Batched sampling and scoring over a GPT-2 model's KV cache.
+"""Batched sampling and scoring over a causal LM's KV cache (GPT-2, Llama, Qwen and the like).
 
 Why a loop of our own instead of `model.generate`: at the sizes this project samples, `generate` runs a chain
 of logits processors over the full 50,257-word vocabulary at every step, which costs more than the model.
@@ -135,32 +135,59 @@ def sample_batch(
     return results
 
 
+def output_layer(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, output layer) of a causal LM whose logits are the output layer applied to the decoder's last
+    hidden state; None where the architecture does more (Gemma's logit soft-capping, a logit scale), whose
+    logits then come from the model's own forward."""
+    core = getattr(model, "module", model)  # DistributedDataParallel
+    config = core.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    if getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
+        return None
+    return core.get_decoder(), core.get_output_embeddings()
+
+
 @torch.inference_mode()
 def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16) -> list[torch.Tensor]:
     """log p(token_i | tokens_<i) for i >= 1 of every sequence (float32, length len(seq) - 1).
 
-    Sequences are right-padded within a batch; the causal mask means a real token never sees padding, and the
-    vocabulary projection runs one row at a time so memory stays at one (T, V) matrix.
+    Sequences are right-padded within a batch (GPT-2's end-of-text, or id 0 in a smaller vocabulary: any valid
+    id does); the causal mask means a real token never sees padding. The vocabulary projection runs one row at
+    a time, in float32 even for a bf16 model (score differences are small numbers), so memory stays at one
+    (T, V) matrix.
     """
     device = next(model.parameters()).device
-    # the vocabulary projection in float32 even for a bf16 model: score differences are small numbers
-    weight = model.lm_head.weight.float()  # (V, C)
+    pad = EOT_TOKEN if getattr(model, "module", model).config.vocab_size > EOT_TOKEN else 0
+    parts = output_layer(model)
+    if parts is not None:
+        decoder, head = parts
+        weight = head.weight.float()  # (V, C)
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
     results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
     for start in range(0, len(sequences), max(1, batch_size)):
         chunk = sequences[start : start + batch_size]
         if any(len(s) < 2 for s in chunk):
             raise FakegptError("a scored sequence needs at least one token after its context")
         width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), EOT_TOKEN, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, s in enumerate(chunk):
             ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[row, : len(s)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        if parts is not None:
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        else:
+            full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V), the architecture's own logits
         for row, s in enumerate(chunk):
             n = len(s)
-            logits = hidden[row, : n - 1].float() @ weight.T  # (n-1, V)
+            if parts is not None:
+                logits = hidden[row, : n - 1].float() @ weight.T  # (n-1, V)
+                if bias is not None:
+                    logits = logits + bias
+            else:
+                logits = full[row, : n - 1].float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[row, 1:n, None]).squeeze(-1)
             results[start + row] = logp.cpu()
     return results
