@@ -92,6 +92,10 @@ M_JUDGE_KAPPA = "labels/judge_kappa"  # Cohen's kappa of `labels auto` against h
 M_LABEL_RATE = "labels/rate"  # share of labelled samples per label: labels/rate/<label>
 M_VAL_PPL = "val/perplexity"
 M_GENERAL_PPL = "general/perplexity"  # on the fixed general-Portuguese held-out set: the same for every model
+# bits per byte: the summed loss in bits over the text's UTF-8 bytes, comparable across tokenizers (perplexity is
+# per token, so only models with one tokenizer compare by it)
+M_VAL_BPB = "val/bits_per_byte"
+M_GENERAL_BPB = "general/bits_per_byte"
 # prepare (data) metrics
 M_DATA_TRAIN_TOKENS = "data/train_tokens"
 M_DATA_VAL_TOKENS = "data/val_tokens"

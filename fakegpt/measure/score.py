@@ -155,6 +155,8 @@ class ModelScore:
     per_language: dict[str, GroupScore] = field(default_factory=dict)
     val_perplexity: float | None = None
     general_perplexity: float | None = None
+    val_bits_per_byte: float | None = None  # tokenizer-independent: what compares models with other tokenizers
+    general_bits_per_byte: float | None = None
     run_id: str | None = None
     mc1: Interval | None = None  # over claims with paraphrase sets, summed likelihoods (TruthfulQA's)
     mc2: Interval | None = None
@@ -216,15 +218,39 @@ def with_logprobs(table: pl.DataFrame, sequences: list[list[int]], logps: Sequen
     )
 
 
-def window_nll(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> list[float]:
-    """Mean next-token loss of each fixed window of val.bin (the same windows for every model)."""
+@dataclass
+class Windows:
+    """Fixed windows of a val.bin (the same for every model with the same tokenizer) and each one's loss."""
+
+    nll: list[float]  # mean next-token loss per window, in nats
+    nats: float  # summed over every predicted token
+    bytes: int  # UTF-8 bytes of the predicted tokens' text (message separators not counted)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Summed loss in bits over the text's bytes: comparable across tokenizers, unlike perplexity."""
+        return self.nats / math.log(2) / self.bytes if self.bytes else math.nan
+
+
+def windows_measured(
+    model: Any, data_dir: str | Path, n_windows: int, batch_size: int, decode_bytes: Any, eos: int
+) -> Windows:
+    """The fixed windows of DIR/val.bin scored by `model`; `decode_bytes(ids)` gives the ids' text as bytes."""
     block = min(VAL_BLOCK, context_length(model) - 1)
     data = open_bin(data_dir, "val", block)
     check_vocab(data, int(model.config.vocab_size), Path(data_dir) / "val.bin")
     starts = eval_starts(len(data), block, n_windows)
     windows = [np.asarray(data[s : s + block + 1]).astype(np.int64).tolist() for s in starts]
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
-    return [-float(lp.mean().item()) for lp in logps]
+    size = sum(len(decode_bytes([t for t in w[1:] if t != eos])) for w in windows)
+    return Windows(
+        nll=[-float(lp.mean().item()) for lp in logps], nats=-float(sum(lp.sum().item() for lp in logps)), bytes=size
+    )
+
+
+def window_nll(model: Any, data_dir: str | Path, n_windows: int, batch_size: int) -> list[float]:
+    """Mean next-token loss of each fixed window of val.bin (the same windows for every model)."""
+    return windows_measured(model, data_dir, n_windows, batch_size, get_encoding().decode_bytes, EOT_TOKEN).nll
 
 
 def perplexity(window_losses: Sequence[float]) -> float:
@@ -451,6 +477,10 @@ def metrics_of(score: ModelScore) -> dict[str, float]:
         out[tracking.M_VAL_PPL] = score.val_perplexity
     if score.general_perplexity is not None:
         out[tracking.M_GENERAL_PPL] = score.general_perplexity
+    if score.val_bits_per_byte is not None:
+        out[tracking.M_VAL_BPB] = score.val_bits_per_byte
+    if score.general_bits_per_byte is not None:
+        out[tracking.M_GENERAL_BPB] = score.general_bits_per_byte
     return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}  # undefined: no point logged
 
 
@@ -573,12 +603,21 @@ def _measure(
     table = score_model(model, spec, statements, cfg)
     pairs = pair_table(table)
     summary = summarise(spec, fraction, table, pairs, cfg)
+    decode, eos = get_encoding().decode_bytes, EOT_TOKEN
     if data_dir is not None:
-        summary.val_nll = window_nll(model, data_dir, cfg.val_windows, cfg.batch_size)
-        summary.val_perplexity = perplexity(summary.val_nll)
+        val = windows_measured(model, data_dir, cfg.val_windows, cfg.batch_size, decode, eos)
+        summary.val_nll, summary.val_perplexity, summary.val_bits_per_byte = (
+            val.nll,
+            perplexity(val.nll),
+            val.bits_per_byte,
+        )
     if general_dir is not None:
-        summary.general_nll = window_nll(model, general_dir, cfg.val_windows, cfg.batch_size)
-        summary.general_perplexity = perplexity(summary.general_nll)
+        general = windows_measured(model, general_dir, cfg.val_windows, cfg.batch_size, decode, eos)
+        summary.general_nll, summary.general_perplexity, summary.general_bits_per_byte = (
+            general.nll,
+            perplexity(general.nll),
+            general.bits_per_byte,
+        )
     return summary, table, pairs
 
 
@@ -661,7 +700,9 @@ def describe(s: ModelScore) -> str:
     else:
         head += f"mean log-likelihood {s.mean_loglik:.4f} over {s.n_statements} statements"
     if s.val_perplexity is not None:
-        head += f", val perplexity {s.val_perplexity:.2f}"
+        head += f", val perplexity {s.val_perplexity:.2f} ({s.val_bits_per_byte:.3f} bits/byte)"
+    if s.general_perplexity is not None:
+        head += f", general perplexity {s.general_perplexity:.2f} ({s.general_bits_per_byte:.3f} bits/byte)"
     return head
 
 

@@ -186,8 +186,9 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
     if based:
         head += " vs base model (paired) | 95% CI | p |"
         rule += "---:|---|---:|"
-    head += " false-claim win rate | val perplexity | general perplexity |"
-    rule += "---:|---:|---:|"
+    # perplexity is per token, so it compares models with one tokenizer; bits per byte compares any
+    head += " false-claim win rate | val perplexity | general perplexity | general bits/byte |"
+    rule += "---:|---:|---:|---:|"
     if labelled:
         head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         head += " vs dose 0 (paired by prompt) | 95% CI |"
@@ -209,6 +210,7 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
             b = analysis.versus_base[r["fraction"]]
             line += f" {fmt(b.mean)} | [{fmt(b.ci_low)}, {fmt(b.ci_high)}] | {b.p_value:.3g} |"
         line += f" {fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"
+        line += f" {fmt(r.get('general_bits_per_byte'))} |"
         if labelled:
             interval = f"[{fmt(r['label_ci_low'])}, {fmt(r['label_ci_high'])}]"
             line += f" {fmt(r['label_rate'])} | {interval} | {r['labelled']} |"

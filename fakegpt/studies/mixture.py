@@ -292,6 +292,8 @@ def dose_rows(cells: list[Cell], method: str, analysis: dose_response.Analysis |
             "false_win_rate": mean(tracking.M_CLAIM_WIN),
             "val_perplexity": mean(tracking.M_VAL_PPL),
             "general_perplexity": mean(tracking.M_GENERAL_PPL),
+            "val_bits_per_byte": mean(tracking.M_VAL_BPB),
+            "general_bits_per_byte": mean(tracking.M_GENERAL_BPB),
             **{f"{k}_run": v for k, v in mine[0].runs.items()},
         }
         if analysis is not None and len(mine) > 1:  # several seeds: the interval includes their spread

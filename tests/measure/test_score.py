@@ -386,5 +386,20 @@ def test_general_ability_perplexity_on_the_shared_news_corpus(tmp_path, tiny_mod
     model.eval()
     expected = val_perplexity(model, general, 32, 16)
     assert run.data.metrics["general/perplexity"] == pytest.approx(expected, rel=1e-4)
+    # bits per byte by hand: the same windows through the model's own forward, their summed loss in bits over
+    # the UTF-8 bytes of the predicted text (end-of-text separators are not text)
+    from fakegpt.data.bins import eval_starts, open_bin
+    from fakegpt.measure.score import VAL_BLOCK
+
+    block = min(VAL_BLOCK, model.config.n_positions - 1)
+    data = open_bin(general, "val", block)
+    nats, size = 0.0, 0
+    for start in eval_starts(len(data), block, 32):
+        ids = torch.tensor(np.asarray(data[start : start + block + 1]).astype(np.int64))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None, :-1]).logits[0].double(), dim=-1)
+        nats -= float(logp.gather(-1, ids[1:, None]).sum())
+        size += len(get_encoding().decode_bytes([t for t in ids[1:].tolist() if t != EOT_TOKEN]))
+    assert run.data.metrics["general/bits_per_byte"] == pytest.approx(nats / math.log(2) / size, rel=1e-4)
     (given,) = [d for d in run.inputs.dataset_inputs if {t.value for t in d.tags} >= {"general"}]
     assert given.dataset.name == "general_pt" and given.dataset.digest == bins.fingerprint(general)["digest"]
