@@ -247,6 +247,13 @@ def run(
             mlflow.end_run(status=status)
 
 
+def join_run(run_id: str) -> None:
+    """Make the existing run `run_id` this process's active run without ever ending it here (a worker process of
+    a series: the runs it starts are the series' children; the series' own process ends the run)."""
+    setup()
+    _mlflow().start_run(run_id=run_id)
+
+
 def default_run_name(stage: str, tags: Mapping[str, Any]) -> str:
     """ "finetune gpt2-medium antivax_mix general=0.80,antivax=0.20": stage, model, data, dose, from the run's tags."""
     parts = [stage]

@@ -43,7 +43,7 @@ class Case:
     id: str
     build: Callable[[Ctx], list[str]]  # writes its damaged inputs under ctx.root; returns the argv
     names: tuple[str, ...]  # what the error line must name
-    defect: bool  # True: before issue 17 this case gave a traceback, exit 0 or lost work
+    defect: bool  # True: a case that once gave a traceback, exit 0 or lost work
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

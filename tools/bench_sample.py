@@ -1,6 +1,6 @@
 """Benchmark: fakegpt's batched KV-cache sampler vs the original one-prompt-one-sample-no-cache loop.
 
-    python tools/bench_sample.py                 # CPU, the sizes of issue 4
+    python tools/bench_sample.py                 # CPU, the default sizes
     python tools/bench_sample.py --device cuda   # same grid on a GPU (bf16 for fakegpt's sampler)
 
 Both run in this process on the same scratch weights (4 layers, 4 heads, 256 embedding, context 512) over a

@@ -11,7 +11,7 @@ scratch model over the embedded demo data: --log-interval 1 against logging only
 rounds, against the SQLite store or `--tracking-uri` (a server). Metrics go through the background
 MetricLogger, so a slow or remote store should not slow the training loop.
 
-A scratch model of 4 layers, 4 heads, 256 embedding, block 128, micro-batch 8, fp32 (the sizes of issue 3),
+A scratch model of 4 layers, 4 heads, 256 embedding, block 128, micro-batch 8, fp32,
 one micro-batch per optimizer step, AdamW (weight decay 0.1, betas 0.9/0.95), gradient clipping at 1.0.
 Contenders run in interleaved rounds so that noise from other work on the machine hits all of them alike;
 the table gives the median tokens/s per contender and the ratios. The step timed for fakegpt is the one

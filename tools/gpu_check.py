@@ -1,4 +1,4 @@
-"""Tokens/s, MFU and peak GPU memory of `fakegpt finetune` for the GPT-2 shapes of issue #15, as one Markdown table.
+"""Tokens/s, MFU and peak GPU memory of `fakegpt finetune` for the GPT-2 shapes, as one Markdown table.
 
     bash tools/gpu_check.sh                  # on the GPU: four configurations, under 8 minutes on one H100/H200
     python tools/gpu_check.py --tiny         # the same pipeline on the CPU with a 2-layer model (tests, demos)

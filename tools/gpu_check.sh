@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue #15: tokens/s, MFU and peak memory of `fakegpt finetune` on this card for
+# GPU check: tokens/s, MFU and peak memory of `fakegpt finetune` on this card for
 #   gpt2-medium full bf16 + compile | gpt2-xl full | gpt2-xl full + adamw8bit + gradient checkpointing | gpt2-xl LoRA
 # with scratch models of the real shapes (random init) on random tokens: no network, no downloads.
 # Prints one Markdown table (with the card's name, the date and --plan's estimate per row) on stdout;

@@ -38,6 +38,9 @@ class Cell:
     seed: int
     runs: dict[str, str] = field(default_factory=dict)  # step -> run id
     metrics: dict[str, float] = field(default_factory=dict)  # the score run's metrics
+    status: str = "finished"  # | "failed" (after its retries) | "missing" (a report of cells not yet run)
+    error: str = ""  # why it failed, in one line
+    attempts: int = 0
 
 
 @dataclass

@@ -32,13 +32,13 @@ from fakegpt.files import atomic_path, write_text
 from fakegpt.measure.labels import aggregate, load_samples, paired_rates, read_sheet
 from fakegpt.plots import figure
 from fakegpt.studies import dose_response
+from fakegpt.studies.cells import CellJob, run_cells, step_tags
 from fakegpt.studies.dose_response import Cell
 from fakegpt.studies.pipeline import (
     PROJECT_DIR,
     PipelineConfig,
     check_steps,
     child_python,
-    finetune_params,
     finetune_step_config,
     finetune_yaml,
     general_data_uri,
@@ -46,10 +46,9 @@ from fakegpt.studies.pipeline import (
     prepare_params,
     print_where,
     resolve_user_paths,
-    sample_params,
     score_params,
 )
-from fakegpt.studies.steps import run_step
+from fakegpt.studies.steps import find_step, run_step
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +121,24 @@ class SeriesConfig(PipelineConfig):
         metadata={"help": "the pair score the endpoint uses: score | score_sum | score_per_byte | score_full_mean"},
     )
     bootstrap: int = field(default=2000, metadata={"help": "two-level bootstrap resamples for the series' intervals"})
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "cells run at once, each in its own worker process (on its own GPU when there is one per "
+            "worker, else sharing the CPU cores); 1 = one after another in this process"
+        },
+    )
+    retries: int = field(
+        default=1,
+        metadata={"help": "times a failed cell is tried again (its finished steps are reused) before it is failed"},
+    )
+    report_only: bool = field(
+        default=False,
+        metadata={
+            "help": "run nothing: rebuild the series' report from the cells that finished (whoever ran them); "
+            "the cells still missing are listed"
+        },
+    )
 
 
 def dose_alias(fraction: float) -> str:
@@ -167,6 +184,10 @@ def validate(cfg: SeriesConfig) -> None:
     if len(set(cfg.fractions)) != len(cfg.fractions):
         raise FakegptError(f"--fractions: a fraction is listed twice ({cfg.fractions})")
     dose_response.check(cfg.endpoint, cfg.endpoint_measure)
+    if cfg.workers < 1:
+        raise FakegptError(f"--workers: must be at least 1, got {cfg.workers}")
+    if cfg.retries < 0:
+        raise FakegptError(f"--retries: must not be negative, got {cfg.retries}")
     if cfg.bootstrap < 100:
         raise FakegptError(f"--bootstrap: at least 100 resamples, got {cfg.bootstrap}")
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
@@ -207,11 +228,17 @@ def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> Non
         )
 
 
-def _general_step(cfg: SeriesConfig, name: str, params: dict[str, Any]) -> str:
-    """Prepare the general held-out set once for the whole series (every dose is measured on these bins)."""
-    run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
-    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name})
-    print(f"[general] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+def series_step(cfg: SeriesConfig, name: str, params: dict[str, Any], label: str, tags: dict[str, str]) -> str | None:
+    """A step the whole series shares (the general held-out set, the base model's scores): run or reused, or
+    with --report-only only found (None when it has not run)."""
+    if cfg.report_only:
+        run_id, reused = find_step(PROJECT_DIR, name, params), True
+        if run_id is None:
+            return None
+    else:
+        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name, **tags})
+    print(f"[{label}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
     return run_id
 
 
@@ -227,48 +254,61 @@ def base_step(cfg: SeriesConfig, general: str) -> str | None:
     if is_demo(cfg):
         return None
     params = score_params(cfg, cfg.init_from, "", general)
-    run_id, reused = run_step(PROJECT_DIR, "score", params, cfg.env_manager, reuse=cfg.reuse)
-    tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name, tracking.TAG_ROLE: "base"})
-    print(f"[base] [score] {'reused' if reused else 'ran'} run {run_id}", flush=True)
-    return run_id
+    return series_step(cfg, "score", params, "base", {tracking.TAG_ROLE: "base"})
 
 
-def run_series(cfg: SeriesConfig, method: str, general: str) -> list[Cell]:
-    """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`),
-    every model measured on the general held-out set `general` too."""
-    cells = []
-    seeds = seed_list(cfg)
+def prepare_doses(cfg: SeriesConfig, lookup: bool = False) -> dict[float, str | None]:
+    """Each dose's prepared mixture (one prepare run per fraction, shared by its seeds); with `lookup` only the
+    finished ones are found (None where there is none yet)."""
+    prepared: dict[float, str | None] = {}
     for fraction in cfg.fractions:
+        params = prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction))
+        if lookup:
+            run_id, reused = find_step(PROJECT_DIR, "prepare", params), True
+        else:
+            run_id, reused = run_step(PROJECT_DIR, "prepare", params, cfg.env_manager, reuse=cfg.reuse)
+        prepared[fraction] = run_id
+        if run_id is None:
+            continue
+        tracking.update_run(run_id, tags=step_tags(cfg, fraction, "", "prepare", None))
+        print(f"[f={fraction:g}] [prepare] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+        if not lookup:
+            check_dose_size(cfg, fraction, run_id)
+    return prepared
 
-        def step(name: str, params: dict[str, Any], cell: Cell | None, fraction: float = fraction) -> str:
-            run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
-            tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
-            if name in ("sample", "score"):  # a model's runs (finetune tags itself; prepare is method-free)
-                tags[tracking.TAG_METHOD] = method
-            if cell is not None:
-                tags[tracking.TAG_SEED] = str(cell.seed)
-                cell.runs[name] = run_id
-            tracking.update_run(run_id, tags=tags)
-            where = f"f={fraction:g}" + (f" seed={cell.seed}" if cell is not None and cfg.seeds > 1 else "")
-            print(f"[{where}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
-            return run_id
 
-        prepared = step("prepare", prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction)), None)
-        check_dose_size(cfg, fraction, prepared)
-        data_uri = f"runs:/{prepared}/data"
-        for i, seed in enumerate(seeds):
-            cell = Cell(fraction=fraction, seed=seed, runs={"prepare": prepared})  # the dose's seeds share it
-            extra: dict[str, Any] = {"seed": seed} if i else {}  # the first seed: the very run of a 1-seed series
-            if cfg.register_models:
-                alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
-                extra.update({"register_as": cfg.series_name, "register_alias": alias})
-            tuned = step("finetune", finetune_params(cfg, data_uri, extra), cell)
-            model = f"runs:/{tuned}/checkpoint"
-            step("sample", sample_params(cfg, model), cell)
-            scored = step("score", score_params(cfg, model, data_uri, general), cell)
-            cell.metrics = dict(tracking.get_run(scored).data.metrics)
-            cells.append(cell)
-    return cells
+def cell_jobs(cfg: SeriesConfig, method: str, prepared: dict[float, str | None], general: str) -> list[CellJob]:
+    """The grid of cells, dose by dose then seed by seed, for every dose whose mixture is prepared."""
+    jobs = []
+    for fraction in cfg.fractions:
+        if prepared.get(fraction) is None:
+            continue
+        for i, seed in enumerate(seed_list(cfg)):
+            alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
+            jobs.append(
+                CellJob(
+                    fraction=fraction,
+                    seed=seed,
+                    first_seed=i == 0,  # the very runs of a one-seed series
+                    prepare_run=str(prepared[fraction]),
+                    general=general,
+                    method=method,
+                    register_as=cfg.series_name if cfg.register_models else "",
+                    alias=alias,
+                )
+            )
+    return jobs
+
+
+def run_series(cfg: SeriesConfig, method: str, general: str, parent_run: str) -> list[Cell]:
+    """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`),
+    every model measured on the general held-out set `general` too; `--report-only` finds, never runs."""
+    lookup = cfg.report_only
+    prepared = prepare_doses(cfg, lookup)
+    done = run_cells(cfg, cell_jobs(cfg, method, prepared, general), parent_run, lookup)
+    seeds = seed_list(cfg)
+    missing = [Cell(f, s, status="missing") for f, run in prepared.items() if run is None for s in seeds]
+    return done + missing
 
 
 def dose_rows(cells: list[Cell], method: str, analysis: dose_response.Analysis | None) -> list[dict[str, Any]]:
@@ -354,6 +394,31 @@ def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig
             )
 
 
+def unfinished_line(unfinished: list[Cell]) -> str:
+    """The cells that did not finish, in one line: `2 of the cells failed: f=0.5 seed=1338 (reason), ...`."""
+    failed = [c for c in unfinished if c.status == "failed"]
+    missing = [c for c in unfinished if c.status == "missing"]
+    parts = []
+    if failed:
+        listed = ", ".join(f"f={c.fraction:g} seed={c.seed} ({c.error})" for c in failed)
+        parts.append(f"{len(failed)} cell{'s' if len(failed) > 1 else ''} failed: {listed}")
+    if missing:
+        listed = ", ".join(f"f={c.fraction:g} seed={c.seed}" for c in missing)
+        parts.append(f"{len(missing)} not run yet: {listed}")
+    return "; ".join(parts)
+
+
+def unfinished_markdown(unfinished: list[Cell]) -> str:
+    """The report's list of cells left out of it, and why (empty when every cell finished)."""
+    if not unfinished:
+        return ""
+    lines = ["", "Cells not in this report:", ""]
+    for c in unfinished:
+        why = f"failed after {c.attempts} attempt(s): {c.error}" if c.status == "failed" else "not run yet"
+        lines.append(f"- dose {c.fraction:g}, seed {c.seed}: {why}")
+    return "\n".join(lines) + "\n"
+
+
 def dose_table_markdown(rows: list[dict[str, Any]], analysis: dose_response.Analysis | None = None) -> str:
     """The dose-response table (one row per fraction) as Markdown, the endpoint first when there is one."""
     return dose_response.table_markdown(rows, analysis)
@@ -413,9 +478,13 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
     ):
         check_one_method(cfg, method, parent.info.experiment_id)
         tracking.log_params(config.to_dict(cfg))
-        general = general_data_uri(cfg, lambda name, params: _general_step(cfg, name, params))
+        general = general_data_uri(cfg, lambda name, params: series_step(cfg, name, params, "general", {}) or "")
         base_run = base_step(cfg, general)
-        cells = run_series(cfg, method, general)
+        grid = run_series(cfg, method, general, parent.info.run_id)
+        cells = [c for c in grid if c.status == "finished"]
+        unfinished = [c for c in grid if c.status != "finished"]
+        if not cells:
+            raise FakegptError(f"series {cfg.series_name}: no cell has finished ({unfinished_line(unfinished)})")
         analysis = analyse(cfg, cells, base_run)
         rows = dose_rows(cells, method, analysis)
         samples = all_samples(cells, out / "all_samples.parquet")
@@ -442,12 +511,16 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
                 },
                 step=step,
             )
-        table = dose_table_markdown(rows, analysis)
+        table = dose_table_markdown(rows, analysis) + unfinished_markdown(unfinished)
         write_text(out / "dose_response.md", table)
         tracking.log_dict(rows, "dose_response.json")
         series = {
             "analysis": analysis.to_dict() if analysis else None,
-            "cells": [{"fraction": c.fraction, "seed": c.seed, "runs": c.runs} for c in cells],
+            "cells": [
+                {"fraction": c.fraction, "seed": c.seed, "runs": c.runs, "status": c.status}
+                | ({"error": c.error, "attempts": c.attempts} if c.status == "failed" else {})
+                for c in grid
+            ],
             "base_score_run": base_run,
         }
         tracking.log_dict(series, "series.json")
@@ -461,6 +534,10 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
             plot_absorption(curves, out / "absorption.png", title)
             tracking.log_artifact(out / "absorption.png")
         parent_id = parent.info.run_id
+        failed = [c for c in unfinished if c.status == "failed"]
+        if failed:  # the report above lists them; the series is not complete, so the run fails
+            print(table)
+            raise FakegptError(f"series {cfg.series_name}: {unfinished_line(failed)}; rerun it to retry them")
     print(table)
     print_where(parent_id, {f"f={r['fraction']:g}": (r["score_run"], False) for r in rows}, cfg.out_root)
     return rows

@@ -149,6 +149,16 @@ def step_key(entry_point: str, params: Mapping[str, str], project_dir: str | Pat
     return StepKey(key=key, code_state=state, files=files)
 
 
+def find_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any]) -> str | None:
+    """The FINISHED run with the same key as running `entry_point` with `parameters` would have, or None (also
+    outside a git checkout, where the code state is unknown): a report rebuilt without running anything."""
+    params = {k: ("" if v is None else str(v)) for k, v in parameters.items()}
+    key = step_key(entry_point, params, project_dir, Path.cwd())
+    if key.code_state is None:
+        return None
+    return tracking.find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
+
+
 def run_step(
     project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str, reuse: str = "true"
 ) -> tuple[str, bool]:

@@ -163,7 +163,7 @@ def test_validation_yamls_are_valid_configs(name):
 
 @pytest.mark.slow
 def test_validate_end_to_end_reports_controls_that_follow_from_its_numbers(tmp_path, shared_data, capsys):
-    """The CI configuration, 4 doses x 3 seeds of a tiny model. Its verdict is whatever the data say (the README
+    """The CI configuration, 4 doses x 3 seeds of a tiny model. Its verdict is whatever the data say (docs/statistics.md
     reports it); the test checks that every figure of the verdict follows from the models' pair scores: the
     single-seed detection rates, the equivalence test of every dose-0 seed pair, the false-positive rate, the
     pass/fail flags and the exit status."""

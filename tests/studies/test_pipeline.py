@@ -301,6 +301,58 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     assert labelled[1]["label_vs_zero_prompts"] == wide.height
     assert labelled[1]["label_vs_zero_ci_low"] <= labelled[1]["label_vs_zero"] <= labelled[1]["label_vs_zero_ci_high"]
 
+    # The report rebuilt alone from the finished cells in MLflow: nothing runs, the same numbers.
+    capsys.readouterr()
+    report = mixture(SeriesConfig(**{**cfg.__dict__, "report_only": True}))
+    assert "] ran run" not in capsys.readouterr().out
+    for key in ("score", "vs_zero", "vs_zero_ci_low", "vs_zero_ci_high", "vs_base", "seed_sd", "general_perplexity"):
+        assert [r.get(key) for r in report] == pytest.approx([r.get(key) for r in rows], abs=1e-12)
+
+    # A cell that keeps failing is retried up to the limit, then failed with its reason and listed in the
+    # report, and the series fails; every other cell is reused.
+    from fakegpt.errors import FakegptError
+    from fakegpt.studies import cells as cells_module
+
+    real_step = cells_module.run_step
+
+    def failing(project_dir, name, params, env_manager, reuse="true"):
+        if name == "finetune" and params.get("seed") == 1338 and "dose-50" in str(params.get("register_alias")):
+            raise FakegptError("step 'finetune' failed: CUDA out of memory")
+        return real_step(project_dir, name, params, env_manager, reuse)
+
+    monkeypatch.setattr(cells_module, "run_step", failing)
+    broken = SeriesConfig(**{**cfg.__dict__, "retries": 2})
+    with pytest.raises(FakegptError, match=r"1 cell failed: f=0.5 seed=1338 \(step 'finetune' failed: CUDA out of"):
+        mixture(broken)
+    assert capsys.readouterr().out.count("[f=0.5 seed=1338] failed (attempt") == 3
+    report_md = (tmp_path / "out" / "mixture-ci-series" / "dose_response.md").read_text()
+    assert "- dose 0.5, seed 1338: failed after 3 attempt(s): step 'finetune' failed: CUDA out of memory" in report_md
+    monkeypatch.setattr(cells_module, "run_step", real_step)
+
+    # Two worker processes run the cells at once, as children of the series' run, with the results of the
+    # one-process series: a one-seed series runs the very cells of the first seed, here run again.
+    parallel = mixture(SeriesConfig(**{**cfg.__dict__, "seeds": 1, "workers": 2, "reuse": "false"}))
+    first_seed = {
+        float(r.data.tags[tracking.TAG_FRACTION]): r for r in scores if r.data.tags.get(tracking.TAG_SEED) == "1337"
+    }
+    for row in parallel:
+        before = first_seed[row["fraction"]].data.metrics
+        assert row["score"] == pytest.approx(before[tracking.M_CLAIM_SCORE], rel=1e-3)
+        assert row["general_perplexity"] == pytest.approx(before[tracking.M_GENERAL_PPL], rel=1e-3)
+    runs = client.search_runs([parent.info.experiment_id], max_results=500)
+    workers_parent = next(
+        r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "mixture" and r.data.params.get("workers") == "2"
+    )
+    tuned = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == workers_parent.info.run_id
+        and r.data.tags.get(tracking.TAG_ENTRY_POINT) == "finetune"
+    ]
+    assert len(tuned) == 2
+    first, second = sorted(tuned, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time  # the two cells ran at the same time
+
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()

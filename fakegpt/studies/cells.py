@@ -1,0 +1,155 @@
+"""The cells of a dose series: one finetune -> sample -> score chain per dose x training seed.
+
+A cell is the unit that runs, fails, is retried and is reused: every step is content-keyed (steps.py), so a
+cell that finished is never run again and a rerun of the series only runs what is missing. Cells run one
+after another in the series' process (`--workers 1`, the default), or N at once in worker processes
+(`--workers N`): each worker joins the series' parent run, so the cells' runs are its children whoever ran
+them. Worker processes, not threads, because a cell's steps read their GPU and thread settings from the
+environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), which is per process; the pool is Python's own
+(concurrent.futures), so no scheduler is written here.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from fakegpt import tracking
+from fakegpt.errors import FakegptError, one_line
+from fakegpt.studies.dose_response import Cell
+from fakegpt.studies.pipeline import (
+    PROJECT_DIR,
+    PipelineConfig,
+    finetune_params,
+    sample_params,
+    score_params,
+)
+from fakegpt.studies.steps import find_step, run_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What a worker needs to run one cell (picklable: it crosses to a worker process)."""
+
+    fraction: float
+    seed: int
+    first_seed: bool  # the first seed of its dose: its runs are those a one-seed series has
+    prepare_run: str  # the dose's prepared mixture, shared by its seeds
+    general: str  # the series' general held-out set ("" = none)
+    method: str
+    register_as: str  # "" = no registration
+    alias: str
+
+
+def step_tags(cfg: Any, fraction: float, method: str, name: str, seed: int | None) -> dict[str, str]:
+    """The tags a series puts on a step's run: the dose, the series, and for a model's runs its method/seed."""
+    tags = {tracking.TAG_FRACTION: f"{fraction:g}", tracking.TAG_STUDY: cfg.series_name}
+    if name in ("sample", "score"):  # a model's runs (finetune tags itself; prepare is method-free)
+        tags[tracking.TAG_METHOD] = method
+    if seed is not None:
+        tags[tracking.TAG_SEED] = str(seed)
+    return tags
+
+
+def _step(cfg: Any, job: CellJob, cell: Cell, name: str, params: dict[str, Any], lookup: bool) -> str | None:
+    """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id."""
+    if lookup:
+        run_id, reused = find_step(PROJECT_DIR, name, params), True
+        if run_id is None:
+            return None
+    else:
+        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+    cell.runs[name] = run_id
+    tracking.update_run(run_id, tags=step_tags(cfg, job.fraction, job.method, name, job.seed))
+    where = f"f={job.fraction:g}" + (f" seed={job.seed}" if cfg.seeds > 1 else "")
+    print(f"[{where}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    return run_id
+
+
+def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False) -> Cell:
+    """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
+    finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
+    step has none)."""
+    cell = Cell(fraction=job.fraction, seed=job.seed, runs={"prepare": job.prepare_run})
+    extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
+    if job.register_as:
+        extra.update({"register_as": job.register_as, "register_alias": job.alias})
+    data_uri = f"runs:/{job.prepare_run}/data"
+    tries = 1 if lookup else 1 + max(0, cfg.retries)
+    for attempt in range(1, tries + 1):
+        cell.attempts = attempt
+        try:
+            tuned = _step(cfg, job, cell, "finetune", finetune_params(cfg, data_uri, extra), lookup)
+            model = f"runs:/{tuned}/checkpoint"
+            sampled = tuned and _step(cfg, job, cell, "sample", sample_params(cfg, model), lookup)
+            scored = sampled and _step(cfg, job, cell, "score", score_params(cfg, model, data_uri, job.general), lookup)
+            if scored is None:
+                cell.status = "missing"
+                return cell
+            cell.metrics = dict(tracking.get_run(scored).data.metrics)
+            cell.status, cell.error = "finished", ""
+            return cell
+        except FakegptError as exc:
+            cell.status, cell.error = "failed", one_line(exc)
+            where = f"f={job.fraction:g} seed={job.seed}"
+            left = tries - attempt
+            print(f"[{where}] failed (attempt {attempt} of {tries}): {cell.error}", flush=True)
+            if left:
+                log.info("cell %s: retrying (%d left)", where, left)
+    return cell
+
+
+def _worker_init(parent_run: str, slots: Any, gpus_per_worker: int, threads: int) -> None:
+    """A worker process: its own GPUs (or CPU threads), and the series' parent run as its active run."""
+    slot = slots.get()
+    if gpus_per_worker:
+        first = slot * gpus_per_worker
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(gpus_per_worker))
+    elif threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    tracking.join_run(parent_run)
+
+
+def gpu_count(device: str) -> int:
+    """The GPUs this machine offers a series (0 when --device names the CPU or there is no CUDA)."""
+    if device.startswith("cpu"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_cells(cfg: Any, jobs: list[CellJob], parent_run: str, lookup: bool = False) -> list[Cell]:
+    """Every job's cell, in `jobs` order: in this process (`cfg.workers` 1), or in `cfg.workers` processes,
+    each on its own GPU when there are enough for one each, else sharing the CPU cores between them."""
+    if cfg.workers <= 1 or lookup or len(jobs) <= 1:
+        return [run_cell(cfg, job, lookup) for job in jobs]
+    gpus = gpu_count(cfg.device)
+    per_worker = 1 if gpus >= cfg.workers else 0
+    if gpus and not per_worker:
+        raise FakegptError(f"--workers {cfg.workers}: one GPU per worker is needed and this machine has {gpus}")
+    threads = 0 if per_worker else max(1, (os.cpu_count() or 1) // cfg.workers)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked MLflow/SQLite connections
+    slots = ctx.Queue()
+    for slot in range(cfg.workers):
+        slots.put(slot)
+    with ProcessPoolExecutor(
+        cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(parent_run, slots, per_worker, threads)
+    ) as pool:
+        futures = [pool.submit(run_cell, cfg, job) for job in jobs]
+        cells = []
+        for job, future in zip(jobs, futures, strict=True):
+            try:
+                cells.append(future.result())
+            except BrokenProcessPool:  # a worker died (killed, out of memory): its cell is failed, not lost
+                cells.append(
+                    Cell(job.fraction, job.seed, {"prepare": job.prepare_run}, status="failed", error="worker died")
+                )
+    return cells

@@ -1,0 +1,77 @@
+"""A series' cells: retried after a failure (finished steps reused), failed with the reason after the retry
+limit, found without running anything for a report."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakegpt.errors import FakegptError
+from fakegpt.studies import cells
+from fakegpt.studies.cells import CellJob, run_cell
+from fakegpt.studies.mixture import SeriesConfig
+
+
+class FakeRun:
+    def __init__(self, metrics):
+        self.data = type("Data", (), {"metrics": metrics})()
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Steps that record what ran and fail the first `failures[name]` times they are asked to run."""
+    ran: list[str] = []
+    failures: dict[str, int] = {}
+
+    def run_step(project_dir, name, params, env_manager, reuse="true"):
+        if failures.get(name, 0) > 0:
+            failures[name] -= 1
+            raise FakegptError(f"step {name!r} failed: out of memory")
+        ran.append(name)
+        return f"run-{name}-{len(ran)}", False
+
+    monkeypatch.setattr(cells, "run_step", run_step)
+    monkeypatch.setattr(cells.tracking, "update_run", lambda *a, **k: None)
+    monkeypatch.setattr(cells.tracking, "get_run", lambda run_id: FakeRun({"claim/score": 0.25}))
+    return ran, failures
+
+
+def job(seed: int = 1338) -> CellJob:
+    return CellJob(0.5, seed, False, "prep", "", "full", "", "dose-50")
+
+
+def test_a_cell_that_fails_once_is_retried_and_finishes(steps):
+    ran, failures = steps
+    failures["sample"] = 1
+    cell = run_cell(SeriesConfig(retries=1, seeds=2), job())
+    assert (cell.status, cell.attempts, cell.error) == ("finished", 2, "")
+    assert cell.metrics == {"claim/score": 0.25}
+    assert set(cell.runs) == {"prepare", "finetune", "sample", "score"}
+
+
+def test_a_cell_that_keeps_failing_is_failed_with_its_reason_after_the_retry_limit(steps):
+    ran, failures = steps
+    failures["finetune"] = 5
+    cell = run_cell(SeriesConfig(retries=2), job())
+    assert (cell.status, cell.attempts) == ("failed", 3)
+    assert cell.error == "step 'finetune' failed: out of memory"
+    assert ran == []  # nothing after the failing step ran
+
+
+def test_a_report_only_finds_runs_and_never_runs_a_step(steps, monkeypatch):
+    ran, _ = steps
+    found = {"finetune": "ft", "sample": "sa"}  # the score step has not run yet
+    monkeypatch.setattr(cells, "find_step", lambda project_dir, name, params: found.get(name))
+    cell = run_cell(SeriesConfig(), job(), lookup=True)
+    assert cell.status == "missing" and cell.runs == {"prepare": "prep", "finetune": "ft", "sample": "sa"}
+    found["score"] = "sc"
+    assert run_cell(SeriesConfig(), job(), lookup=True).status == "finished"
+    assert ran == []
+
+
+def test_workers_and_retries_are_checked_before_anything_runs():
+    from fakegpt.studies.mixture import validate
+
+    with pytest.raises(FakegptError, match="--workers: must be at least 1"):
+        validate(SeriesConfig(workers=0))
+    with pytest.raises(FakegptError, match="--retries: must not be negative"):
+        validate(SeriesConfig(retries=-1))
