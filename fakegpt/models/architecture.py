@@ -73,14 +73,15 @@ def check_trainable(config: Any, where: str) -> None:
         )
 
 
-def build_config(hf_config: dict[str, Any]) -> Any:
+def build_config(hf_config: dict[str, Any], where: str = "the model's config") -> Any:
     """The transformers config object of an HF config dict (config.json, or a resume state's model_config.json);
-    a dict without `model_type` is GPT-2's (fakegpt's scratch shapes and built-in hub shapes)."""
+    a dict without `model_type` is GPT-2's (fakegpt's scratch shapes and built-in hub shapes). `where`: what an
+    error names."""
     from transformers import CONFIG_MAPPING
 
     model_type = hf_config.get("model_type") or "gpt2"
     if model_type not in CONFIG_MAPPING:
-        raise FakegptError(f"model_type {model_type!r}: not an architecture this transformers version knows")
+        raise FakegptError(f"{where}: model_type {model_type!r} is not an architecture this transformers knows")
     return CONFIG_MAPPING[model_type].from_dict(hf_config)
 
 

@@ -241,7 +241,7 @@ def model_from_config(hf_config: dict[str, Any], where: str = "the model's confi
     """The model's own causal-LM class (GPT2LMHeadModel, LlamaForCausalLM, ...) of the shape an HF config dict
     describes, weights to be loaded after (resume, the meta device of --plan), SDPA attention where the
     architecture has it. A dict without model_type is GPT-2's. `where`: what the error names."""
-    config = build_config(hf_config)
+    config = build_config(hf_config, where)
     check_trainable(config, where)
     model_class = causal_lm_class(config)
     config._attn_implementation = attention_for(model_class)

@@ -193,6 +193,11 @@ def test_a_model_fakegpt_cannot_train_is_a_one_line_error(tmp_path, build, named
         model_from_config(json.loads((folder / "config.json").read_text()))
 
 
+def test_an_unknown_model_type_is_a_one_line_error_naming_where():
+    with pytest.raises(FakegptError, match="^out/state/iter-0000004: model_type 'nonsense' is not an architecture"):
+        model_from_config({"model_type": "nonsense"}, "out/state/iter-0000004")
+
+
 # --- LoRA ----------------------------------------------------------------------------------------------------
 
 
