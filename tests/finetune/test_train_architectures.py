@@ -148,3 +148,28 @@ def test_cli_refuses_an_architecture_it_cannot_train_in_one_line(data_dir, tmp_p
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith(f"fakegpt finetune: error: {folder}: ") and named in lines[0]
     assert not (out / CHECKPOINT_DIR).exists() and not state_mod.saved(out)
+
+
+def test_hub_name_of_a_llama_from_the_local_cache_trains_and_plans(data_dir, tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+    from transformers import LlamaForCausalLM
+
+    from fakegpt.errors import FakegptError
+    from fakegpt.finetune import plan
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--tiny-org--tiny-llama"  # as snapshot_download lays out owner/name
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    result = finetune(tiny_config(data_dir, tmp_path / "out", init_from="tiny-org/tiny-llama", max_iters=2))
+    assert result.iters_done == 2 and TrainingInfo.load(result.checkpoint_dir).init_from == "tiny-org/tiny-llama"
+    assert type(LlamaForCausalLM.from_pretrained(result.checkpoint_dir)) is LlamaForCausalLM
+    p = plan.plan(FinetuneConfig(init_from="tiny-org/tiny-llama", block_size=32), world_size=1)
+    assert p.family == plan.LLAMA_LIKE and p.model.startswith("tiny-org/tiny-llama (")
+    with pytest.raises(FakegptError, match="'tiny-org/other' is not in the local Hugging Face cache"):
+        finetune(tiny_config(data_dir, tmp_path / "other", init_from="tiny-org/other"))
