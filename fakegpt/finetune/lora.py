@@ -133,7 +133,7 @@ def wrap(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
         fan_in_fan_out=bool(adapted) and all(isinstance(m, Conv1D) for m in adapted),
         bias="none",
     )
-    log.debug("LoRA adapters on %s", ", ".join(targets))
+    log.info("LoRA adapters on %s (--lora-targets %s)", ", ".join(targets), cfg.lora_targets)
     with torch.random.fork_rng(devices=[]):  # lora_A's random init from --seed: the same run twice is the same
         torch.manual_seed(cfg.seed)
         try:
