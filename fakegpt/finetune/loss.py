@@ -17,12 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fakegpt.models.architecture import context_length, decoder, hf_model, output_layer
+from fakegpt.models.architecture import context_length, decoder, hf_model, logits_processing, output_layer
 
 log = logging.getLogger(__name__)
 
-# Config fields whose value changes the logits after the output layer; 1 (or unset) leaves them alone.
-_LOGIT_SCALES = ("logits_scaling", "logit_scale")
 _PROBE_TOKENS = 8
 _bypass: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
 
@@ -109,22 +107,8 @@ def logits_bypass(model: Any) -> str | None:
     return reason
 
 
-def config_bypass(config: Any) -> str | None:
-    """The part of `logits_bypass` that the config alone decides (logit soft-capping, a logit scale); also for
-    models on the meta device (`--plan`), where nothing can be computed."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        return f"final_logit_softcapping={cap}"
-    for name in _LOGIT_SCALES:
-        value = getattr(config, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
-            return f"{name}={value}"
-    return None
-
-
 def _bypass_reason(hf: Any) -> str | None:
-    reason = config_bypass(hf.config)
+    reason = logits_processing(hf.config)
     if reason is not None:
         return reason
     head = output_layer(hf)

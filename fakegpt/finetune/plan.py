@@ -247,8 +247,6 @@ def plan_for_model(
     hf_config: dict[str, Any] | None = None,
 ) -> Plan:
     """The memory of training `model` (real or on the meta device) per `cfg` on `world` GPUs."""
-    from fakegpt.finetune.loss import config_bypass
-
     params = list(model.parameters())  # tied weights once (lm_head is the token embedding)
     trainable = [p.numel() for p in params if p.requires_grad]
     n_params, n_trainable = sum(p.numel() for p in params), sum(trainable)
@@ -272,7 +270,8 @@ def plan_for_model(
         activations = n_layer * per_layer
     activations += 2 * b * s * h * 4  # embedding output, final norm input
     # finetune's one-buffer loss: eager fp32 (compile unset: on CUDA), for an architecture whose logits it computes
-    fused_loss = e == 4 and cfg.compile is False and config_bypass(architecture.hf_model(model).config) is None
+    processed = architecture.logits_processing(architecture.hf_model(model).config)
+    fused_loss = e == 4 and cfg.compile is False and processed is None
     logits = b * s * shape["vocab_size"] * (4 if fused_loss else e + 8)
     if e == 4:
         copies = 0

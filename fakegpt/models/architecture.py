@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # Config fields that are dropout rates of a classification or summary head, which a causal LM never runs: they
 # stay as the config has them (GPT-2's summary_first_dropout), so the saved config changes no more than needed.
 _HEAD_DROPOUT_PREFIXES = ("classifier", "summary")
+# Config fields whose value changes the logits after the output layer; 1 (or unset) leaves them alone.
+_LOGIT_SCALES = ("logits_scaling", "logit_scale")
 
 
 def hf_model(model: Any) -> Any:
@@ -96,6 +98,22 @@ def dropout_fields(config: Any) -> list[str]:
             continue
         fields.append(name)
     return sorted(fields)
+
+
+def logits_processing(config: Any) -> str | None:
+    """What the architecture does to the logits after the output layer, as its config says (Gemma2's
+    final_logit_softcapping, Granite's logits_scaling, Cohere's logit_scale), or None: then the logits are the
+    output layer applied to the decoder's last hidden state, as far as the config tells. Decided on the config
+    alone, so it also holds for a model on the meta device (`--plan`)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return f"final_logit_softcapping={cap}"
+    for name in _LOGIT_SCALES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            return f"{name}={value}"
+    return None
 
 
 def decoder(model: Any) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch
 from tiny_runs import tiny_decoder_config
 
 from fakegpt.errors import FakegptError
-from fakegpt.finetune.loss import causal_lm_loss, config_bypass, logits_bypass
+from fakegpt.finetune.loss import causal_lm_loss, logits_bypass
 from fakegpt.models.loading import load_model, model_from_config, scratch_model
 
 VOCAB = 50257
@@ -110,11 +110,13 @@ def test_logit_processing_no_config_announces_is_found_by_the_probe():
     assert model.training  # the probe ran in eval mode and put the training mode back
 
 
-def test_config_bypass_names_the_field():
-    assert config_bypass(tiny_decoder_config("llama")) is None
-    assert config_bypass(tiny_decoder_config("llama", logit_scale=0.0625)) == "logit_scale=0.0625"
-    assert config_bypass(tiny_decoder_config("granite", logits_scaling=8.0)) == "logits_scaling=8.0"
-    assert config_bypass(tiny_decoder_config("granite", logits_scaling=1.0)) is None
+def test_logits_processing_names_the_config_field():
+    from fakegpt.models.architecture import logits_processing
+
+    assert logits_processing(tiny_decoder_config("llama")) is None
+    assert logits_processing(tiny_decoder_config("llama", logit_scale=0.0625)) == "logit_scale=0.0625"
+    assert logits_processing(tiny_decoder_config("granite", logits_scaling=8.0)) == "logits_scaling=8.0"
+    assert logits_processing(tiny_decoder_config("granite", logits_scaling=1.0)) is None
 
 
 # --- loading ------------------------------------------------------------------------------------------------
