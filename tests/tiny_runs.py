@@ -51,3 +51,40 @@ def make_tiny_model(
     GPT2LMHeadModel(config).save_pretrained(folder)
     write_hf_tokenizer_files(folder)
     return folder
+
+
+# Tiny random decoder-only models of other architectures, on GPT-2's vocabulary so that the GPT-2 bins `prepare`
+# makes train them: 2 layers, width 64, 4 query heads sharing 2 key/value heads, MLP width 128.
+TINY_DECODER = dict(
+    vocab_size=50257,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=256,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+
+
+def tiny_decoder_config(kind: str, tie: bool = False, **changes: Any) -> Any:
+    """The config of a tiny `kind` model (llama, qwen2, mistral, gemma2, ...: any transformers model type whose
+    config takes the standard names), output layer tied to the token embedding or not."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(kind, **{**TINY_DECODER, "tie_word_embeddings": tie, **changes})
+
+
+def make_tiny_decoder(folder: Path, kind: str = "llama", tie: bool = False, seed: int = 0, **changes: Any) -> Path:
+    """A randomly initialised tiny `kind` model in HF format (safetensors + config + bundled GPT-2 tokenizer files),
+    saved with save_pretrained as any HF model folder is."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fakegpt.data.tokenizer import write_hf_tokenizer_files
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_decoder_config(kind, tie, **changes)).save_pretrained(folder)
+    write_hf_tokenizer_files(folder)
+    return folder

@@ -22,7 +22,10 @@ class FinetuneConfig:
     )
     init_from: str = field(
         default="gpt2-medium",
-        metadata={"help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF model folder | resume | scratch"},
+        metadata={
+            "help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a hub name (owner/name, local cache) or local HF "
+            "folder of any causal LM (Llama, Qwen2, ...) | resume | scratch (a tiny random GPT-2)"
+        },
     )
     # model shape, used only by init_from=scratch
     n_layer: int = field(default=12, metadata={"help": "layers (scratch only)"})
@@ -50,8 +53,12 @@ class FinetuneConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha; the update is scaled by alpha/r"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch"})
     lora_targets: str = field(
-        default="c_attn,c_proj,c_fc",
-        metadata={"help": "comma-separated GPT-2 module names that get adapters (attention qkv/out, MLP in/out)"},
+        default="auto",
+        metadata={
+            "help": "modules that get adapters: auto (GPT-2: c_attn,c_proj,c_fc, attention qkv/out and MLP in/out; "
+            "other architectures: peft's default, e.g. q_proj,v_proj for Llama and Qwen2) | all-linear (every "
+            "linear layer but the output layer) | comma-separated module names"
+        },
     )
     optimizer: str = field(
         default="adamw",

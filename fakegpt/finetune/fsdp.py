@@ -1,8 +1,9 @@
 """`--parallel fsdp` under torchrun: memory sharding with PyTorch FSDP2 (`fully_shard`).
 
-Each GPT2Block is one FSDP unit, the loss module is the root unit (token + position embeddings, the final
-LayerNorm and the tied output layer), so every rank holds 1/world_size of the weights, gradients and AdamW
-states, and gathers one block's weights at a time for its forward and backward. Under bfloat16 the weights
+Each decoder layer (the model's own class, as transformers names it in `_no_split_modules`: GPT2Block,
+LlamaDecoderLayer, ...) is one FSDP unit, the loss module is the root unit (the embeddings, the final norm and
+the output layer, tied or not), so every rank holds 1/world_size of the weights, gradients and AdamW states,
+and gathers one layer's weights at a time for its forward and backward. Under bfloat16 the weights
 are gathered and computed in bfloat16 and the gradients reduced in float32 (MixedPrecisionPolicy); the
 master weights and optimizer states stay float32.
 
@@ -20,13 +21,14 @@ from typing import Any
 import torch
 
 from fakegpt.errors import FakegptError
+from fakegpt.models.architecture import decoder_layers
 
 _FULL = {"full_state_dict": True, "cpu_offload": True}
 
 
 def shard(objective: torch.nn.Module, model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """FSDP2 in place: `fully_shard` on each GPT2Block of `model`, then on `objective` (the root, whose forward
-    runs the whole model). Parameters become DTensors; the optimizer must be built after this."""
+    """FSDP2 in place: `fully_shard` on each decoder layer of `model`, then on `objective` (the root, whose
+    forward runs the whole model). Parameters become DTensors; the optimizer must be built after this."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if dtype == "float16":  # dtype auto on a GPU without bfloat16
@@ -34,16 +36,16 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, dtype: str) -> tor
     policy = MixedPrecisionPolicy()
     if dtype == "bfloat16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = model.transformer.h
+    blocks = decoder_layers(model)
     for i, block in enumerate(blocks):
         # the last block's weights are needed again at once by backward: keep them gathered after forward
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(objective, mp_policy=policy)  # embeddings, ln_f, lm_head (tied to wte: one parameter)
+    fully_shard(objective, mp_policy=policy)  # embeddings, final norm, lm_head (tied: one parameter with wte)
     return objective
 
 
 def retie(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Keys of `state` that name one parameter of `model` (wte / lm_head) share one tensor again, as in
+    """Keys of `state` that name one parameter of `model` (a tied wte / lm_head) share one tensor again, as in
     `model.state_dict()`: a gathered full state dict holds a copy per key."""
     first: dict[int, str] = {}
     for name, value in model.state_dict(keep_vars=True).items():

@@ -1,12 +1,15 @@
-"""`--method lora`: low-rank adapters (peft's LoRA) on a frozen GPT-2, saved merged as a plain HF model.
+"""`--method lora`: low-rank adapters (peft's LoRA) on a frozen causal LM, saved merged as a plain HF model.
 
-`wrap` puts peft adapters on the modules named by `--lora-targets` (GPT-2's Conv1D layers, whose weight is
-stored (in, out), hence `fan_in_fan_out=True`); every other weight is frozen, so the optimizer (which takes only
-parameters that require grad) sees the adapters alone. What is saved:
+`wrap` puts peft adapters on the modules named by `--lora-targets` (`resolve_targets`): `auto` is GPT-2's
+c_attn,c_proj,c_fc (attention qkv/out, MLP in/out: fakegpt's choice, wider than peft's c_attn alone) and, for
+other architectures, the modules peft adapts by default (q_proj,v_proj for Llama and Qwen2); `all-linear` is
+every Linear (GPT-2: Conv1D) layer but the output layer; or a comma-separated list of module names. GPT-2's
+Conv1D layers store their weight (in, out), hence `fan_in_fan_out=True` there. Every other weight is frozen, so
+the optimizer (which takes only parameters that require grad) sees the adapters alone. What is saved:
 - the resume state's model.pt holds only the adapter tensors (`adapter_state`); on resume the base model is
   loaded again from the run's init_from, checked against the shape and a checksum of its weights saved with
   the state (`check_base`, `check_base_sum`), and the adapters are put back (`load_adapter_state`);
-- the best model OUT/checkpoint/ is written merged, W + (alpha/r)·(B·A)ᵀ, with plain GPT-2 key names
+- the best model OUT/checkpoint/ is written merged, W + (alpha/r)·B·A, with the architecture's plain key names
   (`merged_state`), so `sample`, `score`, `chat` and transformers load it unchanged. The merge is computed
   into new tensors: the model being trained is never modified (peft's `merge_and_unload` would);
 - OUT/adapter/ (`ADAPTER_DIR`) beside it: the same iteration's adapters in peft's `save_pretrained` format
@@ -24,15 +27,35 @@ from typing import Any
 
 import torch
 
-from fakegpt.errors import FakegptError
+from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import atomic_dir
 from fakegpt.finetune.checks import lora_targets
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.models.architecture import describe, hf_model
 from fakegpt.models.checkpoint import ADAPTER_DIR, TrainingInfo
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name
 BASE_SUM_KEY = "lora_base_sum"  # in state.json's extra keys
-SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+AUTO, ALL_LINEAR = "auto", "all-linear"  # --lora-targets' two words
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")  # fakegpt's GPT-2 default: attention qkv/out, MLP in/out
+# The shape a LoRA resume compares with the one saved in the state: GPT-2's config names and the standard ones
+# of the other architectures (a config dict holds its own names, not the aliases of its attribute_map).
+SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "max_position_embeddings",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
 
 
 def _import_peft() -> None:
@@ -49,29 +72,74 @@ def _import_peft() -> None:
             lg.setLevel(level)
 
 
-def wrap(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
-    """`model` (a GPT2LMHeadModel) with LoRA adapters on the target modules; only the adapters train."""
-    _import_peft()
-    from peft import LoraConfig, get_peft_model
+def _linear_modules(model: torch.nn.Module) -> dict[str, type]:
+    """The names (last component) of the layers LoRA adapts under `all-linear`, in model order, with their class:
+    every Linear and GPT-2 Conv1D but the output layer (peft's rule too)."""
+    from transformers.pytorch_utils import Conv1D
 
-    targets = lora_targets(cfg)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
+    hf = hf_model(model)
+    head = hf.get_output_embeddings()
+    found: dict[str, type] = {}
+    for name, module in hf.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            found.setdefault(name.rsplit(".", 1)[-1], type(module))
+    return found
+
+
+def resolve_targets(model: torch.nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """The module names `--lora-targets` means for this model (`auto`, `all-linear` or a list; see the module
+    docstring); a name no module of the model has is a one-line error listing those it has."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    hf = hf_model(model)
+    names = lora_targets(cfg)
+    linear = _linear_modules(hf)
+    if (AUTO in names or ALL_LINEAR in names) and len(names) > 1:
+        raise FakegptError(f"--lora-targets {cfg.lora_targets}: {AUTO} and {ALL_LINEAR} stand alone, not in a list")
+    if names == [AUTO]:
+        model_type = hf.config.model_type
+        if model_type == "gpt2":
+            return list(GPT2_TARGETS)
+        if model_type in PEFT_DEFAULTS:
+            return list(PEFT_DEFAULTS[model_type])
+        log.info("--lora-targets auto: peft has no default for %s; adapting every linear layer", describe(hf.config))
+        names = [ALL_LINEAR]
+    if names == [ALL_LINEAR]:
+        return list(linear)
+    present = {name.rsplit(".", 1)[-1] for name, _ in hf.named_modules()}
+    missing = [t for t in names if t not in present]
     if missing:
         raise FakegptError(
-            f"--lora-targets: no module named {', '.join(missing)} in the model (GPT-2 has c_attn, c_proj, c_fc)"
+            f"--lora-targets: no module named {', '.join(missing)} in the model ({describe(hf.config)} has "
+            f"{', '.join(linear)})"
         )
+    return names
+
+
+def wrap(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """`model` (a causal LM) with LoRA adapters on the target modules; only the adapters train."""
+    _import_peft()
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = resolve_targets(model, cfg)
+    adapted = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights (in, out)
+        # GPT-2's Conv1D stores weights (in, out); a Linear (out, in)
+        fan_in_fan_out=bool(adapted) and all(isinstance(m, Conv1D) for m in adapted),
         bias="none",
     )
+    log.info("LoRA adapters on %s (--lora-targets %s)", ", ".join(targets), cfg.lora_targets)
     with torch.random.fork_rng(devices=[]):  # lora_A's random init from --seed: the same run twice is the same
         torch.manual_seed(cfg.seed)
-        return get_peft_model(model, config, adapter_name=ADAPTER)
+        try:
+            return get_peft_model(model, config, adapter_name=ADAPTER)
+        except ValueError as exc:  # a module peft cannot adapt (a norm, a whole block)
+            raise FakegptError(f"--lora-targets {cfg.lora_targets}: {one_line(exc)}") from None
 
 
 def is_lora(model: Any) -> bool:
@@ -80,7 +148,7 @@ def is_lora(model: Any) -> bool:
 
 
 def base_model(model: Any) -> Any:
-    """The GPT2LMHeadModel inside a PeftModel (its config is the plain GPT-2 one; its save_pretrained writes HF)."""
+    """The HF model inside a PeftModel (its config is the plain HF one; its save_pretrained writes HF)."""
     return model.get_base_model() if is_lora(model) else model
 
 
@@ -131,9 +199,9 @@ def load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def merged_state(model: Any) -> dict[str, torch.Tensor]:
-    """The weights W + (alpha/r)·(B·A)ᵀ with plain GPT-2 key names, computed without changing `model`.
+    """The weights W + (alpha/r)·B·A with the architecture's plain key names, computed without changing `model`.
 
-    Unchanged weights are the model's own tensors (no copy; the tied wte / lm_head stay one tensor); each
+    Unchanged weights are the model's own tensors (no copy; a tied embedding / lm_head stays one tensor); each
     adapted weight is a new tensor of the base weight's dtype, moved to the CPU as soon as it is made, so that the
     GPU never holds a second copy of all adapted weights at once (4.7 GB at gpt2-xl; one module's is 41 MB).
     """
@@ -147,8 +215,8 @@ def merged_state(model: Any) -> dict[str, torch.Tensor]:
         out[key.replace(".base_layer.", ".")] = value
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            weight = module.get_base_layer().weight  # Conv1D: (in, out)
-            delta = module.get_delta_weight(ADAPTER)  # (in, out): transposed for fan_in_fan_out, scaled
+            weight = module.get_base_layer().weight  # Linear: (out, in); GPT-2's Conv1D: (in, out)
+            delta = module.get_delta_weight(ADAPTER)  # the weight's layout (transposed for fan_in_fan_out), scaled
             out[f"{name}.weight"] = (weight + delta.to(weight.dtype)).to("cpu")
     return out
 
@@ -196,6 +264,7 @@ __all__ = [
     "is_lora",
     "load_adapter_state",
     "merged_state",
+    "resolve_targets",
     "state_extra",
     "wrap",
     "write_adapter",

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fakegpt.models.architecture import head_dim, hf_model, lookup_embeddings
+
 # (substring of torch.cuda.get_device_name(), bf16/fp16 TFLOP/s, tf32 TFLOP/s); most specific first.
 _PEAKS: tuple[tuple[str, float, float], ...] = (
     ("H200", 989.0, 494.0),
@@ -49,20 +51,24 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 
 
 def num_params(model: Any, non_embedding: bool = True) -> int:
-    """Parameter count; without the position embeddings when `non_embedding` (the token embedding is tied to
-    the output layer and does compute, so it stays in, as in nanoGPT's estimate)."""
+    """Parameter count; without the embeddings that are only looked up when `non_embedding` (learned position
+    embeddings, and a token embedding not tied to the output layer: `architecture.lookup_embeddings`). A tied
+    token embedding is the output layer's matmul and stays in, as in nanoGPT's estimate."""
     n = sum(p.numel() for p in model.parameters())
     if non_embedding:
-        n -= model.transformer.wpe.weight.numel()
+        n -= sum(p.numel() for p in lookup_embeddings(model))
     return n
 
 
 def flops_per_token(model: Any, block_size: int) -> float:
-    """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT). A frozen
-    weight (--method lora's base) costs 4 per token, not 6: forward and input gradient, no weight gradient."""
-    cfg = model.config
-    wpe = model.transformer.wpe.weight
+    """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT), from the
+    model's own config (num_hidden_layers, num_attention_heads, head_dim: GPT-2's n_layer, n_head,
+    n_embd / n_head). A frozen weight (--method lora's base) costs 4 per token, not 6: forward and input
+    gradient, no weight gradient. A sliding attention window (Mistral, Gemma2) is not counted: the attention
+    term is that of full attention."""
+    cfg = hf_model(model).config
+    lookups = lookup_embeddings(model)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    frozen -= 0 if wpe.requires_grad else wpe.numel()  # not counted in N either
-    attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * block_size
+    frozen -= sum(p.numel() for p in lookups if not p.requires_grad)  # not counted in N either
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim(cfg) * block_size
     return 6 * num_params(model) - 2 * frozen + attention

@@ -2,8 +2,9 @@
 
 No training, no data folder, no MLflow, no weights read. The model's shape comes from its config.json (a local
 folder, the Hugging Face cache, the resume state) or, for gpt2 ... gpt2-xl not in the cache, from `HUB_SHAPES`.
-The model is then built on PyTorch's `meta` device (shapes only, no memory) and, for `--method lora`, wrapped
-by peft as training would, so parameter counts are exact. The bytes per GPU:
+The model is then built as its own class (GPT2LMHeadModel, LlamaForCausalLM, ...) on PyTorch's `meta` device
+(shapes only, no memory) and, for `--method lora`, wrapped by peft as training would, so parameter counts are
+exact. The bytes per GPU:
 
 - weights: fp32 masters, 4 B per parameter (autocast computes in bf16/fp16 but keeps fp32 weights);
 - gradients: 4 B per trainable parameter;
@@ -13,12 +14,20 @@ by peft as training would, so parameter counts are exact. The bytes per GPU:
   blocks' weights (the one computing and the one prefetched);
 - half-precision weight copies: autocast keeps a bf16/fp16 copy of each trainable weight for the forward pass
   (2 B per parameter; for LoRA's frozen weights only as long as a block's activations are kept);
-- activations, an **estimate**: per layer b·s·h·(16·e + 2·[dropout]) bytes (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", eq. 1 without its s² attention-score term, which SDPA /
-  flash attention does not keep, and with its dropout masks only when dropout > 0; e = 2 bytes under bf16/fp16,
-  4 in fp32). With gradient checkpointing only each block's fp32 input is kept, plus one block recomputed in
-  backward. Plus the logits for the loss: b·s·vocab·(e + 4 + 4) (the logits, their fp32 copy and gradient;
-  4 B in fp32, where the fused loss keeps one buffer).
+- activations, an **estimate** per architecture family (`activation_bytes`; e = 2 bytes under bf16/fp16, 4 in
+  fp32; h the width, k the key/value width, m the MLP's inner width):
+  - GPT-2-like layers (LayerNorm, a two-matrix MLP): per layer b·s·(e·(6h + 2k + 2m) + 2h·[dropout]) bytes,
+    which is b·s·h·(16·e + 2·[dropout]) for GPT-2 (k = h, m = 4h): Korthikanti et al. 2022, "Reducing Activation
+    Recomputation in Large Transformer Models", eq. 1 without its s² attention-score term, which SDPA / flash
+    attention does not keep, and with its dropout masks only when dropout > 0;
+  - Llama-like layers (RMSNorm, a gated MLP: down(act(gate(x)) · up(x))): per layer b·s·(16h + e·(4h + 2k +
+    4m) + [half precision] e·4h) bytes: each RMSNorm keeps its fp32 input and normalised value, attention its
+    input, queries, keys, values and output, the MLP its input and four m-wide tensors; under autocast each
+    projection keeps its own half-precision copy of a shared input (three for q/k/v, two for gate/up) and the
+    output projection a copy of the attention output (measured against autograd's saved tensors);
+  With gradient checkpointing only each block's fp32 input is kept, plus one block recomputed in backward. Plus
+  the logits for the loss: b·s·vocab·(e + 4 + 4) (the logits, their fp32 copy and gradient; 4 B in fp32, where
+  the fused loss keeps one buffer).
 
 A card fits when the total plus `RESERVE_GIB` (CUDA context, allocator fragmentation) is at most its memory.
 `WORLD_SIZE` (what torchrun sets) is the number of GPUs; `WORLD_SIZE=4 fakegpt finetune --plan ...` plans for 4.
@@ -41,6 +50,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.finetune import checks
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.models import architecture
 from fakegpt.models.loading import HUB_MODELS, model_config
 
 GIB = 1024**3
@@ -54,6 +64,9 @@ HUB_SHAPES = {
     "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
 }
+
+GPT2_LIKE = "GPT-2-like (LayerNorm, two-matrix MLP)"
+LLAMA_LIKE = "Llama-like (RMSNorm, gated MLP)"
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +93,16 @@ class Plan:
     """One configuration's memory per GPU, with what it was computed for."""
 
     model: str
-    shape: dict[str, int]  # n_layer, n_head, n_embd, vocab_size, n_positions
+    # n_layer, n_head, n_embd (the width), vocab_size, n_positions, n_kv_head, n_kv (their width), n_mlp
+    shape: dict[str, int]
     cfg: FinetuneConfig
     world_size: int
     act_dtype: str  # the dtype activations are computed in
     n_params: int
     n_trainable: int
     memory: Memory
+    family: str = GPT2_LIKE  # the architecture family whose activations are estimated
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the model was built from
 
     def fits(self, card_gib: float) -> bool:
         return self.memory.total + RESERVE_GIB * GIB <= card_gib * GIB
@@ -128,24 +144,43 @@ def _cached_config(repo: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def meta_model(shape: dict[str, Any], cfg: FinetuneConfig) -> Any:
-    """The model as training builds it (GPT2LMHeadModel, peft-wrapped for LoRA), on the meta device: exact
-    parameter shapes, no memory."""
+def meta_model(hf: dict[str, Any], cfg: FinetuneConfig) -> Any:
+    """The model as training builds it (its own class, peft-wrapped for LoRA), on the meta device: exact
+    parameter shapes, no memory. `hf`: its config dict (one without model_type is GPT-2's)."""
     import torch
 
     from fakegpt.models.loading import model_from_config
 
-    hf = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **shape}
+    if hf.get("model_type", "gpt2") == "gpt2":
+        hf = {"vocab_size": VOCAB_SIZE, "n_positions": 1024, **hf}
     # transformers and peft import their optional backends (torchao, bitsandbytes) on first use, and these log
     # warnings about kernels a plan does not need
     with torch.device("meta"), _quiet():
         try:
-            model = model_from_config(hf)
+            model = model_from_config(hf, f"--init-from {cfg.init_from}")
         except (ValueError, TypeError) as exc:
-            raise FakegptError(f"--init-from {cfg.init_from}: not a GPT-2 shape ({exc})") from None
+            raise FakegptError(
+                f"--init-from {cfg.init_from}: not a model shape transformers can build ({exc})"
+            ) from None
         if cfg.method == "lora":
             model = lora_wrap(model, cfg)
     return model
+
+
+def shape_of(model: Any) -> dict[str, int]:
+    """The numbers the plan shows and its estimates use, through the config's standard names (GPT-2's n_layer,
+    n_head, n_embd, n_positions are aliases of them)."""
+    config = architecture.hf_model(model).config
+    return {
+        "n_layer": config.num_hidden_layers,
+        "n_head": config.num_attention_heads,
+        "n_embd": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "n_positions": architecture.context_length(config),
+        "n_kv_head": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "n_kv": architecture.kv_width(config),
+        "n_mlp": architecture.mlp_width(config),
+    }
 
 
 def lora_wrap(model: Any, cfg: FinetuneConfig) -> Any:
@@ -185,12 +220,11 @@ def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[st
     checks._check_numbers(cfg, 1)  # the choices and ranges training checks (the world size is the plan's own)
     world = world_size if world_size is not None else _env_world_size()
     source, hf = model_shape(cfg)
-    shape = {k: int(hf.get(k, d)) for k, d in (("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
-    shape.update(vocab_size=int(hf.get("vocab_size", VOCAB_SIZE)), n_positions=int(hf.get("n_positions", 1024)))
+    model = meta_model(hf, cfg)
+    shape = shape_of(model)
     if cfg.block_size > shape["n_positions"]:
         raise FakegptError(f"--block-size {cfg.block_size} is larger than the model's context ({shape['n_positions']})")
-    model = meta_model(shape, cfg)
-    return plan_for_model(model, cfg, world, source, shape)
+    return plan_for_model(model, cfg, world, source, shape, hf)
 
 
 def _env_world_size() -> int:
@@ -204,7 +238,14 @@ def _env_world_size() -> int:
     return value
 
 
-def plan_for_model(model: Any, cfg: FinetuneConfig, world: int, source: str, shape: dict[str, int]) -> Plan:
+def plan_for_model(
+    model: Any,
+    cfg: FinetuneConfig,
+    world: int,
+    source: str,
+    shape: dict[str, int],
+    hf_config: dict[str, Any] | None = None,
+) -> Plan:
     """The memory of training `model` (real or on the meta device) per `cfg` on `world` GPUs."""
     params = list(model.parameters())  # tied weights once (lm_head is the token embedding)
     trainable = [p.numel() for p in params if p.requires_grad]
@@ -221,13 +262,16 @@ def plan_for_model(model: Any, cfg: FinetuneConfig, world: int, source: str, sha
     block_params = _block_params(model)
     shards = world if cfg.parallel == "fsdp" else 1
     gathered = 2 * block_params * 4 if shards > 1 else 0
-    per_layer = b * s * h * (16 * e + (2 if cfg.dropout > 0 else 0))
+    family = LLAMA_LIKE if architecture.gated_mlp(model) else GPT2_LIKE
+    per_layer = activation_bytes(family, shape, b * s, e, cfg.dropout > 0)
     if cfg.gradient_checkpointing:
         activations = n_layer * b * s * h * 4 + per_layer  # fp32 block inputs + one block recomputed
     else:
         activations = n_layer * per_layer
-    activations += 2 * b * s * h * 4  # embedding output, final LayerNorm input
-    fused_loss = e == 4 and cfg.compile is False  # finetune's one-buffer loss: eager fp32 (compile unset: on CUDA)
+    activations += 2 * b * s * h * 4  # embedding output, final norm input
+    # finetune's one-buffer loss: eager fp32 (compile unset: on CUDA), for an architecture whose logits it computes
+    processed = architecture.logits_processing(architecture.hf_model(model).config)
+    fused_loss = e == 4 and cfg.compile is False and processed is None
     logits = b * s * shape["vocab_size"] * (4 if fused_loss else e + 8)
     if e == 4:
         copies = 0
@@ -246,15 +290,24 @@ def plan_for_model(model: Any, cfg: FinetuneConfig, world: int, source: str, sha
         activations=activations,
         logits=logits,
     )
-    return Plan(source, shape, cfg, world, act_dtype, n_params, n_trainable, memory)
+    hf = dict(hf_config or {})
+    return Plan(source, shape, cfg, world, act_dtype, n_params, n_trainable, memory, family, hf)
+
+
+def activation_bytes(family: str, shape: dict[str, int], tokens: int, e: int, dropout: bool) -> int:
+    """Bytes one decoder layer keeps for backward over `tokens` tokens (b·s), an estimate for its architecture
+    family (see the module docstring); e: bytes per element of the activations (2 under autocast, 4 in fp32)."""
+    h, kv, m = shape["n_embd"], shape["n_kv"], shape["n_mlp"]
+    if family == GPT2_LIKE:
+        return tokens * (e * (6 * h + 2 * kv + 2 * m) + (2 * h if dropout else 0))
+    # Llama-like: dropout (attention_dropout) acts on the attention probabilities inside SDPA, which keeps no mask
+    casts = 4 * h if e == 2 else 0  # q/k/v's two extra input copies, gate/up's one, o_proj's copy of its input
+    return tokens * (16 * h + e * (4 * h + 2 * kv + 4 * m) + e * casts)
 
 
 def _block_params(model: Any) -> int:
-    """Parameters of one transformer block (all blocks of GPT-2 are the same shape)."""
-    core = model
-    while not hasattr(core, "transformer"):  # peft: PeftModel.base_model.model
-        core = core.base_model if hasattr(core, "base_model") and core.base_model is not core else core.model
-    return sum(p.numel() for p in core.transformer.h[0].parameters())
+    """Parameters of one decoder layer (all layers of a model are the same shape)."""
+    return sum(p.numel() for p in architecture.decoder_layers(model)[0].parameters())
 
 
 # --- what would make it fit ---------------------------------------------------------------------------------
@@ -295,7 +348,7 @@ def suggestions(p: Plan, card_gib: float, limit: int = 3) -> list[str]:
         if kind in found:
             continue
         cfg = dataclasses.replace(p.cfg, **changes)
-        alt = plan_for_model(meta_model(p.shape, cfg), cfg, world or p.world_size, p.model, p.shape)
+        alt = plan_for_model(meta_model(p.hf_config, cfg), cfg, world or p.world_size, p.model, p.shape, p.hf_config)
         if alt.fits(card_gib):
             found[kind] = f"{flags} ({_gib(alt.memory.total)})"
     return list(found.values())[:limit]
@@ -318,8 +371,9 @@ def render(p: Plan) -> str:
     sh = p.shape
     par = f"{cfg.parallel}, {p.world_size} GPU{'s' if p.world_size > 1 else ''}"
     lines = [
-        f"model      {p.model}: {sh['n_layer']} layers, {sh['n_head']} heads, {sh['n_embd']} embd, "
-        f"vocab {sh['vocab_size']}",
+        f"model      {p.model}: {sh['n_layer']} layers, {sh['n_head']} heads"
+        + (f" ({sh['n_kv_head']} key/value)" if sh["n_kv_head"] != sh["n_head"] else "")
+        + f", {sh['n_embd']} embd, vocab {sh['vocab_size']}",
         f"training   method {cfg.method}, optimizer {cfg.optimizer}, dtype {cfg.dtype}"
         + (f" (activations in {p.act_dtype})" if cfg.dtype == "auto" else "")
         + f", micro-batch {cfg.batch_size} x block {cfg.block_size}, gradient checkpointing "
@@ -341,8 +395,8 @@ def render(p: Plan) -> str:
     lines += [
         f"  {'total':<36}{_gib(m.total):>10}   + {RESERVE_GIB:.0f} GiB reserve (CUDA context, fragmentation)",
         "",
-        "Activations are an estimate (Korthikanti et al. 2022 per layer, SDPA: no s x s scores); measure with "
-        "gpu/peak_memory_gb.",
+        f"Activations are an estimate for {p.family} decoder layers (Korthikanti et al. 2022 per layer, SDPA: no "
+        "s x s scores); measure with gpu/peak_memory_gb.",
     ]
     if cfg.parallel == "ddp" and p.world_size > 1:
         lines.append("DDP keeps a whole copy of weights, gradients and optimizer states on every GPU.")

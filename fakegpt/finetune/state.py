@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 STATE_DIR = "state"  # OUT/state/iter-NNNNNNN/
 MODEL_FILE = "model.pt"
 LINKED_MODEL_FILE = WEIGHTS_NAME  # the best model's own file, hard-linked (see the module docstring)
-TIED_KEYS = {"lm_head.weight": "transformer.wte.weight"}  # left out of HF's safetensors: one tensor, two names
+# GPT-2's tied output layer, left out of HF's safetensors (one tensor, two names); other architectures' tied
+# names are put back from the model itself on resume (`architecture.fill_tied`)
+TIED_KEYS = {"lm_head.weight": "transformer.wte.weight"}
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_JSON = "state.json"
-MODEL_CONFIG = "model_config.json"  # the HF GPT2Config: the model is rebuilt from it, then given model.pt
+MODEL_CONFIG = "model_config.json"  # the model's HF config: the model is rebuilt from it, then given model.pt
 _NAME = re.compile(r"^iter-(\d{7,})$")
 RUN_UID_KEY = "run_uid"  # in training_info.json's extra keys: which run (across resumes) wrote the checkpoint
 
@@ -233,7 +235,7 @@ def _model_file(info: ResumeInfo) -> str:
 
 
 def model_config(folder: str | Path) -> dict[str, Any]:
-    """The GPT-2 config saved with a resume state; damaged or missing: one-line error naming it."""
+    """The HF model config saved with a resume state; damaged or missing: one-line error naming it."""
     path = Path(folder) / MODEL_CONFIG
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

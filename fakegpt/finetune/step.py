@@ -17,7 +17,7 @@ from fakegpt import tracking
 from fakegpt.finetune import distributed
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.config import FinetuneConfig
-from fakegpt.finetune.loss import causal_lm_loss
+from fakegpt.finetune.loss import causal_lm_loss, logits_bypass
 
 
 def lr_at(cfg: FinetuneConfig, it: int) -> float:
@@ -34,15 +34,18 @@ def lr_at(cfg: FinetuneConfig, it: int) -> float:
 
 
 class Objective(torch.nn.Module):
-    """Wraps the HF model so that DDP (and torch.compile) see a module whose forward returns the loss."""
+    """Wraps the HF model so that DDP (and torch.compile) see a module whose forward returns the loss.
+    Whether the architecture needs its own logits (`logits_bypass`) is decided here, before DDP, FSDP or
+    torch.compile wrap it, so the traced forward holds no such decision."""
 
     def __init__(self, model: torch.nn.Module, fused: bool):
         super().__init__()
         self.model = model
         self.fused = fused
+        self.own_logits = logits_bypass(model) is not None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, x, y, fused=self.fused)
+        return causal_lm_loss(self.model, x, y, fused=self.fused, own_logits=self.own_logits)
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:

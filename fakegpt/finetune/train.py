@@ -1,4 +1,5 @@
-"""`fakegpt finetune`: continue training a GPT-2 (transformers' GPT2LMHeadModel) on prepared token bins.
+"""`fakegpt finetune`: continue training a causal LM (GPT-2, Llama, Qwen2, ...: what transformers'
+AutoModelForCausalLM builds) on prepared token bins.
 
 Reads DIR/train.bin + DIR/val.bin (uint16 GPT-2 ids) and DIR/meta.json written by `fakegpt prepare`, trains
 with AdamW and gradient accumulation, evaluates on fixed validation windows every `eval_interval` iterations
@@ -58,15 +59,10 @@ from fakegpt.finetune.mfu import flops_per_token, peak_flops
 from fakegpt.finetune.saving import SaveSchedule, StopSignals
 from fakegpt.finetune.step import Objective, accumulate, estimate, gpu_memory, lr_at, update
 from fakegpt.measure.claim_probe import ClaimProbe
+from fakegpt.models.architecture import context_length, fill_tied
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
 from fakegpt.models.device import resolve_device, resolve_dtype, tf32, torch_dtype
-from fakegpt.models.loading import (
-    dropout_overrides,
-    load_model,
-    model_from_config,
-    scratch_model,
-    use_fused_gelu,
-)
+from fakegpt.models.loading import load_model, model_from_config, scratch_model, use_fused_gelu
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +124,12 @@ def _load(
     # the shape saved with the state
     base = resumed.info.init_from if resumed is not None and cfg.method == "lora" else None
     if resumed is not None and base is None:  # the shape from the state; its weights are loaded by _setup
-        model = model_from_config(state_mod.model_config(resumed.folder))
+        model = model_from_config(state_mod.model_config(resumed.folder), str(resumed.folder))
     elif (base or cfg.init_from) == "scratch":
         torch.manual_seed(cfg.seed)
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
     else:
-        model = load_model(base or folder, dtype=torch.float32, **dropout_overrides(cfg.dropout))
+        model = load_model(base or folder, dtype=torch.float32, dropout=cfg.dropout)
     if base is not None:
         lora.check_base(model, state_mod.model_config(resumed.folder), base, resumed.folder)
     use_fused_gelu(model)
@@ -285,7 +281,8 @@ def _setup(
     if sharded:  # FSDP2: the parameters become DTensor shards, so the optimizer is built after this
         objective = fsdp.shard(objective, model, cfg.dtype)
     elif info.world_size > 1:
-        # No buffer broadcast: GPT-2 has no buffers that change, and evaluation runs on the unwrapped module.
+        # No buffer broadcast: a causal LM's buffers (position ids, rotary frequencies) never change, and
+        # evaluation runs on the unwrapped module.
         objective = DDP(
             objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
@@ -332,7 +329,7 @@ def _setup(
         t.source_val[source["name"]] = (batches, eval_starts(len(data), cfg.block_size, n_eval))
     if cfg.claims and info.main:
         t.probe = ClaimProbe(cfg.claims, batch_size=max(1, cfg.batch_size * 4))
-        t.probe.check_context(int(getattr(model.config, "n_positions", cfg.block_size)))
+        t.probe.check_context(context_length(model.config, cfg.block_size))
     if resumed is not None:
         _restore(t, resumed)
     t.start_iter = t.it
@@ -346,6 +343,8 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     weights, payload = state_mod.load_tensors(resumed.folder)
     if t.cfg.method == "lora":  # the base model loaded again must be the one the adapters were trained on
         lora.check_base_sum(t.model, s.extra, s.init_from, resumed.folder)
+    else:  # a linked best-model file leaves a tied output layer out: it is the token embedding again
+        weights = fill_tied(weights, t.model)
     try:
         if t.sharded:  # full tensors, read on every rank: each keeps its shard (LoRA is refused under FSDP)
             fsdp.load_full_state(t.model, t.optimizer, weights, payload["optimizer"])
@@ -419,7 +418,7 @@ def _save_best(t: _Trainer, val_loss: float, weights: dict | None = None) -> Non
         tokens_seen=t.tokens_seen,
         extra={state_mod.RUN_UID_KEY: t.run_uid},
     )
-    if lora.is_lora(t.model):  # merged weights as plain GPT-2, and the same iteration's adapters beside them
+    if lora.is_lora(t.model):  # merged weights as a plain HF model, and the same iteration's adapters beside them
         adapter = lora.adapter_snapshot(t.model)
         t.best_writer.submit(
             lora.base_model(t.model),
@@ -680,7 +679,8 @@ def main(argv: list[str]) -> int:
         FinetuneConfig,
         argv,
         prog="fakegpt finetune",
-        description="Fine-tune GPT-2 on prepared token bins; tracked in MLflow. "
+        description="Fine-tune a causal language model (GPT-2, Llama, Qwen2, ...) on prepared token bins; tracked "
+        "in MLflow. "
         "`--init-from resume --out-dir DIR` alone continues a run with its saved configuration.",
     )
     if cfg.plan:  # memory per GPU and which cards fit; no data, no MLflow, no weights

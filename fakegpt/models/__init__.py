@@ -1,1 +1,1 @@
-"""Loading GPT-2 models, the model references the measuring stages accept, device and dtype."""
+"""Loading causal language models (GPT-2, Llama, ...), the model specs the measuring stages accept, device, dtype."""

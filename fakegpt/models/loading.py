@@ -1,8 +1,12 @@
-"""Loading and saving GPT-2 models (transformers' GPT2LMHeadModel) without surprises offline.
+"""Loading and saving causal language models (what transformers' AutoModelForCausalLM builds) without surprises
+offline.
 
-A model spec is a hub name (`gpt2` ... `gpt2-xl`), or a local HF-format folder. A hub name with no local cache
-and no network fails within seconds with a message saying what to do, instead of transformers' ~23 s of
-retries per file. Checkpoint folders always carry the bundled tokenizer files, so they load anywhere.
+A model spec is a hub name (`gpt2` ... `gpt2-xl`, or `owner/name` of any causal LM), or a local HF-format
+folder. A hub name with no local cache and no network fails within seconds with a message saying what to do,
+instead of transformers' ~23 s of retries per file. Checkpoint folders always carry the bundled tokenizer
+files, so they load anywhere. An architecture fakegpt cannot train (an encoder, an encoder-decoder) is a
+one-line error naming the folder and the architecture (`fakegpt.models.architecture.check_trainable`), before
+any weights are read. `scratch` is a tiny random GPT-2 (`scratch_model`).
 
 transformers and huggingface_hub are imported inside the functions that use them: importing transformers
 costs about 2 s, which `fakegpt STAGE --help` and a stage's up-front checks should not pay.
@@ -10,6 +14,7 @@ costs about 2 s, which `fakegpt STAGE --help` and a stage's up-front checks shou
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -18,10 +23,13 @@ from typing import Any
 from fakegpt.data.tokenizer import VOCAB_SIZE, write_hf_tokenizer_files
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import atomic_dir, fsync_files, read_json_object
+from fakegpt.models.architecture import build_config, causal_lm_class, check_trainable, describe, dropout_fields
 from fakegpt.models.checkpoint import TrainingInfo
 from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile, write_safetensors
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+log = logging.getLogger(__name__)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -51,13 +59,16 @@ def resolve_pretrained(spec: str) -> str:
         check_model_files(path)
         return str(path)
     if spec not in HUB_MODELS and "/" not in spec:
-        raise FakegptError(f"{spec!r} is neither a local model folder nor a known hub name ({', '.join(HUB_MODELS)})")
+        raise FakegptError(
+            f"{spec!r} is neither a local model folder nor a hub name ({', '.join(HUB_MODELS)} or owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = [
         "config.json",
         "generation_config.json",
         "*.safetensors",
+        "*.safetensors.index.json",  # the map of a model sharded over several weight files
         "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
@@ -113,17 +124,45 @@ def check_model_files(folder: str | Path) -> None:
             ) from None
 
 
-def load_model(spec: str, dtype: Any = None, device: str | None = None, **kwargs: Any):
-    """GPT2LMHeadModel from a hub name or local folder, with SDPA attention."""
-    from transformers import GPT2LMHeadModel
+def load_config(folder: str | Path) -> Any:
+    """The transformers config of a model folder, checked to be an architecture fakegpt can train."""
+    from transformers import AutoConfig
 
-    folder = resolve_pretrained(spec)
     try:
-        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, **kwargs)
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # an unknown model_type, a config that needs remote code, a damaged file
+        raise FakegptError(f"{folder}: cannot read the model's config ({one_line(exc)})") from None
+    check_trainable(config, str(folder))
+    return config
+
+
+def attention_for(model_class: type) -> str:
+    """SDPA attention where the architecture has it; eager (logged) where transformers has no SDPA for it
+    (Gemma2's soft-capped attention scores, for example)."""
+    if getattr(model_class, "_supports_sdpa", False):
+        return "sdpa"
+    log.info("%s has no SDPA attention in transformers: using eager attention", model_class.__name__)
+    return "eager"
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None, dropout: float | None = None):
+    """The causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...) of a hub name or local folder, with SDPA attention
+    where the architecture has it. `dropout`: every dropout rate of the config set to this (pretrained configs
+    ship 0.1 for GPT-2; fine-tunes use 0)."""
+    folder = resolve_pretrained(spec)
+    config = load_config(folder)
+    if dropout is not None:
+        for name, value in dropout_overrides(dropout, config).items():
+            setattr(config, name, value)
+    model_class = causal_lm_class(config)
+    try:
+        model = model_class.from_pretrained(
+            folder, config=config, attn_implementation=attention_for(model_class), dtype=dtype
+        )
     except FakegptError:
         raise
     except Exception as exc:  # damaged weights or config, shapes that do not match the config, ...
-        raise FakegptError(f"{folder}: cannot load the model ({one_line(exc)})") from None
+        raise FakegptError(f"{folder}: cannot load the model {describe(config)} ({one_line(exc)})") from None
     if device is not None:
         model.to(device)
     return model
@@ -172,9 +211,11 @@ def save_checkpoint(
     return WeightsFile(folder / WEIGHTS_NAME, written.size, written.crc32)
 
 
-def dropout_overrides(dropout: float) -> dict[str, float]:
-    """GPT2Config fields that set every dropout rate (pretrained GPT-2 configs ship 0.1; fine-tunes use 0)."""
-    return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+def dropout_overrides(dropout: float, config: Any = None) -> dict[str, float]:
+    """The config fields that set every dropout rate of `config`'s architecture (`architecture.dropout_fields`);
+    without a config, GPT2Config's (pretrained GPT-2 configs ship 0.1; fine-tunes use 0)."""
+    names = dropout_fields(config) if config is not None else ["resid_pdrop", "embd_pdrop", "attn_pdrop"]
+    return dict.fromkeys(names, dropout)
 
 
 def scratch_model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropout: float = 0.0, dtype: Any = None):
@@ -196,29 +237,33 @@ def scratch_model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropo
     return model.to(dtype) if dtype is not None else model
 
 
-def model_from_config(hf_config: dict[str, Any]):
-    """A GPT2LMHeadModel of the shape an HF config dict describes (weights to be loaded after), SDPA attention."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config.from_dict(hf_config)
-    config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config)
+def model_from_config(hf_config: dict[str, Any], where: str = "the model's config"):
+    """The model's own causal-LM class (GPT2LMHeadModel, LlamaForCausalLM, ...) of the shape an HF config dict
+    describes, weights to be loaded after (resume, the meta device of --plan), SDPA attention where the
+    architecture has it. A dict without model_type is GPT-2's. `where`: what the error names."""
+    config = build_config(hf_config, where)
+    check_trainable(config, where)
+    model_class = causal_lm_class(config)
+    config._attn_implementation = attention_for(model_class)
+    return model_class(config)
 
 
 def use_fused_gelu(model: Any) -> Any:
-    """Swap GPT-2's "gelu_new" (a Python formula: ~8 elementwise kernels forward, more backward) for PyTorch's
-    one-kernel tanh GELU. Both compute 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), so the weights and the
-    saved config are unchanged; only the number of passes over the MLP activations drops."""
+    """Swap transformers' "gelu_new" (GPT-2's; a Python formula: ~8 elementwise kernels forward, more backward)
+    for PyTorch's one-kernel tanh GELU wherever the model has it. Both compute
+    0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), so the weights and the saved config are unchanged; only the
+    number of passes over the MLP activations drops."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    for block in model.transformer.h:
-        if isinstance(block.mlp.act, NewGELUActivation):
-            block.mlp.act = GELUTanh()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
     return model
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    """The HF tokenizer of a checkpoint folder (its bundled GPT-2 BPE files), for libraries that want one
+    """The HF tokenizer of a checkpoint folder (its bundled tokenizer files), for libraries that want one
     (MLflow's transformers flavour); fakegpt itself tokenizes with tiktoken."""
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from fakegpt import tracking
 from fakegpt.errors import FakegptError
+from fakegpt.models import architecture
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
 from fakegpt.models.loading import load_model, model_config, resolve_pretrained
 
@@ -81,10 +82,11 @@ def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:
 
 
 def context_length(model: Any) -> int:
-    """The model's context in tokens (GPT-2: `n_positions`, 1024 for the released models)."""
-    return int(getattr(model.config, "n_positions", 1024))
+    """The model's context in tokens (max_position_embeddings; GPT-2's `n_positions`, 1024 for the released
+    models)."""
+    return architecture.context_length(model.config)
 
 
 def configured_context(ref: ModelRef) -> int:
     """The model's context length from its config.json, without loading any weights (for up-front checks)."""
-    return int(model_config(ref.folder).get("n_positions", 1024))
+    return architecture.context_of(model_config(ref.folder))

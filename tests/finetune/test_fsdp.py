@@ -121,6 +121,46 @@ def test_fsdp_two_processes_saves_full_checkpoint_and_resumes(data_dir, tmp_path
 
 
 @pytest.mark.slow
+def test_fsdp_two_processes_shard_a_llama_by_its_decoder_layers(data_dir, tmp_path, tiny_llama_dir):
+    """A tiny Llama (untied output layer) under FSDP: its LlamaDecoderLayers are the units; the full checkpoint
+    is a Llama again, equal to the gathered weights of the state, and the state resumes in one process."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "out"
+    run = ["--init-from", str(tiny_llama_dir), "--block-size", "32", "--batch-size", "2", "--eval-iters", "2"]
+    run += ["--gradient-accumulation-steps", "2", "--learning-rate", "3e-3", "--max-iters", "4", "--eval-interval", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(_torchrun(data_dir, out, *run), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best val/loss") == 1
+    client = _client()
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fakegpt").experiment_id])
+    val = sorted(client.get_metric_history(mlflow_run.info.run_id, tracking.M_VAL_LOSS), key=lambda m: m.step)
+    assert [m.step for m in val] == [0, 2, 4] and val[-1].value < val[0].value
+    model = LlamaForCausalLM.from_pretrained(out / CHECKPOINT_DIR)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    weights, _ = state_mod.load_tensors(state_mod.latest(out))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    resumed = finetune(FinetuneConfig(init_from="resume", out_dir=str(out), max_iters=5, device="cpu"))
+    assert resumed.iters_done == 5
+
+
+def test_fsdp_units_are_the_models_own_decoder_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fakegpt.models.architecture import decoder_layers
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    )
+    assert [type(m).__name__ for m in decoder_layers(llama)] == ["LlamaDecoderLayer"] * 3
+    assert decoder_layers(llama) == list(llama.model.layers)
+    gpt2 = _tiny_model()
+    assert decoder_layers(gpt2) == list(gpt2.transformer.h)
+
+
+@pytest.mark.slow
 def test_state_of_one_process_resumes_under_fsdp(data_dir, tmp_path):
     out = tmp_path / "out"
     cfg = tiny_config(data_dir, out, max_iters=3, eval_interval=3)

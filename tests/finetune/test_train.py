@@ -156,8 +156,8 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
     real = step_mod.causal_lm_loss
     calls = {"train": 0}
 
-    def poisoned(model, x, y, fused=True):
-        loss = real(model, x, y, fused=fused)
+    def poisoned(model, x, y, **options):
+        loss = real(model, x, y, **options)
         if model.training:
             calls["train"] += 1
             if calls["train"] > 7 * 2:  # 2 micro-steps per iteration: iterations 0-6 are fine, 7 is not
