@@ -19,6 +19,7 @@ import torch
 
 from fakegpt.data.tokenizer import EOT_TOKEN
 from fakegpt.errors import FakegptError
+from fakegpt.models import architecture
 
 
 @functools.cache
@@ -139,13 +140,9 @@ def output_layer(model: Any) -> tuple[Any, Any] | None:
     """(decoder, output layer) of a causal LM whose logits are the output layer applied to the decoder's last
     hidden state; None where the architecture does more (Gemma's logit soft-capping, a logit scale), whose
     logits then come from the model's own forward."""
-    core = getattr(model, "module", model)  # DistributedDataParallel
-    config = core.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if architecture.logits_processing(architecture.hf_model(model).config) is not None:
         return None
-    if getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
-        return None
-    return core.get_decoder(), core.get_output_embeddings()
+    return architecture.decoder(model), architecture.output_layer(model)
 
 
 @torch.inference_mode()
@@ -158,7 +155,7 @@ def token_logprobs(model: Any, sequences: list[list[int]], batch_size: int = 16)
     (T, V) matrix.
     """
     device = next(model.parameters()).device
-    pad = EOT_TOKEN if getattr(model, "module", model).config.vocab_size > EOT_TOKEN else 0
+    pad = EOT_TOKEN if architecture.hf_model(model).config.vocab_size > EOT_TOKEN else 0
     parts = output_layer(model)
     if parts is not None:
         decoder, head = parts

@@ -12,7 +12,16 @@ VOCAB = 1000
 
 
 def _model(kind: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -21,9 +30,11 @@ def _model(kind: str):
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=64, n_positions=128))
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**small, **heads, tie_word_embeddings=False))
-    else:
+    elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**small, **heads, tie_word_embeddings=True))
-    model.config._attn_implementation = "sdpa"
+    else:  # logit soft-capping: the scorer takes the model's own logits
+        model = Gemma2ForCausalLM(Gemma2Config(**small, **heads, head_dim=16, final_logit_softcapping=5.0))
+    model.config._attn_implementation = "eager" if kind == "gemma2" else "sdpa"  # SDPA has no attention softcap
     return model.eval()
 
 
@@ -32,7 +43,7 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(5, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma2"])
 def test_greedy_batched_decoding_with_left_padding_equals_generate_prompt_by_prompt(kind):
     model = _model(kind)
     prompts = _prompts()
@@ -51,7 +62,7 @@ def test_greedy_batched_decoding_with_left_padding_equals_generate_prompt_by_pro
         assert completion.tokens == want
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma2"])
 def test_token_logprobs_equal_the_model_s_own_logits(kind):
     model = _model(kind)
     sequences = [p + [7, 8] for p in _prompts()]  # different lengths: right padding inside the batch
