@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fakegpt.data.bins import bin_dtype  # noqa: E402
 from fakegpt.finetune.batches import Batches  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
 from fakegpt.finetune.step import Objective, accumulate, update  # noqa: E402
@@ -49,7 +50,7 @@ LR, WD, BETAS, CLIP = 6e-4, 0.1, (0.9, 0.95), 1.0
 def token_data(data_dir: str | None) -> np.ndarray:
     """Token ids to draw windows from: a prepared train.bin, or random GPT-2 ids (speed does not depend on them)."""
     if data_dir:
-        return np.memmap(Path(data_dir) / "train.bin", dtype=np.uint16, mode="r")
+        return np.memmap(Path(data_dir) / "train.bin", dtype=bin_dtype(data_dir), mode="r")
     return np.random.default_rng(0).integers(0, 50257, size=1_000_000, dtype=np.uint16)
 
 

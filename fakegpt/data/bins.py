@@ -1,4 +1,6 @@
-"""The token bins `prepare` writes: DIR/train.bin and DIR/val.bin, uint16 GPT-2 ids, messages separated by EOT.
+"""The token bins `prepare` writes: DIR/train.bin and DIR/val.bin, token ids, messages separated by EOT (EOS).
+
+The ids are meta.json's `dtype`: uint16 for GPT-2 and any vocabulary of up to 65,536 ids, uint32 beyond.
 
 Read memmapped by `finetune` (random training windows, fixed validation windows), `score` (perplexity on the
 same fixed windows) and `tune`. The fixed windows are drawn with a constant seed, so every evaluation of every
@@ -13,23 +15,40 @@ from pathlib import Path
 
 import numpy as np
 
+from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.errors import FakegptError
 
 SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32")
 # Constant, independent of the run's seed: the validation windows must be the same for every run.
 EVAL_SEED = 20240521
 
 
-def open_bin(data_dir: str | Path, split: str, block_size: int) -> np.memmap:
-    """Memmap DIR/<split>.bin, checking that it holds at least one window of block_size + 1 tokens."""
+def bin_dtype(data_dir: str | Path) -> np.dtype:
+    """The dtype of DIR's bins, from DIR/meta.json; a folder without one holds uint16 GPT-2 ids (what fakegpt
+    wrote before meta.json recorded anything else)."""
+    if not (Path(data_dir) / META_FILE).is_file():
+        return np.dtype(np.uint16)
+    name = DatasetMeta.load(data_dir).dtype
+    if name not in DTYPES:
+        raise FakegptError(f"{Path(data_dir) / META_FILE}: dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return np.dtype(name)
+
+
+def open_bin(data_dir: str | Path, split: str, block_size: int, dtype: np.dtype | None = None) -> np.memmap:
+    """Memmap DIR/<split>.bin as `dtype` (default: meta.json's), checking that it holds at least one window of
+    block_size + 1 tokens."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise FakegptError(f"{path}: no such file (run `fakegpt prepare` to write train.bin and val.bin)")
     if path.stat().st_size == 0:  # np.memmap cannot map an empty file
         raise FakegptError(f"{path}: empty (0 tokens); prepare more data or a non-empty validation split")
-    if path.stat().st_size % 2:
-        raise FakegptError(f"{path}: odd byte size; expected uint16 GPT-2 token ids")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
+    dtype = bin_dtype(data_dir) if dtype is None else np.dtype(dtype)
+    if path.stat().st_size % dtype.itemsize:
+        raise FakegptError(
+            f"{path}: {path.stat().st_size} bytes, not a whole number of {dtype.name} token ids (meta.json's dtype)"
+        )
+    data = np.memmap(path, dtype=dtype, mode="r")
     if len(data) < block_size + 1:
         raise FakegptError(
             f"{path}: {len(data)} tokens, fewer than one window of block_size + 1 = {block_size + 1}; "
@@ -60,6 +79,7 @@ def fingerprint(data_dir: str | Path) -> dict[str, str]:
     Two folders with the same fingerprint hold the same tokens, whatever their names or where they were made.
     """
     out: dict[str, str] = {}
+    itemsize = bin_dtype(data_dir).itemsize
     for split in SPLITS:
         path = Path(data_dir) / f"{split}.bin"
         if not path.is_file():  # score reads val.bin alone
@@ -69,7 +89,7 @@ def fingerprint(data_dir: str | Path) -> dict[str, str]:
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)
         out[f"{split}_sha256"] = digest.hexdigest()
-        out[f"{split}_tokens"] = str(path.stat().st_size // 2)
+        out[f"{split}_tokens"] = str(path.stat().st_size // itemsize)
     joined = "".join(out.get(f"{split}_sha256", "") for split in SPLITS)
     out["digest"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
     return out

@@ -35,10 +35,10 @@ class DatasetMeta:
     )
 
     dataset: str  # name (dataset YAML's name or the output folder's)
-    encoding: str  # tiktoken encoding of the ids ("gpt2")
-    vocab_size: int
-    eot_token: int  # separates messages in the bins
-    dtype: str  # of the bins ("uint16")
+    encoding: str  # the tokenizer of the ids: "gpt2" (the bundled BPE) or the --tokenizer given
+    vocab_size: int  # ids the tokenizer can emit
+    eot_token: int  # separates messages in the bins: GPT-2's end-of-text, or the tokenizer's EOS
+    dtype: str  # of the bins: "uint16", or "uint32" for a vocabulary of more than 65,536 ids
     train_tokens: int
     val_tokens: int
     train_messages: int
@@ -61,6 +61,9 @@ class DatasetMeta:
     # Mixtures (several sources, dedupe on): the rule for a cleaned text found in several sources
     # ("first-in-time" or "first-read"), how many copies it dropped, and the counts per pair "KEPT>DROPPED_FROM".
     overlap: dict[str, Any] = field(default_factory=dict)
+    # The tokenizer's identity (fakegpt.data.hf_tokenizer.TokenizerIdentity): name, vocab_size, eos_token, sha256
+    # of its files, ids_sha256. A meta.json written before the record existed holds GPT-2 ids ({} here).
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer minor version added; kept on round trip
 
     def shares(self) -> dict[str, float]:
@@ -76,7 +79,10 @@ class DatasetMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written as meta.json (unknown keys of a newer minor version kept)."""
-        return to_versioned_dict(self)
+        data = to_versioned_dict(self)
+        if not data["tokenizer"]:  # a meta.json from before the record reads and compares as it was written
+            del data["tokenizer"]
+        return data
 
     def write(self, folder: str | Path) -> Path:
         """Write FOLDER/meta.json atomically; returns its path."""

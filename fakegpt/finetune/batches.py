@@ -1,6 +1,8 @@
-"""Training and validation batches: random windows of block_size + 1 tokens from memmapped uint16 bins.
+"""Training and validation batches: random windows of block_size + 1 tokens from memmapped token bins.
 
-`prepare` writes DIR/train.bin and DIR/val.bin (GPT-2 ids, messages separated by EOT) and DIR/meta.json.
+`prepare` writes DIR/train.bin and DIR/val.bin (token ids, messages separated by EOT) and DIR/meta.json;
+`fakegpt.data.bins.open_bin` maps them with meta.json's dtype (uint16, or uint32 for large vocabularies), and
+every window is widened to int64 here.
 Training windows start anywhere (a fresh random start per row, seeded per rank); validation uses one fixed
 set of windows drawn with a constant seed, so every evaluation of every run sees the same tokens and loss
 curves from different runs (seeds, learning rates, mixtures of the same data folder) are comparable.
