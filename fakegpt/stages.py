@@ -26,7 +26,7 @@ STAGES: tuple[Stage, ...] = (
         "prepare",
         "fakegpt.data.prepare",
         ("fakegpt.data.prepare.PrepareConfig",),
-        "Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)",
+        "Telegram CSV exports -> cleaned token bins (train.bin, val.bin, meta.json)",
         "prepare",
     ),
     Stage(

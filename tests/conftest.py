@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_runs import make_tiny_model
+from tiny_runs import make_tiny_model, make_tokenizer
 
 # Never touch the network: transformers would retry each missing hub file for ~23 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -65,6 +65,19 @@ def _isolated_tracking(tmp_path, monkeypatch, _mlflow_template_db):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def big_tokenizer(tmp_path_factory, shared_data) -> Path:
+    """A Hugging Face tokenizer folder of 70,000 ids (more than uint16 holds; EOS "<|end|>"): a byte-level BPE
+    trained on the real WhatsApp corpus, so its messages use ids beyond 65,535. About 2 s, built once."""
+    return make_tokenizer(tmp_path_factory.mktemp("big-tokenizer"), shared_data / "fakewhatsapp_br.csv", 70_000)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory, shared_data) -> Path:
+    """A Hugging Face tokenizer folder of 8,000 ids (not GPT-2's; uint16 bins), trained like big_tokenizer."""
+    return make_tokenizer(tmp_path_factory.mktemp("small-tokenizer"), shared_data / "fakewhatsapp_br.csv", 8_000)
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,32 @@ def make_tiny_decoder(folder: Path, kind: str = "llama", tie: bool = False, seed
     AutoModelForCausalLM.from_config(tiny_decoder_config(kind, tie, **changes)).save_pretrained(folder)
     write_hf_tokenizer_files(folder)
     return folder
+
+
+def make_tokenizer(
+    folder: Path, corpus: Path, vocab_size: int, eos_token: str = "<|end|>", special: tuple[str, ...] = ()
+) -> Path:
+    """A byte-level BPE trained on the messages of the real CSV `corpus`, padded with added tokens up to
+    `vocab_size` ids if the corpus holds too few merges, saved as a Hugging Face tokenizer folder
+    (tokenizer.json, tokenizer_config.json) with `eos_token` (None: no EOS) and further special tokens."""
+    import polars as pl
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = pl.read_csv(corpus, infer_schema=False)["message"].to_list()
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ([eos_token] if eos_token else []) + list(special)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    missing = vocab_size - backend.get_vocab_size(with_added_tokens=True)
+    backend.add_tokens([f"<extra_{i}>" for i in range(max(0, missing))])
+    kwargs = {"eos_token": eos_token} if eos_token else {}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs).save_pretrained(folder)
+    return folder

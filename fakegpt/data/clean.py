@@ -32,11 +32,19 @@ class CleanRules:
     collapse_whitespace: bool = True
     keep_newlines: bool = True
     keep_chars: str = DEFAULT_KEEP
+    # Texts removed wherever they occur: a tokenizer's special tokens (prepare --tokenizer), which its library
+    # would read as those tokens inside a message (its EOS as a false message boundary).
+    drop_texts: tuple[str, ...] = ()
 
 
 def _class_escape(chars: str) -> str:
     """Escape characters for use inside a regex character class (Rust regex syntax)."""
     return "".join("\\" + c if c in "\\]-[^&~|" else c for c in chars)
+
+
+def _literal_escape(text: str) -> str:
+    """Escape a literal text for Rust regex syntax (which, unlike Python's re.escape, rejects escaped spaces)."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
 
 
 def symbol_pattern(keep_chars: str = DEFAULT_KEEP) -> str:
@@ -59,6 +67,9 @@ def clean_expr(col: str | pl.Expr, rules: CleanRules = CleanRules()) -> pl.Expr:
         e = e.str.replace_all(symbol_pattern(rules.keep_chars), "")
     else:
         e = e.str.replace_all(EOT_TEXT, "", literal=True)  # it would be read back as a message boundary
+    if rules.drop_texts:  # after the symbols: removing an emoji must not leave a special token behind
+        longest_first = sorted(rules.drop_texts, key=len, reverse=True)
+        e = e.str.replace_all("|".join(_literal_escape(t) for t in longest_first), "")
     if rules.collapse_whitespace:
         if rules.keep_newlines:
             # Runs of blanks -> one space; any run of whitespace holding a newline -> one newline. The patterns

@@ -1,4 +1,4 @@
-"""`fakegpt prepare`: Telegram exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json).
+"""`fakegpt prepare`: Telegram exports -> cleaned token bins (train.bin, val.bin, meta.json).
 
 Inputs: CSV (well-formed or naive), Telegram Desktop's JSON export (per chat or whole account), and collectors'
 JSON Lines / Parquet tables with a column map (fakegpt.data.readers picks the reader).
@@ -6,13 +6,18 @@ JSON Lines / Parquet tables with a column map (fakegpt.data.readers picks the re
 Pipeline, streamed in batches so memory stays flat however large the input:
 
     reader thread:  batch (readers) -> channel filter -> clean (polars) -> drop short -> dedupe -> split flag
-    main thread:    batch -> parts of thousands of messages -> word_encoder.PieceEncoder on a thread pool -> uint16 file
+    main thread:    batch -> parts of thousands of messages -> an encoder on a thread pool -> uint16/uint32 file
 
-Each message is tokenized on its own and followed by EOT (50256), with ids equal to tiktoken's; `pieces` runs
-tiktoken once per distinct word rather than once per occurrence. Cleaning guarantees the
-text "<|endoftext|>" never occurs inside a message. Tokens go to a per-source scratch file first; the
-sequential split (which needs the final message count) and the mixture draw then pick messages by index, and
-train.bin / val.bin are assembled under temporary names and renamed at the end.
+Each message is tokenized on its own and followed by EOT. With the default `--tokenizer gpt2` the ids equal
+tiktoken's GPT-2 ids, EOT is 50256, and `word_encoder.PieceEncoder` runs tiktoken once per distinct word rather
+than once per occurrence; cleaning guarantees the text "<|endoftext|>" never occurs inside a message. Any other
+`--tokenizer` (a Hugging Face tokenizer folder or cached hub name, fakegpt.data.hf_tokenizer) encodes with the
+`tokenizers` library's batch encoding, no special tokens added, its EOS id after each message; cleaning removes
+the texts of its special tokens; the bins are uint32 when its vocabulary exceeds 65,536 ids.
+
+Tokens go to a per-source scratch file first; the sequential split (which needs the final message count) and
+the mixture draw then pick messages by index, and train.bin / val.bin are assembled under temporary names and
+renamed at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
-from fakegpt.data import bins, demo, readers, spelling, tokenizer, word_encoder
+from fakegpt.data import bins, demo, hf_tokenizer, readers, spelling, tokenizer, word_encoder
 from fakegpt.data import sources as data_sources
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import ReadStats
@@ -53,7 +58,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("sequential", "random", "date")
 OVERLAP_RULES = ("first-in-time", "first-read")
 OUTPUT_FILES = ("train.bin", "val.bin", META_FILE)
-DTYPE = np.uint16
+DTYPE = np.uint16  # GPT-2's bins
 _CHUNK_MESSAGES = 2000  # messages per tokenizer call: big enough that thread-pool overhead vanishes
 _MAX_CACHED_WORDS = 250_000  # distinct words the tokenizer remembers (~70 MB at most) before it starts afresh
 _ASSEMBLE_TOKENS = 1 << 23  # tokens read at once when copying scratch files into train.bin / val.bin
@@ -165,6 +170,14 @@ class PrepareConfig:
         metadata={"help": "ISO date (YYYY-MM-DD[THH:MM:SS]); with --split date, messages on or after it go to val"},
     )
     seed: int = dataclasses.field(default=1337, metadata={"help": "seed for the random split and mixture draws"})
+    tokenizer: str = dataclasses.field(
+        default=hf_tokenizer.GPT2,
+        metadata={
+            "help": "gpt2 (the bundled GPT-2 BPE), a folder holding a Hugging Face tokenizer (tokenizer.json: a "
+            "model or checkpoint folder) or a hub name in the local Hugging Face cache (never downloaded); one "
+            "tokenizer for every source; vocabularies over 65,536 ids give uint32 bins"
+        },
+    )
     threads: int = dataclasses.field(default=0, metadata={"help": "tokenizer threads (0: one per CPU core)"})
     chunk_mb: int = dataclasses.field(default=8, metadata={"help": "MiB of CSV read per batch"})
     log_data: bool = dataclasses.field(
@@ -232,10 +245,22 @@ class _Batch:
 class _Reader:
     """Reads, cleans, filters and dedupes every source in order, putting _Batch items on a bounded queue."""
 
-    def __init__(self, cfg: PrepareConfig, sources: list[data_sources.Source], q: queue.Queue, stop: threading.Event):
+    def __init__(
+        self,
+        cfg: PrepareConfig,
+        sources: list[data_sources.Source],
+        q: queue.Queue,
+        stop: threading.Event,
+        drop_texts: tuple[str, ...] = (),
+    ):
         self.cfg, self.sources, self.q, self.stop = cfg, sources, q, stop
         self.rules = CleanRules(
-            cfg.remove_mentions, cfg.remove_urls, cfg.remove_symbols, cfg.collapse_whitespace, cfg.keep_newlines
+            cfg.remove_mentions,
+            cfg.remove_urls,
+            cfg.remove_symbols,
+            cfg.collapse_whitespace,
+            cfg.keep_newlines,
+            drop_texts=drop_texts,
         )
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
@@ -399,22 +424,51 @@ def _overlap(reader: _Reader) -> tuple[list[np.ndarray], dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------------ tokenizer side
+@dataclasses.dataclass(frozen=True)
+class _Tokenizer:
+    """The tokenizer of a run: its identity (meta.json), the bins' dtype, and for a Hugging Face tokenizer its
+    encoder and the special-token texts cleaning removes (None and () on the bundled GPT-2 path)."""
+
+    identity: hf_tokenizer.TokenizerIdentity
+    encoder: hf_tokenizer.MessageEncoder | None = None
+    drop_texts: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.identity.dtype)
+
+    @classmethod
+    def resolve(cls, spec: str) -> _Tokenizer:
+        identity, backend = hf_tokenizer.resolve(spec, "--tokenizer")
+        if backend is None:
+            return cls(identity)
+        encoder = hf_tokenizer.MessageEncoder(backend, identity.eos_token)
+        return cls(identity, encoder, tuple(hf_tokenizer.special_texts(backend)))
+
+
 class _Sink:
     """Per-source scratch token file plus per-message token lengths and val flags."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
         self.file = open(path, "wb")  # noqa: SIM115 (closed in finish)
         self.lengths: list[np.ndarray] = []
         self.val: list[np.ndarray] = []
 
-    def write(self, tokens: np.ndarray, n_messages: int, val: np.ndarray | None) -> None:
-        ends = np.flatnonzero(tokens == tokenizer.EOT_TOKEN)
-        if len(ends) != n_messages:  # cleaning guarantees one EOT per message; anything else is a bug
-            raise RuntimeError(f"expected {n_messages} end-of-text tokens, found {len(ends)}")
-        self.lengths.append(np.diff(ends, prepend=-1).astype(np.uint32))
+    def write(
+        self, tokens: np.ndarray, n_messages: int, val: np.ndarray | None, lengths: np.ndarray | None = None
+    ) -> None:
+        """Append a batch's tokens; `lengths`: each message's token count (EOS included), else found from EOT."""
+        if lengths is None:
+            ends = np.flatnonzero(tokens == tokenizer.EOT_TOKEN)
+            if len(ends) != n_messages:  # cleaning guarantees one EOT per message; anything else is a bug
+                raise RuntimeError(f"expected {n_messages} end-of-text tokens, found {len(ends)}")
+            lengths = np.diff(ends, prepend=-1)
+        elif len(lengths) != n_messages or int(lengths.sum()) != len(tokens):
+            raise RuntimeError(f"expected {n_messages} messages of {len(tokens)} tokens, got {len(lengths)}")
+        self.lengths.append(lengths.astype(np.uint32))
         self.val.append(val if val is not None else np.zeros(n_messages, dtype=bool))
-        tokens.astype(DTYPE).tofile(self.file)
+        tokens.astype(self.dtype).tofile(self.file)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         self.file.close()
@@ -424,14 +478,19 @@ class _Sink:
 
 
 def _tokenize_all(
-    cfg: PrepareConfig, sources: list[data_sources.Source], scratch: Path, reader: _Reader
+    cfg: PrepareConfig,
+    sources: list[data_sources.Source],
+    scratch: Path,
+    reader: _Reader,
+    tok: _Tokenizer,
 ) -> tuple[list[_Sink], int]:
     """Run the reader thread and tokenize its batches on a thread pool; returns the sinks and bytes read."""
     threads = cfg.threads or os.cpu_count() or 1
-    sinks = [_Sink(scratch / f"source{i}.u16") for i in range(len(sources))]
+    sinks = [_Sink(scratch / f"source{i}.tokens", tok.dtype) for i in range(len(sources))]
     total = sum(os.path.getsize(f) for s in sources for f in s.files if f != data_sources.DEMO) or None
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not sys.stderr.isatty())
-    tokenizer.get_encoding()  # build it once, before threads race to
+    if tok.encoder is None:
+        tokenizer.get_encoding()  # build it once, before threads race to
     encoder = word_encoder.PieceEncoder()  # each distinct word is encoded once, until the cache is full
     thread = threading.Thread(target=reader.run, name="fakegpt-prepare-reader", daemon=True)
     thread.start()
@@ -446,15 +505,21 @@ def _tokenize_all(
                 if item is not None:
                     step = max(1, min(_CHUNK_MESSAGES, -(-len(item.texts) // threads)))
                     parts = [item.texts.slice(i, step) for i in range(0, len(item.texts), step)]
-                    if encoder.words > _MAX_CACHED_WORDS:  # memory stays flat on any vocabulary; in-flight
-                        encoder = word_encoder.PieceEncoder()  # parts finish with the old one
-                    pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
+                    if tok.encoder is not None:
+                        pending.append((item, [pool.submit(tok.encoder.encode, p) for p in parts]))
+                    else:
+                        if encoder.words > _MAX_CACHED_WORDS:  # memory stays flat on any vocabulary; in-flight
+                            encoder = word_encoder.PieceEncoder()  # parts finish with the old one
+                        pending.append((item, [pool.submit(encoder.encode, p) for p in parts]))
                 # Keep one batch in flight while the next is read and cleaned.
                 while pending and (item is None or len(pending) > 1):
                     batch, futures = pending.pop(0)
-                    tokens = [f.result() for f in futures]
-                    if tokens:
-                        sinks[batch.source].write(np.concatenate(tokens), len(batch.texts), batch.val)
+                    results = [f.result() for f in futures]
+                    if results and tok.encoder is not None:  # (tokens, lengths) per part
+                        tokens, lengths = (np.concatenate(x) for x in zip(*results, strict=True))
+                        sinks[batch.source].write(tokens, len(batch.texts), batch.val, lengths)
+                    elif results:
+                        sinks[batch.source].write(np.concatenate(results), len(batch.texts), batch.val)
                     bar.update(batch.nbytes)
                     nbytes += batch.nbytes
                 if item is None:
@@ -484,7 +549,13 @@ def output_files(sources: list[data_sources.Source]) -> tuple[str, ...]:
 
 
 def _copy_selected(
-    src_path: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray, out_train: Any, out_val: Any
+    src_path: Path,
+    lengths: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    out_train: Any,
+    out_val: Any,
+    dtype: np.dtype = np.dtype(DTYPE),
 ) -> None:
     """Append the selected messages of one scratch file to the open train and val files, block by block."""
     with open(src_path, "rb") as f:
@@ -493,7 +564,7 @@ def _copy_selected(
             csum = np.cumsum(lengths[start:])
             stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
             block_len = lengths[start:stop]
-            tokens = np.fromfile(f, dtype=DTYPE, count=int(block_len.sum()))
+            tokens = np.fromfile(f, dtype=dtype, count=int(block_len.sum()))
             for sel, out in ((train[start:stop], out_train), (val[start:stop], out_val)):
                 if out is None:
                     continue
@@ -504,14 +575,14 @@ def _copy_selected(
             start = stop
 
 
-def _split_in_place(scratch: Path, train_tokens: int, out: Path) -> None:
+def _split_in_place(scratch: Path, train_tokens: int, out: Path, dtype: np.dtype = np.dtype(DTYPE)) -> None:
     """The common case (one source, sequential split): val.bin is the scratch file's tail, and the scratch file
     itself, truncated, becomes train.bin, so the bulk of the tokens is never copied."""
     with atomic_path(out / "val.bin") as v_path:
         with open(scratch, "rb") as src, open(v_path, "wb") as dst:
-            src.seek(train_tokens * DTYPE().itemsize)
+            src.seek(train_tokens * dtype.itemsize)
             shutil.copyfileobj(src, dst, 1 << 24)
-    os.truncate(scratch, train_tokens * DTYPE().itemsize)
+    os.truncate(scratch, train_tokens * dtype.itemsize)
     os.replace(scratch, out / "train.bin")  # same folder tree, so an atomic rename
 
 
@@ -524,6 +595,7 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     validate(cfg)
     out = Path(cfg.out)
     _check_out(out, cfg.force)
+    tok = _Tokenizer.resolve(cfg.tokenizer)  # a bad --tokenizer fails before any input is read
     sources = data_sources.build_sources(cfg.inputs, cfg.sources, cfg.mix, cfg.channel_ids)
     if cfg.max_train_tokens and sources[0].fraction is None:
         raise FakegptError("--max-train-tokens: applies to mixtures (--mix, or a dataset YAML with fractions)")
@@ -534,11 +606,11 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
             if f != data_sources.DEMO:
                 readers.check(f, s.format or cfg.format, s.columns if s.columns is not None else columns)
     if not track:
-        return _prepare_into(cfg, sources, out)
+        return _prepare_into(cfg, sources, out, tok)
     name = _dataset_name(cfg)
     with tracking.run(stage="prepare", run_name=None, tags={tracking.TAG_DATASET: name}, nested=True):
         tracking.log_params(config.to_dict(cfg))
-        meta = _prepare_into(cfg, sources, out)
+        meta = _prepare_into(cfg, sources, out, tok)
         metrics = {
             tracking.M_DATA_TRAIN_TOKENS: meta.train_tokens,
             tracking.M_DATA_VAL_TOKENS: meta.val_tokens,
@@ -570,23 +642,23 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _prepare_into(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) -> DatasetMeta:
+def _prepare_into(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, tok: _Tokenizer) -> DatasetMeta:
     """Claim `out` (one run at a time), build the dataset in a work folder and move it in only when complete
     (files.output_dir): a failure leaves an old dataset whole, and a new folder is removed again."""
     with output_dir(out, output_files(sources)) as work:
         _check_out(out, cfg.force)  # again, now that no other run can write here
-        meta = _prepare(cfg, sources, work)
+        meta = _prepare(cfg, sources, work, tok)
     _report(out, meta)
     return meta
 
 
-def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) -> DatasetMeta:
+def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, tok: _Tokenizer) -> DatasetMeta:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prepare-", suffix=".tmp", dir=out))
     try:
-        reader = _Reader(cfg, sources, queue.Queue(maxsize=3), threading.Event())
-        sinks, nbytes = _tokenize_all(cfg, sources, scratch, reader)
+        reader = _Reader(cfg, sources, queue.Queue(maxsize=3), threading.Event(), tok.drop_texts)
+        sinks, nbytes = _tokenize_all(cfg, sources, scratch, reader, tok)
         t_tok = time.perf_counter() - t0
         parts = [sink.finish() for sink in sinks]
         lengths = [p[0] for p in parts]
@@ -626,18 +698,18 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path) 
         if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
             (out / META_FILE).unlink()
         if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential" and not drop[0].any():
-            _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out)
+            _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out, tok.dtype)
         else:
             with atomic_path(out / "train.bin") as t_path, atomic_path(out / "val.bin") as v_path:
                 with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
                     for sink, length, tr, va in zip(sinks, lengths, train, val, strict=True):
-                        _copy_selected(sink.path, length, tr, va, ft, fv)
+                        _copy_selected(sink.path, length, tr, va, ft, fv, tok.dtype)
             if len(sources) > 1:  # one validation file per source: val/loss/<source> in finetune
                 for source, sink, length, va in zip(sources, sinks, lengths, val, strict=True):
                     with atomic_path(out / bins.source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
-                        _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs)
+                        _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs, tok.dtype)
         seconds = time.perf_counter() - t0
-        meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok)
+        meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok, tok.identity)
         if len(sources) > 1 and cfg.dedupe:
             meta.overlap = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
         meta.timing["cpu_seconds"] = round(_cpu_seconds() - c0, 3)
@@ -687,6 +759,7 @@ def _meta(
     nbytes: int,
     seconds: float,
     t_tok: float,
+    identity: hf_tokenizer.TokenizerIdentity,
 ) -> DatasetMeta:
     per_source = []
     for si, (s, length, tr, va) in enumerate(zip(sources, lengths, train, val, strict=True)):
@@ -720,10 +793,11 @@ def _meta(
     return DatasetMeta(
         **{
             "dataset": _dataset_name(cfg),
-            "encoding": tokenizer.ENCODING_NAME,
-            "vocab_size": tokenizer.VOCAB_SIZE,
-            "eot_token": tokenizer.EOT_TOKEN,
-            "dtype": np.dtype(DTYPE).name,
+            "encoding": tokenizer.ENCODING_NAME if identity.is_gpt2 else identity.name,
+            "vocab_size": identity.vocab_size,
+            "eot_token": identity.eos_token,
+            "dtype": identity.dtype,
+            "tokenizer": identity.to_dict(),
             "train_tokens": train_tokens,
             "val_tokens": val_tokens,
             "train_messages": sum(p["train_messages"] for p in per_source),
@@ -818,7 +892,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
         PrepareConfig,
         argv,
         prog="fakegpt prepare",
-        description="Telegram CSV exports -> cleaned GPT-2 token bins (train.bin, val.bin, meta.json)",
+        description="Telegram CSV exports -> cleaned token bins (train.bin, val.bin, meta.json)",
     )
     path = _config_path(argv)
     if path:
