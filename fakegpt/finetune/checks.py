@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fakegpt import config as config_mod
 from fakegpt.data.bins import open_bin, source_val_file
+from fakegpt.data.hf_tokenizer import check_same_tokenizer
 from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
@@ -130,6 +131,8 @@ def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = 
         open_bin(data_dir, split, cfg.block_size)
     meta = DatasetMeta.load(data_dir)
     folder, vocab, n_positions = _model_shape(cfg, state_folder)
+    if state_folder is None:  # a resumed run's data must be the very data it started on (train.py checks it)
+        check_same_tokenizer(meta, folder, f"--data-dir {data_dir}")
     if cfg.block_size > n_positions:
         raise FakegptError(
             f"--block-size {cfg.block_size} is larger than the model's context ({n_positions} positions, "

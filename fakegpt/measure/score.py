@@ -34,6 +34,7 @@ import polars as pl
 from fakegpt import config, tracking
 from fakegpt.data import bins
 from fakegpt.data.bins import check_vocab, eval_starts, open_bin
+from fakegpt.data.hf_tokenizer import check_same_tokenizer
 from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
@@ -576,8 +577,10 @@ def check_inputs(
                 f"{claims_path}: statement {statements[longest].statement_id!r} is {lengths[longest]} tokens, "
                 f"longer than the context of model {ref.spec} ({limit} tokens)"
             )
-        for folder in (data_dir, general_dir):
+        for flag, folder in (("--data-dir", data_dir), ("--general-data", general_dir)):
             if folder is not None:
+                meta = DatasetMeta.load(folder) if (folder / META_FILE).is_file() else None  # None: GPT-2 bins
+                check_same_tokenizer(meta, ref.folder, f"{flag} {folder}")
                 check_vocab(open_bin(folder, "val", min(VAL_BLOCK, limit - 1)), vocab, Path(folder) / "val.bin")
     return data_dir, general_dir
 

@@ -1,5 +1,5 @@
 """`prepare --tokenizer`: a Hugging Face tokenizer's ids in uint16 or uint32 bins, its identity in meta.json, the
-bins read back with meta.json's dtype, and which model tokenizers the bins match."""
+bins read back with meta.json's dtype, and bins refused by finetune and score for a model of another tokenizer."""
 
 from __future__ import annotations
 
@@ -238,3 +238,40 @@ def test_check_same_tokenizer(
             f"--data-dir X: bins made with tokenizer {described[made_with]}, the model's ({model}) is "
             f"{described[model]}; prepare again with --tokenizer {again}"
         )
+
+
+# ------------------------------------------------------------------------------- refused by finetune, score
+def _one_error_line(capsys, stage: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and " INFO mlflow" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"fakegpt {stage}: error: ")
+    return lines[0]
+
+
+def test_finetune_refuses_bins_of_another_tokenizer(tmp_path, prepared_small, small_tokenizer, tiny_model_dir, capsys):
+    argv = ["finetune", "--data-dir", str(prepared_small), "--init-from", str(tiny_model_dir), "--out-dir", "ft"]
+    assert cli.main([*argv, "--device", "cpu", "--block-size", "32", "--max-iters", "1"]) == 2
+    line = _one_error_line(capsys, "finetune")
+    gpt2 = f"gpt2 (sha256 {hf_tokenizer.gpt2_identity().sha256[:12]})"
+    assert f"--data-dir {prepared_small}: bins made with tokenizer {small_tokenizer} (sha256 " in line
+    assert line.endswith(f"the model's ({tiny_model_dir}) is {gpt2}; prepare again with --tokenizer gpt2")
+    assert not (tmp_path / "ft").exists()
+    # from scratch: fakegpt's GPT-2 shape
+    assert cli.main(["finetune", "--data-dir", str(prepared_small), "--init-from", "scratch", "--out-dir", "ft"]) == 2
+    assert f"the model's (scratch) is {gpt2}" in _one_error_line(capsys, "finetune")
+
+
+def test_score_refuses_bins_of_another_tokenizer(tmp_path, prepared_small, prepared_whatsapp, tiny_model_dir, capsys):
+    claims = tmp_path / "claims.txt"
+    claims.write_text("As vacinas alteram o DNA humano.\n")
+    argv = ["score", "--models", str(tiny_model_dir), "--claims", str(claims), "--device", "cpu", "--out-dir", "sc"]
+    for flag, extra in (
+        ("--data-dir", ["--data-dir", str(prepared_small)]),
+        ("--general-data", ["--data-dir", str(prepared_whatsapp), "--general-data", str(prepared_small)]),
+    ):
+        assert cli.main([*argv, *extra]) == 2
+        line = _one_error_line(capsys, "score")
+        assert f"{flag} {prepared_small}: bins made with tokenizer" in line and str(tiny_model_dir) in line
+    assert not (tmp_path / "sc").exists()
