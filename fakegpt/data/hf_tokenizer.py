@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from fakegpt.data import tokenizer as gpt2
-from fakegpt.data.meta import DatasetMeta
+from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.errors import FakegptError, one_line
 
 GPT2 = "gpt2"
@@ -118,7 +118,7 @@ def _read_json(path: Path, flag: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FakegptError(f"{flag}: {path}: cannot read ({one_line(exc)})") from None
+        raise FakegptError(f"{flag} {path}: cannot read ({one_line(exc)})") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,7 +292,10 @@ def meta_identity(meta: DatasetMeta | None) -> TokenizerIdentity:
     if not record:
         return gpt2_identity()
     fields = {f.name for f in dataclasses.fields(TokenizerIdentity)}
-    return TokenizerIdentity(**{k: v for k, v in record.items() if k in fields})
+    try:
+        return TokenizerIdentity(**{k: v for k, v in record.items() if k in fields})
+    except TypeError:  # a key missing: a damaged file, not one fakegpt wrote
+        raise FakegptError(f"{META_FILE} of dataset {meta.dataset!r}: incomplete tokenizer record {record}") from None
 
 
 def model_identity(model: str | Path, flag: str) -> TokenizerIdentity:

@@ -207,6 +207,9 @@ def test_check_same_tokenizer(
     old = DatasetMeta.from_dict({k: v for k, v in gpt2.to_dict().items() if k != "tokenizer"})
     assert old.tokenizer == {} and "tokenizer" not in old.to_dict()
     hf_tokenizer.check_same_tokenizer(old, tiny_model_dir, "--data-dir X")
+    damaged = DatasetMeta.from_dict({**gpt2.to_dict(), "tokenizer": {"name": "gpt2"}})
+    with pytest.raises(FakegptError, match="meta.json of dataset 'prepared-whatsapp.*': incomplete tokenizer record"):
+        hf_tokenizer.check_same_tokenizer(damaged, tiny_model_dir, "--data-dir X")
     # the same tokenizer saved again (other bytes, another tokenizer_config.json) still matches its bins
     resaved = tmp_path / "resaved"
     resaved.mkdir()
