@@ -88,7 +88,16 @@ def run_prepare(csv: Path, out: Path, threads: int, tokenizer: Path | None = Non
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out.parent}/mlflow.db", PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, cwd=out.parent)  # the store's ./mlruns in the work folder
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (its peak RSS, not the largest so far)
+    # Peak RSS: the child's own high-water mark (VmHWM), polled. The rusage that wait4 returns is no good here:
+    # Linux carries over into it the RSS of the memory the child was started from, this process's (gigabytes
+    # once the bound's texts are loaded).
+    hwm = 0
+    while True:
+        hwm = max(hwm, _vm_hwm_kib(child.pid))
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.05)
     wall = time.perf_counter() - t0
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
@@ -99,8 +108,17 @@ def run_prepare(csv: Path, out: Path, threads: int, tokenizer: Path | None = Non
         "prepare": meta["timing"]["seconds"],  # prepare itself: first byte read to meta.json written
         "prepare_cpu": meta["timing"]["cpu_seconds"],
         "cpu": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "rss_mb": hwm / 1024,
     }
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The peak resident set size of process `pid` so far, in KiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def cleaned_messages(out: Path) -> list[str]:
