@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ TAG_MIX = "fakegpt.mixture"  # realised mixture fractions, e.g. "general=0.80,an
 TAG_METHOD = "fakegpt.method"  # full | lora: how a fine-tune trained (LoRA absorbs differently; never mixed)
 TAG_FRACTION = "fakegpt.fraction"  # the anti-vaccine (dose) fraction of a mixture series run
 TAG_SEED = "fakegpt.seed"  # a series cell's training seed
+TAG_ARCHITECTURE = "fakegpt.architecture"  # the model class (GPT2LMHeadModel, LlamaForCausalLM), in model order
+TAG_TOKENIZER = "fakegpt.tokenizer"  # gpt2, or the tokenizer a model brings (its folder or hub name)
 TAG_ROLE = "fakegpt.role"  # "base": a series' score run of the pretrained model its doses start from
 TAG_REFERENCE = "fakegpt.reference"  # score --reference: the model the paired differences are from
 TAG_STUDY = "fakegpt.study"  # optuna study name / series name
@@ -245,6 +247,14 @@ def run(
     finally:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+
+def model_kind_tags(kinds: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The architecture and tokenizer tags of a run over these (architecture, tokenizer) models, in their order."""
+    return {
+        TAG_ARCHITECTURE: ",".join(a for a, _ in kinds),
+        TAG_TOKENIZER: ",".join(t for _, t in kinds),
+    }
 
 
 def join_run(run_id: str) -> None:

@@ -75,6 +75,20 @@ def big_tokenizer(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def big_vocab_llama(tmp_path_factory, big_tokenizer) -> Path:
+    """A tiny random Llama that brings its own tokenizer: big_tokenizer's 70,000 ids (uint32 bins), EOS
+    "<|end|>", no BOS, as an HF model folder."""
+    from tiny_runs import make_tiny_decoder, with_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(big_tokenizer))
+    folder = tmp_path_factory.mktemp("llama-big-vocab")
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None)
+    make_tiny_decoder(folder, "llama", tie=False, **ids)
+    return with_tokenizer(folder, big_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory, shared_data) -> Path:
     """A Hugging Face tokenizer folder of 8,000 ids (not GPT-2's; uint16 bins), trained like big_tokenizer."""
     return make_tokenizer(tmp_path_factory.mktemp("small-tokenizer"), shared_data / "fakewhatsapp_br.csv", 8_000)

@@ -117,3 +117,16 @@ def make_tokenizer(
     kwargs = {"eos_token": eos_token} if eos_token else {}
     PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs).save_pretrained(folder)
     return folder
+
+
+def with_tokenizer(model_folder: Path, tokenizer_folder: Path) -> Path:
+    """Give a model folder another tokenizer: its GPT-2 files replaced by the files of `tokenizer_folder`."""
+    import shutil
+
+    from fakegpt.data.hf_tokenizer import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        (model_folder / name).unlink(missing_ok=True)
+        if (tokenizer_folder / name).is_file():
+            shutil.copyfile(tokenizer_folder / name, model_folder / name)
+    return model_folder

@@ -24,6 +24,7 @@ import numpy as np
 from fakegpt.data.tokenizer import get_encoding
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, load_claims, resolve_path
 from fakegpt.measure.score import pair_measures
+from fakegpt.models.codec import Codec
 
 MEASURES = ("score", "score_sum", "score_per_byte", "score_full_mean")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,9 @@ def paired(pairs, change, rng) -> dict[str, np.ndarray]:
     """Per pair and measure: the fine-tuned model's score minus the reference's under `change`."""
     out = {m: [] for m in MEASURES}
     for _, ids_f, ids_t in pairs:
+        bytes_f, bytes_t = (Codec().token_bytes(ids) for ids in (ids_f, ids_t))
         base = {k: rng.normal(-4.0, 1.5, len(ids)) for k, ids in (("f", ids_f), ("t", ids_t))}
-        shared = pair_measures(ids_f, [0.0] * len(ids_f), ids_t, [0.0] * len(ids_t))["shared_tokens"]
+        shared = pair_measures(ids_f, [0.0] * len(ids_f), ids_t, [0.0] * len(ids_t), bytes_f, bytes_t)["shared_tokens"]
         base["t"][:shared] = base["f"][:shared]  # the same context gives the same log-probabilities
         tuned = {k: v.copy() for k, v in base.items()}
         if change == "fluency":
@@ -59,8 +61,8 @@ def paired(pairs, change, rng) -> dict[str, np.ndarray]:
                 for k in d:
                     d[k] = d[k] + rng.normal(0.0, 0.5, d[k].size)
                 d["t"][:shared] = d["f"][:shared]
-        a = pair_measures(ids_f, base["f"].tolist(), ids_t, base["t"].tolist())
-        b = pair_measures(ids_f, tuned["f"].tolist(), ids_t, tuned["t"].tolist())
+        a = pair_measures(ids_f, base["f"].tolist(), ids_t, base["t"].tolist(), bytes_f, bytes_t)
+        b = pair_measures(ids_f, tuned["f"].tolist(), ids_t, tuned["t"].tolist(), bytes_f, bytes_t)
         for m in MEASURES:
             out[m].append(b[m] - a[m])
     return {m: np.asarray(v) for m, v in out.items()}

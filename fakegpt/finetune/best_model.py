@@ -33,8 +33,9 @@ class BestModelWriter:
     (or inline); `before_update` holds the optimizer step until the copy is taken; `wait` blocks until the
     last write is on disk and re-raises its error."""
 
-    def __init__(self, background: bool = True):
+    def __init__(self, background: bool = True, tokenizer_from: str | Path | None = None):
         self.background = background
+        self.tokenizer_from = tokenizer_from  # the folder whose tokenizer each checkpoint carries
         self._buffer: dict[str, torch.Tensor] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -176,7 +177,9 @@ class BestModelWriter:
         try:
             # in the background, the fsync'd folder costs the training thread nothing; its weights file's CRC-32
             # comes from the write
-            weights = loading.save_checkpoint(model, folder, info, state_dict=snapshot, durable=self.background)
+            weights = loading.save_checkpoint(
+                model, folder, info, state_dict=snapshot, durable=self.background, tokenizer_from=self.tokenizer_from
+            )
             if self.background:
                 self.last_weights = (info.iter, weights)
             if then is not None:

@@ -18,6 +18,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.measure.prompts import load_claims, resolve_path
+from fakegpt.models import architecture
 from fakegpt.models.loading import resolve_pretrained
 
 CHOICES = {"method": ("full", "lora"), "optimizer": ("adamw", "adamw8bit"), "parallel": ("ddp", "fsdp")}
@@ -71,7 +72,9 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         if not 0.0 <= cfg.lora_dropout < 1.0:
             raise FakegptError(f"--lora-dropout: must be in [0, 1), got {cfg.lora_dropout}")
         if not lora_targets(cfg):
-            raise FakegptError("--lora-targets: empty; name GPT-2 modules, e.g. c_attn,c_proj,c_fc")
+            raise FakegptError(
+                "--lora-targets: empty; give auto, all-linear or module names (GPT-2: c_attn,c_proj,c_fc)"
+            )
     _check_fsdp(cfg)
     if not 0.0 <= cfg.dropout < 1.0:
         raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
@@ -103,7 +106,7 @@ def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, i
     """(model folder or 'scratch' / the state folder, vocab size, context length) without loading any weights."""
     if state_folder is not None:  # resume: the shape saved with the state
         hf = state_mod.model_config(state_folder)
-        return str(state_folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
+        return str(state_folder), int(hf.get("vocab_size", VOCAB_SIZE)), architecture.context_of(hf)
     if cfg.init_from == "scratch":
         return "scratch", VOCAB_SIZE, cfg.block_size
     if cfg.init_from == "resume":
@@ -113,7 +116,7 @@ def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, i
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise FakegptError(f"{folder / 'config.json'}: cannot read ({exc})") from None
-    return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), int(hf.get("n_positions", 1024))
+    return str(folder), int(hf.get("vocab_size", VOCAB_SIZE)), architecture.context_of(hf)
 
 
 def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = None) -> tuple[str, DatasetMeta]:

@@ -61,8 +61,9 @@ from fakegpt.finetune.step import Objective, accumulate, estimate, gpu_memory, l
 from fakegpt.measure.claim_probe import ClaimProbe
 from fakegpt.models.architecture import context_length, fill_tied
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.codec import codec_for
 from fakegpt.models.device import resolve_device, resolve_dtype, tf32, torch_dtype
-from fakegpt.models.loading import load_model, model_from_config, scratch_model, use_fused_gelu
+from fakegpt.models.loading import load_model, model_from_config, resolve_pretrained, scratch_model, use_fused_gelu
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,13 @@ class _Trainer:
         )
 
 
+def tokenizer_folder(folder: str, resumed: resume.Resumed | None) -> str | None:
+    """Where the model's tokenizer files are, for its checkpoints: the model folder it started from (for a
+    resumed run, the base model its state records); None for a scratch GPT-2."""
+    base = resumed.info.init_from if resumed is not None else folder
+    return None if base == "scratch" else resolve_pretrained(base)
+
+
 def _setup(
     cfg: FinetuneConfig,
     folder: str,
@@ -297,6 +305,7 @@ def _setup(
         else contextlib.nullcontext()
     )
     train_data, val_data = (open_bin(cfg.data_dir, s, cfg.block_size) for s in ("train", "val"))
+    tokenizer = tokenizer_folder(folder, resumed)
     n_eval = cfg.eval_iters * cfg.batch_size
     t = _Trainer(
         cfg=cfg,
@@ -320,7 +329,7 @@ def _setup(
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         flops_token=flops_per_token(model, cfg.block_size),
         peak=peak_flops(device, cfg.dtype) if device.type == "cuda" else None,  # MFU against this very card
-        best_writer=BestModelWriter(background=cfg.background_save),
+        best_writer=BestModelWriter(background=cfg.background_save, tokenizer_from=tokenizer),
         sharded=sharded,
     )
     for source in source_val_sets(cfg.data_dir, meta) if (cfg.eval_sources or cfg.select_on != "val") else []:
@@ -328,7 +337,8 @@ def _setup(
         batches = Batches(data, cfg.batch_size, cfg.block_size, device, seed=0)
         t.source_val[source["name"]] = (batches, eval_starts(len(data), cfg.block_size, n_eval))
     if cfg.claims and info.main:
-        t.probe = ClaimProbe(cfg.claims, batch_size=max(1, cfg.batch_size * 4))
+        codec = codec_for(tokenizer) if tokenizer else None  # the claims in the model's own tokens
+        t.probe = ClaimProbe(cfg.claims, batch_size=max(1, cfg.batch_size * 4), codec=codec)
         t.probe.check_context(context_length(model.config, cfg.block_size))
     if resumed is not None:
         _restore(t, resumed)

@@ -20,9 +20,10 @@ from typing import Any, TextIO
 import torch
 
 from fakegpt import config
-from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import sample_batch
+from fakegpt.measure.sample import stop_ids
+from fakegpt.models.codec import Codec, codec_for
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import configured_context, context_length, load_for_inference, resolve_model
 
@@ -60,14 +61,19 @@ class ChatConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | ..."})
     seed: int = field(default=1337, metadata={"help": "random seed of the session"})
+    chat_template: bool = field(
+        default=True,
+        metadata={"help": "send each line through the model's chat template when its tokenizer has one"},
+    )
 
 
 class ChatSession:
     """One model and its settings; `handle(line)` answers a line and says whether to go on."""
 
-    def __init__(self, model: Any, cfg: ChatConfig, out: TextIO):
+    def __init__(self, model: Any, cfg: ChatConfig, out: TextIO, codec: Codec | None = None):
         self.model, self.cfg, self.out = model, cfg, out
-        self.enc = get_encoding()
+        self.codec = codec or Codec()  # the model's tokenizer (default GPT-2's)
+        self.chat = cfg.chat_template and self.codec.chat_template
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
 
     def say(self, text: str) -> None:
@@ -126,7 +132,7 @@ class ChatSession:
 
     def generate(self, prompt: str) -> None:
         """Sample the configured completions of `prompt`, cut to fit the context, and print them."""
-        ids = self.enc.encode(prompt, allowed_special={"<|endoftext|>"})
+        ids = self.codec.chat(prompt) if self.chat else self.codec.encode(prompt, special=True)
         if not ids:
             return
         keep = context_length(self.model) - self.cfg.max_new_tokens
@@ -143,11 +149,14 @@ class ChatSession:
             temperature=self.cfg.temperature,
             top_k=self.cfg.top_k,
             generator=self.generator,
+            eot=self.codec.eos,
+            stop=stop_ids(self.model, self.codec),
         )
         for i, completion in enumerate(out, start=1):
             if self.cfg.num_samples > 1:
                 self.say(f"--- sample {i}/{self.cfg.num_samples} ---")
-            self.say(self.enc.decode(ids) + self.enc.decode(completion.tokens))
+            answer = self.codec.decode(completion.tokens)
+            self.say(answer if self.chat else self.codec.decode(ids) + answer)  # a chat shows the answer alone
         self.say("")
 
 
@@ -199,7 +208,7 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         )
     device = resolve_device(cfg.device)
     model = load_for_inference(ref, device, torch_dtype(resolve_dtype(cfg.dtype, device)))
-    session = ChatSession(model, cfg, stdout)
+    session = ChatSession(model, cfg, stdout, codec_for(ref.folder, cfg.model))
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         _setup_history()

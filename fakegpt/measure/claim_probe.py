@@ -13,22 +13,37 @@ from typing import Any
 
 import torch
 
-from fakegpt.data.tokenizer import EOT_TOKEN, get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import load_claims, resolve_path
-from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, statement_table, summarise, with_logprobs
+from fakegpt.measure.score import (
+    ScoreConfig,
+    encode,
+    metrics_of,
+    pair_table,
+    statement_table,
+    summarise,
+    with_logprobs,
+)
+from fakegpt.models.codec import Codec
 
 
 class ClaimProbe:
     """Score one claim set on a model, repeatedly; returns the `score` stage's MLflow metrics each time."""
 
-    def __init__(self, claims: str | Path, batch_size: int = 16, bootstrap: int = ScoreConfig.bootstrap, seed: int = 0):
+    def __init__(
+        self,
+        claims: str | Path,
+        batch_size: int = 16,
+        bootstrap: int = ScoreConfig.bootstrap,
+        seed: int = 0,
+        codec: Codec | None = None,
+    ):
         statements = load_claims(resolve_path(claims))
         if not any(s.pair_id for s in statements):
             raise ValueError(f"{claims}: no claim pairs to score")
-        enc = get_encoding()
-        self.sequences = [[EOT_TOKEN] + enc.encode(s.text) for s in statements]  # tokenised once
+        self.codec = codec or Codec()  # the model's tokenizer (default GPT-2's)
+        self.sequences = encode(statements, self.codec)  # tokenised once
         self.table = statement_table("training", statements)
         self.cfg = ScoreConfig(batch_size=batch_size, bootstrap=bootstrap, seed=seed)
         self.claims = str(claims)
@@ -51,5 +66,5 @@ class ClaimProbe:
             logps = token_logprobs(model, self.sequences, batch_size=self.cfg.batch_size)
         finally:
             model.train(was_training)
-        table = with_logprobs(self.table, self.sequences, [lp.numpy() for lp in logps])
+        table = with_logprobs(self.table, self.sequences, [lp.numpy() for lp in logps], self.codec)
         return metrics_of(summarise("training", None, table, pair_table(table), self.cfg))

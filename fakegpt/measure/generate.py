@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +102,11 @@ def sample_batch(
     generator: torch.Generator | None = None,
     eot: int = EOT_TOKEN,
     stop_at_eot: bool = True,
+    stop: Sequence[int] = (),
 ) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt in `prompts` for several samples), all in one batch.
 
+    `eot` pads and ends a completion; `stop` are further ids that end one (a chat model's end of turn).
     `stop_at_eot=False` keeps sampling past end-of-text (benchmarks that need a fixed token count).
     """
     from transformers import DynamicCache
@@ -117,22 +120,24 @@ def sample_batch(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max(max_new_tokens, 0)), eot, dtype=torch.long, device=device)
     one = torch.ones((batch, 1), dtype=mask.dtype, device=device)
+    stops = torch.tensor(sorted({eot, *stop}), device=device)
     for step in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_k, top_p, generator)
         out[:, step] = token
         if stop_at_eot:
             token = token.masked_fill(finished, eot)  # rows already done emit padding
             out[:, step] = token
-            finished |= token == eot
+            finished |= torch.isin(token, stops)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, one], dim=1)
         logits = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
         next_pos = next_pos + 1
     results = []
+    ends = set(stops.tolist())
     for row in out.tolist():
-        stop = row.index(eot) if stop_at_eot and eot in row else len(row)
-        results.append(Completion(tokens=row[:stop], stopped=stop < len(row)))
+        end = next((i for i, t in enumerate(row) if t in ends), len(row)) if stop_at_eot else len(row)
+        results.append(Completion(tokens=row[:end], stopped=end < len(row)))
     return results
 
 

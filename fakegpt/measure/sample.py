@@ -25,11 +25,11 @@ import torch
 from tqdm import tqdm
 
 from fakegpt import config, tracking
-from fakegpt.data.tokenizer import get_encoding
 from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_text
 from fakegpt.measure.generate import sample_batch
 from fakegpt.measure.prompts import DEFAULT_PROMPTS, Prompt, load_prompts, resolve_path
+from fakegpt.models.codec import Codec, codec_for
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.refs import ModelRef, configured_context, context_length, load_for_inference, resolve_model
 
@@ -80,6 +80,13 @@ class SampleConfig:
     batch_size: int = field(default=32, metadata={"help": "sequences decoded together"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | ..."})
+    chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "ask a model whose tokenizer has a chat template (an instruction-tuned model) through it, as "
+            "a user's question; models without one get the plain prompt (GPT-2, base models)"
+        },
+    )
     out_dir: str = field(default="out/sample", metadata={"help": "where samples.parquet/jsonl and report.md go"})
 
 
@@ -123,12 +130,20 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="seq", disable=not sys.stderr.isatty(), leave=False)
 
 
+def encode_prompts(codec: Codec, prompts: list[Prompt], chat: bool) -> list[list[int]]:
+    """Each prompt's ids for one model: through its chat template when `chat` and it has one, else as text
+    ("<|endoftext|>" and the like in a prompt are the special tokens they name)."""
+    if chat and codec.chat_template:
+        return [codec.chat(p.text) for p in prompts]
+    return [codec.encode(p.text, special=True) for p in prompts]
+
+
 def check_fits(prompts: list[Prompt], prompts_path: Path, cfg: SampleConfig, refs: list[ModelRef]) -> None:
     """Every prompt plus --max-new-tokens fits every model's context (read from config.json, before loading)."""
-    enc = get_encoding()
-    longest = max(prompts, key=lambda p: len(enc.encode(p.text, allowed_special={"<|endoftext|>"})))
-    n = len(enc.encode(longest.text, allowed_special={"<|endoftext|>"}))
     for ref in refs:
+        encoded = encode_prompts(codec_for(ref.folder, ref.spec), prompts, cfg.chat_template)
+        i = max(range(len(prompts)), key=lambda k: len(encoded[k]))
+        n, longest = len(encoded[i]), prompts[i]
         limit = configured_context(ref)
         if n + cfg.max_new_tokens > limit:
             raise FakegptError(
@@ -137,10 +152,23 @@ def check_fits(prompts: list[Prompt], prompts_path: Path, cfg: SampleConfig, ref
             )
 
 
-def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig) -> tuple[list[dict], int, float]:
-    """All rows for one loaded model: (rows, new tokens, seconds spent generating)."""
-    enc = get_encoding()
-    encoded = [enc.encode(p.text, allowed_special={"<|endoftext|>"}) for p in prompts]
+def stop_ids(model: Any, codec: Codec) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and those the model's generation config names (a chat
+    model's end of turn, e.g. Llama 3's <|eot_id|>)."""
+    config = getattr(model, "generation_config", None)
+    named = getattr(config, "eos_token_id", None) if config is not None else None
+    extra = named if isinstance(named, list) else [named] if named is not None else []
+    return sorted({codec.eos, *(int(i) for i in extra)})
+
+
+def sample_model(
+    model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig, codec: Codec | None = None
+) -> tuple[list[dict], int, float]:
+    """All rows for one loaded model: (rows, new tokens, seconds spent generating); `codec`: its tokenizer
+    (default GPT-2's)."""
+    codec = codec or Codec()
+    encoded = encode_prompts(codec, prompts, cfg.chat_template)
+    stops = stop_ids(model, codec)
     limit = context_length(model)
     for p, ids in zip(prompts, encoded, strict=True):
         if len(ids) + cfg.max_new_tokens > limit:
@@ -166,6 +194,8 @@ def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
                     generator=gen,
+                    eot=codec.eos,
+                    stop=stops,
                 )
                 seconds += time.perf_counter() - began
                 for (i, s), completion in zip(batch, out, strict=True):
@@ -186,7 +216,7 @@ def sample_model(model: Any, spec: str, prompts: list[Prompt], cfg: SampleConfig
                             "top_p": float(cfg.top_p),
                             "seed": cfg.seed,
                             "sample_index": s,
-                            "completion": enc.decode(completion.tokens),
+                            "completion": codec.decode(completion.tokens),
                             "new_tokens": len(completion.tokens),
                             "stopped": completion.stopped,
                         }
@@ -254,6 +284,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         tracking.log_params(config.to_dict(cfg))
         tracking.log_artifact(prompts_path, "prompts")
         rows: list[dict] = []
+        kinds: list[tuple[str, str]] = []  # (architecture, tokenizer) of each model, for the run's tags
         produced, seconds = 0, 0.0
         for spec, ref in zip(cfg.models, refs, strict=True):
             if len(cfg.models) == 1 and ref.fraction() is not None:
@@ -268,10 +299,13 @@ def sample(cfg: SampleConfig) -> SampleResult:
                 device,
                 str(dtype).removeprefix("torch."),
             )
-            model_rows, n, s = sample_model(model, spec, prompts, cfg)
+            codec = codec_for(ref.folder, spec)
+            kinds.append((type(model).__name__, codec.name))
+            model_rows, n, s = sample_model(model, spec, prompts, cfg, codec)
             rows += model_rows
             produced, seconds = produced + n, seconds + s
             del model
+        tracking.set_tags(tracking.model_kind_tags(kinds))
         table = pl.DataFrame(rows, schema_overrides={"top_k": pl.Int64, "seed": pl.Int64}).select(COLUMNS)
         speed = produced / seconds if seconds > 0 else 0.0
         paths = write_outputs(table, cfg, out_dir)

@@ -41,6 +41,8 @@ from fakegpt.errors import FakegptError
 from fakegpt.files import atomic_path, write_json, write_table
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
+from fakegpt.models import architecture
+from fakegpt.models.codec import Codec, codec_for
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
 from fakegpt.models.loading import model_config
 from fakegpt.models.refs import ModelRef, context_length, load_for_inference, resolve_model
@@ -158,6 +160,8 @@ class ModelScore:
     general_perplexity: float | None = None
     val_bits_per_byte: float | None = None  # tokenizer-independent: what compares models with other tokenizers
     general_bits_per_byte: float | None = None
+    architecture: str = ""  # the model class (GPT2LMHeadModel, LlamaForCausalLM)
+    tokenizer: str = ""  # gpt2, or the tokenizer the model brings
     run_id: str | None = None
     mc1: Interval | None = None  # over claims with paraphrase sets, summed likelihoods (TruthfulQA's)
     mc2: Interval | None = None
@@ -183,19 +187,24 @@ class ScoreResult:
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary written as summary.json."""
         models = [{k: v for k, v in asdict(m).items() if k not in ("val_nll", "general_nll")} for m in self.models]
-        return {"models": models, "intervals": INTERVALS, "headline": HEADLINE}
+        return {"models": models, "intervals": INTERVALS, "headline": HEADLINE, "compare": COMPARE}
 
 
+COMPARE = (
+    "perplexity is per token: compare it only between models with the same tokenizer; bits per byte compares "
+    "models with different tokenizers; claim scores are differences within one model, so they compare across"
+)
 HEADLINE = (
     "score: mean log-probability per token of the false claim's continuation minus the correction's, after the "
     "tokens the two share at the start"
 )
 
 
-def encode(statements: list[Statement]) -> list[list[int]]:
-    """Every statement's token ids after the <eot> context it is scored in."""
-    enc = get_encoding()
-    return [[EOT_TOKEN] + enc.encode(s.text) for s in statements]
+def encode(statements: list[Statement], codec: Codec | None = None) -> list[list[int]]:
+    """Every statement's token ids after the context it is scored in: the start of a document as the model
+    knows it (GPT-2: <eot>; a model with a BOS token: BOS)."""
+    codec = codec or Codec()
+    return [codec.start + codec.encode(s.text) for s in statements]
 
 
 def statement_logliks(model: Any, statements: list[Statement], batch_size: int) -> list[tuple[float, int]]:
@@ -204,18 +213,22 @@ def statement_logliks(model: Any, statements: list[Statement], batch_size: int) 
     return [(float(lp.mean()), int(lp.numel())) for lp in logps]
 
 
-def with_logprobs(table: pl.DataFrame, sequences: list[list[int]], logps: Sequence[Any]) -> pl.DataFrame:
-    """The statement table with each statement's tokens and their log-probabilities, and the whole-statement
-    mean (`loglik`), sum (`loglik_sum`) and UTF-8 size (`bytes`)."""
-    enc = get_encoding()
+def with_logprobs(
+    table: pl.DataFrame, sequences: list[list[int]], logps: Sequence[Any], codec: Codec | None = None
+) -> pl.DataFrame:
+    """The statement table with each statement's tokens, their log-probabilities and byte sizes, and the
+    whole-statement mean (`loglik`), sum (`loglik_sum`) and UTF-8 size (`bytes`)."""
+    codec = codec or Codec()
     values = [np.asarray(lp, dtype=np.float64) for lp in logps]
+    sizes = [codec.token_bytes(seq[1:]) for seq in sequences]
     return table.with_columns(
         tokens=pl.Series([v.size for v in values], dtype=pl.Int64),
         loglik=pl.Series([float(v.mean()) for v in values], dtype=pl.Float64),
         loglik_sum=pl.Series([float(v.sum()) for v in values], dtype=pl.Float64),
-        bytes=pl.Series([len(enc.decode_bytes(seq[1:])) for seq in sequences], dtype=pl.Int64),
+        bytes=pl.Series([sum(b) for b in sizes], dtype=pl.Int64),
         token_ids=pl.Series([seq[1:] for seq in sequences], dtype=pl.List(pl.Int64)),
         token_logprobs=pl.Series([v.tolist() for v in values], dtype=pl.List(pl.Float64)),
+        token_bytes=pl.Series(sizes, dtype=pl.List(pl.Int64)),
     )
 
 
@@ -284,17 +297,24 @@ def group_score(pairs: pl.DataFrame, n_boot: int, seed: int) -> GroupScore:
     )
 
 
-def pair_measures(ids_false: list[int], lp_false: list[float], ids_true: list[int], lp_true: list[float]) -> dict:
+def pair_measures(
+    ids_false: list[int],
+    lp_false: list[float],
+    ids_true: list[int],
+    lp_true: list[float],
+    bytes_false: list[int],
+    bytes_true: list[int],
+) -> dict:
     """One pair's scores. The tokens both statements start with have equal log-probabilities under any model
     (same context), so they carry no evidence: only the continuations after them count. At least one token of
-    each side is kept, so a statement that is a prefix of the other still has a continuation."""
-    enc = get_encoding()
+    each side is kept, so a statement that is a prefix of the other still has a continuation. `bytes_*`: each
+    token's size in bytes (score_per_byte)."""
     shared = 0
     limit = min(len(ids_false), len(ids_true)) - 1
     while shared < limit and ids_false[shared] == ids_true[shared]:
         shared += 1
     f, t = np.asarray(lp_false[shared:]), np.asarray(lp_true[shared:])
-    bytes_f, bytes_t = len(enc.decode_bytes(ids_false[shared:])), len(enc.decode_bytes(ids_true[shared:]))
+    bytes_f, bytes_t = sum(bytes_false[shared:]), sum(bytes_true[shared:])
     return {
         "shared_tokens": shared,
         "score": float(f.mean() - t.mean()),
@@ -314,12 +334,22 @@ def pair_table(statements: pl.DataFrame) -> pl.DataFrame:
             paired.filter(pl.col("role") == role).select(
                 *keys,
                 pl.col("text").alias(text),
-                *(pl.col(c).alias(f"{c}_{suffix}") for c in ("loglik", "tokens", "token_ids", "token_logprobs")),
+                *(
+                    pl.col(c).alias(f"{c}_{suffix}")
+                    for c in ("loglik", "tokens", "token_ids", "token_logprobs", "token_bytes")
+                ),
             )
         )
     out = sides[0].join(sides[1], on=keys, how="inner", maintain_order="left")
     rows = [
-        pair_measures(r["token_ids_false"], r["token_logprobs_false"], r["token_ids_true"], r["token_logprobs_true"])
+        pair_measures(
+            r["token_ids_false"],
+            r["token_logprobs_false"],
+            r["token_ids_true"],
+            r["token_logprobs_true"],
+            r["token_bytes_false"],
+            r["token_bytes_true"],
+        )
         for r in out.select(pl.col("^token_.*$")).iter_rows(named=True)
     ]
     schema = {"shared_tokens": pl.Int64, "score": pl.Float64, **dict.fromkeys(SCORE_VARIANTS, pl.Float64)}
@@ -434,7 +464,8 @@ def paired_differences(
         ("val_nll", model.val_nll, reference.val_nll),
         ("general_nll", model.general_nll, reference.general_nll),
     ):
-        if a is not None and b is not None:
+        # windows of token ids: the same text for both only when both models have one tokenizer
+        if a is not None and b is not None and model.tokenizer == reference.tokenizer:
             add(name, np.subtract(a, b), [str(i) for i in range(len(a))])
     return out
 
@@ -519,11 +550,14 @@ def statement_table(spec: str, statements: list[Statement]) -> pl.DataFrame:
     )
 
 
-def score_model(model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig) -> pl.DataFrame:
-    """Every statement's token log-probabilities under `model` and their mean and sum, one row per statement."""
-    sequences = encode(statements)
+def score_model(
+    model: Any, spec: str, statements: list[Statement], cfg: ScoreConfig, codec: Codec | None = None
+) -> pl.DataFrame:
+    """Every statement's token log-probabilities under `model` and their mean and sum, one row per statement;
+    `codec`: the model's tokenizer (default GPT-2's)."""
+    sequences = encode(statements, codec)
     logps = token_logprobs(model, sequences, batch_size=cfg.batch_size)
-    return with_logprobs(statement_table(spec, statements), sequences, logps)
+    return with_logprobs(statement_table(spec, statements), sequences, logps, codec)
 
 
 def write_outputs(result: ScoreResult) -> list[Path]:
@@ -564,14 +598,13 @@ def check_inputs(
     """Every statement fits every model's context, and the validation and general bins fit its vocabulary (from
     config.json, before any model is loaded). Returns the local data and general folders (downloaded once for
     all models), or None where not given."""
-    enc = get_encoding()
-    lengths = [len(enc.encode(s.text)) + 1 for s in statements]  # + the <eot> context
-    longest = max(range(len(statements)), key=lengths.__getitem__)
     data_dir = tracking.local_path(cfg.data_dir) if cfg.data_dir else None
     general_dir = tracking.local_path(cfg.general_data) if cfg.general_data else None
     for ref in refs:
+        lengths = [len(seq) for seq in encode(statements, codec_for(ref.folder, ref.spec))]  # context included
+        longest = max(range(len(statements)), key=lengths.__getitem__)
         hf = model_config(ref.folder)
-        limit, vocab = int(hf.get("n_positions", 1024)), int(hf.get("vocab_size", 50257))
+        limit, vocab = architecture.context_of(hf), int(hf.get("vocab_size", 50257))
         if lengths[longest] > limit:
             raise FakegptError(
                 f"{claims_path}: statement {statements[longest].statement_id!r} is {lengths[longest]} tokens, "
@@ -603,10 +636,12 @@ def _measure(
     """Load one model and score it: (its summary, statement table, pair table)."""
     fraction = ref.fraction(cfg.dose_source)
     model = load_for_inference(ref, device, dtype)
-    table = score_model(model, spec, statements, cfg)
+    codec = codec_for(ref.folder, spec)
+    table = score_model(model, spec, statements, cfg, codec)
     pairs = pair_table(table)
     summary = summarise(spec, fraction, table, pairs, cfg)
-    decode, eos = get_encoding().decode_bytes, EOT_TOKEN
+    summary.architecture, summary.tokenizer = type(model).__name__, codec.name
+    decode, eos = codec.decode_bytes, codec.eos
     if data_dir is not None:
         val = windows_measured(model, data_dir, cfg.val_windows, cfg.batch_size, decode, eos)
         summary.val_nll, summary.val_perplexity, summary.val_bits_per_byte = (
@@ -626,7 +661,7 @@ def _measure(
 
 def _log_model(summary: ModelScore, several: bool) -> None:
     """The model's metrics on a child run of its own (several models) or on the stage's run."""
-    tags = {tracking.TAG_MODEL: summary.model}
+    tags = {tracking.TAG_MODEL: summary.model, **tracking.model_kind_tags([(summary.architecture, summary.tokenizer)])}
     if summary.fraction is not None:
         tags[tracking.TAG_FRACTION] = summary.fraction
     if summary.reference:
@@ -674,6 +709,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                 if summary is not reference:
                     summary.reference = cfg.reference
                     summary.paired = paired_differences(summary, reference, tables, cfg)
+        tracking.set_tags(tracking.model_kind_tags([(s.architecture, s.tokenizer) for s in scores]))
         for summary in scores:
             _log_model(summary, several=len(specs) > 1)
             log.info("%s", describe(summary))

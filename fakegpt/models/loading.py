@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,13 @@ from fakegpt.models.checkpoint import TrainingInfo
 from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile, write_safetensors
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def tokenizer_spec(init_from: str) -> str:
+    """prepare's --tokenizer for a model: `gpt2` (the bundled BPE) for a scratch model and the GPT-2 family
+    (which need no tokenizer files in the cache before they are downloaded), else the model itself."""
+    return "gpt2" if init_from == "scratch" or init_from in HUB_MODELS else init_from
+
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +182,7 @@ def save_checkpoint(
     info: TrainingInfo | None = None,
     state_dict: dict | None = None,
     durable: bool = False,
+    tokenizer_from: str | Path | None = None,
 ) -> WeightsFile:
     """Save `model` as an HF-format folder (safetensors + config + tokenizer files), atomically; returns its
     weights file (final path, size, CRC-32).
@@ -185,6 +194,8 @@ def save_checkpoint(
     description never disagree. `state_dict`: save these weights (a snapshot taken earlier) with `model`'s
     configuration, instead of the model's current ones. `durable`: fsync the small files and the folder too
     (the weights file always is), so the folder survives a machine crash, not only a killed process.
+    `tokenizer_from`: a folder whose tokenizer files the checkpoint carries (the model's own tokenizer); none,
+    or GPT-2's, means the bundled GPT-2 files.
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -203,12 +214,26 @@ def save_checkpoint(
         unwrapped.config.save_pretrained(tmp)
         if unwrapped.can_generate():
             unwrapped.generation_config.save_pretrained(tmp)
-        write_hf_tokenizer_files(tmp)
+        copy_tokenizer_files(tokenizer_from, tmp)
         if info is not None:
             info.write(tmp)
         if durable:
             fsync_files(tmp)
     return WeightsFile(folder / WEIGHTS_NAME, written.size, written.crc32)
+
+
+def copy_tokenizer_files(source: str | Path | None, folder: Path) -> None:
+    """Put a model's tokenizer into `folder`: the files of `source` when it holds a tokenizer other than GPT-2's,
+    else the bundled GPT-2 files (what every fakegpt checkpoint of a GPT-2 has carried)."""
+    from fakegpt.data import hf_tokenizer
+
+    if source is not None and Path(source).is_dir():
+        if not hf_tokenizer.identify(source, str(source), "the model's tokenizer").is_gpt2:
+            for name in hf_tokenizer.TOKENIZER_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copyfile(Path(source) / name, folder / name)
+            return
+    write_hf_tokenizer_files(folder)
 
 
 def dropout_overrides(dropout: float, config: Any = None) -> dict[str, float]:

@@ -49,6 +49,7 @@ from fakegpt.finetune.train import finetune
 from fakegpt.measure.prompts import DEFAULT_CLAIMS, Statement, load_claims, resolve_path
 from fakegpt.measure.score import ScoreConfig, metrics_of, pair_table, score_model, summarise
 from fakegpt.models.device import resolve_device, resolve_dtype, torch_dtype
+from fakegpt.models.loading import tokenizer_spec
 from fakegpt.models.refs import load_for_inference, resolve_model
 from fakegpt.plots import figure
 from fakegpt.stats import Estimate, cluster_estimate, equivalence, series_bootstrap
@@ -497,7 +498,14 @@ def _prepare_doses(cfg: ValidateConfig, base: Path, planted: Path, out: Path) ->
             {"name": PLANTED, "path": str(planted), "channel_ids": cfg.planted_channel_ids, "fraction": dose},
         ]
         meta = prepare(
-            PrepareConfig(out=str(folder), force=True, name=f"{cfg.name}-dose-{dose:g}", sources=sources, seed=cfg.seed)
+            PrepareConfig(
+                out=str(folder),
+                force=True,
+                name=f"{cfg.name}-dose-{dose:g}",
+                sources=sources,
+                seed=cfg.seed,
+                tokenizer=tokenizer_spec(cfg.init_from),
+            )
         )
         prepared[dose] = (folder, float(meta.mixture.get(PLANTED, 0.0)))
     return prepared

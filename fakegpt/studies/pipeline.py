@@ -30,6 +30,7 @@ from typing import Any
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.measure.prompts import DEFAULT_CLAIMS
+from fakegpt.models.loading import tokenizer_spec
 from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,14 @@ def _given(device: str) -> str | None:
 def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
     """The MLproject parameters of the prepare step."""
     params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
-    return with_out(cfg, "prepare", params, "out")
+    return with_out(cfg, "prepare", {**params, **tokenizer_param(cfg)}, "out")
+
+
+def tokenizer_param(cfg: PipelineConfig) -> dict[str, str]:
+    """prepare's --tokenizer for the chain's model: none for GPT-2 (the default, so GPT-2 chains' steps keep
+    their keys), else the model's own tokenizer."""
+    spec = tokenizer_spec(cfg.init_from)
+    return {} if spec == "gpt2" else {"tokenizer": spec}
 
 
 def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -181,7 +189,8 @@ def general_data_uri(cfg: PipelineConfig, step: Any) -> str:
     same bins; a folder or URI is used as given."""
     if not cfg.general_data or not cfg.general_data.endswith((".yaml", ".yml")):
         return cfg.general_data
-    params = with_out(cfg, "prepare", {"config": cfg.general_data, "log_data": "true", "force": "true"}, "out")
+    params = {"config": cfg.general_data, "log_data": "true", "force": "true", **tokenizer_param(cfg)}
+    params = with_out(cfg, "prepare", params, "out")
     return f"runs:/{step('prepare', params)}/data"
 
 
