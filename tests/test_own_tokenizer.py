@@ -173,3 +173,41 @@ def test_mlflow_run_main_with_a_model_that_brings_its_own_tokenizer(tmp_path, bi
     tuned = [r for r in runs if r.data.tags.get(tracking.TAG_REFERENCE) == str(big_vocab_llama)]
     assert len(tuned) == 1 and math.isfinite(tuned[0].data.metrics["paired/claim/score"])
     assert math.isfinite(tuned[0].data.metrics["val/bits_per_byte"])
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_plain_merged_model(study, big_vocab_llama):
+    """--method qlora on the CPU (bitsandbytes' CPU backend): the frozen base in 4-bit NF4, the adapters trained,
+    the checkpoint a plain model (no quantization config) = dequantized base + adapters."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = study["root"] / "qlora"
+    argv = ["finetune", "--init-from", str(big_vocab_llama), "--data-dir", str(study["data"]), "--out-dir", str(out)]
+    assert cli.main([*argv, "--method", "qlora", "--max-iters", "3", *FINETUNE]) == 0
+    checkpoint = out / "checkpoint"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    merged = load_file(checkpoint / "model.safetensors")
+    four_bit = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        str(big_vocab_llama), quantization_config=four_bit, device_map={"": "cpu"}, dtype=torch.float32
+    )
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+        module = base.get_submodule(name.removesuffix(".weight"))
+        plain = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        delta = (merged[name].float() - plain).abs().max().item()
+        # bitsandbytes' CPU kernels re-lay the 4-bit weights out on the first forward pass (their constants in
+        # a lower precision), so the base the model computed with is the loaded one up to ~1e-3
+        if "q_proj" in name:  # adapted (peft's default for Llama: q_proj, v_proj): moved by the adapters
+            assert delta > 5e-3, delta
+        else:  # not adapted: the dequantized 4-bit base
+            assert delta < 1e-3, delta
+    assert not hf_tokenizer.identify(checkpoint, "qlora", "test").is_gpt2
+    reloaded = AutoModelForCausalLM.from_pretrained(str(checkpoint))  # a plain model: sample and score load it
+    assert type(reloaded).__name__ == "LlamaForCausalLM"

@@ -16,12 +16,12 @@ from fakegpt.data.meta import META_FILE, DatasetMeta
 from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
 from fakegpt.finetune import state as state_mod
-from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.config import ADAPTER_METHODS, FinetuneConfig
 from fakegpt.measure.prompts import load_claims, resolve_path
 from fakegpt.models import architecture
 from fakegpt.models.loading import resolve_pretrained
 
-CHOICES = {"method": ("full", "lora"), "optimizer": ("adamw", "adamw8bit"), "parallel": ("ddp", "fsdp")}
+CHOICES = {"method": ("full", "lora", "qlora"), "optimizer": ("adamw", "adamw8bit"), "parallel": ("ddp", "fsdp")}
 
 
 def lora_targets(cfg: FinetuneConfig) -> list[str]:
@@ -66,7 +66,9 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
             raise FakegptError(
                 f"{config_mod.flag_name(name)}: expected {' | '.join(choices)}, got {getattr(cfg, name)!r}"
             )
-    if cfg.method == "lora":
+    if cfg.method == "qlora" and cfg.init_from == "scratch":
+        raise FakegptError("--method qlora: needs a pretrained model to quantize; a scratch model trains every weight")
+    if cfg.method in ADAPTER_METHODS:
         if cfg.lora_rank <= 0 or cfg.lora_alpha <= 0:
             raise FakegptError(f"--lora-rank / --lora-alpha: must be positive, got {cfg.lora_rank} / {cfg.lora_alpha}")
         if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -96,8 +98,10 @@ def _check_fsdp(cfg: FinetuneConfig) -> None:
         )
     if cfg.optimizer == "adamw8bit":
         raise FakegptError("--optimizer adamw8bit with --parallel fsdp: 8-bit states are not sharded; use adamw")
-    if cfg.method == "lora":
-        raise FakegptError("--method lora with --parallel fsdp: not supported; use --parallel ddp (adapters are small)")
+    if cfg.method in ADAPTER_METHODS:
+        raise FakegptError(
+            f"--method {cfg.method} with --parallel fsdp: not supported; use --parallel ddp (adapters are small)"
+        )
     if cfg.claims:
         raise FakegptError("--claims with --parallel fsdp: claims are scored on rank 0 alone; leave --claims out")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ADAPTER_METHODS = ("lora", "qlora")  # the methods that train peft adapters on a frozen base
+
 
 @dataclass
 class FinetuneConfig:
@@ -41,12 +43,13 @@ class FinetuneConfig:
             "help": "micro-batches per optimizer step, over all processes (must divide by the torchrun world size)"
         },
     )
-    # what is trained, and how the state is held (issue #15: gpt2-xl on 24 GB cards)
+    # what is trained, and how the state is held (gpt2-xl and 7-8B models on 24 GB cards)
     method: str = field(
         default="full",
         metadata={
-            "help": "full (every weight) | lora (low-rank adapters via peft; the best model is saved merged). "
-            "LoRA absorbs differently: runs are tagged fakegpt.method and a series never mixes methods"
+            "help": "full (every weight) | lora (low-rank adapters via peft; the best model is saved merged) | "
+            "qlora (the same adapters on the frozen base held in 4-bit NF4 by bitsandbytes). Adapters absorb "
+            "differently: runs are tagged fakegpt.method and a series never mixes methods"
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (method=lora)"})

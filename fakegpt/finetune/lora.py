@@ -1,4 +1,6 @@
-"""`--method lora`: low-rank adapters (peft's LoRA) on a frozen causal LM, saved merged as a plain HF model.
+"""`--method lora` / `qlora`: low-rank adapters (peft's LoRA) on a frozen causal LM, saved merged as a plain HF
+model. QLoRA holds the frozen base in 4-bit NF4 (bitsandbytes, double-quantized constants) and computes in the
+run's dtype; its merged checkpoint is the dequantized base plus the adapters, in that dtype.
 
 `wrap` puts peft adapters on the modules named by `--lora-targets` (`resolve_targets`): `auto` is GPT-2's
 c_attn,c_proj,c_fc (attention qkv/out, MLP in/out: fakegpt's choice, wider than peft's c_attn alone) and, for
@@ -197,6 +199,46 @@ def load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(weights, strict=False)  # RuntimeError on a shape mismatch
 
 
+def require_4bit(device: torch.device) -> None:
+    """`--method qlora` needs bitsandbytes able to quantize to 4-bit NF4 on `device`: a one-line error if not,
+    before any weights are loaded."""
+    from fakegpt.finetune.optim import require_bitsandbytes
+
+    require_bitsandbytes()
+    try:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(torch.ones(256, device=device), quant_type="nf4")
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as exc:  # its backends fail in many ways (no kernel for this device, a CUDA mismatch)
+        raise FakegptError(
+            f"--method qlora: bitsandbytes cannot hold weights in 4-bit on {device.type} here ({one_line(exc)}); "
+            "use --method lora"
+        ) from None
+
+
+def prepare_quantized(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """A 4-bit base made ready for adapters (peft's prepare_model_for_kbit_training: the layers that stay in
+    full precision, norms and embeddings, in float32 for stable training; input gradients on for checkpointing)."""
+    _import_peft()
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def _is_4bit(module: Any) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and getattr(weight, "quant_state", None) is not None
+
+
+def _dequantized(module: Any) -> torch.Tensor:
+    """A 4-bit layer's weight in its compute dtype."""
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(module.compute_dtype or torch.float32)
+
+
 @torch.no_grad()
 def merged_state(model: Any) -> dict[str, torch.Tensor]:
     """The weights W + (alpha/r)·B·A with the architecture's plain key names, computed without changing `model`.
@@ -213,11 +255,22 @@ def merged_state(model: Any) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         out[key.replace(".base_layer.", ".")] = value
+    # QLoRA: a 4-bit layer's entries (packed weight, quantization constants) become its plain weight
+    quantized = {name.replace(".base_layer", ""): m for name, m in base.named_modules() if _is_4bit(m)}
+    for name, module in quantized.items():
+        for key in [k for k in out if k.startswith(f"{name}.weight.")]:
+            del out[key]
+        out[f"{name}.weight"] = _dequantized(module).to("cpu")
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            weight = module.get_base_layer().weight  # Linear: (out, in); GPT-2's Conv1D: (in, out)
+            layer = module.get_base_layer()
+            # Linear: (out, in); GPT-2's Conv1D: (in, out)
+            weight = _dequantized(layer) if name in quantized else layer.weight
             delta = module.get_delta_weight(ADAPTER)  # the weight's layout (transposed for fan_in_fan_out), scaled
             out[f"{name}.weight"] = (weight + delta.to(weight.dtype)).to("cpu")
+    if quantized:  # one dtype for the whole checkpoint: the compute dtype (bf16 on a GPU), not float32 norms
+        dtype = next(iter(quantized.values())).compute_dtype or torch.float32
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out
 
 

@@ -49,7 +49,7 @@ from fakegpt.data.tokenizer import VOCAB_SIZE
 from fakegpt.errors import FakegptError
 from fakegpt.finetune import checks
 from fakegpt.finetune import state as state_mod
-from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.config import ADAPTER_METHODS, FinetuneConfig
 from fakegpt.models import architecture
 from fakegpt.models.loading import HUB_MODELS, model_config
 
@@ -69,6 +69,10 @@ GPT2_LIKE = "GPT-2-like (LayerNorm, two-matrix MLP)"
 LLAMA_LIKE = "Llama-like (RMSNorm, gated MLP)"
 
 log = logging.getLogger(__name__)
+
+# bytes per 4-bit NF4 weight: half a byte, plus its block's constant (one per 64 weights, itself quantized to 8
+# bits by double quantization, with a float32 constant per 256 blocks)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass
@@ -162,7 +166,7 @@ def meta_model(hf: dict[str, Any], cfg: FinetuneConfig) -> Any:
             raise FakegptError(
                 f"--init-from {cfg.init_from}: not a model shape transformers can build ({exc})"
             ) from None
-        if cfg.method == "lora":
+        if cfg.method in ADAPTER_METHODS:
             model = lora_wrap(model, cfg)
     return model
 
@@ -253,6 +257,9 @@ def plan_for_model(
     weight_bytes = sum(p.numel() * p.element_size() for p in params) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
+    if cfg.method == "qlora":  # the frozen linear layers in 4-bit NF4 instead of float32
+        quantized = quantized_params(model)
+        weight_bytes += int(quantized * (NF4_BYTES - 4))
     from fakegpt.finetune.optim import state_bytes
 
     grads, opt = 4 * n_trainable, state_bytes(trainable, cfg.optimizer)
@@ -275,7 +282,7 @@ def plan_for_model(
     logits = b * s * shape["vocab_size"] * (4 if fused_loss else e + 8)
     if e == 4:
         copies = 0
-    elif cfg.method == "lora":  # frozen weights: a block's copies live as long as its saved activations
+    elif cfg.method in ADAPTER_METHODS:  # frozen weights: a block's copies live as long as its saved activations
         copies = e * block_params * (1 if cfg.gradient_checkpointing else n_layer) + e * n_trainable
     elif shards > 1:
         copies = e * 2 * block_params
@@ -292,6 +299,19 @@ def plan_for_model(
     )
     hf = dict(hf_config or {})
     return Plan(source, shape, cfg, world, act_dtype, n_params, n_trainable, memory, family, hf)
+
+
+def quantized_params(model: Any) -> int:
+    """Parameters QLoRA holds in 4-bit: the weights of every frozen linear layer but the output layer (what
+    transformers' bitsandbytes quantizer converts)."""
+    import torch
+
+    head = architecture.output_layer(model)
+    return sum(
+        m.weight.numel()
+        for m in architecture.hf_model(model).modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad
+    )
 
 
 def activation_bytes(family: str, shape: dict[str, int], tokens: int, e: int, dropout: bool) -> int:
@@ -328,7 +348,7 @@ def _alternatives(cfg: FinetuneConfig) -> list[tuple[str, dict[str, Any], int | 
         accum = cfg.gradient_accumulation_steps * cfg.batch_size
         flags = f"--batch-size 1 --gradient-accumulation-steps {accum} (same tokens per iteration)"
         out.append((flags, {"batch_size": 1, "gradient_accumulation_steps": accum}, None))
-    if cfg.method != "lora":
+    if cfg.method not in ADAPTER_METHODS:
         out.append(("--method lora", {"method": "lora"}, None))
         if not cfg.gradient_checkpointing:
             out.append(("--method lora --gradient-checkpointing true", {"method": "lora", **ckpt}, None))
@@ -337,6 +357,10 @@ def _alternatives(cfg: FinetuneConfig) -> list[tuple[str, dict[str, Any], int | 
         out.append((launch, {"parallel": "fsdp"}, n))
         if not cfg.gradient_checkpointing:
             out.append((launch + " --gradient-checkpointing true", {"parallel": "fsdp", **ckpt}, n))
+    if cfg.method != "qlora" and cfg.init_from != "scratch":  # last: the other kinds keep their places
+        out.append(("--method qlora", {"method": "qlora"}, None))
+        if not cfg.gradient_checkpointing:
+            out.append(("--method qlora --gradient-checkpointing true", {"method": "qlora", **ckpt}, None))
     return out
 
 
@@ -344,7 +368,7 @@ def suggestions(p: Plan, card_gib: float, limit: int = 3) -> list[str]:
     """Up to `limit` ways to fit `card_gib`: the first fitting change of each kind (memory flags, LoRA, FSDP)."""
     found: dict[str, str] = {}
     for flags, changes, world in _alternatives(p.cfg):
-        kind = "fsdp" if world else ("lora" if changes.get("method") == "lora" else "flags")
+        kind = "fsdp" if world else (changes["method"] if changes.get("method") in ADAPTER_METHODS else "flags")
         if kind in found:
             continue
         cfg = dataclasses.replace(p.cfg, **changes)
@@ -382,7 +406,7 @@ def render(p: Plan) -> str:
         "",
     ]
     rows = [
-        ("weights (fp32)", m.weights, "exact"),
+        ("weights (fp32" + (", linear layers in 4-bit NF4)" if cfg.method == "qlora" else ")"), m.weights, "exact"),
         ("gradients (fp32)", m.gradients, "exact"),
         (f"optimizer states ({cfg.optimizer})", m.optimizer, "exact"),
         ("FSDP gathered blocks (2)", m.gathered, "estimate"),

@@ -53,7 +53,7 @@ from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
 from fakegpt.finetune.checks import check, source_val_sets
-from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.config import ADAPTER_METHODS, FinetuneConfig
 from fakegpt.finetune.loss import LinearCrossEntropy
 from fakegpt.finetune.mfu import flops_per_token, peak_flops
 from fakegpt.finetune.saving import SaveSchedule, StopSignals
@@ -123,12 +123,17 @@ def _load(
 ) -> torch.nn.Module:
     # LoRA resumes from its base model loaded again (the state holds only the adapters), a full fine-tune from
     # the shape saved with the state
-    base = resumed.info.init_from if resumed is not None and cfg.method == "lora" else None
+    base = resumed.info.init_from if resumed is not None and cfg.method in ADAPTER_METHODS else None
     if resumed is not None and base is None:  # the shape from the state; its weights are loaded by _setup
         model = model_from_config(state_mod.model_config(resumed.folder), str(resumed.folder))
     elif (base or cfg.init_from) == "scratch":
         torch.manual_seed(cfg.seed)
         model = scratch_model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout)
+    elif cfg.method == "qlora":  # the frozen base in 4-bit NF4, computing in the run's dtype
+        lora.require_4bit(device)
+        compute = torch_dtype(cfg.dtype)
+        model = load_model(base or folder, dtype=compute, device=str(device), dropout=cfg.dropout, four_bit=compute)
+        model = lora.prepare_quantized(model, cfg)
     else:
         model = load_model(base or folder, dtype=torch.float32, dropout=cfg.dropout)
     if base is not None:
@@ -136,7 +141,7 @@ def _load(
     use_fused_gelu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method == "lora":
+    if cfg.method in ADAPTER_METHODS:
         model = lora.wrap(model, cfg)  # base frozen: the optimizer sees the adapters only
     return model.to(device)
 
@@ -180,7 +185,7 @@ def finetune(
     if resumed is None and info.main and state_mod.saved(cfg.out_dir):
         n = state_mod.remove_all(cfg.out_dir)
         log.warning("%s: a new run; removed %d resume state(s) of an earlier run there", cfg.out_dir, n)
-    if resumed is None and info.main and cfg.method != "lora":
+    if resumed is None and info.main and cfg.method not in ADAPTER_METHODS:
         shutil.rmtree(Path(cfg.out_dir) / lora.ADAPTER_DIR, ignore_errors=True)  # an earlier LoRA run's adapters
     resolved = dataclasses.replace(cfg, device=str(device), dtype=dtype, compile=use_compile)
     distributed.setup(info, device)
@@ -351,7 +356,7 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
     s = resumed.info
     best = state_mod.cross_check(s, resumed.folder, t.out_dir)
     weights, payload = state_mod.load_tensors(resumed.folder)
-    if t.cfg.method == "lora":  # the base model loaded again must be the one the adapters were trained on
+    if t.cfg.method in ADAPTER_METHODS:  # the base model loaded again must be the one the adapters were trained on
         lora.check_base_sum(t.model, s.extra, s.init_from, resumed.folder)
     else:  # a linked best-model file leaves a tied output layer out: it is the token embedding again
         weights = fill_tied(weights, t.model)
@@ -359,7 +364,7 @@ def _restore(t: _Trainer, resumed: resume.Resumed) -> None:
         if t.sharded:  # full tensors, read on every rank: each keeps its shard (LoRA is refused under FSDP)
             fsdp.load_full_state(t.model, t.optimizer, weights, payload["optimizer"])
         else:
-            if t.cfg.method == "lora":
+            if t.cfg.method in ADAPTER_METHODS:
                 lora.load_adapter_state(t.model, weights)
             else:
                 t.model.load_state_dict(weights)

@@ -14,6 +14,7 @@ costs about 2 s, which `fakegpt STAGE --help` and a stage's up-front checks shou
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -153,25 +154,39 @@ def attention_for(model_class: type) -> str:
     return "eager"
 
 
-def load_model(spec: str, dtype: Any = None, device: str | None = None, dropout: float | None = None):
+def load_model(
+    spec: str, dtype: Any = None, device: str | None = None, dropout: float | None = None, four_bit: Any = None
+):
     """The causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...) of a hub name or local folder, with SDPA attention
     where the architecture has it. `dropout`: every dropout rate of the config set to this (pretrained configs
-    ship 0.1 for GPT-2; fine-tunes use 0)."""
+    ship 0.1 for GPT-2; fine-tunes use 0). `four_bit`: the compute dtype of a base held in 4-bit NF4 by
+    bitsandbytes (QLoRA: every linear layer but the output layer quantized as it loads, on `device`)."""
     folder = resolve_pretrained(spec)
     config = load_config(folder)
     if dropout is not None:
         for name, value in dropout_overrides(dropout, config).items():
             setattr(config, name, value)
     model_class = causal_lm_class(config)
+    extra: dict[str, Any] = {}
+    if four_bit is not None:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # the quantization constants quantized too: ~0.4 bits/weight less
+            bnb_4bit_compute_dtype=four_bit,
+        )
+        extra["device_map"] = {"": device or "cpu"}  # bitsandbytes quantizes the weights where they are put
     try:
         model = model_class.from_pretrained(
-            folder, config=config, attn_implementation=attention_for(model_class), dtype=dtype
+            folder, config=config, attn_implementation=attention_for(model_class), dtype=dtype, **extra
         )
     except FakegptError:
         raise
     except Exception as exc:  # damaged weights or config, shapes that do not match the config, ...
         raise FakegptError(f"{folder}: cannot load the model {describe(config)} ({one_line(exc)})") from None
-    if device is not None:
+    if device is not None and four_bit is None:  # a quantized model is placed as it loads, and cannot move
         model.to(device)
     return model
 
@@ -209,9 +224,13 @@ def save_checkpoint(
     with atomic_dir(folder) as tmp:
         written = write_safetensors(weights, tmp / WEIGHTS_NAME, {"format": "pt"})
         # what save_pretrained records beside the weights
-        unwrapped.config.dtype = str(unwrapped.dtype).split(".")[1]
-        unwrapped.config.architectures = [type(unwrapped).__name__]
-        unwrapped.config.save_pretrained(tmp)
+        config = copy.deepcopy(unwrapped.config)
+        floats = [t for t in weights.values() if t.is_floating_point()]
+        config.dtype = str(floats[0].dtype if floats else unwrapped.dtype).split(".")[1]
+        config.architectures = [type(unwrapped).__name__]
+        if hasattr(config, "quantization_config"):  # a QLoRA base: the merged checkpoint is a plain model
+            del config.quantization_config
+        config.save_pretrained(tmp)
         if unwrapped.can_generate():
             unwrapped.generation_config.save_pretrained(tmp)
         copy_tokenizer_files(tokenizer_from, tmp)

@@ -220,3 +220,33 @@ def test_cli_plan_from_the_shipped_gpt2_xl_yaml(tmp_path):
     assert "24 GB card: does not fit; fits with:" in proc.stdout
     assert "--optimizer adamw8bit" in proc.stdout and "80 GB card: fits" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_qlora_plans_a_7b_llama_shape_on_a_24gb_card_where_lora_does_not_fit(tmp_path):
+    """A Llama-2-7B-shaped folder (config.json only): QLoRA holds the linear layers in 4-bit NF4 (exact bytes:
+    half a byte per weight plus the double-quantized block constants), the rest in float32."""
+    import json
+
+    shape = dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    cfg = FinetuneConfig(
+        init_from=str(tmp_path), method="qlora", batch_size=1, block_size=2048, gradient_checkpointing=True
+    )
+    q = plan.plan(cfg, world_size=1)
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o and the gated MLP's three
+    rest = q.n_params - linear  # embeddings, output layer, norms and the adapters, in float32
+    assert q.memory.weights == pytest.approx(linear * plan.NF4_BYTES + rest * 4, abs=1024)
+    assert q.fits(24)
+    lora = plan.plan(dataclasses.replace(cfg, method="lora"), world_size=1)
+    assert lora.n_trainable == q.n_trainable and not lora.fits(24)  # the same adapters on a float32 base
+    assert "linear layers in 4-bit NF4" in plan.render(q)
