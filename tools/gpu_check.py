@@ -1,10 +1,11 @@
-"""Tokens/s, MFU and peak GPU memory of `fakegpt finetune` for the GPT-2 shapes, as one Markdown table.
+"""Tokens/s, MFU and peak GPU memory of `fakegpt finetune` for GPT-2 and Llama shapes, as one Markdown table.
 
     bash tools/gpu_check.sh                  # on the GPU: four configurations, under 8 minutes on one H100/H200
     python tools/gpu_check.py --tiny         # the same pipeline on the CPU with a 2-layer model (tests, demos)
 
 No network and no downloads: the models are made from scratch (random init) in the real shapes (gpt2-medium
-24 layers / 16 heads / 1024 embd, gpt2-xl 48 / 25 / 1600), and the data is a folder of random GPT-2 token ids with
+24 layers / 16 heads / 1024 embd, gpt2-xl 48 / 25 / 1600; Llama 3.2 1B and Llama 2 7B, saved as model folders
+first, on GPT-2's vocabulary), and the data is a folder of random GPT-2 token ids with
 a valid meta.json. Each configuration is one `python -m fakegpt finetune --init-from scratch ...` process; its
 OUT/metrics.jsonl gives train/tokens_per_s and mfu (medians over the second half of the iterations, after
 compilation and warm-up) and gpu/peak_memory_gb / gpu/peak_memory_reserved_gb (the maximum). Beside each
@@ -44,13 +45,28 @@ class Check:
     """One row: a name and the finetune flags that differ from the common ones."""
 
     name: str
-    shape: tuple[int, int, int]  # n_layer, n_head, n_embd
+    shape: tuple[int, int, int]  # n_layer, n_head, n_embd (a scratch GPT-2)
     batch_size: int
     flags: tuple[str, ...] = ()
     lora: bool = False
+    model: tuple[tuple[str, int], ...] = ()  # another architecture: its config, built as a random-init folder
+    method: str = "full"  # what the run's fakegpt.method tag must say (lora, qlora) for the row to count
 
 
 MEDIUM, XL = (24, 16, 1024), (48, 25, 1600)
+# Llama-architecture shapes (Llama 3.2 1B, Llama 2 7B), on GPT-2's vocabulary so the random GPT-2 bins train them
+LLAMA_1B = tuple(
+    dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True,
+    ).items()
+)  # fmt: skip
+LLAMA_7B = tuple(
+    dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False,
+    ).items()
+)  # fmt: skip
 CHECKS = (
     Check("gpt2-medium full, bf16 + compile", MEDIUM, 8, ("--compile", "true")),
     Check("gpt2-xl full", XL, 4, ("--compile", "false")),
@@ -61,8 +77,21 @@ CHECKS = (
         ("--compile", "false", "--optimizer", "adamw8bit", "--gradient-checkpointing", "true"),
     ),
     Check("gpt2-xl LoRA r=8", XL, 4, ("--compile", "false", "--method", "lora"), lora=True),
+    Check("llama 1B full, bf16", XL, 4, ("--compile", "false"), model=LLAMA_1B),
+    Check(
+        "llama 7B QLoRA r=8 + checkpointing",
+        XL,
+        1,
+        ("--compile", "false", "--method", "qlora", "--gradient-checkpointing", "true"),
+        lora=True,
+        model=LLAMA_7B,
+        method="qlora",
+    ),
 )
 TINY_SHAPE = (2, 2, 64)
+TINY_LLAMA = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def make_data(folder: Path, train_tokens: int, val_tokens: int, seed: int = 0) -> Path:
@@ -96,11 +125,28 @@ def make_data(folder: Path, train_tokens: int, val_tokens: int, seed: int = 0) -
     return folder
 
 
-def finetune_args(check: Check, data: Path, out: Path, iters: int, tiny: bool) -> list[str]:
+def make_model(check: Check, folder: Path, tiny: bool) -> Path:
+    """A random-init model folder of `check.model`'s shape (bf16 on the GPU; the tiny shape on the CPU), once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {**dict(check.model), **(TINY_LLAMA if tiny else {})}
+    config = AutoConfig.for_model(**{**shape, "vocab_size": VOCAB_SIZE, "bos_token_id": VOCAB_SIZE - 1})
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    with torch.device(device):  # initialised where it is made: a 7B model in seconds on the GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+def finetune_args(check: Check, data: Path, out: Path, iters: int, tiny: bool, model: Path | None = None) -> list[str]:
     n_layer, n_head, n_embd = TINY_SHAPE if tiny else check.shape
     block = 32 if tiny else 1024
+    scratch = ("--n-layer", str(n_layer), "--n-head", str(n_head), "--n-embd", str(n_embd))
     return [
-        *("--init-from", "scratch", "--n-layer", str(n_layer), "--n-head", str(n_head), "--n-embd", str(n_embd)),
+        *(("--init-from", str(model)) if model is not None else ("--init-from", "scratch", *scratch)),
         *("--block-size", str(block), "--batch-size", str(2 if tiny else check.batch_size)),
         *("--gradient-accumulation-steps", "1", "--max-iters", str(iters), "--log-interval", "1"),
         # evaluation only at the start and the end, on 2 batches; no resume state
@@ -165,7 +211,8 @@ def run_tag(db: Path, run_id: str, key: str) -> str | None:
 
 def run_check(check: Check, data: Path, work: Path, iters: int, tiny: bool, timeout: float) -> dict:
     out = work / check.name.replace(" ", "_").replace(",", "").replace("+", "").replace("=", "")
-    args = finetune_args(check, data, out, iters, tiny)
+    model = make_model(check, work / f"model-{out.name}", tiny) if check.model else None
+    args = finetune_args(check, data, out, iters, tiny, model)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = work / f"{out.name}.log"
@@ -187,8 +234,12 @@ def run_check(check: Check, data: Path, work: Path, iters: int, tiny: bool, time
         run_id = next(
             (ln.rsplit("MLflow run ", 1)[1].strip() for ln in log.read_text().splitlines() if "MLflow run " in ln), None
         )
-        if run_id is None or run_tag(work / "mlflow.db", run_id, TAG_METHOD) != "lora":
-            return {**row, "status": f"not measured: this build does not train --method lora (no {TAG_METHOD}=lora)"}
+        method = "qlora" if check.method == "qlora" else "lora"
+        if run_id is None or run_tag(work / "mlflow.db", run_id, TAG_METHOD) != method:
+            return {
+                **row,
+                "status": f"not measured: this build does not train --method {method} (no {TAG_METHOD}={method})",
+            }
     return {**row, **summarize(read_metrics(out / "metrics.jsonl")), "status": "ok"}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: tokens/s, MFU and peak memory of `fakegpt finetune` on this card for
 #   gpt2-medium full bf16 + compile | gpt2-xl full | gpt2-xl full + adamw8bit + gradient checkpointing | gpt2-xl LoRA
+#   | llama 1B full bf16 | llama 7B QLoRA (4-bit NF4 base) + gradient checkpointing
 # with scratch models of the real shapes (random init) on random tokens: no network, no downloads.
 # Prints one Markdown table (with the card's name, the date and --plan's estimate per row) on stdout;
 # progress and each run's log path on stderr. Under 8 minutes on one H100/H200 (a run is not started after 450 s).

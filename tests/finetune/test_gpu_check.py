@@ -34,8 +34,10 @@ def test_gpu_check_tiny_prints_one_table_with_measured_rows(tmp_path):
         "| gpt2-xl full",
         "| gpt2-xl full, adamw8bit + checkpointing",
         "| gpt2-xl LoRA r=8",
+        "| llama 1B full, bf16",
+        "| llama 7B QLoRA r=8 + checkpointing",
     ]
-    for row in rows[:3]:  # measured: tokens/s from metrics.jsonl, the plan's estimate beside it
+    for row in rows[:3] + rows[4:]:  # measured: tokens/s from metrics.jsonl, the plan's estimate beside it
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "2 x 32" and float(cells[2].replace(",", "")) > 0 and float(cells[6]) > 0
         assert cells[3] == "n/a"  # no MFU and no GPU memory on the CPU: never made up
