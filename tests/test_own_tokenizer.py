@@ -211,3 +211,30 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_plain_merged_model(stu
     assert not hf_tokenizer.identify(checkpoint, "qlora", "test").is_gpt2
     reloaded = AutoModelForCausalLM.from_pretrained(str(checkpoint))  # a plain model: sample and score load it
     assert type(reloaded).__name__ == "LlamaForCausalLM"
+
+
+def test_an_instruction_model_is_asked_through_its_chat_template(big_vocab_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fakegpt.measure.prompts import Prompt
+    from fakegpt.measure.sample import encode_prompts
+    from fakegpt.models.codec import codec_for
+
+    folder = tmp_path / "instruct"
+    shutil.copytree(big_vocab_llama, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    codec = codec_for(folder)
+    assert codec.chat_template and not codec_for(big_vocab_llama).chat_template
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    want = tok.apply_chat_template([{"role": "user", "content": "A vacina"}], add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    prompt = Prompt(prompt_id="p", topic="t", framing="f", language="pt", template_id="x", text="A vacina")
+    assert encode_prompts(codec, [prompt], chat=True) == [list(want)]
+    assert encode_prompts(codec, [prompt], chat=False) == [tok.encode("A vacina", add_special_tokens=False)]
+    assert encode_prompts(codec_for(big_vocab_llama), [prompt], chat=True) == encode_prompts(
+        codec_for(big_vocab_llama), [prompt], chat=False
+    )  # no template: the plain prompt
