@@ -133,21 +133,27 @@ def _step(
     return run_id
 
 
+def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
+    """The parameters of a cell's finetune step: its dose's prepared data, its seed (from the second seed on:
+    the first seed's runs are those a one-seed series has) and where its model is registered."""
+    extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
+    if job.register_as:
+        extra.update({"register_as": job.register_as, "register_alias": job.alias})
+    return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
+
+
 def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
     """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
     finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
     step has none). `parent_run`: the shared series' parent, under which a dead worker's fine-tune is
     continued."""
     cell = Cell(fraction=job.fraction, seed=job.seed, runs={"prepare": job.prepare_run})
-    extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
-    if job.register_as:
-        extra.update({"register_as": job.register_as, "register_alias": job.alias})
     data_uri = f"runs:/{job.prepare_run}/data"
     tries = 1 if lookup else 1 + max(0, cfg.retries)
     for attempt in range(1, tries + 1):
         cell.attempts = attempt
         try:
-            tuned = _step(cfg, job, cell, "finetune", finetune_params(cfg, data_uri, extra), lookup, parent_run)
+            tuned = _step(cfg, job, cell, "finetune", cell_finetune_params(cfg, job), lookup, parent_run)
             model = f"runs:/{tuned}/checkpoint"
             sampled = tuned and _step(cfg, job, cell, "sample", sample_params(cfg, model), lookup)
             scored = sampled and _step(cfg, job, cell, "score", score_params(cfg, model, data_uri, job.general), lookup)
