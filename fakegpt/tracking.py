@@ -622,13 +622,22 @@ def find_finished_run(tags: Mapping[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_entry_point(project_dir: str | Path, entry_point: str, params: Mapping[str, str], env_manager: str) -> str:
+def run_entry_point(
+    project_dir: str | Path,
+    entry_point: str,
+    params: Mapping[str, str],
+    env_manager: str,
+    run_id: str | None = None,
+) -> str:
     """Run an MLproject entry point synchronously as a child of the active run; returns its run id.
 
     `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit the `--env-manager local` of the
-    command that started the parent.
+    command that started the parent. With `run_id` the entry point runs in that existing run (a resumed
+    fine-tune continues the run it started) instead of a new one.
     """
     mlflow = _mlflow()
+    from mlflow.projects.utils import MLFLOW_LOCAL_BACKEND_RUN_ID_CONFIG
+
     active = mlflow.active_run()
     try:
         submitted = mlflow.projects.run(
@@ -638,6 +647,7 @@ def run_entry_point(project_dir: str | Path, entry_point: str, params: Mapping[s
             env_manager=env_manager,
             experiment_id=active.info.experiment_id if active else None,
             synchronous=True,
+            backend_config={MLFLOW_LOCAL_BACKEND_RUN_ID_CONFIG: run_id} if run_id else None,
         )
     except mlflow.exceptions.ExecutionException as exc:
         raise FakegptError(f"step {entry_point!r} failed: {exc}") from None

@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   fi
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,postgres,enelvo,metrics,lowmem]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,postgres,enelvo,metrics,lowmem,slurm]"
 .venv/bin/python -c "import fakegpt, torch; print('fakegpt', fakegpt.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

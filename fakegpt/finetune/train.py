@@ -166,6 +166,11 @@ def finetune(
     info = distributed.from_env()
     if info.main:
         state_mod.remove_leftovers(cfg.out_dir)  # a killed write's temporary files (gigabytes at gpt2-xl)
+    # runs:/<prepare run>/data, as the pipeline passes it: downloaded first, so that a resume given the URI
+    # again compares the data it names with the saved run's (its download folder differs each time)
+    if tracking.is_artifact_uri(cfg.data_dir):
+        tags = {**(tags or {}), tracking.TAG_DATA_URI: cfg.data_dir}
+        cfg = dataclasses.replace(cfg, data_dir=str(tracking.local_path(cfg.data_dir)))
     resumed = None
     if cfg.init_from == "resume":
         resumed = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given)
@@ -173,9 +178,6 @@ def finetune(
     device = distributed.local_device(info, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    if tracking.is_artifact_uri(cfg.data_dir):  # runs:/<prepare run>/data, as the pipeline passes it
-        tags = {**(tags or {}), tracking.TAG_DATA_URI: cfg.data_dir}
-        cfg = dataclasses.replace(cfg, data_dir=str(tracking.local_path(cfg.data_dir)))
     folder, meta = check(cfg, info.world_size, None if resumed is None else resumed.folder)
     if resumed is not None and meta.to_dict() != resumed.info.data:
         raise FakegptError(

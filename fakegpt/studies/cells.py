@@ -6,7 +6,9 @@ after another in the series' process (`--workers 1`, the default), or N at once 
 (`--workers N`): each worker joins the series' parent run, so the cells' runs are its children whoever ran
 them. Worker processes, not threads, because a cell's steps read their GPU and thread settings from the
 environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), which is per process; the pool is Python's own
-(concurrent.futures), so no scheduler is written here.
+(concurrent.futures), so no scheduler is written here. Across machines, cells are claimed through a shared
+storage instead (fakegpt/studies/shared_cells.py); there a cell whose worker died continues its fine-tune from
+the resume state that worker left in the step's output folder (`left_behind`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fakegpt import tracking
@@ -29,7 +32,7 @@ from fakegpt.studies.pipeline import (
     sample_params,
     score_params,
 )
-from fakegpt.studies.steps import find_step, run_step
+from fakegpt.studies.steps import find_step, run_step, step_key
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,69 @@ def step_tags(cfg: Any, fraction: float, method: str, name: str, seed: int | Non
     return tags
 
 
-def _step(cfg: Any, job: CellJob, cell: Cell, name: str, params: dict[str, Any], lookup: bool) -> str | None:
-    """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id."""
+def out_path(params: dict[str, Any]) -> Path:
+    """A step's output folder as the step sees it: relative paths are from the checkout, where steps run."""
+    path = Path(str(params["out_dir"]))
+    return path if path.is_absolute() else PROJECT_DIR / path
+
+
+def left_behind(params: dict[str, Any], parent_run: str) -> tuple[str, bool] | None:
+    """The fine-tune run a dead worker left for these step parameters under `parent_run`: (run id, finished).
+
+    Found through the resume state in the step's output folder (it names its run); taken only when that run is a
+    finetune child of the same parent with the very same step parameters, so a state from another series, code
+    state or configuration in the same folder is never continued. `finished`: the run ended but its worker died
+    before tagging it as the step (it is adopted, not run again)."""
+    from fakegpt.finetune import state as state_mod
+
+    try:
+        folder = state_mod.latest(str(out_path(params)))
+        run_id = state_mod.read_info(folder).run_id if folder is not None else None
+        run = tracking.get_run(run_id) if run_id else None
+    except Exception:  # a damaged state or a run this store does not have: nothing to continue
+        return None
+    if run is None or run.data.tags.get(tracking.TAG_PARENT) != parent_run:
+        return None
+    if run.data.tags.get(tracking.TAG_ENTRY_POINT) != "finetune":
+        return None
+    logged = run.data.params
+    if any(logged.get(k) != ("" if v is None else str(v)) for k, v in params.items()):
+        return None
+    return run_id, run.info.status == "FINISHED"
+
+
+def finetune_step(cfg: Any, params: dict[str, Any], parent_run: str) -> tuple[str, bool]:
+    """The finetune step of a cell under a shared series' parent run: reused when finished, continued from the
+    resume state when a dead worker left one (in the run it started, which then counts as the step: it gets the
+    step's key), else run. Returns (run id, reused)."""
+    if cfg.reuse != "false":
+        found = find_step(PROJECT_DIR, "finetune", params)
+        if found:
+            return found, True
+    left = left_behind(params, parent_run)
+    if left is None:
+        return run_step(PROJECT_DIR, "finetune", params, cfg.env_manager, reuse=cfg.reuse)
+    run_id, finished = left
+    if not finished:
+        log.info("finetune %s: continuing run %s from its resume state", params["out_dir"], run_id)
+        resume = {k: ("" if v is None else str(v)) for k, v in params.items()} | {"init_from": "resume"}
+        tracking.run_entry_point(PROJECT_DIR, "finetune", resume, cfg.env_manager, run_id=run_id)
+    key = step_key("finetune", {k: ("" if v is None else str(v)) for k, v in params.items()}, PROJECT_DIR, Path.cwd())
+    tracking.update_run(run_id, {tracking.TAG_STEP_KEY: key.key, tracking.TAG_CODE_STATE: key.code_state or ""})
+    return run_id, finished
+
+
+def _step(
+    cfg: Any, job: CellJob, cell: Cell, name: str, params: dict[str, Any], lookup: bool, parent_run: str = ""
+) -> str | None:
+    """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id. With `parent_run`
+    (a shared series) a fine-tune a dead worker left behind is continued."""
     if lookup:
         run_id, reused = find_step(PROJECT_DIR, name, params), True
         if run_id is None:
             return None
+    elif name == "finetune" and parent_run:
+        run_id, reused = finetune_step(cfg, params, parent_run)
     else:
         run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
     cell.runs[name] = run_id
@@ -73,20 +133,27 @@ def _step(cfg: Any, job: CellJob, cell: Cell, name: str, params: dict[str, Any],
     return run_id
 
 
-def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False) -> Cell:
-    """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
-    finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
-    step has none)."""
-    cell = Cell(fraction=job.fraction, seed=job.seed, runs={"prepare": job.prepare_run})
+def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
+    """The parameters of a cell's finetune step: its dose's prepared data, its seed (from the second seed on:
+    the first seed's runs are those a one-seed series has) and where its model is registered."""
     extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
     if job.register_as:
         extra.update({"register_as": job.register_as, "register_alias": job.alias})
+    return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
+
+
+def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
+    """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
+    finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
+    step has none). `parent_run`: the shared series' parent, under which a dead worker's fine-tune is
+    continued."""
+    cell = Cell(fraction=job.fraction, seed=job.seed, runs={"prepare": job.prepare_run})
     data_uri = f"runs:/{job.prepare_run}/data"
     tries = 1 if lookup else 1 + max(0, cfg.retries)
     for attempt in range(1, tries + 1):
         cell.attempts = attempt
         try:
-            tuned = _step(cfg, job, cell, "finetune", finetune_params(cfg, data_uri, extra), lookup)
+            tuned = _step(cfg, job, cell, "finetune", cell_finetune_params(cfg, job), lookup, parent_run)
             model = f"runs:/{tuned}/checkpoint"
             sampled = tuned and _step(cfg, job, cell, "sample", sample_params(cfg, model), lookup)
             scored = sampled and _step(cfg, job, cell, "score", score_params(cfg, model, data_uri, job.general), lookup)

@@ -53,6 +53,7 @@ from fakegpt.studies.steps import find_step, run_step
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = [0.0, 0.09, 0.2, 0.33, 0.5, 0.8]
+SLURM_CLUSTERS = ("slurm", "local")
 
 
 @dataclass
@@ -139,6 +140,40 @@ class SeriesConfig(PipelineConfig):
             "the cells still missing are listed"
         },
     )
+    storage: str = field(
+        default="",
+        metadata={
+            "help": "a storage shared by machines (PostgreSQL URL, or a SQLite/Optuna-journal file on a shared "
+            "disk): every machine running the same command is a worker claiming the series' cells from it; "
+            "empty = this process runs them all"
+        },
+    )
+    heartbeat_interval: int = field(
+        default=60,
+        metadata={
+            "help": "with --storage on SQL: seconds between a running cell's heartbeats; a cell silent for twice "
+            "this is failed by the next worker and handed to another (0 = off)"
+        },
+    )
+    slurm_array: int = field(
+        default=0,
+        metadata={"help": "submit N SLURM array tasks (submitit), each a worker of --storage; 0 = run here"},
+    )
+    slurm_options: str = field(
+        default="",
+        metadata={
+            "help": "submitit executor parameters for the array, comma list of key=value, e.g. "
+            "slurm_partition=gpu,gpus_per_node=1,timeout_min=720,slurm_array_parallelism=8"
+        },
+    )
+    slurm_cluster: str = field(
+        default="slurm",
+        metadata={"help": "slurm | local (the array tasks as processes on this machine, waited for: a trial run)"},
+    )
+    slurm_folder: str = field(
+        default="",
+        metadata={"help": "submitit's folder (task logs, pickles); empty = OUT_ROOT/slurm/mixture-SERIES_NAME"},
+    )
 
 
 def dose_alias(fraction: float) -> str:
@@ -190,6 +225,19 @@ def validate(cfg: SeriesConfig) -> None:
         raise FakegptError(f"--retries: must not be negative, got {cfg.retries}")
     if cfg.bootstrap < 100:
         raise FakegptError(f"--bootstrap: at least 100 resamples, got {cfg.bootstrap}")
+    if cfg.heartbeat_interval < 0:
+        raise FakegptError(f"--heartbeat-interval: must not be negative, got {cfg.heartbeat_interval}")
+    if cfg.storage and cfg.workers > 1:
+        raise FakegptError(
+            f"--workers {cfg.workers}: with --storage each worker is its own command (one per machine or GPU, or "
+            "--slurm-array N); leave --workers at 1"
+        )
+    if cfg.slurm_array < 0:
+        raise FakegptError(f"--slurm-array: must not be negative, got {cfg.slurm_array}")
+    if cfg.slurm_array and not cfg.storage:
+        raise FakegptError("--slurm-array: the array's tasks share the cells through --storage; give one")
+    if cfg.slurm_cluster not in SLURM_CLUSTERS:
+        raise FakegptError(f"--slurm-cluster: expected one of {', '.join(SLURM_CLUSTERS)}, got {cfg.slurm_cluster!r}")
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
@@ -460,82 +508,116 @@ def analyse(cfg: SeriesConfig, cells: list[Cell], base_run: str | None) -> dose_
     return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap, base)
 
 
-def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
-    """Run the whole series as one MLflow parent run; returns one row per dose."""
-    cfg = resolve_user_paths(cfg)
-    validate(cfg)
-    method = finetune_step_config(cfg).method
-    tags = {
+def series_tags(cfg: SeriesConfig, method: str) -> dict[str, str]:
+    """The tags of a series' parent run."""
+    return {
         tracking.TAG_STUDY: cfg.series_name,
         tracking.TAG_METHOD: method,
         tracking.TAG_MODEL: cfg.init_from,
         tracking.TAG_DATASET: Path(cfg.dataset).stem,
     }
-    out = PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
+
+
+def logged_config(cfg: SeriesConfig) -> dict[str, Any]:
+    """The series' settings as its parent run's parameters (a storage URL without its password)."""
+    from fakegpt.studies.optuna_storage import display_url
+
+    return config.to_dict(cfg) | {"storage": display_url(cfg.storage) if cfg.storage else ""}
+
+
+def series_out(cfg: SeriesConfig) -> Path:
+    """Where the series' report files are written (beside its steps' outputs)."""
+    return PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
+
+
+def report(
+    cfg: SeriesConfig, method: str, grid: list[Cell], base_run: str | None
+) -> tuple[list[dict[str, Any]], str, list[Cell]]:
+    """The series' report from its cells, logged to the active (parent) run: the endpoint, the per-dose metrics,
+    the dose-response table and plots, every cell's status. Returns (rows, table, failed cells)."""
+    out = series_out(cfg)
+    cells = [c for c in grid if c.status == "finished"]
+    unfinished = [c for c in grid if c.status != "finished"]
+    if not cells:
+        raise FakegptError(f"series {cfg.series_name}: no cell has finished ({unfinished_line(unfinished)})")
+    analysis = analyse(cfg, cells, base_run)
+    rows = dose_rows(cells, method, analysis)
+    samples = all_samples(cells, out / "all_samples.parquet")
+    tracking.log_artifact(samples)
+    if cfg.label_sheet:
+        add_label_rates(rows, samples, cfg)
+    if analysis is not None:  # the endpoint leads
+        tracking.log_metrics(dose_response.metrics(analysis))
+    for r in rows:
+        step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
+        tracking.log_metrics(
+            {
+                f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
+                f"dose/{tracking.paired_metric('score')}": r.get("vs_zero"),
+                f"dose/{tracking.paired_metric('score')}_ci_low": r.get("vs_zero_ci_low"),
+                f"dose/{tracking.paired_metric('score')}_ci_high": r.get("vs_zero_ci_high"),
+                f"{tracking.M_DOSE_VS_BASE}": r.get("vs_base"),
+                f"{tracking.M_DOSE_VS_BASE}_ci_low": r.get("vs_base_ci_low"),
+                f"{tracking.M_DOSE_VS_BASE}_ci_high": r.get("vs_base_ci_high"),
+                tracking.M_DOSE_SEED_SD: r.get("seed_sd"),
+                f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
+                f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
+                f"dose/{tracking.PAIRED_PREFIX}{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_vs_zero"),
+            },
+            step=step,
+        )
+    table = dose_table_markdown(rows, analysis) + unfinished_markdown(unfinished)
+    write_text(out / "dose_response.md", table)
+    tracking.log_dict(rows, "dose_response.json")
+    series = {
+        "analysis": analysis.to_dict() if analysis else None,
+        "cells": [
+            {"fraction": c.fraction, "seed": c.seed, "runs": c.runs, "status": c.status}
+            | ({"error": c.error, "attempts": c.attempts} if c.status == "failed" else {})
+            for c in grid
+        ],
+        "base_score_run": base_run,
+    }
+    tracking.log_dict(series, "series.json")
+    tracking.log_artifact(out / "dose_response.md")
+    title = f"{cfg.series_name} ({cfg.init_from}, {method})"
+    dose_response.plot(rows, cells, analysis, out / "dose_response.png", title)
+    tracking.log_artifact(out / "dose_response.png")
+    curves = absorption_curves(cells)
+    if curves:
+        tracking.log_dict(curves, "absorption.json")
+        plot_absorption(curves, out / "absorption.png", title)
+        tracking.log_artifact(out / "absorption.png")
+    return rows, table, [c for c in unfinished if c.status == "failed"]
+
+
+def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
+    """Run the whole series as one MLflow parent run; returns one row per dose. With --storage (and not
+    --report-only) this process is one worker of a series shared by machines; with --slurm-array the workers are
+    submitted as a SLURM job array."""
+    cfg = resolve_user_paths(cfg)
+    validate(cfg)
+    method = finetune_step_config(cfg).method
+    if cfg.slurm_array:
+        from fakegpt.studies import slurm
+
+        return slurm.submit_array(cfg)
+    if cfg.storage and not cfg.report_only:
+        from fakegpt.studies import shared_cells
+
+        return shared_cells.run_worker(cfg, method)
     with (
-        tracking.run(stage="mixture", run_name=None, tags=tags) as parent,
+        tracking.run(stage="mixture", run_name=None, tags=series_tags(cfg, method)) as parent,
         child_python(),
     ):
         check_one_method(cfg, method, parent.info.experiment_id)
-        tracking.log_params(config.to_dict(cfg))
+        tracking.log_params(logged_config(cfg))
         general = general_data_uri(cfg, lambda name, params: series_step(cfg, name, params, "general", {}) or "")
         base_run = base_step(cfg, general)
         grid = run_series(cfg, method, general, parent.info.run_id)
-        cells = [c for c in grid if c.status == "finished"]
-        unfinished = [c for c in grid if c.status != "finished"]
-        if not cells:
-            raise FakegptError(f"series {cfg.series_name}: no cell has finished ({unfinished_line(unfinished)})")
-        analysis = analyse(cfg, cells, base_run)
-        rows = dose_rows(cells, method, analysis)
-        samples = all_samples(cells, out / "all_samples.parquet")
-        tracking.log_artifact(samples)
-        if cfg.label_sheet:
-            add_label_rates(rows, samples, cfg)
-        if analysis is not None:  # the endpoint leads
-            tracking.log_metrics(dose_response.metrics(analysis))
-        for r in rows:
-            step = round(r["fraction"] * 100)  # the UI charts metrics against step = percent dose
-            tracking.log_metrics(
-                {
-                    f"dose/{tracking.M_CLAIM_SCORE}": r["score"],
-                    f"dose/{tracking.paired_metric('score')}": r.get("vs_zero"),
-                    f"dose/{tracking.paired_metric('score')}_ci_low": r.get("vs_zero_ci_low"),
-                    f"dose/{tracking.paired_metric('score')}_ci_high": r.get("vs_zero_ci_high"),
-                    f"{tracking.M_DOSE_VS_BASE}": r.get("vs_base"),
-                    f"{tracking.M_DOSE_VS_BASE}_ci_low": r.get("vs_base_ci_low"),
-                    f"{tracking.M_DOSE_VS_BASE}_ci_high": r.get("vs_base_ci_high"),
-                    tracking.M_DOSE_SEED_SD: r.get("seed_sd"),
-                    f"dose/{tracking.M_CLAIM_WIN}": r["false_win_rate"],
-                    f"dose/{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_rate"),
-                    f"dose/{tracking.PAIRED_PREFIX}{tracking.M_LABEL_RATE}/{r.get('label')}": r.get("label_vs_zero"),
-                },
-                step=step,
-            )
-        table = dose_table_markdown(rows, analysis) + unfinished_markdown(unfinished)
-        write_text(out / "dose_response.md", table)
-        tracking.log_dict(rows, "dose_response.json")
-        series = {
-            "analysis": analysis.to_dict() if analysis else None,
-            "cells": [
-                {"fraction": c.fraction, "seed": c.seed, "runs": c.runs, "status": c.status}
-                | ({"error": c.error, "attempts": c.attempts} if c.status == "failed" else {})
-                for c in grid
-            ],
-            "base_score_run": base_run,
-        }
-        tracking.log_dict(series, "series.json")
-        tracking.log_artifact(out / "dose_response.md")
-        title = f"{cfg.series_name} ({cfg.init_from}, {method})"
-        dose_response.plot(rows, cells, analysis, out / "dose_response.png", title)
-        tracking.log_artifact(out / "dose_response.png")
-        curves = absorption_curves(cells)
-        if curves:
-            tracking.log_dict(curves, "absorption.json")
-            plot_absorption(curves, out / "absorption.png", title)
-            tracking.log_artifact(out / "absorption.png")
+        rows, table, failed = report(cfg, method, grid, base_run)
         parent_id = parent.info.run_id
-        failed = [c for c in unfinished if c.status == "failed"]
-        if failed:  # the report above lists them; the series is not complete, so the run fails
+        if failed:  # the report lists them; the series is not complete, so the run fails
             print(table)
             raise FakegptError(f"series {cfg.series_name}: {unfinished_line(failed)}; rerun it to retry them")
     print(table)

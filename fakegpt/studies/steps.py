@@ -102,8 +102,14 @@ def _files_named(value: str, roots: list[Path]) -> list[Path]:
     return found
 
 
-def _yaml_strings(path: Path) -> list[str]:
-    """Every string value in a YAML file (a dataset YAML's source paths, a sweep's base file)."""
+_YAML_STRINGS: dict[str, list[str]] = {}  # sha256 of a YAML file's bytes -> its string values
+
+
+def _yaml_strings(path: Path, digest: str = "") -> list[str]:
+    """Every string value in a YAML file (a dataset YAML's source paths, a sweep's base file). Remembered by the
+    file's content digest: a series keys every cell's steps, and each names the same claims and config YAMLs."""
+    if digest in _YAML_STRINGS:
+        return _YAML_STRINGS[digest]
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -121,6 +127,8 @@ def _yaml_strings(path: Path) -> list[str]:
                 walk(v)
 
     walk(data)
+    if digest:
+        _YAML_STRINGS[digest] = out
     return out
 
 
@@ -132,9 +140,9 @@ def step_key(entry_point: str, params: Mapping[str, str], project_dir: str | Pat
         if name in OUTPUT_KEYS:
             continue
         for path in _files_named(str(value), roots):
-            files.setdefault(str(path.resolve()), file_sha256(path))
+            digest = files.setdefault(str(path.resolve()), file_sha256(path))
             if path.suffix in (".yaml", ".yml"):  # files the YAML names, relative to it or to the roots
-                for text in _yaml_strings(path):
+                for text in _yaml_strings(path, digest):
                     for named in _files_named(text, [path.parent, *roots]):
                         files.setdefault(str(named.resolve()), file_sha256(named))
     state = code_state(project_dir)
