@@ -172,6 +172,8 @@ class ModelScore:
     paired: dict[str, Interval] = field(default_factory=dict)  # measure -> difference from the reference
     val_nll: list[float] | None = field(default=None, repr=False)  # per-window losses: what `paired` compares
     general_nll: list[float] | None = field(default=None, repr=False)
+    val_windows: Windows | None = field(default=None, repr=False)  # the same windows' summed losses and bytes
+    general_windows: Windows | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -186,7 +188,8 @@ class ScoreResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary written as summary.json."""
-        models = [{k: v for k, v in asdict(m).items() if k not in ("val_nll", "general_nll")} for m in self.models]
+        hidden = ("val_nll", "general_nll", "val_windows", "general_windows")
+        models = [{k: v for k, v in asdict(m).items() if k not in hidden} for m in self.models]
         return {"models": models, "intervals": INTERVALS, "headline": HEADLINE, "compare": COMPARE}
 
 
@@ -237,8 +240,12 @@ class Windows:
     """Fixed windows of a val.bin (the same for every model with the same tokenizer) and each one's loss."""
 
     nll: list[float]  # mean next-token loss per window, in nats
-    nats: float  # summed over every predicted token
+    window_nats: list[float]  # summed per window
     bytes: int  # UTF-8 bytes of the predicted tokens' text (message separators not counted)
+
+    @property
+    def nats(self) -> float:
+        return float(sum(self.window_nats))
 
     @property
     def bits_per_byte(self) -> float:
@@ -258,7 +265,9 @@ def windows_measured(
     logps = token_logprobs(model, windows, batch_size=max(1, batch_size // 4))
     size = sum(len(decode_bytes([t for t in w[1:] if t != eos])) for w in windows)
     return Windows(
-        nll=[-float(lp.mean().item()) for lp in logps], nats=-float(sum(lp.sum().item() for lp in logps)), bytes=size
+        nll=[-float(lp.mean().item()) for lp in logps],
+        window_nats=[-float(lp.sum().item()) for lp in logps],
+        bytes=size,
     )
 
 
@@ -467,6 +476,16 @@ def paired_differences(
         # windows of token ids: the same text for both only when both models have one tokenizer
         if a is not None and b is not None and model.tokenizer == reference.tokenizer:
             add(name, np.subtract(a, b), [str(i) for i in range(len(a))])
+    for name, mine_w, ref_w in (
+        ("val_bits_per_byte", model.val_windows, reference.val_windows),
+        ("general_bits_per_byte", model.general_windows, reference.general_windows),
+    ):
+        if mine_w is not None and ref_w is not None and model.tokenizer == reference.tokenizer and mine_w.bytes:
+            # per window its share of the summed difference in bits over all the windows' bytes: their mean is
+            # the difference of the two bits-per-byte figures, each window a cluster
+            n = len(mine_w.window_nats)
+            per_window = np.subtract(mine_w.window_nats, ref_w.window_nats) / math.log(2) * n / mine_w.bytes
+            add(name, per_window, [str(i) for i in range(n)])
     return out
 
 
@@ -649,6 +668,7 @@ def _measure(
             perplexity(val.nll),
             val.bits_per_byte,
         )
+        summary.val_windows = val
     if general_dir is not None:
         general = windows_measured(model, general_dir, cfg.val_windows, cfg.batch_size, decode, eos)
         summary.general_nll, summary.general_perplexity, summary.general_bits_per_byte = (
@@ -656,6 +676,7 @@ def _measure(
             perplexity(general.nll),
             general.bits_per_byte,
         )
+        summary.general_windows = general
     return summary, table, pairs
 
 

@@ -288,7 +288,7 @@ def test_a_pair_score_counts_only_the_continuation_after_the_shared_start(tiny_m
     assert row["score_full_mean"] == pytest.approx(np.mean(lp_f) - np.mean(lp_t), abs=1e-4)
 
 
-def test_reference_gives_paired_differences_of_every_measure(tmp_path, tiny_model_dir, capsys):
+def test_reference_gives_paired_differences_of_every_measure(tmp_path, tiny_model_dir, capsys, prepared_whatsapp):
     """`--reference`: each measure of the other model minus the reference's, pair by pair, with the claims'
     interval (t below 10 claims), leading the metrics and the printed line."""
     from mlflow.tracking import MlflowClient
@@ -304,6 +304,7 @@ def test_reference_gives_paired_differences_of_every_measure(tmp_path, tiny_mode
     model.save_pretrained(other)
     out = tmp_path / "out"
     argv = ["score", "--models", str(other), "--reference", str(tiny_model_dir), "--claims", str(claims)]
+    argv += ["--general-data", str(prepared_whatsapp), "--val-windows", "12"]
     assert cli.main([*argv, "--out-dir", str(out), "--bootstrap", "300"]) == 0
     printed = capsys.readouterr().out
     assert f"{other}: vs {tiny_model_dir}: claim score" in printed and "pair lengths:" in printed
@@ -327,6 +328,12 @@ def test_reference_gives_paired_differences_of_every_measure(tmp_path, tiny_mode
         run.data.metrics
     )
     assert run.data.tags["fakegpt.reference"] == str(tiny_model_dir)
+    # bits per byte on the same general windows: the paired difference is the difference of the two figures
+    assert paired["general_bits_per_byte"]["mean"] == pytest.approx(
+        compared["general_bits_per_byte"] - reference["general_bits_per_byte"], rel=1e-9
+    )
+    assert paired["general_bits_per_byte"]["method"] == "percentile bootstrap over 12 clusters"  # windows
+    assert run.data.metrics["paired/general/bits_per_byte"] == pytest.approx(paired["general_bits_per_byte"]["mean"])
     topics = compared["per_topic"]
     assert {t: v["p_holm"] for t, v in topics.items()} == pytest.approx(
         dict(zip(topics, holm([v["p_value"] for v in topics.values()]), strict=True))
