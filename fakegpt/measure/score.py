@@ -660,23 +660,13 @@ def _measure(
     pairs = pair_table(table)
     summary = summarise(spec, fraction, table, pairs, cfg)
     summary.architecture, summary.tokenizer = type(model).__name__, codec.name
-    decode, eos = codec.decode_bytes, codec.eos
-    if data_dir is not None:
-        val = windows_measured(model, data_dir, cfg.val_windows, cfg.batch_size, decode, eos)
-        summary.val_nll, summary.val_perplexity, summary.val_bits_per_byte = (
-            val.nll,
-            perplexity(val.nll),
-            val.bits_per_byte,
-        )
-        summary.val_windows = val
-    if general_dir is not None:
-        general = windows_measured(model, general_dir, cfg.val_windows, cfg.batch_size, decode, eos)
-        summary.general_nll, summary.general_perplexity, summary.general_bits_per_byte = (
-            general.nll,
-            perplexity(general.nll),
-            general.bits_per_byte,
-        )
-        summary.general_windows = general
+    for prefix, folder in (("val", data_dir), ("general", general_dir)):
+        if folder is not None:  # summary.val_nll, val_perplexity, val_bits_per_byte, val_windows; general_...
+            windows = windows_measured(model, folder, cfg.val_windows, cfg.batch_size, codec.decode_bytes, codec.eos)
+            setattr(summary, f"{prefix}_nll", windows.nll)
+            setattr(summary, f"{prefix}_perplexity", perplexity(windows.nll))
+            setattr(summary, f"{prefix}_bits_per_byte", windows.bits_per_byte)
+            setattr(summary, f"{prefix}_windows", windows)
     return summary, table, pairs
 
 

@@ -247,7 +247,8 @@ def mixture_command(argv: list[str], store: Path, cwd: Path) -> subprocess.Compl
 def series_env(store: Path) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}", PYTHONPATH=str(ROOT))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # earlier tests' runs set them
+        env.pop(name, None)
     return env
 
 
