@@ -102,3 +102,15 @@ def prepared_whatsapp(tmp_path_factory, shared_data) -> Path:
     out = tmp_path_factory.mktemp("prepared-whatsapp")
     prepare(PrepareConfig(inputs=[str(shared_data / "fakewhatsapp_br.csv")], out=str(out), force=True), track=False)
     return out
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The loopback PostgreSQL of tools/postgres.sh (.ci/run starts it); the test is skipped without one, or
+    fails when FAKEGPT_REQUIRE_POSTGRES=1 says there must be one."""
+    url = os.environ.get("FAKEGPT_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("FAKEGPT_REQUIRE_POSTGRES") == "1":
+            pytest.fail("FAKEGPT_REQUIRE_POSTGRES=1 but FAKEGPT_TEST_POSTGRES_URL is not set (tools/postgres.sh)")
+        pytest.skip("no PostgreSQL: export FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh)")
+    return url

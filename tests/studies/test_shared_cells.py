@@ -278,16 +278,6 @@ def assert_same_report(rows: list[dict], expected: list[dict]) -> None:
             assert got.get(key) == close, (got["fraction"], key)
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    url = os.environ.get("FAKEGPT_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("FAKEGPT_REQUIRE_POSTGRES") == "1":
-            pytest.fail("FAKEGPT_REQUIRE_POSTGRES=1 but FAKEGPT_TEST_POSTGRES_URL is not set (tools/postgres.sh)")
-        pytest.skip("no PostgreSQL: export FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh)")
-    return url
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL a worker and every process under it (its steps' `mlflow run` children): a machine lost."""
     import psutil

@@ -308,16 +308,6 @@ def test_a_killed_worker_leaves_a_failed_trial_not_a_complete_one(tmp_path, data
 # --- PostgreSQL: the multi-worker path with a server database -------------------------------------------------
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    url = os.environ.get("FAKEGPT_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("FAKEGPT_REQUIRE_POSTGRES") == "1":
-            pytest.fail("FAKEGPT_REQUIRE_POSTGRES=1 but FAKEGPT_TEST_POSTGRES_URL is not set (tools/postgres.sh)")
-        pytest.skip("no PostgreSQL: export FAKEGPT_TEST_POSTGRES_URL=$(bash tools/postgres.sh)")
-    return url
-
-
 @pytest.mark.slow
 def test_two_workers_share_a_study_on_postgresql(tmp_path, data_dir, postgres_url):
     name = f"pg-{uuid.uuid4().hex[:8]}"
