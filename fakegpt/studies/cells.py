@@ -32,7 +32,7 @@ from fakegpt.studies.pipeline import (
     sample_params,
     score_params,
 )
-from fakegpt.studies.steps import find_step, run_step, step_key
+from fakegpt.studies.steps import find_step, run_or_find, run_step, step_key
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,12 @@ def _step(
 ) -> str | None:
     """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id. With `parent_run`
     (a shared series) a fine-tune a dead worker left behind is continued."""
-    if lookup:
-        run_id, reused = find_step(PROJECT_DIR, name, params), True
-        if run_id is None:
-            return None
-    elif name == "finetune" and parent_run:
+    if name == "finetune" and parent_run and not lookup:
         run_id, reused = finetune_step(cfg, params, parent_run)
     else:
-        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+        run_id, reused = run_or_find(PROJECT_DIR, name, params, cfg.env_manager, cfg.reuse, lookup)
+    if run_id is None:
+        return None
     cell.runs[name] = run_id
     tracking.update_run(run_id, tags=step_tags(cfg, job.fraction, job.method, name, job.seed))
     where = f"f={job.fraction:g}" + (f" seed={job.seed}" if cfg.seeds > 1 else "")

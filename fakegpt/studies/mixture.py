@@ -48,7 +48,7 @@ from fakegpt.studies.pipeline import (
     resolve_user_paths,
     score_params,
 )
-from fakegpt.studies.steps import find_step, run_step
+from fakegpt.studies.steps import run_or_find
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +279,9 @@ def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> Non
 def series_step(cfg: SeriesConfig, name: str, params: dict[str, Any], label: str, tags: dict[str, str]) -> str | None:
     """A step the whole series shares (the general held-out set, the base model's scores): run or reused, or
     with --report-only only found (None when it has not run)."""
-    if cfg.report_only:
-        run_id, reused = find_step(PROJECT_DIR, name, params), True
-        if run_id is None:
-            return None
-    else:
-        run_id, reused = run_step(PROJECT_DIR, name, params, cfg.env_manager, reuse=cfg.reuse)
+    run_id, reused = run_or_find(PROJECT_DIR, name, params, cfg.env_manager, cfg.reuse, cfg.report_only)
+    if run_id is None:
+        return None
     tracking.update_run(run_id, tags={tracking.TAG_STUDY: cfg.series_name, **tags})
     print(f"[{label}] [{name}] {'reused' if reused else 'ran'} run {run_id}", flush=True)
     return run_id
@@ -311,10 +308,7 @@ def prepare_doses(cfg: SeriesConfig, lookup: bool = False) -> dict[float, str | 
     prepared: dict[float, str | None] = {}
     for fraction in cfg.fractions:
         params = prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction))
-        if lookup:
-            run_id, reused = find_step(PROJECT_DIR, "prepare", params), True
-        else:
-            run_id, reused = run_step(PROJECT_DIR, "prepare", params, cfg.env_manager, reuse=cfg.reuse)
+        run_id, reused = run_or_find(PROJECT_DIR, "prepare", params, cfg.env_manager, cfg.reuse, lookup)
         prepared[fraction] = run_id
         if run_id is None:
             continue

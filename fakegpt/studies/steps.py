@@ -167,6 +167,21 @@ def find_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str
     return tracking.find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
 
 
+def run_or_find(
+    project_dir: str | Path,
+    entry_point: str,
+    parameters: Mapping[str, Any],
+    env_manager: str,
+    reuse: str = "true",
+    lookup: bool = False,
+) -> tuple[str | None, bool]:
+    """`run_step`, or with `lookup` only `find_step` (a report rebuilt without running anything): (run id or None
+    when it has not run, reused)."""
+    if lookup:
+        return find_step(project_dir, entry_point, parameters), True
+    return run_step(project_dir, entry_point, parameters, env_manager, reuse=reuse)
+
+
 def run_step(
     project_dir: str | Path, entry_point: str, parameters: Mapping[str, Any], env_manager: str, reuse: str = "true"
 ) -> tuple[str, bool]:

@@ -7,6 +7,7 @@ import pytest
 
 from fakegpt.errors import FakegptError
 from fakegpt.studies import cells
+from fakegpt.studies import steps as steps_module
 from fakegpt.studies.cells import CellJob, run_cell
 from fakegpt.studies.mixture import SeriesConfig
 
@@ -29,7 +30,7 @@ def steps(monkeypatch):
         ran.append(name)
         return f"run-{name}-{len(ran)}", False
 
-    monkeypatch.setattr(cells, "run_step", run_step)
+    monkeypatch.setattr(steps_module, "run_step", run_step)  # what run_or_find runs
     monkeypatch.setattr(cells.tracking, "update_run", lambda *a, **k: None)
     monkeypatch.setattr(cells.tracking, "get_run", lambda run_id: FakeRun({"claim/score": 0.25}))
     return ran, failures
@@ -60,7 +61,7 @@ def test_a_cell_that_keeps_failing_is_failed_with_its_reason_after_the_retry_lim
 def test_a_report_only_finds_runs_and_never_runs_a_step(steps, monkeypatch):
     ran, _ = steps
     found = {"finetune": "ft", "sample": "sa"}  # the score step has not run yet
-    monkeypatch.setattr(cells, "find_step", lambda project_dir, name, params: found.get(name))
+    monkeypatch.setattr(steps_module, "find_step", lambda project_dir, name, params: found.get(name))
     cell = run_cell(SeriesConfig(), job(), lookup=True)
     assert cell.status == "missing" and cell.runs == {"prepare": "prep", "finetune": "ft", "sample": "sa"}
     found["score"] = "sc"

@@ -311,23 +311,23 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     # A cell that keeps failing is retried up to the limit, then failed with its reason and listed in the
     # report, and the series fails; every other cell is reused.
     from fakegpt.errors import FakegptError
-    from fakegpt.studies import cells as cells_module
+    from fakegpt.studies import steps as steps_module
 
-    real_step = cells_module.run_step
+    real_step = steps_module.run_step
 
     def failing(project_dir, name, params, env_manager, reuse="true"):
         if name == "finetune" and params.get("seed") == 1338 and "dose-50" in str(params.get("register_alias")):
             raise FakegptError("step 'finetune' failed: CUDA out of memory")
         return real_step(project_dir, name, params, env_manager, reuse)
 
-    monkeypatch.setattr(cells_module, "run_step", failing)
+    monkeypatch.setattr(steps_module, "run_step", failing)
     broken = SeriesConfig(**{**cfg.__dict__, "retries": 2})
     with pytest.raises(FakegptError, match=r"1 cell failed: f=0.5 seed=1338 \(step 'finetune' failed: CUDA out of"):
         mixture(broken)
     assert capsys.readouterr().out.count("[f=0.5 seed=1338] failed (attempt") == 3
     report_md = (tmp_path / "out" / "mixture-ci-series" / "dose_response.md").read_text()
     assert "- dose 0.5, seed 1338: failed after 3 attempt(s): step 'finetune' failed: CUDA out of memory" in report_md
-    monkeypatch.setattr(cells_module, "run_step", real_step)
+    monkeypatch.setattr(steps_module, "run_step", real_step)
 
     # Two worker processes run the cells at once, as children of the series' run, with the results of the
     # one-process series: a one-seed series runs the very cells of the first seed, here run again.
