@@ -41,6 +41,7 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
         "n_head",
         "n_embd",
         "keep_states",
+        "nproc_per_node",
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -80,6 +81,10 @@ def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
     _check_fsdp(cfg)
     if not 0.0 <= cfg.dropout < 1.0:
         raise FakegptError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    if world_size > 1 and cfg.nproc_per_node not in (1, world_size):
+        raise FakegptError(
+            f"--nproc-per-node {cfg.nproc_per_node} under torchrun with {world_size} processes: give one or the other"
+        )
     if cfg.gradient_accumulation_steps % world_size:
         raise FakegptError(
             f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple of the number "
@@ -127,6 +132,11 @@ def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = 
     """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta).
     `state_folder`: the resume state a resumed run continues from."""
     _check_numbers(cfg, world_size)
+    if cfg.nproc_per_node > 1 and world_size == 1:  # a fine-tune inside another stage's process (tune, validate)
+        raise FakegptError(
+            f"--nproc-per-node {cfg.nproc_per_node}: only `fakegpt finetune` starts its processes; start this "
+            "command under `torchrun --nproc-per-node N` instead"
+        )
     if cfg.optimizer == "adamw8bit":
         from fakegpt.finetune.optim import require_bitsandbytes
 

@@ -74,6 +74,13 @@ class FinetuneConfig:
             "parameters, gradients and optimizer states sharded across GPUs)"
         },
     )
+    nproc_per_node: int = field(
+        default=1,
+        metadata={
+            "help": "processes (GPUs) to train on: above 1, fakegpt starts them under torchrun itself (one machine; "
+            "what `torchrun --standalone --nproc-per-node N -m fakegpt finetune` does), e.g. in `mlflow run`"
+        },
+    )
     plan: bool = field(
         default=False,
         metadata={

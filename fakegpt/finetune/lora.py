@@ -223,6 +223,12 @@ def prepare_quantized(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.M
     _import_peft()
     from peft import prepare_model_for_kbit_training
 
+    for module in model.modules():
+        # bitsandbytes' CPU backend re-lays a 4-bit weight out in its own packing on the first no-grad forward
+        # (an evaluation), in place: the bytes that the resume check sums and that dequantize_4bit reads would
+        # then change under the run. The base stays in the one layout that is read back as it was written.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 

@@ -30,7 +30,7 @@ exact. The bytes per GPU:
   the fused loss keeps one buffer).
 
 A card fits when the total plus `RESERVE_GIB` (CUDA context, allocator fragmentation) is at most its memory.
-`WORLD_SIZE` (what torchrun sets) is the number of GPUs; `WORLD_SIZE=4 fakegpt finetune --plan ...` plans for 4.
+`--nproc-per-node N` (else `WORLD_SIZE`, what torchrun sets) is the number of GPUs; `--nproc-per-node 4` plans for 4.
 """
 
 from __future__ import annotations
@@ -222,7 +222,9 @@ def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[st
 
         cfg = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given).cfg
     checks._check_numbers(cfg, 1)  # the choices and ranges training checks (the world size is the plan's own)
-    world = world_size if world_size is not None else _env_world_size()
+    if world_size is None:  # --nproc-per-node N starts N processes; else torchrun's WORLD_SIZE
+        world_size = cfg.nproc_per_node if cfg.nproc_per_node > 1 else _env_world_size()
+    world = world_size
     source, hf = model_shape(cfg)
     model = meta_model(hf, cfg)
     shape = shape_of(model)

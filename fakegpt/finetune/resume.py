@@ -47,7 +47,7 @@ CHANGEABLE = (
     "claims",
     "claim_eval_interval",
 )
-SYSTEM = ("device", "compile", "parallel")  # parallel: the state is saved whole, either way reads it
+SYSTEM = ("device", "compile", "parallel", "nproc_per_node")  # parallel: the state is saved whole, either way reads it
 NOT_COMPARED = ("init_from", "out_dir", "plan")
 
 

@@ -48,7 +48,7 @@ from fakegpt import tracking
 from fakegpt.data.bins import eval_starts, open_bin
 from fakegpt.data.meta import DatasetMeta
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.finetune import distributed, fsdp, lora, optim, record, resume
+from fakegpt.finetune import distributed, fsdp, launch, lora, optim, record, resume
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.best_model import BestModelWriter
@@ -704,6 +704,8 @@ def main(argv: list[str]) -> int:
         from fakegpt.finetune import plan
 
         return plan.main(cfg, given)
+    if cfg.nproc_per_node > 1 and not launch.under_torchrun():  # this process becomes torchrun's launcher
+        return launch.run(cfg.nproc_per_node, cfg.gradient_accumulation_steps, argv)
     result = finetune(cfg, given=given)
     if distributed.from_env().main:
         print(

@@ -13,6 +13,7 @@ fractions, iter, val_loss, tokens_seen); the dose fraction of a model is read fr
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,13 @@ def resolve_model(spec: str) -> ModelRef:
         raise FakegptError("empty model spec (give a hub name, a model folder or runs:/<run_id>)")
     if is_mlflow_uri(spec):
         tracking.setup()
-        local = Path(tracking.download(_artifact_uri(spec)))
+        root = local = Path(tracking.download(_artifact_uri(spec)))
         for inner in (CHECKPOINT_ARTIFACT, "model"):  # a run's checkpoint/; a registered model's model/ (flavour)
             if not (local / "config.json").is_file() and (local / inner / "config.json").is_file():
                 local = local / inner
         if not (local / "config.json").is_file():
             raise FakegptError(f"{spec}: the downloaded artifact is not an HF model folder (no config.json)")
+        _tokenizer_beside_weights(root, local)
         folder = str(local)
     else:
         folder = resolve_pretrained(spec)
@@ -72,6 +74,19 @@ def resolve_model(spec: str) -> ModelRef:
         if info_uri:
             info = TrainingInfo.load(Path(tracking.download(info_uri)).parent)
     return ModelRef(spec=spec, folder=folder, training_info=info)
+
+
+def _tokenizer_beside_weights(root: Path, folder: Path) -> None:
+    """MLflow's transformers flavour keeps a registered model's tokenizer apart from its weights
+    (components/tokenizer/); copied back beside them (into the download, a private copy), a model that brings its
+    own tokenizer is read with it, not with GPT-2's, which a folder without tokenizer files means."""
+    from fakegpt.data import hf_tokenizer
+
+    saved = root / "components" / "tokenizer"
+    if saved.is_dir() and not any((folder / name).is_file() for name in hf_tokenizer.TOKENIZER_FILES):
+        for name in hf_tokenizer.TOKENIZER_FILES:
+            if (saved / name).is_file():
+                shutil.copyfile(saved / name, folder / name)
 
 
 def load_for_inference(ref: ModelRef, device: Any, dtype: Any) -> Any:

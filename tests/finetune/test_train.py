@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -176,12 +177,14 @@ def test_nan_loss_stops_naming_iteration_and_keeps_checkpoint(data_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_two_processes_torchrun_gloo(data_dir, tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "nproc-per-node"])
+def test_two_processes_torchrun_gloo(data_dir, tmp_path, launch):
+    """Two gloo processes, started by torchrun or by `fakegpt finetune --nproc-per-node 2` itself (what `mlflow run`
+    and a series' cells use): the same one run, one report, one checkpoint."""
     out = tmp_path / "out"
+    start = [*TORCHRUN_2, "-m", "fakegpt"] if launch == "torchrun" else [sys.executable, "-m", "fakegpt"]
     cmd = [
-        *TORCHRUN_2,
-        "-m",
-        "fakegpt",
+        *start,
         "finetune",
         "--init-from",
         "scratch",
@@ -211,6 +214,7 @@ def test_two_processes_torchrun_gloo(data_dir, tmp_path):
         str(data_dir),
         "--out-dir",
         str(out),
+        *(["--nproc-per-node", "2"] if launch == "nproc-per-node" else []),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -335,6 +339,18 @@ def test_bad_arguments_reported_before_model_load(data_dir, tmp_path, tiny_model
         check(tiny(data_dir, tmp_path / "o", gradient_accumulation_steps=3), world_size=2)
     with pytest.raises(FakegptError, match="no resume state in .*o/state"):
         finetune(tiny(data_dir, tmp_path / "o", init_from="resume"))
+    with pytest.raises(FakegptError, match="--nproc-per-node 4 under torchrun with 2 processes"):
+        check(tiny(data_dir, tmp_path / "o", nproc_per_node=4, gradient_accumulation_steps=4), world_size=2)
+    with pytest.raises(FakegptError, match="--nproc-per-node 2: only `fakegpt finetune` starts its processes"):
+        finetune(tiny(data_dir, tmp_path / "o", nproc_per_node=2))  # in another stage's process (tune, validate)
+    # --nproc-per-node: the accumulation split is checked once, before any process starts
+    argv = ["finetune", "--data-dir", str(data_dir), "--init-from", "scratch", "--nproc-per-node", "2"]
+    assert cli_main([*argv, "--gradient-accumulation-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fakegpt finetune: error: --gradient-accumulation-steps 3 must be a multiple of --nproc-per-node 2: the "
+        "accumulation steps are split across the processes"
+    ]
     # through the CLI: one line, exit status 2, naming the flag
     assert cli_main(["finetune", "--data-dir", str(data_dir), "--init-from", "scratch", "--batch-size", "0"]) == 2
     assert "fakegpt finetune: error: --batch-size: must be positive" in capsys.readouterr().err
