@@ -32,7 +32,7 @@ from fakegpt.studies.pipeline import (
     sample_params,
     score_params,
 )
-from fakegpt.studies.steps import find_step, run_or_find, run_step, step_key
+from fakegpt.studies.steps import find_step, run_entry_point, run_or_find, run_step, step_key
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def finetune_step(cfg: Any, params: dict[str, Any], parent_run: str) -> tuple[st
     if not finished:
         log.info("finetune %s: continuing run %s from its resume state", params["out_dir"], run_id)
         resume = {k: ("" if v is None else str(v)) for k, v in params.items()} | {"init_from": "resume"}
-        tracking.run_entry_point(PROJECT_DIR, "finetune", resume, cfg.env_manager, run_id=run_id)
+        run_entry_point(PROJECT_DIR, "finetune", resume, cfg.env_manager, run_id=run_id)
     key = step_key("finetune", {k: ("" if v is None else str(v)) for k, v in params.items()}, PROJECT_DIR, Path.cwd())
     tracking.update_run(run_id, {tracking.TAG_STEP_KEY: key.key, tracking.TAG_CODE_STATE: key.code_state or ""})
     return run_id, finished
