@@ -184,7 +184,7 @@ def _finite(data: Any) -> Any:
 LOCK_FILE = ".fakegpt.lock"
 
 
-def _lock(folder: Path) -> int:
+def lock_folder(folder: Path) -> int:
     """An exclusive, non-blocking lock on FOLDER/.fakegpt.lock (released when the process ends, however it ends).
 
     Another run holding it is a one-line error naming the folder. The lock file is checked to still be the
@@ -268,7 +268,7 @@ def output_dir(final: str | Path, names: tuple[str, ...]) -> Iterator[Path]:
     fd = None
     work = None
     try:
-        fd = _lock(final)
+        fd = lock_folder(final)
         for stale in final.glob(".work-*.tmp"):  # left by a killed run; no other run can be using them now
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".work-", suffix=".tmp", dir=final))

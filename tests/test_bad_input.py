@@ -575,11 +575,11 @@ def test_prepare_force_failing_late_keeps_the_old_dataset(ctx: Ctx, capsys, monk
 
 
 def test_a_claimed_output_folder_refuses_a_second_run(ctx: Ctx, capsys):
-    from fakegpt.files import _lock
+    from fakegpt.files import lock_folder
 
     out = ctx.root / "ds"
     out.mkdir()
-    fd = _lock(out)  # another run holds the folder
+    fd = lock_folder(out)  # another run holds the folder
     try:
         assert_refused(["prepare", str(ctx.small_csv), "--out", str(out)], (str(out), "in use"), capsys, ctx.root)
     finally:

@@ -48,4 +48,4 @@ def test_experiment_yaml_loads_into_its_dataclass(path, monkeypatch):
         data = config.load_yaml(path)
         assert isinstance(cfg, cls) and data and set(data) <= set(config.to_dict(cfg))
         if cls is FinetuneConfig:
-            checks._check_numbers(cfg, world_size=1)
+            checks.check_numbers(cfg, world_size=1)

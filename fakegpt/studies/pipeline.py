@@ -288,7 +288,7 @@ def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
                 if f != sources.DEMO:
                     check_text_input(f)
     fcfg = finetune_step_config(cfg)
-    checks._check_numbers(fcfg, 1)
+    checks.check_numbers(fcfg, 1)
     if fcfg.init_from not in ("scratch", "resume"):
         resolve_pretrained(fcfg.init_from)
     scfg = config.parse(sample.SampleConfig, _step_argv(sample.SampleConfig, sample_params(cfg, "m")), "sample")
