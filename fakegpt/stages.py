@@ -61,8 +61,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "pipeline",
-        "fakegpt.studies.pipeline",
-        ("fakegpt.studies.pipeline.PipelineConfig",),
+        "fakegpt.studies.main",
+        ("fakegpt.studies.main.PipelineConfig",),
         "the whole chain prepare -> finetune -> sample -> score (MLproject `main`)",
         "main",
     ),
@@ -75,8 +75,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "validate",
-        "fakegpt.studies.controls",
-        ("fakegpt.studies.controls.ValidateConfig",),
+        "fakegpt.studies.validate",
+        ("fakegpt.studies.validate.ValidateConfig",),
         "positive/negative controls for the claim score",
         "validate",
     ),

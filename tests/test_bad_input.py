@@ -634,7 +634,7 @@ def test_prepare_force_on_a_full_disk_keeps_the_old_dataset(tmp_path, shared_dat
 def test_child_steps_run_this_interpreter_whatever_is_on_path(monkeypatch, tmp_path):
     import sys
 
-    from fakegpt.studies.pipeline import child_python
+    from fakegpt.studies.main import child_python
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell where `python` is not this venv's
     with child_python():
@@ -647,7 +647,7 @@ def test_child_steps_run_this_interpreter_whatever_is_on_path(monkeypatch, tmp_p
 
 
 def test_relative_paths_are_resolved_from_the_users_folder(ctx: Ctx):
-    from fakegpt.studies.pipeline import PipelineConfig, resolve_user_paths
+    from fakegpt.studies.main import PipelineConfig, resolve_user_paths
 
     (ctx.root / "exports").mkdir()
     shutil.copy(ctx.small_csv, ctx.root / "exports" / "a.csv")

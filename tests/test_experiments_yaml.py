@@ -12,8 +12,8 @@ from fakegpt.finetune import checks
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.measure.prompts import load_claims, load_prompts
 from fakegpt.studies import tune
-from fakegpt.studies.controls import ValidateConfig
 from fakegpt.studies.mixture import SeriesConfig
+from fakegpt.studies.validate import ValidateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"

@@ -82,8 +82,7 @@ def build_store(config: str, folder: Path) -> list[str]:
     from fakegpt import config as config_mod
     from fakegpt import tracking
     from fakegpt.studies.cells import cell_finetune_params
-    from fakegpt.studies.mixture import SeriesConfig, cell_jobs, mix_arg
-    from fakegpt.studies.pipeline import (
+    from fakegpt.studies.main import (
         PROJECT_DIR,
         finetune_step_config,
         prepare_params,
@@ -91,6 +90,7 @@ def build_store(config: str, folder: Path) -> list[str]:
         sample_params,
         score_params,
     )
+    from fakegpt.studies.mixture import SeriesConfig, cell_jobs, mix_arg
     from fakegpt.studies.steps import step_key
 
     base = ["--config", config, "--out-root", str(folder / "out"), "--series-name", "bench-aggregate", *TINY]

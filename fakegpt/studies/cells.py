@@ -25,7 +25,7 @@ from typing import Any
 from fakegpt import tracking
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies.dose_response import Cell
-from fakegpt.studies.pipeline import (
+from fakegpt.studies.main import (
     PROJECT_DIR,
     PipelineConfig,
     finetune_params,

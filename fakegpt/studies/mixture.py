@@ -34,7 +34,7 @@ from fakegpt.plots import figure
 from fakegpt.studies import dose_response
 from fakegpt.studies.cells import CellJob, run_cells, step_tags
 from fakegpt.studies.dose_response import Cell
-from fakegpt.studies.pipeline import (
+from fakegpt.studies.main import (
     PROJECT_DIR,
     PipelineConfig,
     check_steps,

@@ -42,6 +42,16 @@ from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies import optuna_storage
 from fakegpt.studies.cells import CellJob, run_cell
 from fakegpt.studies.dose_response import Cell
+from fakegpt.studies.main import (
+    PROJECT_DIR,
+    child_python,
+    finetune_params,
+    general_data_uri,
+    prepare_params,
+    print_where,
+    sample_params,
+    score_params,
+)
 from fakegpt.studies.mixture import (
     SeriesConfig,
     base_step,
@@ -54,16 +64,6 @@ from fakegpt.studies.mixture import (
     series_step,
     series_tags,
     unfinished_line,
-)
-from fakegpt.studies.pipeline import (
-    PROJECT_DIR,
-    child_python,
-    finetune_params,
-    general_data_uri,
-    prepare_params,
-    print_where,
-    sample_params,
-    score_params,
 )
 from fakegpt.studies.steps import step_key
 

@@ -2,7 +2,7 @@
 worker's cell handed on and its fine-tune continued, failures retried then reported, the SLURM array.
 
 The fast tests run the worker loop in this process on a SQLite study with the cells' steps replaced (what a
-cell computes is tested in test_pipeline.py). The slow ones run the real series, a tiny scratch model on the demo
+cell computes is tested in test_main.py). The slow ones run the real series, a tiny scratch model on the demo
 mixture (2 doses x 1 seed), with workers as processes (`python -m fakegpt mixture`), as on several machines;
 the PostgreSQL one needs `tools/postgres.sh`.
 """
@@ -26,8 +26,8 @@ from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.studies import optuna_storage, shared_cells, slurm
 from fakegpt.studies.dose_response import Cell
+from fakegpt.studies.main import resolve_user_paths
 from fakegpt.studies.mixture import SeriesConfig, validate
-from fakegpt.studies.pipeline import resolve_user_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 # The numbers of a dose-response row that must agree between a one-process series and a shared one.

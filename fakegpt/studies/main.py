@@ -35,7 +35,7 @@ from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout: fakegpt/studies/pipeline.py -> .
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout: fakegpt/studies/main.py -> .
 DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 
