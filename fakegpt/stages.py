@@ -62,14 +62,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "pipeline",
         "fakegpt.studies.main",
-        ("fakegpt.studies.main.PipelineConfig",),
+        ("fakegpt.studies.main.MainConfig",),
         "the whole chain prepare -> finetune -> sample -> score (MLproject `main`)",
         "main",
     ),
     Stage(
         "mixture",
         "fakegpt.studies.mixture",
-        ("fakegpt.studies.mixture.SeriesConfig",),
+        ("fakegpt.studies.mixture.MixtureConfig",),
         "the dose-response series over anti-vaccine fractions",
         "mixture",
     ),

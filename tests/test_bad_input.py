@@ -647,13 +647,13 @@ def test_child_steps_run_this_interpreter_whatever_is_on_path(monkeypatch, tmp_p
 
 
 def test_relative_paths_are_resolved_from_the_users_folder(ctx: Ctx):
-    from fakegpt.studies.main import PipelineConfig, resolve_user_paths
+    from fakegpt.studies.main import MainConfig, resolve_user_paths
 
     (ctx.root / "exports").mkdir()
     shutil.copy(ctx.small_csv, ctx.root / "exports" / "a.csv")
     (ctx.root / "my_prompts.txt").write_text("Ol\u00e1\n", encoding="utf-8")
     claims = "experiments/claims/antivax_six.yaml"
-    cfg = resolve_user_paths(PipelineConfig(data="exports/*.csv,missing.csv", prompts="my_prompts.txt", claims=claims))
+    cfg = resolve_user_paths(MainConfig(data="exports/*.csv,missing.csv", prompts="my_prompts.txt", claims=claims))
     assert cfg.data == f"{ctx.root}/exports/*.csv,{ctx.root}/missing.csv"
     assert cfg.prompts == str(ctx.root / "my_prompts.txt")
     assert cfg.claims == "experiments/claims/antivax_six.yaml"  # only in the checkout: the child finds it there

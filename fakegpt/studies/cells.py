@@ -27,7 +27,7 @@ from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies.dose_response import Cell
 from fakegpt.studies.main import (
     PROJECT_DIR,
-    PipelineConfig,
+    MainConfig,
     finetune_params,
     sample_params,
     score_params,
@@ -131,7 +131,7 @@ def _step(
     return run_id
 
 
-def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
+def cell_finetune_params(cfg: MainConfig, job: CellJob) -> dict[str, Any]:
     """The parameters of a cell's finetune step: its dose's prepared data, its seed (from the second seed on:
     the first seed's runs are those a one-seed series has) and where its model is registered."""
     extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
@@ -140,7 +140,7 @@ def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
     return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
 
 
-def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
+def run_cell(cfg: MainConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
     """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
     finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
     step has none). `parent_run`: the shared series' parent, under which a dead worker's fine-tune is
