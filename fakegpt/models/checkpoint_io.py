@@ -151,7 +151,7 @@ class DurableFile:
     def _submit(self) -> None:
         buffer, n, offset = self._buffer, self._fill, self._offset
         assert buffer is not None
-        self.crc = zlib.crc32(buffer[:n], self.crc)
+        self.crc = zlib.crc32(buffer[:n].data, self.crc)
         length = n
         if self.direct and n % DIRECT_ALIGN:  # only the last buffer of a file is partial
             length = n + DIRECT_ALIGN - n % DIRECT_ALIGN

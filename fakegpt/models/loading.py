@@ -146,7 +146,7 @@ def load_config(folder: str | Path) -> Any:
     return config
 
 
-def attention_for(model_class: type) -> str:
+def attention_for(model_class: type[Any]) -> str:
     """SDPA attention where the architecture has it; eager (logged) where transformers has no SDPA for it
     (Gemma2's soft-capped attention scores, for example)."""
     if getattr(model_class, "_supports_sdpa", False):

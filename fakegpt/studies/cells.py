@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fakegpt import tracking
 from fakegpt.errors import FakegptError, one_line
@@ -33,6 +33,9 @@ from fakegpt.studies.main import (
     score_params,
 )
 from fakegpt.studies.steps import find_step, run_entry_point, run_or_find, run_step, step_key
+
+if TYPE_CHECKING:  # for annotations only: mixture imports this module
+    from fakegpt.studies.mixture import MixtureConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def left_behind(params: dict[str, Any], parent_run: str) -> tuple[str, bool] | N
         run = tracking.get_run(run_id) if run_id else None
     except Exception:  # a damaged state or a run this store does not have: nothing to continue
         return None
-    if run is None or run.data.tags.get(tracking.TAG_PARENT) != parent_run:
+    if run_id is None or run is None or run.data.tags.get(tracking.TAG_PARENT) != parent_run:
         return None
     if run.data.tags.get(tracking.TAG_ENTRY_POINT) != "finetune":
         return None
@@ -118,6 +121,7 @@ def _step(
 ) -> str | None:
     """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id. With `parent_run`
     (a shared series) a fine-tune a dead worker left behind is continued."""
+    run_id: str | None
     if name == "finetune" and parent_run and not lookup:
         run_id, reused = finetune_step(cfg, params, parent_run)
     else:
@@ -140,7 +144,7 @@ def cell_finetune_params(cfg: MainConfig, job: CellJob) -> dict[str, Any]:
     return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
 
 
-def run_cell(cfg: MainConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
+def run_cell(cfg: MixtureConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
     """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
     finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
     step has none). `parent_run`: the shared series' parent, under which a dead worker's fine-tune is

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
@@ -90,6 +90,9 @@ class MainConfig:
         },
     )
     out_root: str = field(default="out", metadata={"help": "folder under which each step writes its outputs"})
+
+
+C = TypeVar("C", bound=MainConfig)  # main's config or one that extends it (a mixture's)
 
 
 def is_demo(cfg: MainConfig) -> bool:
@@ -216,12 +219,14 @@ def from_user(path: str) -> str:
     return str(here) if found_here or not found_in_checkout else path
 
 
-def resolve_user_paths(cfg: MainConfig) -> MainConfig:
+def resolve_user_paths(cfg: C) -> C:
     """The configuration with every file the steps read made absolute from the user's working folder."""
     data = ",".join(from_user(p.strip()) for p in cfg.data.split(",") if p.strip())
-    changes = {k: from_user(getattr(cfg, k)) for k in ("dataset", "finetune_config", "prompts", "claims")}
-    if hasattr(cfg, "label_sheet"):
-        changes["label_sheet"] = from_user(cfg.label_sheet)  # type: ignore[attr-defined]
+    changes: dict[str, Any] = {
+        k: from_user(getattr(cfg, k)) for k in ("dataset", "finetune_config", "prompts", "claims")
+    }
+    if hasattr(cfg, "label_sheet"):  # a mixture's config
+        changes["label_sheet"] = from_user(cfg.label_sheet)
     return dataclasses.replace(cfg, data=data, **changes)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +320,7 @@ def prepare_doses(cfg: MixtureConfig, lookup: bool = False) -> dict[float, str |
     return prepared
 
 
-def cell_jobs(cfg: MixtureConfig, method: str, prepared: dict[float, str | None], general: str) -> list[CellJob]:
+def cell_jobs(cfg: MixtureConfig, method: str, prepared: Mapping[float, str | None], general: str) -> list[CellJob]:
     """The grid of cells, dose by dose then seed by seed, for every dose whose mixture is prepared."""
     jobs = []
     for fraction in cfg.fractions:

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def register_hf_model(
-    model: Any, tokenizer: Any, name: str, alias: str = "", tags: Mapping[str, str] | None = None
+    model: Any, tokenizer: Any, name: str, alias: str | None = "", tags: Mapping[str, str] | None = None
 ) -> str:
     """Log a transformers model with MLflow's transformers flavour in the active run, register it as `name` (alias
     `alias`), tag the version; returns the version. `models:/NAME@ALIAS` then names it in sample and score."""

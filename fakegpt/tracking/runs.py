@@ -103,8 +103,8 @@ def run(
         # mlflow.start_run itself joins MLFLOW_RUN_ID when given no run_id: hide it while a child starts.
         hidden = os.environ.pop("MLFLOW_RUN_ID", None) if not joined else None
         try:
-            name = None if joined else run_name or default_run_name(stage, tags or {})
-            active = mlflow.start_run(run_id=joined, run_name=name, nested=nested, **extra)
+            new_name = None if joined else run_name or default_run_name(stage, tags or {})
+            active = mlflow.start_run(run_id=joined, run_name=new_name, nested=nested, **extra)
         finally:
             if hidden is not None:
                 os.environ["MLFLOW_RUN_ID"] = hidden
@@ -199,7 +199,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
         mlflow.log_params(fresh)
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: Mapping[str, float | None], step: int | None = None) -> None:
     """Log finite metrics (MLflow rejects NaN on some stores; a NaN is reported by the stage itself)."""
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     if clean:

@@ -78,7 +78,7 @@ class MetricLogger:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float | None], step: int) -> None:
         """Queue one point of these metrics at `step` (and append it to the local copy); never blocks."""
         started = time.perf_counter()
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
