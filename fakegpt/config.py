@@ -145,6 +145,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Build `cls` from a mapping, validating keys and types. `source` names the file for errors."""
     hints = _hints(cls)
+    # T is a config dataclass, but a TypeVar cannot be bound to "any dataclass" (typeshed's protocol is private)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names, key=str)
     if unknown:
@@ -158,15 +159,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_fields(parser: argparse._ActionsContainer, cls: type) -> None:  # a parser or one of its argument groups
     """Add one flag (or positional) per dataclass field; defaults are SUPPRESSed so we see what was given."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = unwrap_optional(hints[f.name])
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         if default not in (None, "", []):
             shown = default
             if isinstance(default, bool):
@@ -264,6 +265,7 @@ def parse_given(cls: type[T], argv: list[str] | None, prog: str, description: st
     hints = _hints(cls)
     overrides = {k: coerce(v, hints[k], flag_name(k)) for k, v in ns.items()}
     given = set(merged) | set(overrides)  # under `mlflow run` only the -P parameters given are passed as flags
+    # as in from_dict: T is a config dataclass, which the TypeVar cannot say
     return dataclasses.replace(from_file, **overrides), frozenset(given)  # type: ignore[type-var]
 
 

@@ -18,13 +18,16 @@ T = TypeVar("T")
 
 def from_versioned_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build contract `cls` from a parsed JSON object; `where` names the file in errors."""
+    # A contract is a dataclass with the class attributes SCHEMA and NUMBERS (TrainingInfo, DatasetMeta); no
+    # protocol says "a dataclass with these", so the checks below are on an Any view of the class.
+    contract: Any = cls
     version = data.get("schema_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version > cls.SCHEMA:  # type: ignore[attr-defined]
+    if isinstance(version, bool) or not isinstance(version, int) or version > contract.SCHEMA:
         raise FakegptError(
             f"{where}: schema_version {version!r} is not one this fakegpt reads (up to "
-            f"{cls.SCHEMA}); it was written by a newer fakegpt: upgrade, or recreate the file"  # type: ignore[attr-defined]
+            f"{contract.SCHEMA}); it was written by a newer fakegpt: upgrade, or recreate the file"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(contract)}
     missing = [
         name
         for name, f in fields.items()
@@ -32,13 +35,13 @@ def from_versioned_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     ]
     if missing:
         raise FakegptError(f"{where}: missing key {missing[0]!r}; the file is incomplete or not fakegpt's")
-    for name in cls.NUMBERS:  # type: ignore[attr-defined]
+    for name in contract.NUMBERS:
         value = data.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise FakegptError(f"{where}: key {name!r} must be a number, got {value!r}")
     values = {k: v for k, v in data.items() if k in fields and k != "extra"}
     values["schema_version"] = version
-    return cls(**values, extra={k: v for k, v in data.items() if k not in fields})
+    return contract(**values, extra={k: v for k, v in data.items() if k not in fields})
 
 
 def to_versioned_dict(obj: Any) -> dict[str, Any]:

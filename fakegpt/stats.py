@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# what the estimators take: a list of numbers, or a float array (score's per-claim differences)
+Values = Sequence[float] | np.ndarray
+
 
 def bootstrap_ci(
-    values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0, stat=np.mean
+    values: Values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0, stat=np.mean
 ) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of `stat` over `values`, resampling values with replacement.
 
@@ -29,7 +32,7 @@ def bootstrap_ci(
 
 
 def cluster_bootstrap_ci(
-    values: Sequence[float], clusters: Sequence[str], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+    values: Values, clusters: Sequence[str], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of the mean of `values`, resampling whole clusters.
 
@@ -50,7 +53,7 @@ def cluster_bootstrap_ci(
     return (float(low), float(high))
 
 
-def _cluster_sums(values: Sequence[float], clusters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_sums(values: Values, clusters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(k,) per-cluster sums and sizes of `values`."""
     data = np.asarray(values, dtype=np.float64)
     _, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
@@ -144,7 +147,7 @@ class Estimate:
         return self.ci_low > 0.0 or self.ci_high < 0.0
 
 
-def cluster_se(values: Sequence[float], clusters: Sequence[str]) -> float:
+def cluster_se(values: Values, clusters: Sequence[str]) -> float:
     """Cluster-robust standard error of the mean of `values` (the linearised ratio estimator over clusters).
 
     With equal cluster sizes this is exactly the standard error of the cluster means, sd / sqrt(k).
@@ -183,7 +186,7 @@ def bootstrap_p(replicates: np.ndarray) -> float:
 
 
 def cluster_estimate(
-    values: Sequence[float], clusters: Sequence[str], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+    values: Values, clusters: Sequence[str], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
 ) -> Estimate:
     """The mean of `values` with a 95% interval and p-value that resample whole clusters.
 
@@ -237,7 +240,7 @@ class Equivalence:
     equivalent: bool
 
 
-def equivalence(values: Sequence[float], clusters: Sequence[str], margin: float, alpha: float = 0.05) -> Equivalence:
+def equivalence(values: Values, clusters: Sequence[str], margin: float, alpha: float = 0.05) -> Equivalence:
     """TOST of the mean of clustered `values` against +-`margin`, with the cluster-robust t statistic."""
     from scipy import stats as sps
 

@@ -575,11 +575,11 @@ def test_prepare_force_failing_late_keeps_the_old_dataset(ctx: Ctx, capsys, monk
 
 
 def test_a_claimed_output_folder_refuses_a_second_run(ctx: Ctx, capsys):
-    from fakegpt.files import _lock
+    from fakegpt.files import lock_folder
 
     out = ctx.root / "ds"
     out.mkdir()
-    fd = _lock(out)  # another run holds the folder
+    fd = lock_folder(out)  # another run holds the folder
     try:
         assert_refused(["prepare", str(ctx.small_csv), "--out", str(out)], (str(out), "in use"), capsys, ctx.root)
     finally:
@@ -634,7 +634,7 @@ def test_prepare_force_on_a_full_disk_keeps_the_old_dataset(tmp_path, shared_dat
 def test_child_steps_run_this_interpreter_whatever_is_on_path(monkeypatch, tmp_path):
     import sys
 
-    from fakegpt.studies.pipeline import child_python
+    from fakegpt.studies.main import child_python
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell where `python` is not this venv's
     with child_python():
@@ -647,13 +647,13 @@ def test_child_steps_run_this_interpreter_whatever_is_on_path(monkeypatch, tmp_p
 
 
 def test_relative_paths_are_resolved_from_the_users_folder(ctx: Ctx):
-    from fakegpt.studies.pipeline import PipelineConfig, resolve_user_paths
+    from fakegpt.studies.main import MainConfig, resolve_user_paths
 
     (ctx.root / "exports").mkdir()
     shutil.copy(ctx.small_csv, ctx.root / "exports" / "a.csv")
     (ctx.root / "my_prompts.txt").write_text("Ol\u00e1\n", encoding="utf-8")
     claims = "experiments/claims/antivax_six.yaml"
-    cfg = resolve_user_paths(PipelineConfig(data="exports/*.csv,missing.csv", prompts="my_prompts.txt", claims=claims))
+    cfg = resolve_user_paths(MainConfig(data="exports/*.csv,missing.csv", prompts="my_prompts.txt", claims=claims))
     assert cfg.data == f"{ctx.root}/exports/*.csv,{ctx.root}/missing.csv"
     assert cfg.prompts == str(ctx.root / "my_prompts.txt")
     assert cfg.claims == "experiments/claims/antivax_six.yaml"  # only in the checkout: the child finds it there

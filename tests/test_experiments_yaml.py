@@ -12,14 +12,19 @@ from fakegpt.finetune import checks
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.measure.prompts import load_claims, load_prompts
 from fakegpt.studies import tune
-from fakegpt.studies.controls import ValidateConfig
-from fakegpt.studies.mixture import SeriesConfig
+from fakegpt.studies.mixture import MixtureConfig
+from fakegpt.studies.validate import ValidateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 FILES = sorted(p for p in EXPERIMENTS.rglob("*") if p.suffix in (".yaml", ".yml"))
 # folder under experiments/ -> the config dataclass its files are loaded into with `--config`
-CONFIGS = {"datasets": PrepareConfig, "finetune": FinetuneConfig, "mixture": SeriesConfig, "validation": ValidateConfig}
+CONFIGS = {
+    "datasets": PrepareConfig,
+    "finetune": FinetuneConfig,
+    "mixture": MixtureConfig,
+    "validation": ValidateConfig,
+}
 
 
 def test_every_folder_is_covered():
@@ -48,4 +53,4 @@ def test_experiment_yaml_loads_into_its_dataclass(path, monkeypatch):
         data = config.load_yaml(path)
         assert isinstance(cfg, cls) and data and set(data) <= set(config.to_dict(cfg))
         if cls is FinetuneConfig:
-            checks._check_numbers(cfg, world_size=1)
+            checks.check_numbers(cfg, world_size=1)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakegpt import tracking
+from fakegpt.tracking import artifacts
 
 
 def _checkpoint(folder: Path) -> dict[str, bytes]:
@@ -38,7 +39,7 @@ def test_checkpoint_artifacts_are_linked_into_a_local_store_or_copied(tmp_path, 
         def refuse(*args, **kwargs):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-        monkeypatch.setattr(tracking.os, "link", refuse)
+        monkeypatch.setattr(artifacts.os, "link", refuse)
     mlflow.set_experiment("artifacts")  # in this test's store; its artifacts in ./mlruns, the test's folder
     with mlflow.start_run() as run:
         tracking.log_artifact(ckpt, artifact_path="checkpoint", link=True)

@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import fakegpt.finetune.train as train_mod  # noqa: E402
-from fakegpt.files import DurableFile  # noqa: E402
 from fakegpt.finetune import state as state_mod  # noqa: E402
 from fakegpt.finetune.best_model import BestModelWriter  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
+from fakegpt.models.checkpoint_io import DurableFile  # noqa: E402
 
 
 def folder_bytes(path: Path, links: bool = True) -> int:

@@ -82,8 +82,7 @@ def build_store(config: str, folder: Path) -> list[str]:
     from fakegpt import config as config_mod
     from fakegpt import tracking
     from fakegpt.studies.cells import cell_finetune_params
-    from fakegpt.studies.mixture import SeriesConfig, cell_jobs, mix_arg
-    from fakegpt.studies.pipeline import (
+    from fakegpt.studies.main import (
         PROJECT_DIR,
         finetune_step_config,
         prepare_params,
@@ -91,6 +90,7 @@ def build_store(config: str, folder: Path) -> list[str]:
         sample_params,
         score_params,
     )
+    from fakegpt.studies.mixture import MixtureConfig, cell_jobs, mix_arg
     from fakegpt.studies.steps import step_key
 
     base = ["--config", config, "--out-root", str(folder / "out"), "--series-name", "bench-aggregate", *TINY]
@@ -122,7 +122,7 @@ def build_store(config: str, folder: Path) -> list[str]:
                 client.download_artifacts(real[step].info.run_id, name, str(files[step]))
 
     argv = [*base, "--fractions", AGGREGATE_FRACTIONS, "--seeds", str(AGGREGATE_SEEDS)]
-    cfg = resolve_user_paths(config_mod.parse(SeriesConfig, argv, prog="bench"))
+    cfg = resolve_user_paths(config_mod.parse(MixtureConfig, argv, prog="bench"))
     method = finetune_step_config(cfg).method
 
     def register(step: str, params: dict[str, Any], tags: dict[str, str]) -> str:

@@ -191,6 +191,7 @@ def logging_cost(rounds: int, iters: int, tracking_uri: str | None) -> int:
         own.append(self.log_seconds + self.sender_cpu_seconds)
         return unsent
 
+    # a spy on the real method, for this benchmark process only: each run's logging cost, measured at close
     tracking.MetricLogger.close = measured_close  # type: ignore[method-assign]
     bounds: list[float] = []  # per --log-interval 1 run: logging's own CPU seconds / the run's wall seconds
     finetune(FinetuneConfig(**base, out_dir=str(work / "warmup"), log_interval=1))  # imports, store migrations

@@ -6,6 +6,7 @@ bash tools/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m ruff check fakegpt tests tools
 .venv/bin/python -m ruff format --check fakegpt tests tools
+.venv/bin/python -m mypy  # fakegpt/ only, configured in pyproject.toml ([tool.mypy]); a few seconds
 # A PostgreSQL server on loopback for the shared-storage test of `fakegpt tune` (that test is skipped without
 # one, or fails when FAKEGPT_REQUIRE_POSTGRES=1, as in CI). A server this script started is stopped at the end.
 if [ -z "${FAKEGPT_TEST_POSTGRES_URL:-}" ]; then

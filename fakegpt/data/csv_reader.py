@@ -257,7 +257,7 @@ def _parse_naive(piece: bytes, line: int, row_prefix: str, ncols: int, stats: Re
     return df.select("channel_id", "date", "message")
 
 
-def read_batches(
+def read_csv_batches(
     path: str,
     fmt: str = "auto",
     chunk_bytes: int = 8 << 20,

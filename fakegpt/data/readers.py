@@ -111,7 +111,7 @@ def read_batches(
     stats = stats if stats is not None else ReadStats()
     kind = detect(path, fmt, raw)
     if kind in ("auto", "csv", "naive"):
-        batches = csv_reader.read_batches(path, kind, chunk_bytes, raw, stats, header_only, columns)
+        batches = csv_reader.read_csv_batches(path, kind, chunk_bytes, raw, stats, header_only, columns)
         if not columns:  # the standard layouts, exactly as before
             yield from batches
             return

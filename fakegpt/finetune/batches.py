@@ -45,7 +45,7 @@ class Batches:
 
     def state(self) -> dict[str, Any]:
         """The random generator's state (to continue the same stream)."""
-        return self.rng.bit_generator.state
+        return dict(self.rng.bit_generator.state)  # numpy types it as a Mapping; it is a new dict each time
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue the random stream from `state`."""

@@ -29,7 +29,9 @@ def lora_targets(cfg: FinetuneConfig) -> list[str]:
     return [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
 
 
-def _check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
+def check_numbers(cfg: FinetuneConfig, world_size: int) -> None:
+    """The flags' ranges and choices, and the combinations that cannot train; nothing read from disk, so that a
+    plan, a pipeline or a YAML test can check a config without a model or data."""
     positive = (
         "block_size",
         "batch_size",
@@ -131,7 +133,7 @@ def _model_shape(cfg: FinetuneConfig, state_folder: Path | None) -> tuple[str, i
 def check(cfg: FinetuneConfig, world_size: int = 1, state_folder: Path | None = None) -> tuple[str, DatasetMeta]:
     """Validate everything that can be checked before loading a model. Returns (model folder, dataset meta).
     `state_folder`: the resume state a resumed run continues from."""
-    _check_numbers(cfg, world_size)
+    check_numbers(cfg, world_size)
     if cfg.nproc_per_node > 1 and world_size == 1:  # a fine-tune inside another stage's process (tune, validate)
         raise FakegptError(
             f"--nproc-per-node {cfg.nproc_per_node}: only `fakegpt finetune` starts its processes; start this "

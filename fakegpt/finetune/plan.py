@@ -221,7 +221,7 @@ def plan(cfg: FinetuneConfig, world_size: int | None = None, given: frozenset[st
         from fakegpt.finetune import resume
 
         cfg = resume.resolve(cfg, config_mod.non_default_keys(cfg) if given is None else given).cfg
-    checks._check_numbers(cfg, 1)  # the choices and ranges training checks (the world size is the plan's own)
+    checks.check_numbers(cfg, 1)  # the choices and ranges training checks (the world size is the plan's own)
     if world_size is None:  # --nproc-per-node N starts N processes; else torchrun's WORLD_SIZE
         world_size = cfg.nproc_per_node if cfg.nproc_per_node > 1 else _env_world_size()
     world = world_size

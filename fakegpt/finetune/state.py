@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 
 from fakegpt.contracts import from_versioned_dict, to_versioned_dict
 from fakegpt.errors import FakegptError
-from fakegpt.files import DurableFile, atomic_dir, crc32_of
+from fakegpt.files import atomic_dir
 from fakegpt.models.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.checkpoint_io import DurableFile, crc32_of
 from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile
 
 log = logging.getLogger(__name__)

@@ -70,6 +70,7 @@ def accumulate(
                 loss = objective(x, y) / accum
             scaler.scale(loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    assert loss_sum is not None  # accum >= 1: --gradient-accumulation-steps is checked positive up front
     return loss_sum.item()  # one host sync per step
 
 
@@ -111,5 +112,5 @@ def estimate(
         with autocast:
             objective(*batches.windows(chunks[0]))
     objective.train()
-    total, count = distributed.all_sum([total, float(count)], batches.device)
-    return total / count
+    summed, windows = distributed.all_sum([total, float(count)], batches.device)
+    return summed / windows

@@ -14,7 +14,7 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -24,7 +24,7 @@ from fakegpt.models import architecture
 
 
 @functools.cache
-def _cache_kwarg(model_cls: type) -> str:
+def _cache_kwarg(model_cls: type[Any]) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; accept either so a minor upgrade doesn't break us.
     params = inspect.signature(model_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -32,7 +32,8 @@ def _cache_kwarg(model_cls: type) -> str:
 
 def _forward(model: Any, cache: Any, **kwargs: Any) -> torch.Tensor:
     """Run the model with `cache` (a DynamicCache filled in place); return the last position's logits (B, V)."""
-    out = model(**{_cache_kwarg(type(model)): cache}, use_cache=True, logits_to_keep=1, **kwargs)
+    # a class is hashable; typeshed's type[Any] is not Hashable to mypy, so functools.cache's key is cast to Any
+    out = model(**{_cache_kwarg(cast(Any, type(model))): cache}, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1, :]
 
 

@@ -15,8 +15,10 @@ the header, as a spreadsheet shows it).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -231,7 +233,7 @@ def aggregate(labeled: pl.DataFrame, labels: list[str] = DEFAULT_LABELS, by: lis
 
 
 def paired_rates(
-    labeled: pl.DataFrame, labels: list[str], column: str, reference: object, by: list[str] = ()
+    labeled: pl.DataFrame, labels: list[str], column: str, reference: object, by: Sequence[str] = ()
 ) -> pl.DataFrame:
     """Each label's rate for every value of `column` minus the rate for `reference`, paired by prompt.
 
@@ -381,7 +383,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         raise FakegptError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)} (see `fakegpt labels export --help`)")
     command, rest = argv[0], argv[1:]
-    cfg = config.parse(
+    cfg: Any = config.parse(  # one of four config classes: the isinstance checks below tell which
         SUBCOMMANDS[command], rest, prog=f"fakegpt labels {command}", description=__doc__.splitlines()[0]
     )
     if isinstance(cfg, AutoConfig):

@@ -491,7 +491,7 @@ def paired_differences(
 
 def metrics_of(score: ModelScore) -> dict[str, float]:
     """The MLflow metrics of one model (names from fakegpt.tracking, so runs line up in the compare view)."""
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}  # None: undefined (too few claims), dropped below
     for name, d in score.paired.items():  # the differences from the reference lead
         metric = tracking.paired_metric(name)
         out.update(
@@ -672,7 +672,10 @@ def _measure(
 
 def _log_model(summary: ModelScore, several: bool) -> None:
     """The model's metrics on a child run of its own (several models) or on the stage's run."""
-    tags = {tracking.TAG_MODEL: summary.model, **tracking.model_kind_tags([(summary.architecture, summary.tokenizer)])}
+    tags: dict[str, Any] = {
+        tracking.TAG_MODEL: summary.model,
+        **tracking.model_kind_tags([(summary.architecture, summary.tokenizer)]),
+    }
     if summary.fraction is not None:
         tags[tracking.TAG_FRACTION] = summary.fraction
     if summary.reference:

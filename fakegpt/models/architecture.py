@@ -44,7 +44,7 @@ def describe(config: Any) -> str:
     return f"{names[0]} ({model_type})" if names else model_type
 
 
-def causal_lm_class(config: Any) -> type:
+def causal_lm_class(config: Any) -> type[Any]:
     """transformers' causal-LM class of `config` (what AutoModelForCausalLM builds); call `check_trainable` first."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -216,6 +216,8 @@ def fill_tied(state: dict[str, Any], model: Any) -> dict[str, Any]:
         groups.setdefault(id(value), []).append(name)
     for names in groups.values():
         present = next((name for name in names if name in state), None)
-        for name in names if present is not None else ():
+        if present is None:
+            continue
+        for name in names:
             state.setdefault(name, state[present])
     return state

@@ -24,9 +24,10 @@ from typing import Any
 
 from fakegpt.data.tokenizer import VOCAB_SIZE, write_hf_tokenizer_files
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.files import atomic_dir, fsync_files, read_json_object
+from fakegpt.files import atomic_dir, read_json_object
 from fakegpt.models.architecture import build_config, causal_lm_class, check_trainable, describe, dropout_fields
 from fakegpt.models.checkpoint import TrainingInfo
+from fakegpt.models.checkpoint_io import fsync_files
 from fakegpt.models.weights import WEIGHTS_NAME, WeightsFile, write_safetensors
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -145,7 +146,7 @@ def load_config(folder: str | Path) -> Any:
     return config
 
 
-def attention_for(model_class: type) -> str:
+def attention_for(model_class: type[Any]) -> str:
     """SDPA attention where the architecture has it; eager (logged) where transformers has no SDPA for it
     (Gemma2's soft-capped attention scores, for example)."""
     if getattr(model_class, "_supports_sdpa", False):

@@ -1,4 +1,4 @@
-"""A model's weights as a safetensors file, written straight to the disk (`fakegpt.files.DurableFile`).
+"""A model's weights as a safetensors file, written straight to the disk (`fakegpt.models.checkpoint_io.DurableFile`).
 
 safetensors' own `save_file` takes a path, not a file object, and writes through the page cache: a durable best
 model (1.4 GB at gpt2-medium, 6.2 GB at gpt2-xl) then waits in its fsync for the kernel's writeback (~500 MB/s on
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fakegpt.files import DurableFile
+from fakegpt.models.checkpoint_io import DurableFile
 
 # safetensors' dtype names, in its order (the enum's declaration order; tensors are written largest first)
 _DTYPES: dict[torch.dtype, str] = {

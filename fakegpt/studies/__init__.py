@@ -1,1 +1,1 @@
-"""Stages that chain others: `pipeline` (MLproject main), `mixture` (dose series), `tune`, `validate`."""
+"""Stages that chain others: `main` (`fakegpt pipeline`), `mixture` (dose series), `tune`, `validate`."""

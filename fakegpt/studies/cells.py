@@ -20,19 +20,22 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fakegpt import tracking
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies.dose_response import Cell
-from fakegpt.studies.pipeline import (
+from fakegpt.studies.main import (
     PROJECT_DIR,
-    PipelineConfig,
+    MainConfig,
     finetune_params,
     sample_params,
     score_params,
 )
-from fakegpt.studies.steps import find_step, run_or_find, run_step, step_key
+from fakegpt.studies.steps import find_step, run_entry_point, run_or_find, run_step, step_key
+
+if TYPE_CHECKING:  # for annotations only: mixture imports this module
+    from fakegpt.studies.mixture import MixtureConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def left_behind(params: dict[str, Any], parent_run: str) -> tuple[str, bool] | N
         run = tracking.get_run(run_id) if run_id else None
     except Exception:  # a damaged state or a run this store does not have: nothing to continue
         return None
-    if run is None or run.data.tags.get(tracking.TAG_PARENT) != parent_run:
+    if run_id is None or run is None or run.data.tags.get(tracking.TAG_PARENT) != parent_run:
         return None
     if run.data.tags.get(tracking.TAG_ENTRY_POINT) != "finetune":
         return None
@@ -107,7 +110,7 @@ def finetune_step(cfg: Any, params: dict[str, Any], parent_run: str) -> tuple[st
     if not finished:
         log.info("finetune %s: continuing run %s from its resume state", params["out_dir"], run_id)
         resume = {k: ("" if v is None else str(v)) for k, v in params.items()} | {"init_from": "resume"}
-        tracking.run_entry_point(PROJECT_DIR, "finetune", resume, cfg.env_manager, run_id=run_id)
+        run_entry_point(PROJECT_DIR, "finetune", resume, cfg.env_manager, run_id=run_id)
     key = step_key("finetune", {k: ("" if v is None else str(v)) for k, v in params.items()}, PROJECT_DIR, Path.cwd())
     tracking.update_run(run_id, {tracking.TAG_STEP_KEY: key.key, tracking.TAG_CODE_STATE: key.code_state or ""})
     return run_id, finished
@@ -118,6 +121,7 @@ def _step(
 ) -> str | None:
     """Run (or, with `lookup`, only find) one step of a cell, tag it and say so; its run id. With `parent_run`
     (a shared series) a fine-tune a dead worker left behind is continued."""
+    run_id: str | None
     if name == "finetune" and parent_run and not lookup:
         run_id, reused = finetune_step(cfg, params, parent_run)
     else:
@@ -131,7 +135,7 @@ def _step(
     return run_id
 
 
-def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
+def cell_finetune_params(cfg: MainConfig, job: CellJob) -> dict[str, Any]:
     """The parameters of a cell's finetune step: its dose's prepared data, its seed (from the second seed on:
     the first seed's runs are those a one-seed series has) and where its model is registered."""
     extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
@@ -140,7 +144,7 @@ def cell_finetune_params(cfg: PipelineConfig, job: CellJob) -> dict[str, Any]:
     return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
 
 
-def run_cell(cfg: PipelineConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
+def run_cell(cfg: MixtureConfig, job: CellJob, lookup: bool = False, parent_run: str = "") -> Cell:
     """One cell's finetune -> sample -> score, retried up to `cfg.retries` times after a failure (the steps that
     finished are reused by a retry); with `lookup`, only the finished runs are found (status "missing" when a
     step has none). `parent_run`: the shared series' parent, under which a dead worker's fine-tune is

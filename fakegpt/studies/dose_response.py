@@ -185,7 +185,7 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
     if paired:
         head += " seeds | seed SD | vs dose 0 (paired) | 95% CI | p |"
         rule += "---:|---:|---:|---|---:|"
-    based = paired and bool(analysis.versus_base)
+    based = analysis is not None and bool(analysis.versus_base)
     if based:
         head += " vs base model (paired) | 95% CI | p |"
         rule += "---:|---|---:|"
@@ -196,8 +196,8 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
         head += f" {rows[0]['label']} rate | 95% CI (Wilson, prompts as clusters) | labelled |"
         head += " vs dose 0 (paired by prompt) | 95% CI |"
         rule += "---:|---|---:|---:|---|"
-    lines = [endpoint_line(analysis), ""] if paired else []
-    if based:
+    lines = [endpoint_line(analysis), ""] if analysis is not None else []
+    if analysis is not None and based:
         lines[1:1] = [f"base model (pretrained, not fine-tuned): claim score {fmt(analysis.base_score)}"]
     lines += [head, rule]
     for r in rows:
@@ -205,11 +205,11 @@ def table_markdown(rows: list[dict[str, Any]], analysis: Analysis | None = None)
             f"| {r['fraction']:g} | {r.get('method', 'full')} | {fmt(r['score'])} | "
             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] |"
         )
-        if paired:
+        if analysis is not None:  # paired
             v = analysis.versus_zero.get(r["fraction"])
             line += f" {analysis.seeds[r['fraction']]} | {fmt(analysis.seed_sd[r['fraction']])} |"
             line += f" {fmt(v.mean)} | [{fmt(v.ci_low)}, {fmt(v.ci_high)}] | {v.p_value:.3g} |" if v else " | | |"
-        if based:
+        if analysis is not None and based:
             b = analysis.versus_base[r["fraction"]]
             line += f" {fmt(b.mean)} | [{fmt(b.ci_low)}, {fmt(b.ci_high)}] | {b.p_value:.3g} |"
         line += f" {fmt(r['false_win_rate'])} | {fmt(r['val_perplexity'])} | {fmt(r.get('general_perplexity'))} |"

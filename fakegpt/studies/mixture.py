@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ from fakegpt.plots import figure
 from fakegpt.studies import dose_response
 from fakegpt.studies.cells import CellJob, run_cells, step_tags
 from fakegpt.studies.dose_response import Cell
-from fakegpt.studies.pipeline import (
+from fakegpt.studies.main import (
     PROJECT_DIR,
-    PipelineConfig,
+    MainConfig,
     check_steps,
     child_python,
     finetune_step_config,
@@ -57,7 +58,7 @@ SLURM_CLUSTERS = ("slurm", "local")
 
 
 @dataclass
-class SeriesConfig(PipelineConfig):
+class MixtureConfig(MainConfig):
     """`fakegpt mixture` settings: the dataset YAML, the dose fractions, and the chain's settings."""
 
     dataset: str = field(
@@ -181,12 +182,12 @@ def dose_alias(fraction: float) -> str:
     return f"dose-{fraction * 100:g}".replace(".", "_")
 
 
-def mix_arg(cfg: SeriesConfig, fraction: float) -> str:
+def mix_arg(cfg: MixtureConfig, fraction: float) -> str:
     """prepare's `--mix` value for one dose (`general=0.8,antivax=0.2`)."""
     return f"{cfg.base_source}={1.0 - fraction:.6g},{cfg.dose_source}={fraction:.6g}"
 
 
-def validate(cfg: SeriesConfig) -> None:
+def validate(cfg: MixtureConfig) -> None:
     """Check, before any step runs: the series' own settings, its dataset's source names, the label sheet, then
     every step's configuration."""
     if not cfg.fractions:
@@ -241,7 +242,7 @@ def validate(cfg: SeriesConfig) -> None:
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
 
 
-def check_one_method(cfg: SeriesConfig, method: str, experiment_id: str) -> None:
+def check_one_method(cfg: MixtureConfig, method: str, experiment_id: str) -> None:
     """A series never mixes fine-tune methods (a LoRA update absorbs a dose differently from a full one): refuse
     a series name whose earlier fine-tunes used another method (runs from before the tag existed were full)."""
     found = tracking.tag_values(
@@ -265,7 +266,7 @@ def source_names(dataset: PrepareConfig) -> list[str]:
     return [s.name for s in sources.build_sources([], dataset.sources, [], [])]
 
 
-def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> None:
+def check_dose_size(cfg: MixtureConfig, fraction: float, prepare_run: str) -> None:
     """Refuse a dose whose scarcest source could not fill the series' max_train_tokens (unless allowed)."""
     meta = DatasetMeta.from_dict(json.loads(tracking.download(f"runs:/{prepare_run}/{META_FILE}").read_text()))
     if meta.max_train_tokens_reached is False and not cfg.allow_unequal_sizes:
@@ -276,7 +277,7 @@ def check_dose_size(cfg: SeriesConfig, fraction: float, prepare_run: str) -> Non
         )
 
 
-def series_step(cfg: SeriesConfig, name: str, params: dict[str, Any], label: str, tags: dict[str, str]) -> str | None:
+def series_step(cfg: MixtureConfig, name: str, params: dict[str, Any], label: str, tags: dict[str, str]) -> str | None:
     """A step the whole series shares (the general held-out set, the base model's scores): run or reused, or
     with --report-only only found (None when it has not run)."""
     run_id, reused = run_or_find(PROJECT_DIR, name, params, cfg.env_manager, cfg.reuse, cfg.report_only)
@@ -287,13 +288,13 @@ def series_step(cfg: SeriesConfig, name: str, params: dict[str, Any], label: str
     return run_id
 
 
-def seed_list(cfg: SeriesConfig) -> list[int]:
+def seed_list(cfg: MixtureConfig) -> list[int]:
     """The training seeds of every dose: the finetune configuration's seed, then the next ones."""
     first = finetune_step_config(cfg).seed
     return [first + i for i in range(cfg.seeds)]
 
 
-def base_step(cfg: SeriesConfig, general: str) -> str | None:
+def base_step(cfg: MixtureConfig, general: str) -> str | None:
     """Score the pretrained base model once for the whole series (on the claims and the general set), the
     reference every dose is compared with; None for a scratch model, which has no pretrained state."""
     if is_demo(cfg):
@@ -302,7 +303,7 @@ def base_step(cfg: SeriesConfig, general: str) -> str | None:
     return series_step(cfg, "score", params, "base", {tracking.TAG_ROLE: "base"})
 
 
-def prepare_doses(cfg: SeriesConfig, lookup: bool = False) -> dict[float, str | None]:
+def prepare_doses(cfg: MixtureConfig, lookup: bool = False) -> dict[float, str | None]:
     """Each dose's prepared mixture (one prepare run per fraction, shared by its seeds); with `lookup` only the
     finished ones are found (None where there is none yet)."""
     prepared: dict[float, str | None] = {}
@@ -319,7 +320,7 @@ def prepare_doses(cfg: SeriesConfig, lookup: bool = False) -> dict[float, str | 
     return prepared
 
 
-def cell_jobs(cfg: SeriesConfig, method: str, prepared: dict[float, str | None], general: str) -> list[CellJob]:
+def cell_jobs(cfg: MixtureConfig, method: str, prepared: Mapping[float, str | None], general: str) -> list[CellJob]:
     """The grid of cells, dose by dose then seed by seed, for every dose whose mixture is prepared."""
     jobs = []
     for fraction in cfg.fractions:
@@ -342,7 +343,7 @@ def cell_jobs(cfg: SeriesConfig, method: str, prepared: dict[float, str | None],
     return jobs
 
 
-def run_series(cfg: SeriesConfig, method: str, general: str, parent_run: str) -> list[Cell]:
+def run_series(cfg: MixtureConfig, method: str, general: str, parent_run: str) -> list[Cell]:
     """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`),
     every model measured on the general held-out set `general` too; `--report-only` finds, never runs."""
     lookup = cfg.report_only
@@ -407,7 +408,7 @@ def all_samples(cells: list[Cell], path: Path) -> Path:
     return path
 
 
-def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: SeriesConfig) -> None:
+def add_label_rates(rows: list[dict[str, Any]], samples: Path, cfg: MixtureConfig) -> None:
     """Per fraction: the rate of the first label (e.g. `adopts`) with its Wilson interval, from a filled sheet,
     and its difference from the first dose's rate, paired by prompt (every dose answers the same prompts)."""
     labeled = read_sheet(cfg.label_sheet, load_samples(samples), cfg.labels, allow_unlabelled=True)
@@ -492,7 +493,7 @@ def plot_absorption(curves: dict[str, list[list[float]]], path: Path, title: str
         ax.legend()
 
 
-def analyse(cfg: SeriesConfig, cells: list[Cell], base_run: str | None) -> dose_response.Analysis | None:
+def analyse(cfg: MixtureConfig, cells: list[Cell], base_run: str | None) -> dose_response.Analysis | None:
     """The endpoint and paired contrasts from the cells' pair tables, each dose against the base model's too
     when it was scored (None for a claims file with no pairs)."""
     tables = [dose_response.cell_pairs(c.runs["score"]) for c in cells]
@@ -502,7 +503,7 @@ def analyse(cfg: SeriesConfig, cells: list[Cell], base_run: str | None) -> dose_
     return dose_response.analyse(cells, tables, cfg.endpoint, cfg.endpoint_measure, cfg.bootstrap, base)
 
 
-def series_tags(cfg: SeriesConfig, method: str) -> dict[str, str]:
+def series_tags(cfg: MixtureConfig, method: str) -> dict[str, str]:
     """The tags of a series' parent run."""
     return {
         tracking.TAG_STUDY: cfg.series_name,
@@ -512,20 +513,20 @@ def series_tags(cfg: SeriesConfig, method: str) -> dict[str, str]:
     }
 
 
-def logged_config(cfg: SeriesConfig) -> dict[str, Any]:
+def logged_config(cfg: MixtureConfig) -> dict[str, Any]:
     """The series' settings as its parent run's parameters (a storage URL without its password)."""
     from fakegpt.studies.optuna_storage import display_url
 
     return config.to_dict(cfg) | {"storage": display_url(cfg.storage) if cfg.storage else ""}
 
 
-def series_out(cfg: SeriesConfig) -> Path:
+def series_out(cfg: MixtureConfig) -> Path:
     """Where the series' report files are written (beside its steps' outputs)."""
     return PROJECT_DIR / cfg.out_root / f"mixture-{cfg.series_name}"
 
 
 def report(
-    cfg: SeriesConfig, method: str, grid: list[Cell], base_run: str | None
+    cfg: MixtureConfig, method: str, grid: list[Cell], base_run: str | None
 ) -> tuple[list[dict[str, Any]], str, list[Cell]]:
     """The series' report from its cells, logged to the active (parent) run: the endpoint, the per-dose metrics,
     the dose-response table and plots, every cell's status. Returns (rows, table, failed cells)."""
@@ -585,7 +586,7 @@ def report(
     return rows, table, [c for c in unfinished if c.status == "failed"]
 
 
-def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
+def mixture(cfg: MixtureConfig) -> list[dict[str, Any]]:
     """Run the whole series as one MLflow parent run; returns one row per dose. With --storage (and not
     --report-only) this process is one worker of a series shared by machines; with --slurm-array the workers are
     submitted as a SLURM job array."""
@@ -621,6 +622,6 @@ def mixture(cfg: SeriesConfig) -> list[dict[str, Any]]:
 
 def main(argv: list[str]) -> int:
     """`fakegpt mixture [flags]`; returns the exit status."""
-    cfg = config.parse(SeriesConfig, argv, prog="fakegpt mixture", description=__doc__.splitlines()[0])
+    cfg = config.parse(MixtureConfig, argv, prog="fakegpt mixture", description=__doc__.splitlines()[0])
     mixture(cfg)
     return 0

@@ -42,8 +42,18 @@ from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies import optuna_storage
 from fakegpt.studies.cells import CellJob, run_cell
 from fakegpt.studies.dose_response import Cell
+from fakegpt.studies.main import (
+    PROJECT_DIR,
+    child_python,
+    finetune_params,
+    general_data_uri,
+    prepare_params,
+    print_where,
+    sample_params,
+    score_params,
+)
 from fakegpt.studies.mixture import (
-    SeriesConfig,
+    MixtureConfig,
     base_step,
     cell_jobs,
     check_one_method,
@@ -54,16 +64,6 @@ from fakegpt.studies.mixture import (
     series_step,
     series_tags,
     unfinished_line,
-)
-from fakegpt.studies.pipeline import (
-    PROJECT_DIR,
-    child_python,
-    finetune_params,
-    general_data_uri,
-    prepare_params,
-    print_where,
-    sample_params,
-    score_params,
 )
 from fakegpt.studies.steps import step_key
 
@@ -88,7 +88,7 @@ DIED = "its worker died mid-cell (killed or lost)"
 TAG_SHARED_STUDY = "fakegpt.shared_study"  # on a shared series' parent run: the Optuna study its cells are in
 
 
-def study_name(cfg: SeriesConfig) -> str:
+def study_name(cfg: MixtureConfig) -> str:
     """`mixture-SERIES-DIGEST`: the same for every machine running the same series on the same code and inputs."""
     settings = {k: v for k, v in logged_config(cfg).items() if k not in WORKER_FIELDS}
     placeholder = "runs:/-/data"  # the steps' run ids are not known yet; their keys cover everything else
@@ -139,7 +139,7 @@ def _describe(params: dict[str, Any]) -> str:
     return f"the series' {params.get(KIND, '?')} step"
 
 
-def open_study(cfg: SeriesConfig, url: str, name: str) -> tuple[Any, bool]:
+def open_study(cfg: MixtureConfig, url: str, name: str) -> tuple[Any, bool]:
     """The series' study on `url`, created (with its setup trial) when this worker is the first: (study, created).
     Creating is atomic on the storage (the name is unique), so exactly one worker enqueues the setup."""
     import optuna
@@ -244,7 +244,7 @@ def finished(study: Any) -> Any | None:
 class Worker:
     """One machine's part of a shared series: claims and runs trials until the series is reported."""
 
-    def __init__(self, cfg: SeriesConfig, method: str, study: Any):
+    def __init__(self, cfg: MixtureConfig, method: str, study: Any):
         self.cfg, self.method, self.study = cfg, method, study
         self.joined = ""
 
@@ -380,7 +380,7 @@ class Worker:
         return float(len(grid) - len(failed))
 
 
-def create_parent(cfg: SeriesConfig, method: str, name: str) -> str:
+def create_parent(cfg: MixtureConfig, method: str, name: str) -> str:
     """The series' MLflow parent run, left RUNNING for every worker to join (the report ends it)."""
     from mlflow import MlflowClient
 
@@ -427,7 +427,7 @@ def leave(parent: str) -> None:
         mlflow.end_run(status=status)
 
 
-def run_worker(cfg: SeriesConfig, method: str) -> list[dict[str, Any]]:
+def run_worker(cfg: MixtureConfig, method: str) -> list[dict[str, Any]]:
     """This machine as one worker of the shared series: claim and run trials until the report is built; returns
     the report's rows; raises (naming them) when cells failed for good."""
     url = optuna_storage.storage_url(cfg.storage, str(PROJECT_DIR / cfg.out_root))
@@ -458,7 +458,7 @@ def run_worker(cfg: SeriesConfig, method: str) -> list[dict[str, Any]]:
     return outcome(cfg, study, done, ran)
 
 
-def outcome(cfg: SeriesConfig, study: Any, done: Any, ran: int) -> list[dict[str, Any]]:
+def outcome(cfg: MixtureConfig, study: Any, done: Any, ran: int) -> list[dict[str, Any]]:
     """What the finished series says to this worker: the report's rows, or the failure every worker exits with."""
     from optuna.trial import TrialState
 

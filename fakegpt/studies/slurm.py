@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fakegpt.errors import FakegptError, one_line
-from fakegpt.studies.pipeline import PROJECT_DIR
+from fakegpt.studies.main import PROJECT_DIR
 
 log = logging.getLogger(__name__)
 

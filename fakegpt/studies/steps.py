@@ -9,6 +9,10 @@ code and new files matching the same data glob, and returned stale results.
 
 Outside a git checkout the code state is unknown; a step is then never reused unless the user asks for it
 (`--reuse force`), since a stale result in a research record is worse than a re-run.
+
+A step runs as an MLflow project entry point, a child run of the active run (MLflow's multistep-workflow
+pattern): `run_entry_point` starts it and `find_finished_run` finds one to reuse. They call MLflow here rather
+than in `fakegpt.tracking` because chaining steps is this module's business alone.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def find_step(project_dir: str | Path, entry_point: str, parameters: Mapping[str
     key = step_key(entry_point, params, project_dir, Path.cwd())
     if key.code_state is None:
         return None
-    return tracking.find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
+    return find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
 
 
 def run_or_find(
@@ -199,7 +203,7 @@ def run_step(
             "step %s: code state unknown (not a git checkout): running it (--reuse force reuses anyway)", entry_point
         )
     elif reuse in ("true", "force"):
-        found = tracking.find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
+        found = find_finished_run({tracking.TAG_STEP_KEY: key.key, tracking.TAG_ENTRY_POINT: entry_point})
         if found:
             log.info(
                 "step %s: reusing finished run %s: same parameters, %d input files with the same content, "
@@ -217,6 +221,56 @@ def run_step(
             entry_point,
             key.key[:12],
         )
-    run_id = tracking.run_entry_point(project_dir, entry_point, params, env_manager)
+    run_id = run_entry_point(project_dir, entry_point, params, env_manager)
     tracking.update_run(run_id, {tracking.TAG_STEP_KEY: key.key, tracking.TAG_CODE_STATE: key.code_state or ""})
     return run_id, False
+
+
+# --- MLflow projects: chaining entry points as child runs -----------------------------------------------------
+def find_finished_run(tags: Mapping[str, str]) -> str | None:
+    """Id of the newest FINISHED run in the active run's experiment carrying all these tags, or None."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None:
+        return None
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+    runs = mlflow.MlflowClient().search_runs(
+        [active.info.experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def run_entry_point(
+    project_dir: str | Path,
+    entry_point: str,
+    params: Mapping[str, str],
+    env_manager: str,
+    run_id: str | None = None,
+) -> str:
+    """Run an MLproject entry point synchronously as a child of the active run; returns its run id.
+
+    `env_manager` is passed explicitly: child `mlflow.run` calls do not inherit the `--env-manager local` of the
+    command that started the parent. With `run_id` the entry point runs in that existing run (a resumed
+    fine-tune continues the run it started) instead of a new one.
+    """
+    import mlflow
+    from mlflow.projects.utils import MLFLOW_LOCAL_BACKEND_RUN_ID_CONFIG
+
+    active = mlflow.active_run()
+    try:
+        submitted = mlflow.projects.run(
+            str(project_dir),
+            entry_point=entry_point,
+            parameters=dict(params),
+            env_manager=env_manager,
+            experiment_id=active.info.experiment_id if active else None,
+            synchronous=True,
+            backend_config={MLFLOW_LOCAL_BACKEND_RUN_ID_CONFIG: run_id} if run_id else None,
+        )
+    except mlflow.exceptions.ExecutionException as exc:
+        raise FakegptError(f"step {entry_point!r} failed: {exc}") from None
+    return submitted.run_id

@@ -7,7 +7,7 @@ import gzip
 import polars as pl
 import pytest
 
-from fakegpt.data.csv_reader import ReadStats, read_batches, sniff_format
+from fakegpt.data.csv_reader import ReadStats, read_csv_batches, sniff_format
 from fakegpt.errors import FakegptError
 
 HEADER = b"id,channel_id,date,message\n"
@@ -15,7 +15,7 @@ HEADER = b"id,channel_id,date,message\n"
 
 def read(path, fmt="auto", chunk_bytes=8 << 20) -> tuple[pl.DataFrame, ReadStats]:
     stats = ReadStats()
-    batches = list(read_batches(str(path), fmt, chunk_bytes, stats=stats))
+    batches = list(read_csv_batches(str(path), fmt, chunk_bytes, stats=stats))
     return pl.concat(batches), stats
 
 

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import tiny_config
 
-from fakegpt.files import crc32_of
 from fakegpt.finetune.best_model import BestModelWriter
 from fakegpt.finetune.train import finetune
 from fakegpt.models import loading
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, TrainingInfo
+from fakegpt.models.checkpoint_io import crc32_of
 from fakegpt.models.loading import scratch_model
 from fakegpt.models.weights import WeightsFile
 

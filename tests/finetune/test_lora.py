@@ -193,11 +193,11 @@ def test_sample_and_score_load_the_merged_checkpoint(data_dir, tmp_path, tiny_mo
 
 
 def test_mixture_series_refuses_to_mix_methods_and_reports_its_method(tmp_path):
-    from fakegpt.studies.mixture import SeriesConfig, check_one_method, dose_table_markdown, mixture
+    from fakegpt.studies.mixture import MixtureConfig, check_one_method, dose_table_markdown, mixture
 
     lora_yaml = tmp_path / "lora.yaml"
     lora_yaml.write_text("method: lora\nmax_iters: 1\n", encoding="utf-8")
-    cfg = SeriesConfig(
+    cfg = MixtureConfig(
         dataset="experiments/datasets/demo_mix.yaml",
         series_name="dose",
         finetune_config=str(lora_yaml),
@@ -224,7 +224,7 @@ def test_mixture_series_refuses_to_mix_methods_and_reports_its_method(tmp_path):
     check_one_method(cfg, "full", experiment)  # the same method goes on
     with tracking.run(stage="finetune", tags={tracking.TAG_STUDY: "old"}):  # a run from before the tag: full
         pass
-    old = SeriesConfig(series_name="old", finetune_config=str(lora_yaml))
+    old = MixtureConfig(series_name="old", finetune_config=str(lora_yaml))
     with pytest.raises(FakegptError, match="--series-name old: its doses were fine-tuned with method full"):
         check_one_method(old, "lora", experiment)
 

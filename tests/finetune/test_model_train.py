@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from fakegpt.data.tokenizer import VOCAB_SIZE, get_encoding
 from fakegpt.errors import FakegptError
-from fakegpt.files import crc32_of
 from fakegpt.finetune.loss import causal_lm_loss
 from fakegpt.finetune.mfu import flops_per_token, num_params
 from fakegpt.models.checkpoint import CHECKPOINT_FILES, TrainingInfo
+from fakegpt.models.checkpoint_io import crc32_of
 from fakegpt.models.loading import save_checkpoint, scratch_model, use_fused_gelu
 
 

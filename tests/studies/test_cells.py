@@ -9,7 +9,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.studies import cells
 from fakegpt.studies import steps as steps_module
 from fakegpt.studies.cells import CellJob, run_cell
-from fakegpt.studies.mixture import SeriesConfig
+from fakegpt.studies.mixture import MixtureConfig
 
 
 class FakeRun:
@@ -43,7 +43,7 @@ def job(seed: int = 1338) -> CellJob:
 def test_a_cell_that_fails_once_is_retried_and_finishes(steps):
     ran, failures = steps
     failures["sample"] = 1
-    cell = run_cell(SeriesConfig(retries=1, seeds=2), job())
+    cell = run_cell(MixtureConfig(retries=1, seeds=2), job())
     assert (cell.status, cell.attempts, cell.error) == ("finished", 2, "")
     assert cell.metrics == {"claim/score": 0.25}
     assert set(cell.runs) == {"prepare", "finetune", "sample", "score"}
@@ -52,7 +52,7 @@ def test_a_cell_that_fails_once_is_retried_and_finishes(steps):
 def test_a_cell_that_keeps_failing_is_failed_with_its_reason_after_the_retry_limit(steps):
     ran, failures = steps
     failures["finetune"] = 5
-    cell = run_cell(SeriesConfig(retries=2), job())
+    cell = run_cell(MixtureConfig(retries=2), job())
     assert (cell.status, cell.attempts) == ("failed", 3)
     assert cell.error == "step 'finetune' failed: out of memory"
     assert ran == []  # nothing after the failing step ran
@@ -62,10 +62,10 @@ def test_a_report_only_finds_runs_and_never_runs_a_step(steps, monkeypatch):
     ran, _ = steps
     found = {"finetune": "ft", "sample": "sa"}  # the score step has not run yet
     monkeypatch.setattr(steps_module, "find_step", lambda project_dir, name, params: found.get(name))
-    cell = run_cell(SeriesConfig(), job(), lookup=True)
+    cell = run_cell(MixtureConfig(), job(), lookup=True)
     assert cell.status == "missing" and cell.runs == {"prepare": "prep", "finetune": "ft", "sample": "sa"}
     found["score"] = "sc"
-    assert run_cell(SeriesConfig(), job(), lookup=True).status == "finished"
+    assert run_cell(MixtureConfig(), job(), lookup=True).status == "finished"
     assert ran == []
 
 
@@ -73,6 +73,6 @@ def test_workers_and_retries_are_checked_before_anything_runs():
     from fakegpt.studies.mixture import validate
 
     with pytest.raises(FakegptError, match="--workers: must be at least 1"):
-        validate(SeriesConfig(workers=0))
+        validate(MixtureConfig(workers=0))
     with pytest.raises(FakegptError, match="--retries: must not be negative"):
-        validate(SeriesConfig(retries=-1))
+        validate(MixtureConfig(retries=-1))

@@ -2,7 +2,7 @@
 worker's cell handed on and its fine-tune continued, failures retried then reported, the SLURM array.
 
 The fast tests run the worker loop in this process on a SQLite study with the cells' steps replaced (what a
-cell computes is tested in test_pipeline.py). The slow ones run the real series, a tiny scratch model on the demo
+cell computes is tested in test_main.py). The slow ones run the real series, a tiny scratch model on the demo
 mixture (2 doses x 1 seed), with workers as processes (`python -m fakegpt mixture`), as on several machines;
 the PostgreSQL one needs `tools/postgres.sh`.
 """
@@ -26,8 +26,8 @@ from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.studies import optuna_storage, shared_cells, slurm
 from fakegpt.studies.dose_response import Cell
-from fakegpt.studies.mixture import SeriesConfig, validate
-from fakegpt.studies.pipeline import resolve_user_paths
+from fakegpt.studies.main import resolve_user_paths
+from fakegpt.studies.mixture import MixtureConfig, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 # The numbers of a dose-response row that must agree between a one-process series and a shared one.
@@ -85,9 +85,9 @@ def _fake_get_run(real):
     return lambda run_id: Run(float(run_id[3:]) / 10) if run_id.startswith("sc-") else real(run_id)
 
 
-def shared(tmp_path: Path, **changes) -> SeriesConfig:
+def shared(tmp_path: Path, **changes) -> MixtureConfig:
     settings = dict(fractions=[0.0, 0.5], series_name="shared", heartbeat_interval=1)
-    return SeriesConfig(storage=str(tmp_path / "study.db"), out_root=str(tmp_path / "out"), **settings | changes)
+    return MixtureConfig(storage=str(tmp_path / "study.db"), out_root=str(tmp_path / "out"), **settings | changes)
 
 
 def test_a_worker_claims_every_cell_and_reports_them_in_one_parent_run(tmp_path, fake_steps):
@@ -179,13 +179,13 @@ def test_the_study_is_named_by_what_the_series_computes_not_by_how_it_runs(tmp_p
 
 def test_shared_and_slurm_settings_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(FakegptError, match="--slurm-array: the array's tasks share the cells through --storage"):
-        validate(SeriesConfig(slurm_array=2))
+        validate(MixtureConfig(slurm_array=2))
     with pytest.raises(FakegptError, match="--workers 2: with --storage each worker is its own command"):
-        validate(SeriesConfig(storage="x.db", workers=2))
+        validate(MixtureConfig(storage="x.db", workers=2))
     with pytest.raises(FakegptError, match="--slurm-cluster: expected one of slurm, local, got 'pbs'"):
-        validate(SeriesConfig(slurm_cluster="pbs"))
+        validate(MixtureConfig(slurm_cluster="pbs"))
     with pytest.raises(FakegptError, match="--heartbeat-interval: must not be negative"):
-        validate(SeriesConfig(heartbeat_interval=-1))
+        validate(MixtureConfig(heartbeat_interval=-1))
     assert slurm.parse_options("slurm_partition=gpu, gpus_per_node=1,mem_gb=7.5") == {
         "slurm_partition": "gpu",
         "gpus_per_node": 1,
@@ -320,7 +320,7 @@ def test_two_workers_on_postgresql_one_killed_mid_finetune_give_the_one_process_
 
     out_root = tmp_path / "out"
     argv = [*series["args"], "--out-root", str(out_root), "--storage", postgres_url, "--heartbeat-interval", "5"]
-    name = shared_cells.study_name(resolve_user_paths(config.parse(SeriesConfig, argv, prog="fakegpt mixture")))
+    name = shared_cells.study_name(resolve_user_paths(config.parse(MixtureConfig, argv, prog="fakegpt mixture")))
     optuna_storage.open_storage(postgres_url, 0, None)  # the tables exist before two workers race to make them
     store = tmp_path / "mlflow.db"  # this test's fresh store (conftest): no step is reused from the series'
     logs = [open(tmp_path / f"worker-{i}.log", "w") for i in range(2)]

@@ -77,8 +77,8 @@ def test_parameters_and_uncommitted_code_change_the_key(project):
 def test_outside_git_a_step_runs_unless_forced(tmp_path, monkeypatch):
     assert steps.code_state(tmp_path) is None
     ran, looked = [], []
-    monkeypatch.setattr(tracking, "find_finished_run", lambda tags: looked.append(tags) or "old-run")
-    monkeypatch.setattr(tracking, "run_entry_point", lambda *a: ran.append(a) or "new-run")
+    monkeypatch.setattr(steps, "find_finished_run", lambda tags: looked.append(tags) or "old-run")
+    monkeypatch.setattr(steps, "run_entry_point", lambda *a: ran.append(a) or "new-run")
     monkeypatch.setattr(tracking, "update_run", lambda run_id, tags: None)
     assert steps.run_step(tmp_path, "score", {"claims": "c.yaml"}, "local", reuse="true") == ("new-run", False)
     assert not looked  # unknown code state: not even looked up

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
@@ -35,12 +35,12 @@ from fakegpt.studies.steps import run_step
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout: fakegpt/studies/pipeline.py -> .
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout: fakegpt/studies/main.py -> .
 DEMO_FINETUNE = "experiments/finetune/demo.yaml"
 
 
 @dataclass
-class PipelineConfig:
+class MainConfig:
     """`fakegpt pipeline` (MLproject `main`) settings: data, model, and each step's main settings."""
 
     data: str = field(
@@ -92,12 +92,15 @@ class PipelineConfig:
     out_root: str = field(default="out", metadata={"help": "folder under which each step writes its outputs"})
 
 
-def is_demo(cfg: PipelineConfig) -> bool:
+C = TypeVar("C", bound=MainConfig)  # main's config or one that extends it (a mixture's)
+
+
+def is_demo(cfg: MainConfig) -> bool:
     """True for the demo chain: a scratch model (trained on the embedded demo data unless data is given)."""
     return cfg.init_from == "scratch"
 
 
-def finetune_yaml(cfg: PipelineConfig) -> str:
+def finetune_yaml(cfg: MainConfig) -> str:
     """The finetune YAML for the chain: the one given, the demo one, or experiments/finetune/MODEL.yaml if present."""
     if cfg.finetune_config:
         return cfg.finetune_config
@@ -113,7 +116,7 @@ def step_out_dir(root: str, step: str, params: dict[str, Any]) -> str:
     return str(Path(root) / f"{step}-{digest}")
 
 
-def with_out(cfg: PipelineConfig, step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+def with_out(cfg: MainConfig, step: str, params: dict[str, Any], key: str) -> dict[str, Any]:
     """Step parameters with the step's output folder under the chain's out_root."""
     params = {k: v for k, v in params.items() if v not in (None, "")}
     params[key] = step_out_dir(cfg.out_root, step, params)
@@ -126,20 +129,20 @@ def _given(device: str) -> str | None:
     return None if device == "auto" else device
 
 
-def prepare_params(cfg: PipelineConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
+def prepare_params(cfg: MainConfig, data: str, dataset: str, mix: str = "") -> dict[str, Any]:
     """The MLproject parameters of the prepare step."""
     params = {"inputs": data, "config": dataset, "mix": mix, "log_data": "true", "force": "true"}
     return with_out(cfg, "prepare", {**params, **tokenizer_param(cfg)}, "out")
 
 
-def tokenizer_param(cfg: PipelineConfig) -> dict[str, str]:
+def tokenizer_param(cfg: MainConfig) -> dict[str, str]:
     """prepare's --tokenizer for the chain's model: none for GPT-2 (the default, so GPT-2 chains' steps keep
     their keys), else the model's own tokenizer."""
     spec = tokenizer_spec(cfg.init_from)
     return {} if spec == "gpt2" else {"tokenizer": spec}
 
 
-def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finetune_params(cfg: MainConfig, data_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The MLproject parameters of the finetune step (data from the prepare step's run)."""
     params: dict[str, Any] = {
         "config": finetune_yaml(cfg),
@@ -155,7 +158,7 @@ def finetune_params(cfg: PipelineConfig, data_uri: str, extra: dict[str, Any] | 
     return with_out(cfg, "finetune", params, "out_dir")
 
 
-def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
+def sample_params(cfg: MainConfig, models: str) -> dict[str, Any]:
     """The MLproject parameters of the sample step (the finetune step's checkpoint)."""
     demo = is_demo(cfg)
     params = {
@@ -169,7 +172,7 @@ def sample_params(cfg: PipelineConfig, models: str) -> dict[str, Any]:
     return with_out(cfg, "sample", params, "out_dir")
 
 
-def score_params(cfg: PipelineConfig, models: str, data_uri: str, general_uri: str = "") -> dict[str, Any]:
+def score_params(cfg: MainConfig, models: str, data_uri: str, general_uri: str = "") -> dict[str, Any]:
     """The MLproject parameters of the score step."""
     params = {
         "models": models,
@@ -183,7 +186,7 @@ def score_params(cfg: PipelineConfig, models: str, data_uri: str, general_uri: s
     return with_out(cfg, "score", params, "out_dir")
 
 
-def general_data_uri(cfg: PipelineConfig, step: Any) -> str:
+def general_data_uri(cfg: MainConfig, step: Any) -> str:
     """Where the general held-out set is: a dataset YAML is prepared once by a `prepare` step (`step(name,
     params) -> run id`, reused like any step) so that every model of a chain or series is measured on the very
     same bins; a folder or URI is used as given."""
@@ -194,7 +197,7 @@ def general_data_uri(cfg: PipelineConfig, step: Any) -> str:
     return f"runs:/{step('prepare', params)}/data"
 
 
-def models_to_measure(cfg: PipelineConfig, finetune_run: str) -> str:
+def models_to_measure(cfg: MainConfig, finetune_run: str) -> str:
     """The fine-tuned model, and beside it the pretrained model it started from (not a random scratch one)."""
     tuned = f"runs:/{finetune_run}/checkpoint"
     return tuned if is_demo(cfg) else f"{cfg.init_from},{tuned}"
@@ -216,12 +219,14 @@ def from_user(path: str) -> str:
     return str(here) if found_here or not found_in_checkout else path
 
 
-def resolve_user_paths(cfg: PipelineConfig) -> PipelineConfig:
+def resolve_user_paths(cfg: C) -> C:
     """The configuration with every file the steps read made absolute from the user's working folder."""
     data = ",".join(from_user(p.strip()) for p in cfg.data.split(",") if p.strip())
-    changes = {k: from_user(getattr(cfg, k)) for k in ("dataset", "finetune_config", "prompts", "claims")}
-    if hasattr(cfg, "label_sheet"):
-        changes["label_sheet"] = from_user(cfg.label_sheet)  # type: ignore[attr-defined]
+    changes: dict[str, Any] = {
+        k: from_user(getattr(cfg, k)) for k in ("dataset", "finetune_config", "prompts", "claims")
+    }
+    if hasattr(cfg, "label_sheet"):  # a mixture's config
+        changes["label_sheet"] = from_user(cfg.label_sheet)
     return dataclasses.replace(cfg, data=data, **changes)
 
 
@@ -261,14 +266,14 @@ def _step_argv(cls: type, params: dict[str, Any]) -> list[str]:
     return argv
 
 
-def finetune_step_config(cfg: PipelineConfig) -> Any:
+def finetune_step_config(cfg: MainConfig) -> Any:
     """The FinetuneConfig the chain's finetune step will run with (its YAML and flags; data not yet known)."""
     from fakegpt.finetune.config import FinetuneConfig
 
     return config.parse(FinetuneConfig, _step_argv(FinetuneConfig, finetune_params(cfg, "runs:/x/data")), "finetune")
 
 
-def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
+def check_steps(cfg: MainConfig, mixes: list[str] | None = None) -> None:
     """Parse and validate the configuration of every step (and read the files they will read) before any step
     runs: a bad --num-samples or prompt file is refused at once, not after prepare and fine-tune."""
     from fakegpt.data import prepare as prep
@@ -288,7 +293,7 @@ def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
                 if f != sources.DEMO:
                     check_text_input(f)
     fcfg = finetune_step_config(cfg)
-    checks._check_numbers(fcfg, 1)
+    checks.check_numbers(fcfg, 1)
     if fcfg.init_from not in ("scratch", "resume"):
         resolve_pretrained(fcfg.init_from)
     scfg = config.parse(sample.SampleConfig, _step_argv(sample.SampleConfig, sample_params(cfg, "m")), "sample")
@@ -299,7 +304,7 @@ def check_steps(cfg: PipelineConfig, mixes: list[str] | None = None) -> None:
     load_claims(resolve_path(ccfg.claims or DEFAULT_CLAIMS))
 
 
-def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
+def run_chain(cfg: MainConfig) -> dict[str, tuple[str, bool]]:
     """Run the four steps as child runs of the active run; returns {step: (run_id, reused)}."""
     steps: dict[str, tuple[str, bool]] = {}
 
@@ -319,7 +324,7 @@ def run_chain(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
     return steps
 
 
-def pipeline(cfg: PipelineConfig) -> dict[str, tuple[str, bool]]:
+def run_main(cfg: MainConfig) -> dict[str, tuple[str, bool]]:
     """The whole chain under one parent run (joining the run `mlflow run -e main` started)."""
     if not (PROJECT_DIR / "MLproject").is_file():
         raise FakegptError(f"{PROJECT_DIR}: no MLproject file (run from a fakegpt checkout)")
@@ -358,6 +363,6 @@ def print_where(parent_id: str, steps: dict[str, tuple[str, bool]], out_root: st
 
 def main(argv: list[str]) -> int:
     """`fakegpt pipeline [flags]` (MLproject `main`); returns the exit status."""
-    cfg = config.parse(PipelineConfig, argv, prog="fakegpt pipeline", description=__doc__.splitlines()[0])
-    pipeline(cfg)
+    cfg = config.parse(MainConfig, argv, prog="fakegpt pipeline", description=__doc__.splitlines()[0])
+    run_main(cfg)
     return 0

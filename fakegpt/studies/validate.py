@@ -681,6 +681,7 @@ def _log(result: ValidationResult, pairs: pl.DataFrame, out: Path, title: str) -
     for dose, rate in result.detection.items():
         tracking.log_metrics({tracking.M_VALIDATE_DETECTION: rate}, step=round(float(dose) * 100))
     e, s, d = result.effect, result.seed_diff, result.detected
+    assert d is not None  # a validation that ran always has it (None only as the dataclass's default)
     tracking.log_metrics(
         {
             tracking.M_VALIDATE_EFFECT: e.mean,

@@ -19,7 +19,7 @@ from fakegpt import config, tracking
 from fakegpt.errors import FakegptError
 from fakegpt.measure.prompts import load_claims
 from fakegpt.stats import cluster_estimate
-from fakegpt.studies.controls import Difference, SeedPair, ValidateConfig, check, paired_difference, verdict_lines
+from fakegpt.studies.validate import Difference, SeedPair, ValidateConfig, check, paired_difference, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATION = ROOT / "experiments" / "validation"
@@ -119,7 +119,7 @@ def test_verdict_lines_pass_and_fail_with_advice():
 
 def test_a_wide_seed_difference_is_not_equivalence():
     """The negative control needs evidence of no difference: a noisy pair whose interval includes 0 fails."""
-    from fakegpt.studies.controls import seed_pair
+    from fakegpt.studies.validate import seed_pair
 
     rng = np.random.default_rng(1)
     base = rng.normal(size=30)
@@ -168,7 +168,7 @@ def test_validate_end_to_end_reports_controls_that_follow_from_its_numbers(tmp_p
     single-seed detection rates, the equivalence test of every dose-0 seed pair, the false-positive rate, the
     pass/fail flags and the exit status."""
     from fakegpt.stats import equivalence
-    from fakegpt.studies.controls import main
+    from fakegpt.studies.validate import main
 
     out = tmp_path / "validate"
     code = main(

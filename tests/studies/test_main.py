@@ -161,10 +161,10 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     import polars as pl
     from mlflow import MlflowClient
 
-    from fakegpt.studies.mixture import SeriesConfig, mixture
+    from fakegpt.studies.mixture import MixtureConfig, mixture
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cfg = SeriesConfig(  # a pretrained (here: saved random) base model, so each dose is compared with it too
+    cfg = MixtureConfig(  # a pretrained (here: saved random) base model, so each dose is compared with it too
         init_from=str(tiny_model_dir),
         finetune_config="experiments/finetune/demo.yaml",
         fractions=[0.0, 0.5],
@@ -283,7 +283,7 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     filled.write_csv(sheet)
     truth = filled.join(samples.select("sample_id", "fraction", "prompt_id"), on="sample_id")
     capsys.readouterr()
-    labelled = mixture(SeriesConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
+    labelled = mixture(MixtureConfig(**{**cfg.__dict__, "label_sheet": str(sheet)}))
     again = capsys.readouterr().out
     assert "] ran run" not in again and again.count("] reused run") == 2 + 4 * 3 + 2  # every cell reused
     for row in labelled:
@@ -303,7 +303,7 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
 
     # The report rebuilt alone from the finished cells in MLflow: nothing runs, the same numbers.
     capsys.readouterr()
-    report = mixture(SeriesConfig(**{**cfg.__dict__, "report_only": True}))
+    report = mixture(MixtureConfig(**{**cfg.__dict__, "report_only": True}))
     assert "] ran run" not in capsys.readouterr().out
     for key in ("score", "vs_zero", "vs_zero_ci_low", "vs_zero_ci_high", "vs_base", "seed_sd", "general_perplexity"):
         assert [r.get(key) for r in report] == pytest.approx([r.get(key) for r in rows], abs=1e-12)
@@ -321,7 +321,7 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
         return real_step(project_dir, name, params, env_manager, reuse)
 
     monkeypatch.setattr(steps_module, "run_step", failing)
-    broken = SeriesConfig(**{**cfg.__dict__, "retries": 2})
+    broken = MixtureConfig(**{**cfg.__dict__, "retries": 2})
     with pytest.raises(FakegptError, match=r"1 cell failed: f=0.5 seed=1338 \(step 'finetune' failed: CUDA out of"):
         mixture(broken)
     assert capsys.readouterr().out.count("[f=0.5 seed=1338] failed (attempt") == 3
@@ -331,7 +331,7 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
 
     # Two worker processes run the cells at once, as children of the series' run, with the results of the
     # one-process series: a one-seed series runs the very cells of the first seed, here run again.
-    parallel = mixture(SeriesConfig(**{**cfg.__dict__, "seeds": 1, "workers": 2, "reuse": "false"}))
+    parallel = mixture(MixtureConfig(**{**cfg.__dict__, "seeds": 1, "workers": 2, "reuse": "false"}))
     first_seed = {
         float(r.data.tags[tracking.TAG_FRACTION]): r for r in scores if r.data.tags.get(tracking.TAG_SEED) == "1337"
     }
@@ -372,7 +372,7 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
 
     from fakegpt.data.prepare import parse_args, prepare
     from fakegpt.errors import FakegptError
-    from fakegpt.studies.mixture import SeriesConfig, check_dose_size, validate
+    from fakegpt.studies.mixture import MixtureConfig, check_dose_size, validate
 
     mlflow.set_experiment(tracking.DEFAULT_EXPERIMENT)  # created in this test's folder: its ./mlruns holds the runs
     monkeypatch.chdir(ROOT)  # the dataset YAML names its corpora relative to the repository, as users run it
@@ -380,8 +380,8 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
     nocap = tmp_path / "nocap.yaml"
     nocap.write_text("\n".join(line for line in demo.read_text().splitlines() if "max_train_tokens" not in line))
     with pytest.raises(FakegptError, match=r"nocap\.yaml: no max_train_tokens.*--allow-unequal-sizes"):
-        validate(SeriesConfig(dataset=str(nocap), fractions=[0.0, 0.5]))
-    validate(SeriesConfig(dataset=str(nocap), fractions=[0.0, 0.5], allow_unequal_sizes=True))
+        validate(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5]))
+    validate(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5], allow_unequal_sizes=True))
 
     short = prepare(
         parse_args(
@@ -404,5 +404,5 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(tmp_path / "d" / "meta.json"))
     with pytest.raises(FakegptError, match=r"dose 0.8: .* short of max_train_tokens 10,000,000"):
-        check_dose_size(SeriesConfig(), 0.8, run.info.run_id)
-    check_dose_size(SeriesConfig(allow_unequal_sizes=True), 0.8, run.info.run_id)
+        check_dose_size(MixtureConfig(), 0.8, run.info.run_id)
+    check_dose_size(MixtureConfig(allow_unequal_sizes=True), 0.8, run.info.run_id)
