@@ -16,10 +16,13 @@ Sections and what they count:
    fakegpt.finetune.train.finetune:cfg). Starting from that function, the walk follows every call that is
    handed the configuration into another fakegpt function, depth first in source order, each function once.
    Inside a function the configuration is the parameter it arrived in and any name assigned from it
-   (`c = cfg`, `cfg = dataclasses.replace(cfg, ...)`, `cfg = t.cfg`). A call hands it over when an argument
-   is one of those names (the callee's parameter is then the configuration), an attribute of one such as
-   `cfg.seed` (the callee is visited as a reader of a field; the walk does not go on from a field), or an
-   object whose `.cfg` the callee reads (`loop(t)` where `loop` reads `t.cfg`). A callee is resolved when it
+   (`c = cfg`, `cfg = dataclasses.replace(cfg, ...)`, `cfg = t.cfg`) or from a call of a fakegpt function
+   annotated to return the configuration's type (the entry parameter's annotation, e.g. FinetuneConfig).
+   A call hands it over when an argument is one of those names or such a call (the callee's parameter is
+   then the configuration), an attribute of one such as `cfg.seed` (the callee is visited as a reader of a
+   field; the walk does not go on from a field), or any expression for a parameter whose `.cfg` the callee
+   reads, itself or in a fakegpt function it hands that parameter on to (`loop(t)` or `loop(build(r))` where
+   `loop` reads `t.cfg`). `x if c else y` counts as either side. A callee is resolved when it
    is a function of the same module, a name imported from a fakegpt module, `module.function` of an
    imported fakegpt module, or a class (its `__init__`); method calls on objects are not followed.
    Each followed call (to a function not visited yet) is one of:
@@ -36,15 +39,17 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # --root: another checkout (e.g. `git worktree add DIR REV`)
 PACKAGE = "fakegpt"
 
 
-def module_files(root: Path = ROOT) -> dict[str, Path]:
+def module_files(root: Path | None = None) -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
+    root = root or ROOT
     out = {}
     for path in sorted((root / PACKAGE).rglob("*.py")):
         parts = list(path.relative_to(root).with_suffix("").parts)
@@ -137,7 +142,7 @@ def root_name(node: ast.AST) -> str | None:
 
 
 def reads_cfg_of(fn: ast.AST, name: str) -> bool:
-    """Whether `fn` reads `name.cfg`."""
+    """Whether `fn` itself reads `name.cfg`."""
     return any(
         isinstance(n, ast.Attribute) and n.attr == "cfg" and isinstance(n.value, ast.Name) and n.value.id == name
         for n in ast.walk(fn)
@@ -155,6 +160,7 @@ class Walk:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     visited_files: set[str] = field(default_factory=set)
     lines: list[str] = field(default_factory=list)
+    config_type: str = ""  # the entry parameter's annotation
 
     def module(self, name: str) -> ModuleIndex:
         if name not in self.indexes:
@@ -180,20 +186,54 @@ class Walk:
             return (init, True) if init is not None else None
         return (node, False) if node is not None else None
 
-    def visit(self, module: str, name: str, param: str, how: str, chain: list[str], depth: int) -> None:
+    def carries_cfg(self, module: str, fn: ast.AST, param: str, busy: frozenset = frozenset()) -> bool:
+        """Whether `fn` reads `param.cfg`, itself or in a fakegpt function it hands `param` to."""
+        if reads_cfg_of(fn, param):
+            return True
+        mod = self.module(module)
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = self.resolve(mod, node.func)
+            found = self.target(*callee) if callee is not None else None
+            if found is None or (callee, param) in busy:
+                continue
+            g, method = found
+            params = [a.arg for a in g.args.posonlyargs + g.args.args][1 if method else 0 :]
+            pairs = [(params[i], a) for i, a in enumerate(node.args) if i < len(params)]
+            pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
+            for q, arg in pairs:
+                if isinstance(arg, ast.Name) and arg.id == param:
+                    if self.carries_cfg(callee[0], g, q, busy | {(callee, param)}):
+                        return True
+        return False
+
+    def returns_config(self, mod: ModuleIndex, node: ast.AST) -> bool:
+        """Whether `node` is a call of a fakegpt function annotated to return the configuration's type."""
+        callee = self.resolve(mod, node.func) if isinstance(node, ast.Call) else None
+        found = self.target(*callee) if callee is not None else None
+        if found is None or found[1] or found[0].returns is None:
+            return False
+        return bool(self.config_type) and ast.unparse(found[0].returns) == self.config_type
+
+    def visit(
+        self, module: str, name: str, param: str, how: str, chain: list[str], depth: int, kind: str = "entry"
+    ) -> None:
         """Visit `module.name`, handed the configuration in `param` as `how` (config, field or carrier)."""
         fn, _ = self.target(module, name)
         mod = self.module(module)
+        if not self.config_type:
+            arg = next(a for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs if a.arg == param)
+            self.config_type = ast.unparse(arg.annotation) if arg.annotation is not None else ""
         self.seen.add((module, name))
         self.visited_files.add(rel(mod.path))
-        self.lines.append(f"{'  ' * depth}{module}.{name}({param}: {how})  {rel(mod.path)}:{fn.lineno}")
+        self.lines.append(f"{'  ' * depth}{module}.{name}({param}: {how})  {rel(mod.path)}:{fn.lineno}  [{kind}]")
         if how == "field":
             return
         aliases = {param} if how == "config" else set()
-        carriers = {param} if how == "carrier" else set()
         for node in body_in_order(fn):
             if isinstance(node, ast.Assign):
-                assign(node, aliases, carriers)
+                assign(node, aliases, lambda value, mod=mod: self.returns_config(mod, value))
             elif isinstance(node, ast.Call):
                 self.call(mod, fn, node, aliases, chain + [module], depth)
 
@@ -209,7 +249,10 @@ class Walk:
         pairs = [(params[i], a) for i, a in enumerate(node.args) if i < len(params)]
         pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
         for param, arg in pairs:
-            how = handed(arg, aliases, fn, param)
+            if self.returns_config(mod, arg):
+                how = "config"
+            else:
+                how = handed(arg, aliases) or ("carrier" if self.carries_cfg(callee[0], fn, param) else None)
             if how is None:
                 continue
             if callee[0] == mod.name:
@@ -217,12 +260,12 @@ class Walk:
             else:
                 kind = "back" if callee[0] in chain else "down"
             self.counts[kind] += 1
-            self.visit(callee[0], callee[1], param, how, chain, depth + 1)
+            self.visit(callee[0], callee[1], param, how, chain, depth + 1, kind)
             return
 
 
-def assign(node: ast.Assign, aliases: set[str], carriers: set[str]) -> None:
-    """Names that become the configuration: assigned from it, from a copy of it, or from `x.cfg`."""
+def assign(node: ast.Assign, aliases: set[str], returns_config: Callable[[ast.AST], bool]) -> None:
+    """Names that become the configuration: assigned from it, a copy of it, `x.cfg` or a call returning one."""
     pairs: list[tuple[ast.AST, ast.AST]] = []
     for target in node.targets:
         if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
@@ -232,26 +275,27 @@ def assign(node: ast.Assign, aliases: set[str], carriers: set[str]) -> None:
     for target, value in pairs:
         if not isinstance(target, ast.Name):
             continue
+        if isinstance(value, ast.IfExp):  # `cfg = resumed.cfg if resumed else local`: either side
+            branches = [value.body, value.orelse]
+            value = next((b for b in branches if isinstance(b, ast.Name) and b.id in aliases), value.body)
         if isinstance(value, ast.Call) and value.args:  # dataclasses.replace(cfg, ...)
             func = value.func
             if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) == "replace":
                 value = value.args[0]
-        if isinstance(value, ast.Name) and value.id in aliases:
+        if isinstance(value, ast.Name) and value.id in aliases or returns_config(value):
             aliases.add(target.id)
         elif isinstance(value, ast.Attribute) and value.attr == "cfg" and isinstance(value.value, ast.Name):
             aliases.add(target.id)
 
 
-def handed(arg: ast.AST, aliases: set[str], callee: ast.AST, param: str) -> str | None:
-    """How an argument hands the configuration to `callee`'s `param`: config, field, carrier or not (None)."""
+def handed(arg: ast.AST, aliases: set[str]) -> str | None:
+    """How an argument hands the configuration over: as the config, a field of it, or not (None)."""
     if isinstance(arg, ast.Name) and arg.id in aliases:
         return "config"
     if isinstance(arg, ast.Attribute) and arg.attr == "cfg" and isinstance(arg.value, ast.Name):
         return "config"
     if isinstance(arg, ast.Attribute) and root_name(arg) in aliases:
         return "field"
-    if isinstance(arg, ast.Name) and reads_cfg_of(callee, param):
-        return "carrier"
     return None
 
 
@@ -307,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         "--entry", default="fakegpt.finetune.train.finetune:cfg", help="module.function:param to walk the use of"
     )
     p.add_argument("--tree", action="store_true", help="print the walk as an indented call tree")
+    p.add_argument("--root", type=Path, default=None, help="the checkout to read (default: this one)")
     args = p.parse_args(argv)
+    if args.root is not None:
+        global ROOT
+        ROOT = args.root.resolve()
     print(report(args.top, args.max_lines, args.module, args.entry, args.tree))
     return 0
 
