@@ -41,6 +41,7 @@ from fakegpt.files import write_text
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.hooks import Hooks
 from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR
 from fakegpt.studies import optuna_storage
@@ -362,8 +363,10 @@ class _Objective:
 
         tags = {tracking.TAG_STAGE: "trial", tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: trial.number}
         try:
+            # pruning reads the checkpoint of the evaluation (and deletes the last one): it waits for its write
+            pruning = Hooks(on_eval=on_eval, reads_checkpoint=True)
             result = self.finetune_fn(
-                tcfg, on_eval, nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}", tags=tags
+                tcfg, hooks=[pruning], nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}", tags=tags
             )
         except optuna.TrialPruned:
             self._finish(trial.number, "pruned", tcfg, params)
