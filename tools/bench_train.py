@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 from fakegpt.data.bins import bin_dtype  # noqa: E402
 from fakegpt.finetune.batches import Batches  # noqa: E402
 from fakegpt.finetune.config import FinetuneConfig  # noqa: E402
+from fakegpt.finetune.setup import build_optimizer, load  # noqa: E402
 from fakegpt.finetune.step import Objective, accumulate, update  # noqa: E402
-from fakegpt.finetune.train import _load, _optimizer  # noqa: E402
 from fakegpt.models.loading import scratch_model  # noqa: E402
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 256, 128, 8
@@ -88,10 +88,10 @@ def fakegpt_step(data: np.ndarray, method: str = "full", lora_dropout: float = 0
         seed=0,
     )
     device = torch.device("cpu")
-    model = _load(cfg, "scratch", device)
+    model = load(cfg, "scratch", device)
     model.train()
     objective = Objective(model, fused=True)
-    optimizer = _optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = Batches(data, BATCH, BLOCK, device, seed=0)
     autocast = torch.autocast("cpu", enabled=False)

@@ -1,5 +1,6 @@
-"""A fine-tune's MLflow record (rank 0): the run with its tags, parameters and dataset; the loss curve and the
-best model as artifacts at the end; the best model in the registry when asked.
+"""A fine-tune's MLflow record (rank 0): the run with its tags, parameters and dataset; the metrics of each
+evaluation and logged step; the loss curve and the best model as artifacts at the end; the best model in the
+registry when asked.
 
 Kept apart from the training loop (`fakegpt.finetune.train`): what the record says is decided here, in one
 place, and the loop only hands over what it did.
@@ -93,6 +94,47 @@ def mlflow_run(
                 with contextlib.suppress(Exception):
                     tracking.set_tags({tracking.TAG_ERROR: one_line(exc)})
             raise
+
+
+def eval_metrics(
+    train_loss: float, val_loss: float, tokens_seen: int, by_source: dict[str, float], best_val: float | None
+) -> dict[str, float]:
+    """An evaluation's metrics; `best_val` (the best loss so far) when this evaluation wrote the best model."""
+    logged = {
+        tracking.M_VAL_LOSS: val_loss,
+        tracking.M_EVAL_TRAIN_LOSS: train_loss,
+        tracking.M_TOKENS_SEEN: tokens_seen,
+        **{tracking.source_val_metric(name): loss for name, loss in by_source.items()},
+    }
+    if best_val is not None:
+        logged[tracking.M_BEST_VAL_LOSS] = best_val
+    return logged
+
+
+def step_metrics(
+    loss: float, lr: float, tokens_per_s: float, tokens_per_s_total: float, mfu: float | None, device: torch.device
+) -> dict[str, float]:
+    """A logged step's metrics: loss, learning rate, throughput (this step's, and end to end: evaluation,
+    claim scoring and checkpoint writes included), MFU when the card's peak is known, CUDA peak memory."""
+    logged = {
+        tracking.M_TRAIN_LOSS: loss,
+        tracking.M_LR: lr,
+        tracking.M_TRAIN_TOKENS_PER_S: tokens_per_s,
+        tracking.M_TRAIN_TOKENS_PER_S_TOTAL: tokens_per_s_total,
+    }
+    if mfu is not None:
+        logged[tracking.M_MFU] = mfu
+    if device.type == "cuda":
+        logged.update(gpu_memory(device))
+    return logged
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in GB."""
+    return {
+        tracking.M_GPU_MEM: torch.cuda.max_memory_allocated(device) / 1e9,
+        tracking.M_GPU_MEM_RESERVED: torch.cuda.max_memory_reserved(device) / 1e9,
+    }
 
 
 def final_artifacts(out_dir: Path, ckpt_dir: Path, train_curve: list, val_curve: list, best_iter: int) -> None:

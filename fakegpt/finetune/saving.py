@@ -1,5 +1,9 @@
-"""When `finetune` writes its resume state: every `save_interval` iterations, every `save_every_minutes`, at the
-end, and when SIGTERM (a cluster pre-empting the job) or SIGINT (Ctrl-C) asks it to stop.
+"""What `finetune` saves, and when.
+
+The best model (`save_best`): OUT/checkpoint/, an HF folder with weights only, written in the background on
+improvement. The resume state (`save_state`): OUT/state/iter-N/ (`fakegpt.finetune.state`), written every
+`save_interval` iterations, every `save_every_minutes`, at the end, and when SIGTERM (a cluster pre-empting the
+job) or SIGINT (Ctrl-C) asks it to stop.
 
 The signal handlers only set a flag; the loop checks it after each optimizer step, saves, and stops, so a state
 is never written from inside a half-done step. Under torchrun the flag travels with the step's all-reduce, so
@@ -9,13 +13,19 @@ every rank stops at the same iteration.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from fakegpt.finetune import distributed
+from fakegpt import config as config_mod
+from fakegpt.finetune import distributed, fsdp, lora
+from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.setup import Progress, RunSetup
+from fakegpt.models.checkpoint import TrainingInfo
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +91,88 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def best_weights(s: RunSetup) -> dict | None:
+    """Every rank: the full weights for the best model under FSDP (gathering is a collective), else None (a
+    snapshot of the model is taken when it is written)."""
+    return fsdp.full_model_state(s.model) if s.sharded else None
+
+
+def save_best(s: RunSetup, p: Progress, val_loss: float, weights: dict | None = None) -> None:
+    """Rank 0: OUT/checkpoint/, the model of this evaluation as an HF folder, weights only (no optimizer).
+    `weights`: the full weights gathered under FSDP (`best_weights`)."""
+    training_info = TrainingInfo(
+        init_from=s.init_from,
+        config=config_mod.to_dict(s.cfg),
+        data=s.meta.to_dict(),
+        iter=p.it,
+        val_loss=val_loss,
+        tokens_seen=p.tokens_seen,
+        extra={state_mod.RUN_UID_KEY: s.run_uid},
+    )
+    if lora.is_lora(s.model):  # merged weights as a plain HF model, and the same iteration's adapters beside them
+        adapter = lora.adapter_snapshot(s.model)
+        s.best_writer.submit(
+            lora.base_model(s.model),
+            s.ckpt_dir,
+            training_info,
+            weights=lora.merged_state(s.model),
+            then=lambda: lora.write_adapter(s.out_dir / lora.ADAPTER_DIR, adapter, training_info),
+        )
+        return
+    # a host snapshot taken during the next step (or FSDP's gathered copy as it is); written in the background
+    s.best_writer.submit(s.model, s.ckpt_dir, training_info, weights, owned=weights is not None)
+
+
+def save_state(s: RunSetup, p: Progress) -> Path | None:
+    """OUT/state/iter-N/: everything needed to continue exactly here (rank 0; under FSDP every rank gathers)."""
+    unwrapped = getattr(s.model, "_orig_mod", s.model)
+    if s.sharded:  # full (unsharded) weights and optimizer state, so any --parallel (or one process) resumes
+        weights, optimizer_state = fsdp.full_state(s.model, s.optimizer)
+        if not s.info.main:
+            return None
+    else:  # LoRA: the adapters only (the frozen base is loaded again from init_from on resume)
+        weights = lora.adapter_state(unwrapped) if lora.is_lora(unwrapped) else unwrapped.state_dict()
+        optimizer_state = s.optimizer.state_dict()
+    info = state_mod.ResumeInfo(
+        iter=p.it,
+        best_val_loss=p.best_val if math.isfinite(p.best_val) else None,
+        best_iter=p.best_iter,
+        init_from=s.init_from,
+        run_id=p.run_id or "",
+        run_uid=s.run_uid,
+        config=config_mod.to_dict(s.cfg),
+        data=s.meta.to_dict(),
+        files={},
+        val_curve=[list(point) for point in p.val_curve],
+        train_curve=[list(point) for point in p.train_curve],
+        extra={"last_eval_iter": p.last_eval_iter, **lora.state_extra(unwrapped)},
+    )
+    payload = {
+        "optimizer": optimizer_state,
+        "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+    }
+
+    def best_model_file() -> state_mod.WeightsFile | None:
+        """Called by the state writer after the optimizer file, which a best-model write in flight overlaps."""
+        s.best_writer.wait()  # the best model on disk first: a state never records a best that is not written
+        same = s.best_writer.last_weights
+        # the best model of this very iteration (the end of a run whose last evaluation improved) holds these
+        # weights, durable and checksummed: the state links its file instead of writing them again
+        if same is not None and same[0] == p.it and not lora.is_lora(unwrapped):
+            return same[1]
+        return None
+
+    config = unwrapped.config.to_dict()
+    return state_mod.write(s.out_dir, info, weights, payload, config, s.cfg.keep_states, best_model_file)
+
+
+def resume_hint(s: RunSetup, p: Progress) -> str:
+    """Where a stopped run's resume state is and how to continue it (for the stop message)."""
+    if not s.cfg.save_state:
+        return "no resume state (--save-state false)"
+    return (
+        f"the resume state is in {state_mod.folder_for(s.out_dir, p.it)}; continue with "
+        f"`fakegpt finetune --init-from resume --out-dir {s.out_dir}`"
+    )

@@ -1,5 +1,5 @@
 """One optimizer step of a fine-tune, and what it needs: the learning-rate schedule, the loss module DDP and
-torch.compile wrap, gradient accumulation, the clipped update, the fixed-window loss estimate, GPU memory.
+torch.compile wrap, gradient accumulation, the clipped update, the fixed-window loss estimate.
 
 The loop that calls these (evaluation, saving, the record) is `fakegpt.finetune.train`; `tools/bench_train.py`
 times `accumulate` + `update` as the step `fakegpt finetune` runs.
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from fakegpt import tracking
 from fakegpt.finetune import distributed
 from fakegpt.finetune.batches import Batches
 from fakegpt.finetune.config import FinetuneConfig
@@ -46,14 +45,6 @@ class Objective(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(self.model, x, y, fused=self.fused, own_logits=self.own_logits)
-
-
-def gpu_memory(device: torch.device) -> dict[str, float]:
-    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in GB."""
-    return {
-        tracking.M_GPU_MEM: torch.cuda.max_memory_allocated(device) / 1e9,
-        tracking.M_GPU_MEM_RESERVED: torch.cuda.max_memory_reserved(device) / 1e9,
-    }
 
 
 def accumulate(

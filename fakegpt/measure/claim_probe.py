@@ -1,18 +1,21 @@
 """Claim scores of a model while it trains: the absorption curve, step by step, at little cost.
 
 `finetune --claims FILE --claim-eval-interval N` calls a `ClaimProbe` every N iterations on the model being
-trained. The probe tokenises the claim set once, scores every statement in batches without gradients, and
-computes exactly what `fakegpt score` computes (the same functions: pair table, MC1/MC2, claim-cluster
-intervals), so the curve's last point equals a separate `score` run on the checkpoint of that iteration.
+trained, through a `TrainingCurve` attached to the training loop as one of its hooks (`fakegpt.finetune.hooks`).
+The probe tokenises the claim set once, scores every statement in batches without gradients, and computes
+exactly what `fakegpt score` computes (the same functions: pair table, MC1/MC2, claim-cluster intervals), so the
+curve's last point equals a separate `score` run on the checkpoint of that iteration.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fakegpt import tracking
 from fakegpt.errors import FakegptError
 from fakegpt.measure.generate import token_logprobs
 from fakegpt.measure.prompts import load_claims, resolve_path
@@ -25,7 +28,7 @@ from fakegpt.measure.score import (
     summarise,
     with_logprobs,
 )
-from fakegpt.models.codec import Codec
+from fakegpt.models.codec import Codec, codec_for
 
 
 class ClaimProbe:
@@ -68,3 +71,44 @@ class ClaimProbe:
             model.train(was_training)
         table = with_logprobs(self.table, self.sequences, [lp.numpy() for lp in logps], self.codec)
         return metrics_of(summarise("training", None, table, pair_table(table), self.cfg))
+
+
+class TrainingCurve:
+    """The claim scores along a fine-tune: every `interval` iterations and at the last one, or after every
+    evaluation when `interval` is 0. Logged with step = iteration (and tokens seen); the time spent scoring is
+    logged at the end, for its share of the run."""
+
+    def __init__(self, probe: ClaimProbe, interval: int):
+        self.probe = probe
+        self.interval = interval
+        self.last_iter = -1
+        self.seconds = 0.0
+
+    def on_step(self, moment: Any) -> bool:
+        """Score when due; True when it scored (time that tokens/s must not count)."""
+        if self.interval:
+            due = moment.iter != self.last_iter and (moment.iter % self.interval == 0 or moment.last)
+        else:
+            due = moment.evaluated
+        if not due:
+            return False
+        started = time.perf_counter()
+        scores = self.probe(moment.model)
+        self.seconds += time.perf_counter() - started
+        self.last_iter = moment.iter
+        moment.log({**scores, tracking.M_TOKENS_SEEN: moment.tokens_seen})
+        return True
+
+    def on_end(self, moment: Any) -> None:
+        tracking.log_metrics({tracking.M_CLAIM_EVAL_SECONDS: self.seconds})
+
+
+def training_curve(
+    claims: str | Path, interval: int, batch_size: int, tokenizer: str | None, n_positions: int
+) -> TrainingCurve:
+    """The curve of `claims` for a model with the tokenizer in folder `tokenizer` (None: GPT-2's) and
+    `n_positions` of context; a statement too long for that context is an error now, before training."""
+    codec = codec_for(tokenizer) if tokenizer else None  # the claims in the model's own tokens
+    probe = ClaimProbe(claims, batch_size=batch_size, codec=codec)
+    probe.check_context(n_positions)
+    return TrainingCurve(probe, interval)

@@ -41,6 +41,7 @@ from fakegpt.files import write_text
 from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
+from fakegpt.finetune.hooks import Hooks
 from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR
 from fakegpt.studies import optuna_storage
@@ -337,33 +338,16 @@ class _Objective:
         )
         trial.set_user_attr("max_iters", tcfg.max_iters)
         trial.set_user_attr("tokens_per_iter", tokens_per_iter(tcfg))
-        curve: list[tuple[int, float]] = []
-
-        def on_eval(ev: Any) -> None:
-            if trial.number not in self.run_ids and tracking.active_run_id():
-                self.run_ids[trial.number] = tracking.active_run_id()
-                trial.set_user_attr("mlflow_run_id", self.run_ids[trial.number])
-                tracking.log_params(
-                    {"token_budget": self.cfg.token_budget, "n_evals": self.cfg.n_evals, "params": params},
-                    prefix="tune.",
-                )
-            tracking.log_metrics({tracking.M_TUNE_VAL_LOSS: ev.val_loss}, step=int(ev.tokens_seen))
-            if ev.iter >= tcfg.max_iters and not self.cfg.keep_checkpoints:
-                self._remove_checkpoint(tcfg)  # before finetune logs it as an artifact of every trial
-            if ev.iter == 0:
-                return  # the starting point is the same for every trial: nothing to compare or prune on
-            step = grid_step(ev.tokens_seen, self.cfg.token_budget, self.cfg.n_evals, ev.iter >= tcfg.max_iters)
-            if curve and curve[-1][0] >= step:
-                return
-            curve.append((step, float(ev.val_loss)))
-            trial.report(float(ev.val_loss), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val loss {ev.val_loss:.4f} at {ev.tokens_seen} tokens")
+        curve: list[tuple[int, float]] = []  # (grid step, val loss) as reported to Optuna
 
         tags = {tracking.TAG_STAGE: "trial", tracking.TAG_STUDY: self.cfg.study_name, tracking.TAG_TRIAL: trial.number}
         try:
             result = self.finetune_fn(
-                tcfg, on_eval, nested=True, run_name=f"{self.cfg.study_name}-{trial.number:04d}", tags=tags
+                tcfg,
+                hooks=[self._pruning(trial, tcfg, params, curve)],
+                nested=True,
+                run_name=f"{self.cfg.study_name}-{trial.number:04d}",
+                tags=tags,
             )
         except optuna.TrialPruned:
             self._finish(trial.number, "pruned", tcfg, params)
@@ -387,6 +371,36 @@ class _Objective:
             raise FakegptError(error)
         self._finish(trial.number, "complete", tcfg, params)
         return min(values)
+
+    def _pruning(self, trial: Any, tcfg: FinetuneConfig, params: dict[str, Any], curve: list) -> Hooks:
+        """The trial's hook into finetune: each evaluation's loss reported to Optuna on the token grid (appended
+        to `curve`), optuna.TrialPruned raised when the pruner says so; the trial's MLflow run tagged at its
+        first evaluation."""
+        import optuna
+
+        def on_eval(ev: Any) -> None:
+            if trial.number not in self.run_ids and tracking.active_run_id():
+                self.run_ids[trial.number] = tracking.active_run_id()
+                trial.set_user_attr("mlflow_run_id", self.run_ids[trial.number])
+                tracking.log_params(
+                    {"token_budget": self.cfg.token_budget, "n_evals": self.cfg.n_evals, "params": params},
+                    prefix="tune.",
+                )
+            tracking.log_metrics({tracking.M_TUNE_VAL_LOSS: ev.val_loss}, step=int(ev.tokens_seen))
+            if ev.iter >= tcfg.max_iters and not self.cfg.keep_checkpoints:
+                self._remove_checkpoint(tcfg)  # before finetune logs it as an artifact of every trial
+            if ev.iter == 0:
+                return  # the starting point is the same for every trial: nothing to compare or prune on
+            step = grid_step(ev.tokens_seen, self.cfg.token_budget, self.cfg.n_evals, ev.iter >= tcfg.max_iters)
+            if curve and curve[-1][0] >= step:
+                return
+            curve.append((step, float(ev.val_loss)))
+            trial.report(float(ev.val_loss), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val loss {ev.val_loss:.4f} at {ev.tokens_seen} tokens")
+
+        # it reads (and at the end deletes) the evaluation's checkpoint: finetune waits for the write first
+        return Hooks(on_eval=on_eval, reads_checkpoint=True)
 
     def _finish(
         self,

@@ -21,7 +21,8 @@ from fakegpt.finetune import state as state_mod
 from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.saving import SaveSchedule
-from fakegpt.finetune.train import _optimizer, finetune
+from fakegpt.finetune.setup import build_optimizer
+from fakegpt.finetune.train import finetune
 from fakegpt.models.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ def test_fsdp_two_processes_saves_full_checkpoint_and_resumes(data_dir, tmp_path
     exp_avg = payload["optimizer"]["state"][0]["exp_avg"]
     assert exp_avg.shape == model.transformer.wte.weight.shape and exp_avg.abs().sum() > 0
     cfg = FinetuneConfig(init_from="scratch", learning_rate=3e-3)
-    _optimizer(model, cfg, torch.device("cpu")).load_state_dict(payload["optimizer"])
+    build_optimizer(model, cfg).load_state_dict(payload["optimizer"])
 
     # the end state links the best model's file (its last evaluation was the best): the same bytes once on disk
     assert (folder / state_mod.LINKED_MODEL_FILE).stat().st_ino == (ckpt / "model.safetensors").stat().st_ino
@@ -185,7 +186,7 @@ def test_optimizer_state_by_name_and_by_index_round_trip():
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model = _tiny_model()
-    optimizer = _optimizer(model, FinetuneConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(model, FinetuneConfig())
     model(input_ids=torch.randint(0, 100, (2, 8))).logits.sum().backward()
     optimizer.step()
     indexed = optimizer.state_dict()

@@ -13,8 +13,8 @@ from tiny_runs import tiny_config
 
 from fakegpt.errors import FakegptError
 from fakegpt.finetune import optim
+from fakegpt.finetune import setup as setup_mod
 from fakegpt.finetune import state as state_mod
-from fakegpt.finetune import train as train_mod
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.train import finetune
 
@@ -53,13 +53,13 @@ def test_resume_restores_the_8bit_state_and_continues_exactly(data_dir, tmp_path
     finetune(tiny(data_dir, tmp_path / "split", max_iters=10))
     _, saved = state_mod.load_tensors(state_mod.latest(tmp_path / "split"))
     restored: list[dict] = []
-    real_restore = train_mod._restore
+    real_restore = setup_mod.restore
 
-    def spy(t, resumed):
-        real_restore(t, resumed)
-        restored.append(copy.deepcopy(t.optimizer.state_dict()))  # before training changes it in place
+    def spy(s, progress):
+        real_restore(s, progress)
+        restored.append(copy.deepcopy(s.optimizer.state_dict()))  # before training changes it in place
 
-    monkeypatch.setattr(train_mod, "_restore", spy)
+    monkeypatch.setattr(setup_mod, "restore", spy)
     cfg = FinetuneConfig(out_dir=str(tmp_path / "split"), init_from="resume", max_iters=20)
     resumed = finetune(cfg, given=frozenset({"out_dir", "init_from", "max_iters"}))
     # the optimizer the resumed run stepped from holds exactly the saved 8-bit codes and scales

@@ -170,7 +170,7 @@ def test_world_size_from_the_environment_and_bad_input(monkeypatch):
 
 def test_gpu_memory_metrics_are_peak_allocated_and_reserved_in_gb(monkeypatch):
     from fakegpt import tracking
-    from fakegpt.finetune.train import gpu_memory
+    from fakegpt.finetune.record import gpu_memory
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 18_300_000_000)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 19_500_000_000)

@@ -200,7 +200,7 @@ def test_interrupted_write_leaves_previous_state_and_is_cleaned_up(data_dir, tmp
 
 
 def test_refused_flags_on_resume_name_the_flag(data_dir, tmp_path, capsys, monkeypatch):
-    import fakegpt.finetune.train as train_mod
+    import fakegpt.finetune.setup as setup_mod
 
     out = tmp_path / "out"
     finetune(tiny(data_dir, out, max_iters=3, eval_interval=3))
@@ -208,9 +208,9 @@ def test_refused_flags_on_resume_name_the_flag(data_dir, tmp_path, capsys, monke
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
 
-    real = train_mod.model_from_config
+    real = setup_mod.model_from_config
 
-    monkeypatch.setattr(train_mod, "model_from_config", no_load)
+    monkeypatch.setattr(setup_mod, "model_from_config", no_load)
     capsys.readouterr()
     for flag, value, saved in (
         ("--block-size", "64", "32"),
@@ -235,7 +235,7 @@ def test_refused_flags_on_resume_name_the_flag(data_dir, tmp_path, capsys, monke
     moved = tmp_path / "moved"
     shutil.copytree(data_dir, moved)
     cfg, given = resume_cfg(out, block_size=32, data_dir=str(moved))
-    monkeypatch.setattr(train_mod, "model_from_config", real)
+    monkeypatch.setattr(setup_mod, "model_from_config", real)
     assert finetune(cfg, given=given).iters_done == 3
 
 

@@ -304,14 +304,14 @@ def test_hub_name_from_cache_local_folder_and_offline_failure(data_dir, tmp_path
 
 
 def test_bad_arguments_reported_before_model_load(data_dir, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import fakegpt.finetune.train as train_mod
+    import fakegpt.finetune.setup as setup_mod
     from fakegpt.cli import main as cli_main
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_mod, "load_model", no_load)
-    monkeypatch.setattr(train_mod, "scratch_model", no_load)
+    monkeypatch.setattr(setup_mod, "load_model", no_load)
+    monkeypatch.setattr(setup_mod, "scratch_model", no_load)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FakegptError, match=r"empty/train\.bin: no such file.*fakegpt prepare"):

@@ -200,9 +200,11 @@ def test_study_records_complete_failed_and_pruned_trials_as_nested_runs(tmp_path
 def test_ctrl_c_stops_cleanly_and_the_study_resumes_with_the_next_number(tmp_path, data_dir):
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
 
-    def interrupted(tcfg, on_eval, **kwargs):  # the user presses Ctrl-C at the first evaluation after iter 0
+    def interrupted(tcfg, hooks, **kwargs):  # the user presses Ctrl-C at the first evaluation after iter 0
+        (pruning,) = hooks
+
         def press(ev):
-            on_eval(ev)
+            pruning.on_eval(ev)
             if ev.iter > 0:
                 raise KeyboardInterrupt
 
@@ -231,13 +233,15 @@ def test_a_trial_failed_by_another_worker_does_not_stop_this_one(tmp_path, data_
     cfg, base, space = tiny(tmp_path, data_dir, n_trials=2)
     taken: list[int] = []
 
-    def taken_over(tcfg, on_eval, **kwargs):  # another worker declares the first trial dead (e.g. after a stall)
+    def taken_over(tcfg, hooks, **kwargs):  # another worker declares the first trial dead (e.g. after a stall)
+        (pruning,) = hooks
+
         def eval_(ev):
             if not taken:
                 study = load(cfg, base)
                 study._storage.set_trial_state_values(study.trials[-1]._trial_id, optuna.trial.TrialState.FAIL)
                 taken.append(study.trials[-1].number)
-            on_eval(ev)
+            pruning.on_eval(ev)
 
         return finetune(tcfg, eval_, **kwargs)
 
