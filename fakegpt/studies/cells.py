@@ -4,8 +4,10 @@ A cell is the unit that runs, fails, is retried and is reused: every step is con
 cell that finished is never run again and a rerun of the series only runs what is missing. Cells run one
 after another in the series' process (`--workers 1`, the default), or N at once in worker processes
 (`--workers N`): each worker joins the series' parent run, so the cells' runs are its children whoever ran
-them. Worker processes, not threads, because a cell's steps read their GPU and thread settings from the
-environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), which is per process; the pool is Python's own
+them. A cell can have several GPUs (`--gpus-per-cell G`): its fine-tune then runs on G processes under
+torchrun's agent (`finetune --nproc-per-node G`), its sample and score on the first of them. Worker
+processes, not threads, because a cell's steps read their GPU and thread settings from the environment
+(CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), which is per process; the pool is Python's own
 (concurrent.futures), so no scheduler is written here. Across machines, cells are claimed through a shared
 storage instead (fakegpt/studies/shared_cells.py); there a cell whose worker died continues its fine-tune from
 the resume state that worker left in the step's output folder (`left_behind`).
@@ -27,7 +29,6 @@ from fakegpt.errors import FakegptError, one_line
 from fakegpt.studies.dose_response import Cell
 from fakegpt.studies.main import (
     PROJECT_DIR,
-    MainConfig,
     finetune_params,
     sample_params,
     score_params,
@@ -135,10 +136,13 @@ def _step(
     return run_id
 
 
-def cell_finetune_params(cfg: MainConfig, job: CellJob) -> dict[str, Any]:
+def cell_finetune_params(cfg: MixtureConfig, job: CellJob) -> dict[str, Any]:
     """The parameters of a cell's finetune step: its dose's prepared data, its seed (from the second seed on:
-    the first seed's runs are those a one-seed series has) and where its model is registered."""
+    the first seed's runs are those a one-seed series has), its processes (only when more than one, so a
+    one-GPU cell keeps the step key it always had) and where its model is registered."""
     extra: dict[str, Any] = {} if job.first_seed else {"seed": job.seed}
+    if cfg.gpus_per_cell > 1:
+        extra["nproc_per_node"] = cfg.gpus_per_cell
     if job.register_as:
         extra.update({"register_as": job.register_as, "register_alias": job.alias})
     return finetune_params(cfg, f"runs:/{job.prepare_run}/data", extra)
@@ -197,14 +201,23 @@ def gpu_count(device: str) -> int:
 
 def run_cells(cfg: Any, jobs: list[CellJob], parent_run: str, lookup: bool = False) -> list[Cell]:
     """Every job's cell, in `jobs` order: in this process (`cfg.workers` 1), or in `cfg.workers` processes,
-    each on its own GPU when there are enough for one each, else sharing the CPU cores between them."""
-    if cfg.workers <= 1 or lookup or len(jobs) <= 1:
+    each on its own `cfg.gpus_per_cell` GPUs (consecutive ones) when the machine has GPUs, else sharing the
+    CPU cores between them."""
+    per_cell = max(1, cfg.gpus_per_cell)
+    if lookup:
         return [run_cell(cfg, job, lookup) for job in jobs]
     gpus = gpu_count(cfg.device)
-    per_worker = 1 if gpus >= cfg.workers else 0
-    if gpus and not per_worker:
-        raise FakegptError(f"--workers {cfg.workers}: one GPU per worker is needed and this machine has {gpus}")
-    threads = 0 if per_worker else max(1, (os.cpu_count() or 1) // cfg.workers)
+    if gpus and gpus < cfg.workers * per_cell:
+        raise FakegptError(
+            f"--workers {cfg.workers} --gpus-per-cell {per_cell}: {cfg.workers * per_cell} GPUs are needed and "
+            f"this machine has {gpus}"
+        )
+    if cfg.workers <= 1 or len(jobs) <= 1:
+        return [run_cell(cfg, job, lookup) for job in jobs]
+    per_worker = per_cell if gpus else 0
+    # without GPUs the cores are shared out between every process of every cell (a cell under torchrun has
+    # --gpus-per-cell of them)
+    threads = 0 if per_worker else max(1, (os.cpu_count() or 1) // (cfg.workers * per_cell))
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked MLflow/SQLite connections
     slots = ctx.Queue()
     for slot in range(cfg.workers):

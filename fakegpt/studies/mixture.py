@@ -130,6 +130,14 @@ class MixtureConfig(MainConfig):
             "worker, else sharing the CPU cores); 1 = one after another in this process"
         },
     )
+    gpus_per_cell: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs per cell: a cell's fine-tune runs on this many under torchrun (finetune "
+            "--nproc-per-node), so --workers N needs N x this many GPUs; on a machine without GPUs, processes per "
+            "cell (gloo); 1 = one process"
+        },
+    )
     retries: int = field(
         default=1,
         metadata={"help": "times a failed cell is tried again (its finished steps are reused) before it is failed"},
@@ -222,6 +230,8 @@ def validate(cfg: MixtureConfig) -> None:
     dose_response.check(cfg.endpoint, cfg.endpoint_measure)
     if cfg.workers < 1:
         raise FakegptError(f"--workers: must be at least 1, got {cfg.workers}")
+    if cfg.gpus_per_cell < 1:
+        raise FakegptError(f"--gpus-per-cell: must be at least 1, got {cfg.gpus_per_cell}")
     if cfg.retries < 0:
         raise FakegptError(f"--retries: must not be negative, got {cfg.retries}")
     if cfg.bootstrap < 100:
@@ -240,6 +250,12 @@ def validate(cfg: MixtureConfig) -> None:
     if cfg.slurm_cluster not in SLURM_CLUSTERS:
         raise FakegptError(f"--slurm-cluster: expected one of {', '.join(SLURM_CLUSTERS)}, got {cfg.slurm_cluster!r}")
     check_steps(cfg, [mix_arg(cfg, f) for f in cfg.fractions])
+    accumulation = finetune_step_config(cfg).gradient_accumulation_steps
+    if accumulation % cfg.gpus_per_cell:  # said once here, not by every cell's launcher after the prepares
+        raise FakegptError(
+            f"--gpus-per-cell {cfg.gpus_per_cell}: the fine-tune's gradient_accumulation_steps {accumulation} must "
+            "be a multiple of it (the accumulation steps are split across a cell's processes)"
+        )
 
 
 def check_one_method(cfg: MixtureConfig, method: str, experiment_id: str) -> None:

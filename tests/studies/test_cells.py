@@ -8,7 +8,7 @@ import pytest
 from fakegpt.errors import FakegptError
 from fakegpt.studies import cells
 from fakegpt.studies import steps as steps_module
-from fakegpt.studies.cells import CellJob, run_cell
+from fakegpt.studies.cells import CellJob, cell_finetune_params, run_cell, run_cells
 from fakegpt.studies.mixture import MixtureConfig
 
 
@@ -76,3 +76,25 @@ def test_workers_and_retries_are_checked_before_anything_runs():
         validate(MixtureConfig(workers=0))
     with pytest.raises(FakegptError, match="--retries: must not be negative"):
         validate(MixtureConfig(retries=-1))
+
+
+def test_a_cell_of_several_gpus_runs_its_finetune_on_that_many_processes(monkeypatch):
+    """--gpus-per-cell G: the cell's finetune step is given --nproc-per-node G (only when G > 1, so a one-GPU
+    cell keeps its step key); a machine short of workers x G GPUs is refused before any cell runs; the
+    accumulation must split across G processes."""
+    from fakegpt.studies.mixture import validate
+
+    assert "nproc_per_node" not in cell_finetune_params(MixtureConfig(), job())
+    assert cell_finetune_params(MixtureConfig(gpus_per_cell=4), job())["nproc_per_node"] == 4
+    monkeypatch.setattr(cells, "gpu_count", lambda device: 4)
+    monkeypatch.setattr(cells, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
+    with pytest.raises(FakegptError, match="--workers 2 --gpus-per-cell 4: 8 GPUs are needed and this machine has 4"):
+        run_cells(MixtureConfig(workers=2, gpus_per_cell=4), [job(), job(1339)], "parent")
+    with pytest.raises(FakegptError, match="--workers 1 --gpus-per-cell 8: 8 GPUs are needed"):
+        run_cells(MixtureConfig(gpus_per_cell=8), [job()], "parent")
+    with pytest.raises(FakegptError, match="--gpus-per-cell: must be at least 1"):
+        validate(MixtureConfig(gpus_per_cell=0))
+    # experiments/finetune/demo.yaml accumulates 2 micro-batches: 3 processes cannot share them
+    with pytest.raises(FakegptError, match="--gpus-per-cell 3: the fine-tune's gradient_accumulation_steps 2"):
+        validate(MixtureConfig(gpus_per_cell=3, finetune_config="experiments/finetune/demo.yaml"))
+    validate(MixtureConfig(gpus_per_cell=2, finetune_config="experiments/finetune/demo.yaml"))

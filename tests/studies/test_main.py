@@ -353,6 +353,20 @@ def test_mixture_series_on_two_fractions_and_two_seeds(tmp_path, monkeypatch, ca
     first, second = sorted(tuned, key=lambda r: r.info.start_time)
     assert second.info.start_time < first.info.end_time  # the two cells ran at the same time
 
+    # Cells of two processes each (--gpus-per-cell 2; without GPUs two gloo processes under torchrun's agent):
+    # each fine-tune is one run of world size 2 (finetune refuses --nproc-per-node 2 inside one process), and
+    # the cells are scored as the one-process ones were, up to the order of the summed gradients
+    capsys.readouterr()
+    grouped = mixture(MixtureConfig(**{**cfg.__dict__, "seeds": 1, "gpus_per_cell": 2}))
+    assert capsys.readouterr().out.count("[finetune] ran run") == 2
+    runs = client.search_runs([parent.info.experiment_id], max_results=500)
+    two = [r for r in runs if r.data.params.get("nproc_per_node") == "2"]
+    assert sorted(r.data.tags[tracking.TAG_FRACTION] for r in two) == ["0", "0.5"]
+    assert all(r.info.status == "FINISHED" and r.data.params["gradient_accumulation_steps"] == "2" for r in two)
+    for row in grouped:
+        before = first_seed[row["fraction"]].data.metrics
+        assert row["score"] == pytest.approx(before[tracking.M_CLAIM_SCORE], abs=0.05)
+
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()
