@@ -26,14 +26,15 @@ STAGES: tuple[Stage, ...] = (
         "prepare",
         "fakegpt.data.prepare",
         ("fakegpt.data.prepare.PrepareConfig",),
-        "Telegram CSV exports -> cleaned token bins (train.bin, val.bin, meta.json)",
+        "Telegram exports (CSV, Desktop JSON, JSON Lines, Parquet) -> cleaned token bins in the model's tokenizer "
+        "(train.bin, val.bin, meta.json)",
         "prepare",
     ),
     Stage(
         "finetune",
         "fakegpt.finetune.train",
         ("fakegpt.finetune.config.FinetuneConfig",),
-        "fine-tune a GPT-2 model on prepared token bins, tracked in MLflow",
+        "fine-tune GPT-2 or any Hugging Face causal LM on prepared token bins (full, LoRA or QLoRA), tracked in MLflow",
         "finetune",
     ),
     Stage(

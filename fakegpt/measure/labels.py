@@ -372,10 +372,10 @@ SUBCOMMANDS = {"export": ExportConfig, "import": ImportConfig, "aggregate": Aggr
 
 
 def main(argv: list[str]) -> int:
-    """`fakegpt labels {export|import|aggregate} [flags]`; returns the exit status."""
+    """`fakegpt labels {export|import|aggregate|auto} [flags]`; returns the exit status."""
     if argv and argv[0] in ("-h", "--help"):
         print(
-            "usage: fakegpt labels {export|import|aggregate} [flags]\n\n"
+            f"usage: fakegpt labels {{{'|'.join(SUBCOMMANDS)}}} [flags]\n\n"
             + (__doc__ or "")
             + "\n`fakegpt labels SUBCOMMAND --help` lists its flags."
         )
