@@ -15,11 +15,11 @@ unique (a copy number appended to every message) so that duplicate removal canno
    wrote, as the texts it tokenized) in large batches (chunks of 2,000 messages) with all cores, taking the
    faster of encode_batch and a thread pool over encode_to_numpy.
 
-prepare's tokenizer (fakegpt/pieces.py) runs byte-pair merges once per distinct word, so it gains from the
+prepare's tokenizer (fakegpt/data/word_encoder.py) runs byte-pair merges once per distinct word, so it gains from the
 words the copies share (as it does on any large corpus, where words recur); `--mb 1` measures one copy, where
 no message repeats, for the conservative figure.
 
-It prints both throughputs and their ratio (the issue's target: prepare >= 80% of the bound, peak RSS under
+It prints both throughputs and their ratio (the target: prepare >= 80% of the bound, peak RSS under
 1 GB on a 1.2 GB input). On a machine shared with other work the absolute numbers move; the ratio less so.
 
 Then the same for a Hugging Face tokenizer (`fakegpt prepare FILE --tokenizer FOLDER`, the `tokenizers`

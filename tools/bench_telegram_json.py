@@ -1,7 +1,7 @@
 """Benchmark `fakegpt prepare` on a large Telegram Desktop whole-account export against the same messages as CSV,
 side by side in one run.
 
-    python tools/bench_telegram_json.py              # a 1.2 GB result.json (the issue's target)
+    python tools/bench_telegram_json.py              # a 1.2 GB result.json (the size of the target)
     python tools/bench_telegram_json.py --mb 200     # a quicker check
 
 It writes, from the real corpora in ../shared/data, a whole-account `result.json` (six chats, one per channel,
@@ -16,7 +16,7 @@ Then it runs `fakegpt prepare` in a child process on each file, alternating, `--
 each: prepare's own time (meta.json's timing), the whole command's wall and CPU time, input MB/s, tokens/s,
 the peak RSS of its largest process (os.wait4) and of its whole process tree (prepare parses an export over
 32 MiB in a child process; /proc sampled every 50 ms). The bins of the two runs must be byte-identical. The
-issue's targets: peak RSS under 1 GB on the 1.2 GB export, and JSON throughput within 1.5x of CSV.
+targets: peak RSS under 1 GB on the 1.2 GB export, and JSON throughput within 1.5x of CSV.
 """
 
 from __future__ import annotations

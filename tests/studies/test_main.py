@@ -48,7 +48,7 @@ def test_mlproject_declares_only_config_and_lists_every_field():
 @pytest.mark.slow
 def test_mlflow_run_finetune_params_are_the_configuration_that_ran(tmp_path, prepared_whatsapp):
     """`mlflow run -e finetune -P config=FILE` shows the YAML's values, flags over them, and the resolved
-    device/dtype/compile, not MLproject defaults (issue: the record must be the truth)."""
+    device/dtype/compile, not MLproject defaults: the record must be the truth."""
     from mlflow import MlflowClient
 
     yml = tmp_path / "ft.yaml"
