@@ -19,4 +19,6 @@ if [ -z "${FAKEGPT_TEST_POSTGRES_URL:-}" ]; then
     echo "tools/test.sh: no PostgreSQL server (tools/postgres.sh failed); its test will be skipped" >&2
   fi
 fi
-.venv/bin/python -m pytest -q --durations=15 "$@"
+# Two test processes (pytest-xdist): while one test waits on its child processes (torchrun, mlflow run, the
+# workers of a series) the other computes. FAKEGPT_TEST_PROCESSES=0 runs them in this one process.
+.venv/bin/python -m pytest -q -n "${FAKEGPT_TEST_PROCESSES:-2}" --durations=15 "$@"
