@@ -88,7 +88,7 @@ def hand_configs(stage: Stage) -> dict[str, type]:
     module = importlib.import_module(stage.module)
     if hasattr(module, "SUBCOMMANDS"):
         return {f"{stage.name} {name}": cls for name, cls in module.SUBCOMMANDS.items()}
-    own = [v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v)]
+    own = [v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type)]
     return {stage.name: own[0]}
 
 
