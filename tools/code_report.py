@@ -104,6 +104,14 @@ def fakegpt_imports(path: Path, files: dict[str, Path]) -> list[str]:
 # --- 4: the configuration walk ----------------------------------------------------------------------------
 
 
+def bound_args(fn: ast.FunctionDef, method: bool, call: ast.Call) -> list[tuple[str, ast.expr]]:
+    """(parameter name, argument) for each argument of `call` that binds a named parameter of `fn` (a method's
+    self left out)."""
+    params = [a.arg for a in fn.args.posonlyargs + fn.args.args][1 if method else 0 :]
+    pairs = [(params[i], a) for i, a in enumerate(call.args) if i < len(params)]
+    return pairs + [(kw.arg, kw.value) for kw in call.keywords if kw.arg]
+
+
 @dataclass
 class ModuleIndex:
     """One module's top-level functions and classes, and the names it imports from fakegpt."""
@@ -199,10 +207,7 @@ class Walk:
             if found is None or (callee, param) in busy:
                 continue
             g, method = found
-            params = [a.arg for a in g.args.posonlyargs + g.args.args][1 if method else 0 :]
-            pairs = [(params[i], a) for i, a in enumerate(node.args) if i < len(params)]
-            pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
-            for q, arg in pairs:
+            for q, arg in bound_args(g, method, node):
                 if isinstance(arg, ast.Name) and arg.id == param:
                     if self.carries_cfg(callee[0], g, q, busy | {(callee, param)}):
                         return True
@@ -245,10 +250,7 @@ class Walk:
         if found is None or callee in self.seen:
             return
         fn, method = found
-        params = [a.arg for a in fn.args.posonlyargs + fn.args.args][1 if method else 0 :]
-        pairs = [(params[i], a) for i, a in enumerate(node.args) if i < len(params)]
-        pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
-        for param, arg in pairs:
+        for param, arg in bound_args(fn, method, node):
             if self.returns_config(mod, arg):
                 how = "config"
             else:
