@@ -44,6 +44,7 @@ from tqdm import tqdm
 from fakegpt import __version__, config, tracking
 from fakegpt.data import bins, demo, hf_tokenizer, readers, spelling, tokenizer, word_encoder
 from fakegpt.data import sources as data_sources
+from fakegpt.data.chats import bare_channel_expr, chat_id, chat_keys
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import ReadStats
 from fakegpt.data.meta import META_FILE, DatasetMeta
@@ -90,11 +91,19 @@ class PrepareConfig:
         default_factory=list,
         metadata={"help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"},
     )
-    channel_ids: list[int] = dataclasses.field(
+    channel_ids: list[Any] = dataclasses.field(
         default_factory=list,
         metadata={
-            "help": "keep only these channel_ids (plain runs; sources set their own); a Bot API marked id "
-            "(-100 followed by the id) selects the same chat as the bare id"
+            "help": "keep only these chats (plain runs; sources set their own): ids or @usernames; a Bot API "
+            "marked id (-100 followed by the id) selects the same chat as the bare id"
+        },
+    )
+    channel_id: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "tables (CSV, JSON Lines, Parquet): the chat of every message, an id or a @username, for a "
+            "scrape of one channel (its chat column, if any, is then not read); default: a file without a chat "
+            "column is the chat named by its file name (AwasMart.csv: AwasMart)"
         },
     )
     format: str = dataclasses.field(
@@ -207,6 +216,9 @@ def validate(cfg: PrepareConfig) -> None:
     if unknown:
         raise FakegptError(f"--chat-types: unknown chat type {unknown[0]!r} (types: {', '.join(CHAT_TYPES)})")
     parse_columns(cfg.columns)
+    cfg.channel_ids = [chat_id(c, "--channel-ids") for c in cfg.channel_ids]  # as meta.json records them
+    if cfg.channel_id:
+        chat_id(cfg.channel_id, "--channel-id")
     if cfg.split != "date" and not 0.0 <= cfg.val_fraction < 1.0:
         raise FakegptError(f"--val-fraction: must lie in [0, 1), got {cfg.val_fraction}")
     if cfg.split == "date":
@@ -223,6 +235,13 @@ def validate(cfg: PrepareConfig) -> None:
         raise FakegptError(f"--chunk-mb: must be >= 1, got {cfg.chunk_mb}")
     if not cfg.out:
         raise FakegptError("--out: an output folder is required")
+
+
+def source_chat(src: data_sources.Source, cfg: PrepareConfig) -> int | str | None:
+    """The chat every message of a source's files is in (its `channel_id`, else --channel-id), or None."""
+    if src.channel_id is not None:
+        return src.channel_id
+    return chat_id(cfg.channel_id, "--channel-id") if cfg.channel_id else None
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -314,6 +333,8 @@ class _Reader:
             stats=stats,
             columns=src.columns if src.columns is not None else self.columns,
             chat_types=self.chat_types,
+            chat=source_chat(src, self.cfg),
+            fallback_chat=None if raw is not None else readers.file_chat(path),
         )
         for df in batches:
             if self.stop.is_set():
@@ -322,14 +343,24 @@ class _Reader:
             self._put(_Batch(si, texts, val, stats.bytes_read - seen_bytes))
             seen_bytes = stats.bytes_read
         self.dropped.update(stats.skipped)
+        if stats.chat is not None and not self.cfg.channel_id and src.channel_id is None:
+            log.info(
+                "%s: no chat column; its messages are chat %r (its file name; --channel-id names another)",
+                path,
+                stats.chat,
+            )
         self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
 
     def _process(self, df: pl.DataFrame, src: data_sources.Source) -> tuple[pl.Series, np.ndarray | None]:
         cfg = self.cfg
-        df = df.with_columns(channel_id=data_sources.bare_channel_expr())  # -100-marked ids -> the bare id
+        if df["channel_id"].dtype != pl.String:  # (String columns come normalised from the readers)
+            df = df.with_columns(bare_channel_expr().cast(pl.String))  # -100-marked ids -> the bare id
         if src.channel_ids:
             n = df.height
-            df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
+            chat = pl.col("channel_id")
+            if any(isinstance(c, str) for c in src.channel_ids):  # usernames: case-insensitive, `@` optional
+                chat = chat.str.strip_chars_start("@").str.to_lowercase()
+            df = df.filter(chat.is_in(chat_keys(src.channel_ids)))
             self.dropped["channel_filter"] += n - df.height
         cols = [clean_expr("message", self.rules).alias("text"), pl.col("date"), pl.col("channel_id")]
         if "forwarded_from" in df.columns:  # Telegram JSON: the display name a forward came from
@@ -604,7 +635,9 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         s.files = data_sources.resolve_files(s, cfg.source_root)
         for f in s.files:
             if f != data_sources.DEMO:
-                readers.check(f, s.format or cfg.format, s.columns if s.columns is not None else columns)
+                readers.check(
+                    f, s.format or cfg.format, s.columns if s.columns is not None else columns, source_chat(s, cfg)
+                )
     if not track:
         return _prepare_into(cfg, sources, out, tok)
     name = _dataset_name(cfg)
@@ -680,7 +713,7 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
         n_msgs = sum(len(x) - int(d.sum()) for x, d in zip(lengths, drop, strict=True))
         if n_msgs == 0:
             files = ", ".join(f for s in sources for f in s.files)
-            raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
+            raise FakegptError(f"{files}: no usable messages ({_unusable_text(reader)})")
         fractions = [s.fraction for s in sources]
         _check_sources_used(sources, lengths, train, reader.dropped)
         if fractions[0] is not None:
@@ -745,6 +778,15 @@ def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig) -> np.nd
     return out
 
 
+def _unusable_text(reader: _Reader) -> str:
+    """Why nothing was left: the rows no reader could use (with the first reason given) and the drops."""
+    bad = sum(f["bad_rows"] for f in reader.files)
+    examples = [e for f in reader.files for e in f["bad_row_examples"]]
+    reason = examples[0].rsplit(": ", 1)[-1] if examples else "unreadable"
+    rows = f"{bad:,} rows: {reason} (e.g. {examples[0].rsplit(': ', 1)[0]}); " if bad else ""
+    return f"{rows}dropped: {_drop_text(reader.dropped)}"
+
+
 def _drop_text(dropped: Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
 
@@ -765,7 +807,9 @@ def _meta(
     for si, (s, length, tr, va) in enumerate(zip(sources, lengths, train, val, strict=True)):
         keys = ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
         files = [
-            {k: f[k] for k in keys} | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
+            {k: f[k] for k in keys}
+            | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
+            | ({"channel_id": f["chat"]} if f["chat"] is not None else {})
             for f in reader.files
             if f["source"] == s.name
         ]
