@@ -42,9 +42,9 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
-from fakegpt.data import bins, demo, hf_tokenizer, readers, spelling, tokenizer, word_encoder
+from fakegpt.data import bins, dedupe, demo, hf_tokenizer, readers, spelling, telegram_json, tokenizer, word_encoder
 from fakegpt.data import sources as data_sources
-from fakegpt.data.chats import bare_channel_expr, chat_id, chat_keys
+from fakegpt.data.chats import bare_channel_expr, bare_channel_id, chat_id, chat_keys
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import ReadStats
 from fakegpt.data.meta import META_FILE, DatasetMeta
@@ -261,8 +261,62 @@ class _Batch:
     nbytes: int  # input bytes consumed since the previous batch (progress bar)
 
 
+class _Ledger:
+    """Per message handed on to the tokenizer, in read order: its text hash and epoch time (for dedupe and the
+    sequential split), its chat and forward origin as small codes (for the counts of what reached the bins)."""
+
+    def __init__(self) -> None:
+        self.hashes: list[np.ndarray] = []
+        self.times: list[np.ndarray] = []
+        self.chats: list[np.ndarray] = []
+        self.fwds: list[np.ndarray] = []
+        self.chat_codes: dict[tuple[int, str], int] = {}  # (file number, channel_id) -> code
+        self.fwd_codes: dict[str, int] = {}  # forward origin -> code
+
+    def add(self, df: pl.DataFrame, file_no: int, hashes: bool, times: bool) -> None:
+        """Record a cleaned batch (`text`, `date`, `channel_id` as String, `forwarded_from` where known)."""
+        if hashes:
+            self.hashes.append(df["text"].hash(seed=0).to_numpy())
+        if times:
+            self.times.append(dedupe.epoch_seconds(df["date"]))
+        chats = df["channel_id"]
+        codes = {c: self.chat_codes.setdefault((file_no, c), len(self.chat_codes)) for c in chats.unique()}
+        self.chats.append(chats.replace_strict(codes, return_dtype=pl.Int32).to_numpy())
+        if "forwarded_from" in df.columns:
+            fwd = df["forwarded_from"]
+            codes = {f: self.fwd_codes.setdefault(f, len(self.fwd_codes)) for f in fwd.drop_nulls().unique()}
+            self.fwds.append(fwd.replace_strict(codes, default=-1, return_dtype=pl.Int32).fill_null(-1).to_numpy())
+        else:
+            self.fwds.append(np.full(df.height, -1, dtype=np.int32))
+
+    @staticmethod
+    def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def hash_array(self) -> np.ndarray:
+        return self._joined(self.hashes, np.uint64)
+
+    def time_array(self, n: int) -> np.ndarray:
+        return self._joined(self.times, np.int64) if self.times else np.zeros(n, np.int64)
+
+    def counts(self, in_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Counter[str]]]:
+        """Per chat code: messages in the bins, forwards among them, and their forward origins."""
+        chats, fwds = self._joined(self.chats, np.int32), self._joined(self.fwds, np.int32)
+        n = len(self.chat_codes)
+        kept = np.bincount(chats[in_bins], minlength=n)
+        is_fwd = in_bins & (fwds >= 0)
+        forwards = np.bincount(chats[is_fwd], minlength=n)
+        names = {v: k for k, v in self.fwd_codes.items()}
+        origins: dict[int, Counter[str]] = {}
+        pairs, times = np.unique(np.stack([chats[is_fwd], fwds[is_fwd]]), axis=1, return_counts=True)
+        for (c, f), k in zip(pairs.T.tolist(), times.tolist(), strict=True):
+            origins.setdefault(c, Counter())[names[f]] = k
+        return kept, forwards, origins
+
+
 class _Reader:
-    """Reads, cleans, filters and dedupes every source in order, putting _Batch items on a bounded queue."""
+    """Reads, cleans and filters every source in order, putting _Batch items on a bounded queue; what each
+    message is goes into its source's _Ledger (duplicates are found once all is read, dedupe.find)."""
 
     def __init__(
         self,
@@ -283,20 +337,12 @@ class _Reader:
         )
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
-        self.seen: set[int] = set()
         self.spelling = spelling.SpellingNormaliser(cfg.spelling)
         self.rng = np.random.default_rng(cfg.seed)
         self.columns = parse_columns(cfg.columns)
         self.chat_types = frozenset(cfg.chat_types) or None
-        # Cross-source overlap by time: each source dedupes on its own, and remembers (hash, time) of every
-        # message it keeps, so that a text found in several sources can stay only in its earliest one.
-        self.by_time = cfg.dedupe and cfg.overlap == "first-in-time" and len(sources) > 1
-        self.source_seen: list[set[int]] = [set() for _ in sources]
-        self.keys: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
-        self.owner: dict[int, int] = {}  # first-read with several sources: text hash -> the source that has it
-        self.read_pairs: Counter[tuple[int, int]] = Counter()  # (kept in, dropped from) -> copies
-        self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
-        self.by_channel: list[Counter[int]] = [Counter() for _ in sources]  # kept messages per channel_id
+        self.ledgers = [_Ledger() for _ in sources]  # per source, what each message handed on is
+        self.times = cfg.dedupe or cfg.split == "sequential"  # both follow time, not the file's order
         self._source = 0
 
     def _put(self, item: Any) -> None:
@@ -321,6 +367,7 @@ class _Reader:
 
     def _read_file(self, si: int, src: data_sources.Source, path: str) -> None:
         stats = ReadStats()
+        self._file_no = len(self.files)
         raw = None
         if path == data_sources.DEMO:
             raw = io.BytesIO(demo.demo_csv())
@@ -353,6 +400,9 @@ class _Reader:
 
     def _process(self, df: pl.DataFrame, src: data_sources.Source) -> tuple[pl.Series, np.ndarray | None]:
         cfg = self.cfg
+        n = df.height
+        df = df.filter(pl.col("message").str.contains(r"\S"))  # nothing but whitespace, before any cleaning
+        self.dropped["empty_text"] += n - df.height
         if df["channel_id"].dtype != pl.String:  # (String columns come normalised from the readers)
             df = df.with_columns(bare_channel_expr().cast(pl.String))  # -100-marked ids -> the bare id
         if src.channel_ids:
@@ -376,22 +426,7 @@ class _Reader:
         n = df.height
         df = df.filter(pl.col("text").str.len_chars() >= max(cfg.min_chars, 1))
         self.dropped["too_short"] += n - df.height
-        if cfg.dedupe and df.height:
-            # 64-bit hashes of the cleaned text, remembered across batches (~80 bytes a message, never the text).
-            hashes = df["text"].hash(seed=0).to_numpy()
-            if self.by_time or len(self.sources) == 1:
-                seen = self.source_seen[self._source] if self.by_time else self.seen
-                add = seen.add
-                keep = np.fromiter((not (h in seen or add(h)) for h in hashes.tolist()), bool, count=len(hashes))
-                self.dropped["duplicate"] += int(len(keep) - keep.sum())
-            else:
-                keep = self._first_read(hashes)
-            df = df.filter(pl.Series(keep))
-            if self.by_time:
-                self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
-        if "forwarded_from" in df.columns:
-            self.forwards[self._source] += int(df["forwarded_from"].is_not_null().sum())
-        self.by_channel[self._source].update(dict(df["channel_id"].value_counts().iter_rows()))
+        self.ledgers[self._source].add(df, self._file_no, cfg.dedupe, self.times)
         if cfg.split == "random":
             val = self.rng.random(df.height) < cfg.val_fraction
         elif cfg.split == "date":
@@ -399,59 +434,6 @@ class _Reader:
         else:
             val = None
         return df["text"], val
-
-    def _first_read(self, hashes: np.ndarray) -> np.ndarray:
-        """Dedupe across sources, the source read first keeping a text (--overlap first-read); copies in a later
-        source are counted per pair, as the time rule counts them."""
-        owner, si = self.owner, self._source
-        keep = np.zeros(len(hashes), dtype=bool)
-        for j, h in enumerate(hashes.tolist()):
-            first = owner.setdefault(h, si)
-            if first != si:
-                self.read_pairs[(first, si)] += 1
-            elif h in self.seen:  # a repeat within this source
-                self.dropped["duplicate"] += 1
-            else:
-                self.seen.add(h)
-                keep[j] = True
-        return keep
-
-
-_NO_TIME = np.iinfo(np.int64).max  # a message without a readable date counts as the latest
-
-
-def _epoch_seconds(dates: pl.Series) -> np.ndarray:
-    """ISO 8601 dates (`YYYY-MM-DD[THH:MM[:SS]]`, as every reader yields them) -> int64 epoch seconds."""
-    s = dates.cast(pl.String).str.strip_chars().str.replace(" ", "T", literal=True)
-    full = s.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False)
-    minutes = s.str.slice(0, 16).str.to_datetime("%Y-%m-%dT%H:%M", strict=False)
-    day = s.str.slice(0, 10).str.to_datetime("%Y-%m-%d", strict=False)
-    t = full.fill_null(minutes).fill_null(day).dt.epoch("s")
-    return t.fill_null(_NO_TIME).to_numpy().astype(np.int64)
-
-
-def _overlap(reader: _Reader) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Per source, a mask of messages to drop because their text appears earlier in time in another source;
-    and the counts per pair "KEPT_IN>DROPPED_FROM". Ties go to the source listed first."""
-    names = [s.name for s in reader.sources]
-    parts = []
-    for si, keys in enumerate(reader.keys):
-        h = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, np.uint64)
-        t = np.concatenate([k[1] for k in keys]) if keys else np.zeros(0, np.int64)
-        parts.append(pl.DataFrame({"h": h, "t": t, "src": np.full(len(h), si, np.int32), "i": np.arange(len(h))}))
-    df = pl.concat(parts)
-    shared = df.group_by("h").agg(pl.col("src").n_unique().alias("n")).filter(pl.col("n") > 1)
-    df = df.join(shared.select("h"), on="h").sort("h", "t", "src")
-    first = df.group_by("h", maintain_order=True).agg(pl.col("src").first().alias("winner"))
-    losers = df.join(first, on="h").filter(pl.col("src") != pl.col("winner"))
-    drop = [np.zeros(sum(len(k[0]) for k in keys), dtype=bool) for keys in reader.keys]
-    for si, idx in losers.group_by("src").agg("i").iter_rows():
-        drop[si][np.asarray(idx, dtype=np.int64)] = True
-    pairs = {
-        f"{names[w]}>{names[s]}": int(n)
-        for w, s, n in losers.group_by("winner", "src").len().sort("winner", "src").iter_rows()
-    }
-    return drop, pairs
 
 
 # ------------------------------------------------------------------------------------------ tokenizer side
@@ -606,15 +588,43 @@ def _copy_selected(
             start = stop
 
 
-def _split_in_place(scratch: Path, train_tokens: int, out: Path, dtype: np.dtype = np.dtype(DTYPE)) -> None:
-    """The common case (one source, sequential split): val.bin is the scratch file's tail, and the scratch file
-    itself, truncated, becomes train.bin, so the bulk of the tokens is never copied."""
-    with atomic_path(out / "val.bin") as v_path:
-        with open(scratch, "rb") as src, open(v_path, "wb") as dst:
-            src.seek(train_tokens * dtype.itemsize)
-            shutil.copyfileobj(src, dst, 1 << 24)
-    os.truncate(scratch, train_tokens * dtype.itemsize)
+def _split_in_place(
+    scratch: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray, out: Path, dtype: np.dtype = np.dtype(DTYPE)
+) -> None:
+    """One source, no mixture: val.bin is copied out of the scratch file, and the scratch file itself, its train
+    messages moved to its front (nothing moves when val is its tail and nothing was dropped) and truncated,
+    becomes train.bin, so the bulk of the tokens is copied at most once."""
+    with atomic_path(out / "val.bin") as v_path, open(v_path, "wb") as fv:
+        if _is_tail(val) and train[: len(train) - int(val.sum())].all():
+            with open(scratch, "rb") as src:
+                src.seek(int(lengths[~val].sum()) * dtype.itemsize)
+                shutil.copyfileobj(src, fv, 1 << 24)
+        else:
+            _copy_selected(scratch, lengths, np.zeros(len(lengths), dtype=bool), val, None, fv, dtype)
+    os.truncate(scratch, _compact(scratch, lengths, train, dtype) * dtype.itemsize)
     os.replace(scratch, out / "train.bin")  # same folder tree, so an atomic rename
+
+
+def _compact(path: Path, lengths: np.ndarray, keep: np.ndarray, dtype: np.dtype) -> int:
+    """Move the kept messages of a token file to its front, in order, block by block; returns their tokens.
+    Writing never passes the block being read (kept tokens are at most the tokens read)."""
+    if keep.all():
+        return int(lengths.sum())
+    start = int(np.argmin(keep))  # everything before the first message left out stays where it is
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    write = int(offsets[start])
+    with open(path, "r+b") as f:
+        while start < len(lengths):
+            csum = np.cumsum(lengths[start:])
+            stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
+            f.seek(int(offsets[start]) * dtype.itemsize)
+            tokens = np.fromfile(f, dtype=dtype, count=int(offsets[stop] - offsets[start]))
+            kept = tokens[np.repeat(keep[start:stop], lengths[start:stop])]
+            f.seek(write * dtype.itemsize)
+            kept.tofile(f)
+            write += len(kept)
+            start = stop
+    return write
 
 
 def _dataset_name(cfg: PrepareConfig) -> str:
@@ -695,10 +705,13 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
         t_tok = time.perf_counter() - t0
         parts = [sink.finish() for sink in sinks]
         lengths = [p[0] for p in parts]
-        drop, pairs = _overlap(reader) if reader.by_time else ([np.zeros(len(x), bool) for x in lengths], {})
-        if reader.read_pairs:
-            names = [s.name for s in sources]
-            pairs = {f"{names[a]}>{names[b]}": n for (a, b), n in sorted(reader.read_pairs.items())}
+        times = [ledger.time_array(len(x)) for ledger, x in zip(reader.ledgers, lengths, strict=True)]
+        drop: list[np.ndarray] = [np.zeros(len(x), bool) for x in lengths]
+        pairs: dict[str, int] = {}
+        if cfg.dedupe:
+            hashes = [ledger.hash_array() for ledger in reader.ledgers]
+            drop, repeats, pairs = dedupe.find(hashes, times, [s.name for s in sources], cfg.overlap)
+            reader.dropped["duplicate"] += repeats
         if pairs:
             reader.dropped["cross_source"] += sum(pairs.values())
             log.info(
@@ -708,14 +721,14 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
                 cfg.overlap,
                 ", ".join(f"{k} {v}" for k, v in pairs.items()),
             )
-        val = [_split_flags(p[1], d, cfg) for p, d in zip(parts, drop, strict=True)]
+        val = [_split_flags(p[1], d, cfg, t) for p, d, t in zip(parts, drop, times, strict=True)]
         train = [~v & ~d for v, d in zip(val, drop, strict=True)]
         n_msgs = sum(len(x) - int(d.sum()) for x, d in zip(lengths, drop, strict=True))
         if n_msgs == 0:
             files = ", ".join(f for s in sources for f in s.files)
             raise FakegptError(f"{files}: no usable messages ({_unusable_text(reader)})")
         fractions = [s.fraction for s in sources]
-        _check_sources_used(sources, lengths, train, reader.dropped)
+        _check_sources_used(sources, lengths, train, drop, reader.dropped)
         if fractions[0] is not None:
             train = data_sources.select(
                 lengths,
@@ -730,8 +743,8 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
             reader.dropped["mixture_unused"] += unused
         if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
             (out / META_FILE).unlink()
-        if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential" and not drop[0].any():
-            _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out, tok.dtype)
+        if len(sinks) == 1 and fractions[0] is None:
+            _split_in_place(sinks[0].path, lengths[0], train[0], val[0], out, tok.dtype)
         else:
             with atomic_path(out / "train.bin") as t_path, atomic_path(out / "val.bin") as v_path:
                 with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
@@ -742,6 +755,7 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
                     with atomic_path(out / bins.source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
                         _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs, tok.dtype)
         seconds = time.perf_counter() - t0
+        _count_in_bins(reader, [t | v for t, v in zip(train, val, strict=True)])
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok, tok.identity)
         if len(sources) > 1 and cfg.dedupe:
             meta.overlap = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
@@ -753,15 +767,20 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
 
 
 def _check_sources_used(
-    sources: list[data_sources.Source], lengths: list[np.ndarray], train: list[np.ndarray], dropped: Counter[str]
+    sources: list[data_sources.Source],
+    lengths: list[np.ndarray],
+    train: list[np.ndarray],
+    drop: list[np.ndarray],
+    dropped: Counter[str],
 ) -> None:
     """Every source of several must bring train messages: an empty one (a channel_ids typo) would silently
     give a mixture of 0 tokens, or a dataset without that source."""
     if len(sources) < 2:
         return
-    for s, length, tr in zip(sources, lengths, train, strict=True):
-        if not len(length) or (s.fraction and not int(length[tr].sum())):
-            what = "no usable messages" if not len(length) else "no train messages (all fell in val)"
+    for s, length, tr, d in zip(sources, lengths, train, drop, strict=True):
+        usable = int((~d).sum())
+        if not usable or (s.fraction and not int(length[tr].sum())):
+            what = "no usable messages" if not usable else "no train messages (all fell in val)"
             channels = f" with channel_ids {s.channel_ids}" if s.channel_ids else ""
             raise FakegptError(
                 f"source {s.name!r} ({', '.join(s.patterns)}{channels}): {what}; check its path and channel_ids "
@@ -769,13 +788,46 @@ def _check_sources_used(
             )
 
 
-def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
-    """Per message, True for val: the reader's flags, or the sequential tail of the messages not dropped."""
+def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig, times: np.ndarray) -> np.ndarray:
+    """Per message, True for val: the reader's flags, or (sequential) the latest in time of the messages not
+    dropped, whatever order the file lists them in; ties in time go by read order."""
     if cfg.split != "sequential":
         return val & ~drop
     out = np.zeros(len(drop), dtype=bool)
-    out[np.flatnonzero(~drop)] = _sequential_val(int((~drop).sum()), cfg.val_fraction)
+    kept = np.flatnonzero(~drop)
+    by_time = kept[np.argsort(times[kept], kind="stable")]
+    out[by_time[_sequential_val(len(kept), cfg.val_fraction)]] = True
     return out
+
+
+def _is_tail(val: np.ndarray) -> bool:
+    """True when the val messages are exactly the last ones read (a chronological file's sequential split)."""
+    n = int(val.sum())
+    return bool(val[len(val) - n :].all())
+
+
+def _count_in_bins(reader: _Reader, in_bins: list[np.ndarray]) -> None:
+    """Chat records count what reached the bins: `kept` (train or val), `forwards` among them and their
+    origins; `not_in_bins`: text messages read that cleaning, dedupe, a filter or the mixture left out."""
+    reader.by_channel, reader.forwards = [], []
+    for si, (ledger, inb) in enumerate(zip(reader.ledgers, in_bins, strict=True)):
+        kept, forwards, origins = ledger.counts(inb)
+        by_channel: Counter[str] = Counter()
+        for (_, chat), code in ledger.chat_codes.items():
+            by_channel[chat] += int(kept[code])
+        reader.by_channel.append(by_channel)
+        reader.forwards.append(int(forwards.sum()))
+        for file_no, f in enumerate(reader.files):
+            if f["source"] != reader.sources[si].name:
+                continue
+            for rec in f["chats"]:
+                code = ledger.chat_codes.get((file_no, str(bare_channel_id(rec["id"]))))
+                handed_on = rec["kept"]
+                rec["kept"] = int(kept[code]) if code is not None else 0
+                rec["not_in_bins"] = handed_on - rec["kept"]
+                rec["forwards"] = int(forwards[code]) if code is not None else 0
+                top = origins.get(code, Counter()).most_common(telegram_json.TOP_FORWARD_SOURCES)
+                rec["forwarded_from"] = dict(top)
 
 
 def _unusable_text(reader: _Reader) -> str:
@@ -826,7 +878,7 @@ def _meta(
                 "val_messages": int(va.sum()),
                 "forwards": reader.forwards[si],
                 # after cleaning and dedupe, before the overlap rule and a mixture's draw
-                "messages_by_channel": {str(k): v for k, v in sorted(reader.by_channel[si].items())},
+                "messages_by_channel": dict(sorted(reader.by_channel[si].items(), key=_chat_order)),
             }
         )
     train_tokens = sum(p["train_tokens"] for p in per_source)
@@ -886,6 +938,12 @@ def _meta(
             "fakegpt_version": __version__,
         }
     )
+
+
+def _chat_order(item: tuple[str, int]) -> tuple[bool, int, str]:
+    chat = item[0]
+    numeric = chat.lstrip("-").isdigit()
+    return (not numeric, int(chat) if numeric else 0, chat)
 
 
 def _longest(lengths: list[np.ndarray]) -> int:

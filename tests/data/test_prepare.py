@@ -141,8 +141,11 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
     assert [Path(f["path"]).name for f in files] == ["a.csv", "b.csv.gz"]
     assert meta.dropped["channel_filter"] > 0
     wa = pl.read_csv(shared_data / "fakewhatsapp_br.csv", infer_schema=False).filter(pl.col("channel_id") == "3")
-    got = decode_messages(tmp_path / "out" / "train.bin")
-    assert got[: len(expected_messages(wa["message"]))] == expected_messages(wa["message"])
+    want = expected_messages(wa["message"])
+    train, val = decode_messages(tmp_path / "out" / "train.bin"), decode_messages(tmp_path / "out" / "val.bin")
+    # val is the latest in time: the 2020 group's last messages, not the older news read after them
+    assert 0 < len(val) < len(want) and val == want[len(want) - len(val) :]
+    assert train[: len(want) - len(val)] == want[: len(want) - len(val)]
 
 
 @pytest.mark.parametrize("split, step", [("sequential", "_split_in_place"), ("random", "_copy_selected")])
