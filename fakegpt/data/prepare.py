@@ -257,7 +257,7 @@ def _check_out(out: Path, force: bool) -> None:
 class _Batch:
     source: int
     texts: pl.Series  # cleaned messages
-    val: np.ndarray | None  # per-message val flag (random and date splits), else None
+    val: np.ndarray | None  # per-message val flag (date split), else None
     nbytes: int  # input bytes consumed since the previous batch (progress bar)
 
 
@@ -273,17 +273,17 @@ class _Ledger:
         self.chat_codes: dict[tuple[int, str], int] = {}  # (file number, channel_id) -> code
         self.fwd_codes: dict[str, int] = {}  # forward origin -> code
 
-    def add(self, df: pl.DataFrame, file_no: int, hashes: bool, times: bool) -> None:
+    def add(self, df: pl.DataFrame, file_no: int, hashes: bool) -> None:
         """Record a cleaned batch (`text`, `date`, `channel_id` as String, `forwarded_from` where known)."""
         if hashes:
             self.hashes.append(df["text"].hash(seed=0).to_numpy())
-        if times:
-            self.times.append(dedupe.epoch_seconds(df["date"]))
+        self.times.append(dedupe.epoch_seconds(df["date"]))
         chats = df["channel_id"]
         codes = {c: self.chat_codes.setdefault((file_no, c), len(self.chat_codes)) for c in chats.unique()}
         self.chats.append(chats.replace_strict(codes, return_dtype=pl.Int32).to_numpy())
         if "forwarded_from" in df.columns:
-            fwd = df["forwarded_from"]
+            # A forward is a message the export marks with a non-empty origin, as the chat records count them.
+            fwd = df.select(pl.when(pl.col("forwarded_from") != "").then(pl.col("forwarded_from")))["forwarded_from"]
             codes = {f: self.fwd_codes.setdefault(f, len(self.fwd_codes)) for f in fwd.drop_nulls().unique()}
             self.fwds.append(fwd.replace_strict(codes, default=-1, return_dtype=pl.Int32).fill_null(-1).to_numpy())
         else:
@@ -296,8 +296,15 @@ class _Ledger:
     def hash_array(self) -> np.ndarray:
         return self._joined(self.hashes, np.uint64)
 
-    def time_array(self, n: int) -> np.ndarray:
-        return self._joined(self.times, np.int64) if self.times else np.zeros(n, np.int64)
+    def time_array(self) -> np.ndarray:
+        return self._joined(self.times, np.int64)
+
+    def reorder(self, order: np.ndarray) -> None:
+        """Put every record in `order` (positions in read order), as the scratch file was."""
+        for name in ("hashes", "times", "chats", "fwds"):
+            parts = getattr(self, name)
+            if parts:
+                setattr(self, name, [np.concatenate(parts)[order]])
 
     def counts(self, in_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Counter[str]]]:
         """Per chat code: messages in the bins, forwards among them, and their forward origins."""
@@ -338,11 +345,9 @@ class _Reader:
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
         self.spelling = spelling.SpellingNormaliser(cfg.spelling)
-        self.rng = np.random.default_rng(cfg.seed)
         self.columns = parse_columns(cfg.columns)
         self.chat_types = frozenset(cfg.chat_types) or None
         self.ledgers = [_Ledger() for _ in sources]  # per source, what each message handed on is
-        self.times = cfg.dedupe or cfg.split == "sequential"  # both follow time, not the file's order
         self._source = 0
 
     def _put(self, item: Any) -> None:
@@ -426,14 +431,8 @@ class _Reader:
         n = df.height
         df = df.filter(pl.col("text").str.len_chars() >= max(cfg.min_chars, 1))
         self.dropped["too_short"] += n - df.height
-        self.ledgers[self._source].add(df, self._file_no, cfg.dedupe, self.times)
-        if cfg.split == "random":
-            val = self.rng.random(df.height) < cfg.val_fraction
-        elif cfg.split == "date":
-            val = df["val"].to_numpy().astype(bool)
-        else:
-            val = None
-        return df["text"], val
+        self.ledgers[self._source].add(df, self._file_no, cfg.dedupe)
+        return df["text"], df["val"].to_numpy().astype(bool) if cfg.split == "date" else None
 
 
 # ------------------------------------------------------------------------------------------ tokenizer side
@@ -704,8 +703,16 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
         sinks, nbytes = _tokenize_all(cfg, sources, scratch, reader, tok)
         t_tok = time.perf_counter() - t0
         parts = [sink.finish() for sink in sinks]
-        lengths = [p[0] for p in parts]
-        times = [ledger.time_array(len(x)) for ledger, x in zip(reader.ledgers, lengths, strict=True)]
+        lengths, flags = [p[0] for p in parts], [p[1] for p in parts]
+        # The bins hold each source's messages in time order (ties: read order), so a newest-first file gives
+        # the very bins of the same messages oldest first; a file read in time order is not rewritten.
+        for si, (sink, ledger) in enumerate(zip(sinks, reader.ledgers, strict=True)):
+            order = _time_order(ledger.time_array())
+            if order is not None:
+                _reorder(sink.path, lengths[si], order, tok.dtype)
+                lengths[si], flags[si] = lengths[si][order], flags[si][order]
+                ledger.reorder(order)
+        times = [ledger.time_array() for ledger in reader.ledgers]
         drop: list[np.ndarray] = [np.zeros(len(x), bool) for x in lengths]
         pairs: dict[str, int] = {}
         if cfg.dedupe:
@@ -721,7 +728,8 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
                 cfg.overlap,
                 ", ".join(f"{k} {v}" for k, v in pairs.items()),
             )
-        val = [_split_flags(p[1], d, cfg, t) for p, d, t in zip(parts, drop, times, strict=True)]
+        rng = np.random.default_rng(cfg.seed)  # (random split) drawn in time order, source by source
+        val = [_split_flags(f, d, cfg, t, rng) for f, d, t in zip(flags, drop, times, strict=True)]
         train = [~v & ~d for v, d in zip(val, drop, strict=True)]
         n_msgs = sum(len(x) - int(d.sum()) for x, d in zip(lengths, drop, strict=True))
         if n_msgs == 0:
@@ -788,9 +796,13 @@ def _check_sources_used(
             )
 
 
-def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig, times: np.ndarray) -> np.ndarray:
-    """Per message, True for val: the reader's flags, or (sequential) the latest in time of the messages not
-    dropped, whatever order the file lists them in; ties in time go by read order."""
+def _split_flags(
+    val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig, times: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Per message, True for val: the reader's flags (date), a seeded draw (random), or (sequential) the latest
+    in time of the messages not dropped, whatever order the file lists them in; ties in time go by read order."""
+    if cfg.split == "random":
+        return (rng.random(len(drop)) < cfg.val_fraction) & ~drop
     if cfg.split != "sequential":
         return val & ~drop
     out = np.zeros(len(drop), dtype=bool)
@@ -798,6 +810,61 @@ def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig, times: n
     by_time = kept[np.argsort(times[kept], kind="stable")]
     out[by_time[_sequential_val(len(kept), cfg.val_fraction)]] = True
     return out
+
+
+def _time_order(times: np.ndarray) -> np.ndarray | None:
+    """Read positions in time order (ties: read order); None when the messages were read in time order."""
+    if len(times) < 2 or bool((times[1:] >= times[:-1]).all()):
+        return None
+    return np.argsort(times, kind="stable")
+
+
+def _reorder(path: Path, lengths: np.ndarray, order: np.ndarray, dtype: np.dtype) -> None:
+    """Put the messages of a scratch token file in `order`. Where the messages that move hold few tokens (a
+    file almost in time order) they are moved in place; otherwise the file is written again, block by block."""
+    n = len(order)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    new_lengths = lengths[order]
+    # Stretches that `order` maps onto themselves: a stretch ends where the highest position taken so far is its
+    # own. Messages outside stretches of several keep their place, so only those stretches are touched.
+    ends = np.flatnonzero(np.maximum.accumulate(order) == np.arange(n))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    wide = ends > starts
+    moving = np.zeros(n, dtype=bool)
+    if wide.any():
+        cover = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(cover, starts[wide], 1)
+        np.add.at(cover, ends[wide] + 1, -1)
+        moving = np.cumsum(cover[:n]) > 0
+    sel = np.flatnonzero(moving)
+    if int(new_lengths[sel].sum()) <= _ASSEMBLE_TOKENS:
+        tokens = np.memmap(path, dtype=dtype, mode="r+")
+        try:
+            dst = _token_index(np.concatenate([[0], np.cumsum(new_lengths)])[sel], new_lengths[sel])
+            tokens[dst] = tokens[_token_index(offsets[order[sel]], new_lengths[sel])]
+            tokens.flush()
+        finally:
+            del tokens
+        return
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    ordered = path.with_suffix(".ordered")
+    try:
+        with open(ordered, "wb") as f:
+            start = 0
+            while start < n:
+                csum = np.cumsum(new_lengths[start:])
+                stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
+                tokens[_token_index(offsets[order[start:stop]], new_lengths[start:stop])].tofile(f)
+                start = stop
+    finally:
+        del tokens  # the map is closed before the file is replaced
+    os.replace(ordered, path)
+
+
+def _token_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Token positions of messages starting at `starts`, one message after another."""
+    firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
 
 
 def _is_tail(val: np.ndarray) -> bool:
