@@ -1,9 +1,9 @@
 """Message cleaning as polars expressions (no Python loop per message), following the original project.
 
-Rules, each switchable: remove @usernames; remove URLs (http, https, www); remove characters that are not
-letters (accented Portuguese letters kept), digits, whitespace or basic punctuation (emoji go); collapse
-whitespace. Messages shorter than `min_chars` after cleaning are dropped by the caller, as are exact
-duplicates of an earlier cleaned message (forwards).
+Rules, each switchable: remove @usernames (and e-mail addresses, whole); remove URLs (http, https, www);
+remove characters that are not letters (accented Portuguese letters kept), digits, whitespace or basic
+punctuation (emoji go); collapse whitespace. Messages shorter than `min_chars` after cleaning are dropped by
+the caller, as are exact duplicates of an earlier cleaned message (forwards).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ DEFAULT_KEEP = ".,;:!?¿¡'\"()[]-–—/%&+=*#$€°…ºª"
 
 URL = r"(?:[Hh][Tt][Tt][Pp][Ss]?://|[Ww][Ww][Ww]\.)\S+"
 MENTION = r"@\w+"
+# An address, matched before mentions so that its domain part is never read as a @username (which left
+# "example .com" behind); a separate pass costs nothing: the regex engine scans for its inner `@`.
+EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
 EOT_TEXT = "<|endoftext|>"
 _VARIATION_SELECTORS = r"[\x{FE00}-\x{FE0F}\x{E0100}-\x{E01EF}]"
 
@@ -62,8 +65,12 @@ def clean_expr(col: str | pl.Expr, rules: CleanRules = CleanRules()) -> pl.Expr:
     if rules.remove_urls:
         e = e.str.replace_all(URL, " ")
     if rules.remove_mentions:
-        e = e.str.replace_all(MENTION, " ")
-    if rules.remove_symbols:
+        e = e.str.replace_all(EMAIL, " ").str.replace_all(MENTION, " ")
+    if rules.remove_symbols and not rules.remove_mentions:
+        # Mentions and addresses stay: an address is matched whole (and put back) so that its `@`, a symbol
+        # here, is not taken out of it.
+        e = e.str.replace_all(f"({EMAIL})|{symbol_pattern(rules.keep_chars)}", "$1")
+    elif rules.remove_symbols:
         e = e.str.replace_all(symbol_pattern(rules.keep_chars), "")
     else:
         e = e.str.replace_all(EOT_TEXT, "", literal=True)  # it would be read back as a message boundary

@@ -30,12 +30,28 @@ from typing import BinaryIO
 
 import polars as pl
 
+from fakegpt.data.chats import chat_ids
 from fakegpt.errors import FakegptError
 
 REQUIRED = ("id", "channel_id", "date", "message")
 FORMATS = ("auto", "csv", "naive")
 MAX_EXAMPLES = 5  # bad rows quoted by line number in the log and meta.json
 _SNIFF_BYTES = 1 << 20
+
+
+BAD_CHAT = "channel_id is not an integer or a @username"
+
+
+def chat_column(values: pl.Series) -> pl.Series:
+    """A chat column read as text -> Int64 ids, or String identities where some rows name a @username."""
+    ids = values.str.strip_chars().cast(pl.Int64, strict=False)
+    if ids.null_count() > values.null_count():
+        return chat_ids(values)
+    return ids
+
+
+def _constant(chat: int | str, n: int) -> pl.Series:
+    return pl.Series("channel_id", [chat] * n, dtype=pl.Int64 if isinstance(chat, int) else pl.String)
 
 
 @dataclasses.dataclass
@@ -53,6 +69,8 @@ class ReadStats:
     sha256: str = ""
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # messages a reader dropped, by reason
     chats: list[dict] = dataclasses.field(default_factory=list)  # Telegram JSON: one record per chat
+    chat: int | str | None = None  # the chat given to every row (--channel-id, or the file's name), if any
+    mapped: bool = False  # CSV: read by a collector's column names (--columns, or the names tables tries)
 
     def bad(self, where: str, why: str) -> None:
         """Count one unreadable row and keep its first examples (with `where`: file and line) for meta.json."""
@@ -96,37 +114,62 @@ def _read(f: BinaryIO, n: int, path: str) -> bytes:
         raise FakegptError(f"{path}: unreadable gzip file ({exc})") from None
 
 
-def _header(line: bytes, path: str, columns: dict[str, str] | None = None) -> list[str]:
+def _header(line: bytes, path: str, columns: dict[str, str] | None = None, chat_given: bool = False) -> list[str]:
+    """The header's names, renamed to the standard fields; errors quote the names as the file spells them.
+
+    With `chat_given` (the chat of every row is known: `--channel-id`, or the file's name), a file without a
+    chat column is read too, and one without the standard names by the names collectors use (tables.CANDIDATES).
+    """
     text = line.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
     if not text.strip():
         raise FakegptError(f"{path}: line 1: empty header line (expected columns {', '.join(REQUIRED)})")
-    names = [n.strip().lower() for n in next(csv.reader([text]))]
+    spelled = [n.strip() for n in next(csv.reader([text]))]
+    names = [n.lower() for n in spelled]
     if columns:
-        return map_header(names, columns, path)
-    missing = [c for c in REQUIRED if c not in names]
+        return map_header(names, columns, path, spelled, chat_given)
+    needed = [c for c in REQUIRED if not (chat_given and c in ("id", "channel_id"))]
+    missing = [c for c in needed if c not in names]
+    if missing and chat_given:
+        from fakegpt.data.tables import CANDIDATES  # (tables imports this module)
+
+        found = {f: next((c for c in CANDIDATES[f] if c in names), None) for f in ("channel_id", *needed)}
+        auto = {f: c for f, c in found.items() if c is not None and c != f and f not in names}
+        if auto:
+            return map_header(names, auto, path, spelled, chat_given)
     if missing:
         raise FakegptError(
-            f"{path}: line 1: missing column {missing[0]!r} (header has: {', '.join(names)}; "
-            f"needs {', '.join(REQUIRED)})"
+            f"{path}: line 1: missing column {missing[0]!r} (header has: {', '.join(spelled)}; "
+            f"needs {', '.join(needed)})"
         )
     return names
 
 
-def map_header(names: list[str], columns: dict[str, str], path: str) -> list[str]:
+def _plain_names(line: bytes) -> list[str]:
+    return [n.strip().lower() for n in next(csv.reader([line.decode("utf-8", "replace").lstrip("\ufeff")]))]
+
+
+def map_header(
+    names: list[str],
+    columns: dict[str, str],
+    path: str,
+    spelled: list[str] | None = None,
+    chat_given: bool = False,
+) -> list[str]:
     """Rename the header's columns by `columns` (field -> the file's column name; `--columns`), so the rest
-    reads the file as if it had the standard names. The file must have each mapped column; `id` may be absent."""
+    reads the file as if it had the standard names. The file must have each mapped column; `id` may be absent,
+    and `channel_id` too where the chat is given. An empty name is a column whose header cell is empty."""
+    shown = ", ".join(spelled if spelled is not None else names)
     lower = {v.strip().lower(): k for k, v in columns.items()}
     for field, col in columns.items():
         if col.strip().lower() not in names:
-            raise FakegptError(
-                f"{path}: line 1: --columns {field}={col}: no column {col!r} (header has: {', '.join(names)})"
-            )
+            raise FakegptError(f"{path}: line 1: --columns {field}={col}: no column {col!r} (header has: {shown})")
     # A standard name that another field's mapping replaces must not be read as that field too.
     renamed = [lower.get(n, f"_unused_{n}" if n in columns else n) for n in names]
-    missing = [c for c in REQUIRED[1:] if c not in renamed]
+    needed = [c for c in REQUIRED[1:] if not (chat_given and c == "channel_id")]
+    missing = [c for c in needed if c not in renamed]
     if missing:
         raise FakegptError(
-            f"{path}: line 1: no column for {missing[0]!r} (header has: {', '.join(names)}); "
+            f"{path}: line 1: no column for {missing[0]!r} (header has: {shown}); "
             f"map one with --columns {missing[0]}=NAME"
         )
     return renamed
@@ -184,6 +227,8 @@ def _naive_row_regex(names: list[str]) -> tuple[str, bytes]:
     """The prefix a naive row starts with: every column before `message`, integers where they must be."""
     if names[-1] != "message":
         raise FakegptError("naive exports need `message` as the last column")
+    if names[:3] != list(REQUIRED[:3]):  # the repair reads the chat and the date by position
+        raise FakegptError(f"naive exports need the columns {', '.join(REQUIRED)} in that order")
     parts = [r"-?\d+" if n in ("id", "channel_id") else r"[^,\n]*" for n in names[:-1]]
     pattern = "^" + ",".join(parts) + ","
     return pattern, pattern[1:].encode()
@@ -206,7 +251,7 @@ def _parse_csv(piece: bytes, names: list[str], line: int, path: str) -> pl.DataF
     cols = list(schema)
     try:
         df = pl.read_csv(piece, has_header=False, schema=schema, encoding="utf8-lossy", infer_schema=False)
-        wanted = [*REQUIRED[1:], *(["forwarded_from"] if "forwarded_from" in names else [])]
+        wanted = [c for c in (*REQUIRED[1:], "forwarded_from") if c in names]
         df = df.select(cols[names.index(c)] for c in wanted)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -265,11 +310,15 @@ def read_csv_batches(
     stats: ReadStats | None = None,
     header_only: bool = False,
     columns: dict[str, str] | None = None,
+    chat: int | str | None = None,
+    fallback_chat: int | str | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Yield DataFrames (channel_id, date, message) from one export; `stats` is filled in as it goes.
 
     `raw` reads from an open binary stream instead of `path` (the embedded demo data); `path` then only names
     it in messages. `columns` maps fields to the file's own column names (`--columns message=text,...`).
+    `chat` is the chat of every row (a chat column is then not read); `fallback_chat` that of every row of a
+    file without a chat column. `channel_id` is Int64, or String where a file names chats by @username.
     """
     if fmt not in FORMATS:
         raise FakegptError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -297,7 +346,11 @@ def read_csv_batches(
                 break
             head += more
             nl = head.find(b"\n")
-        names = _header(head[:nl], path, columns)
+        names = _header(head[:nl], path, columns, chat is not None or fallback_chat is not None)
+        stats.mapped = bool(columns) or not set(REQUIRED[2:]) <= set(_plain_names(head[:nl]))
+        if chat is None and "channel_id" not in names:
+            chat = fallback_chat
+        stats.chat = chat
         body = head[nl + 1 :]
         while not body.strip():
             more = _read(f, _SNIFF_BYTES, path)
@@ -324,13 +377,13 @@ def read_csv_batches(
             else:
                 df = _parse_csv(piece, names, line, path)
             stats.invalid_utf8 += max(0, int(df["message"].str.count_matches("\ufffd", literal=True).sum() or 0) - fffd)
-            chan = df["channel_id"].str.strip_chars().cast(pl.Int64, strict=False)
+            chan = chat_column(df["channel_id"]) if chat is None else _constant(chat, df.height)
             bad = chan.is_null()
             n_bad = int(bad.sum())
             if n_bad:
                 shown = bad.arg_true().head(max(0, MAX_EXAMPLES - len(stats.bad_row_examples))).to_list()
                 for i in shown:
-                    stats.bad(f"{path}: record {records + i + 1}", "channel_id is not an integer")
+                    stats.bad(f"{path}: record {records + i + 1}", BAD_CHAT)
                 stats.bad_rows += n_bad - len(shown)
             records += df.height
             df = df.with_columns(channel_id=chan, message=pl.col("message").fill_null("")).filter(~bad)

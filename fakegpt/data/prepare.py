@@ -42,8 +42,9 @@ import polars as pl
 from tqdm import tqdm
 
 from fakegpt import __version__, config, tracking
-from fakegpt.data import bins, demo, hf_tokenizer, readers, spelling, tokenizer, word_encoder
+from fakegpt.data import bins, dedupe, demo, hf_tokenizer, readers, spelling, telegram_json, tokenizer, word_encoder
 from fakegpt.data import sources as data_sources
+from fakegpt.data.chats import bare_channel_expr, bare_channel_id, chat_id, chat_keys
 from fakegpt.data.clean import CleanRules, clean_expr
 from fakegpt.data.csv_reader import ReadStats
 from fakegpt.data.meta import META_FILE, DatasetMeta
@@ -90,11 +91,19 @@ class PrepareConfig:
         default_factory=list,
         metadata={"help": "target train-token fractions: NAME=FRACTION (a source of the YAML) or PATH=FRACTION"},
     )
-    channel_ids: list[int] = dataclasses.field(
+    channel_ids: list[Any] = dataclasses.field(
         default_factory=list,
         metadata={
-            "help": "keep only these channel_ids (plain runs; sources set their own); a Bot API marked id "
-            "(-100 followed by the id) selects the same chat as the bare id"
+            "help": "keep only these chats (plain runs; sources set their own): ids or @usernames; a Bot API "
+            "marked id (-100 followed by the id) selects the same chat as the bare id"
+        },
+    )
+    channel_id: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "tables (CSV, JSON Lines, Parquet): the chat of every message, an id or a @username, for a "
+            "scrape of one channel (its chat column, if any, is then not read); default: a file without a chat "
+            "column is the chat named by its file name (AwasMart.csv: AwasMart)"
         },
     )
     format: str = dataclasses.field(
@@ -207,6 +216,9 @@ def validate(cfg: PrepareConfig) -> None:
     if unknown:
         raise FakegptError(f"--chat-types: unknown chat type {unknown[0]!r} (types: {', '.join(CHAT_TYPES)})")
     parse_columns(cfg.columns)
+    cfg.channel_ids = [chat_id(c, "--channel-ids") for c in cfg.channel_ids]  # as meta.json records them
+    if cfg.channel_id:
+        chat_id(cfg.channel_id, "--channel-id")
     if cfg.split != "date" and not 0.0 <= cfg.val_fraction < 1.0:
         raise FakegptError(f"--val-fraction: must lie in [0, 1), got {cfg.val_fraction}")
     if cfg.split == "date":
@@ -225,6 +237,13 @@ def validate(cfg: PrepareConfig) -> None:
         raise FakegptError("--out: an output folder is required")
 
 
+def source_chat(src: data_sources.Source, cfg: PrepareConfig) -> int | str | None:
+    """The chat every message of a source's files is in (its `channel_id`, else --channel-id), or None."""
+    if src.channel_id is not None:
+        return src.channel_id
+    return chat_id(cfg.channel_id, "--channel-id") if cfg.channel_id else None
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FakegptError(f"--out {out}: exists and is not a folder")
@@ -238,12 +257,73 @@ def _check_out(out: Path, force: bool) -> None:
 class _Batch:
     source: int
     texts: pl.Series  # cleaned messages
-    val: np.ndarray | None  # per-message val flag (random and date splits), else None
+    val: np.ndarray | None  # per-message val flag (date split), else None
     nbytes: int  # input bytes consumed since the previous batch (progress bar)
 
 
+class _Ledger:
+    """Per message handed on to the tokenizer, in read order: its text hash and epoch time (for dedupe and the
+    sequential split), its chat and forward origin as small codes (for the counts of what reached the bins)."""
+
+    def __init__(self) -> None:
+        self.hashes: list[np.ndarray] = []
+        self.times: list[np.ndarray] = []
+        self.chats: list[np.ndarray] = []
+        self.fwds: list[np.ndarray] = []
+        self.chat_codes: dict[tuple[int, str], int] = {}  # (file number, channel_id) -> code
+        self.fwd_codes: dict[str, int] = {}  # forward origin -> code
+
+    def add(self, df: pl.DataFrame, file_no: int, hashes: bool) -> None:
+        """Record a cleaned batch (`text`, `date`, `channel_id` as String, `forwarded_from` where known)."""
+        if hashes:
+            self.hashes.append(df["text"].hash(seed=0).to_numpy())
+        self.times.append(dedupe.epoch_seconds(df["date"]))
+        chats = df["channel_id"]
+        codes = {c: self.chat_codes.setdefault((file_no, c), len(self.chat_codes)) for c in chats.unique()}
+        self.chats.append(chats.replace_strict(codes, return_dtype=pl.Int32).to_numpy())
+        if "forwarded_from" in df.columns:
+            # A forward is a message the export marks with a non-empty origin, as the chat records count them.
+            fwd = df.select(pl.when(pl.col("forwarded_from") != "").then(pl.col("forwarded_from")))["forwarded_from"]
+            codes = {f: self.fwd_codes.setdefault(f, len(self.fwd_codes)) for f in fwd.drop_nulls().unique()}
+            self.fwds.append(fwd.replace_strict(codes, default=-1, return_dtype=pl.Int32).fill_null(-1).to_numpy())
+        else:
+            self.fwds.append(np.full(df.height, -1, dtype=np.int32))
+
+    @staticmethod
+    def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def hash_array(self) -> np.ndarray:
+        return self._joined(self.hashes, np.uint64)
+
+    def time_array(self) -> np.ndarray:
+        return self._joined(self.times, np.int64)
+
+    def reorder(self, order: np.ndarray) -> None:
+        """Put every record in `order` (positions in read order), as the scratch file was."""
+        for name in ("hashes", "times", "chats", "fwds"):
+            parts = getattr(self, name)
+            if parts:
+                setattr(self, name, [np.concatenate(parts)[order]])
+
+    def counts(self, in_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, Counter[str]]]:
+        """Per chat code: messages in the bins, forwards among them, and their forward origins."""
+        chats, fwds = self._joined(self.chats, np.int32), self._joined(self.fwds, np.int32)
+        n = len(self.chat_codes)
+        kept = np.bincount(chats[in_bins], minlength=n)
+        is_fwd = in_bins & (fwds >= 0)
+        forwards = np.bincount(chats[is_fwd], minlength=n)
+        names = {v: k for k, v in self.fwd_codes.items()}
+        origins: dict[int, Counter[str]] = {}
+        pairs, times = np.unique(np.stack([chats[is_fwd], fwds[is_fwd]]), axis=1, return_counts=True)
+        for (c, f), k in zip(pairs.T.tolist(), times.tolist(), strict=True):
+            origins.setdefault(c, Counter())[names[f]] = k
+        return kept, forwards, origins
+
+
 class _Reader:
-    """Reads, cleans, filters and dedupes every source in order, putting _Batch items on a bounded queue."""
+    """Reads, cleans and filters every source in order, putting _Batch items on a bounded queue; what each
+    message is goes into its source's _Ledger (duplicates are found once all is read, dedupe.find)."""
 
     def __init__(
         self,
@@ -264,20 +344,13 @@ class _Reader:
         )
         self.dropped: Counter[str] = Counter()
         self.files: list[dict[str, Any]] = []  # one entry per file read, per source
-        self.seen: set[int] = set()
         self.spelling = spelling.SpellingNormaliser(cfg.spelling)
-        self.rng = np.random.default_rng(cfg.seed)
         self.columns = parse_columns(cfg.columns)
         self.chat_types = frozenset(cfg.chat_types) or None
-        # Cross-source overlap by time: each source dedupes on its own, and remembers (hash, time) of every
-        # message it keeps, so that a text found in several sources can stay only in its earliest one.
-        self.by_time = cfg.dedupe and cfg.overlap == "first-in-time" and len(sources) > 1
-        self.source_seen: list[set[int]] = [set() for _ in sources]
-        self.keys: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
-        self.owner: dict[int, int] = {}  # first-read with several sources: text hash -> the source that has it
-        self.read_pairs: Counter[tuple[int, int]] = Counter()  # (kept in, dropped from) -> copies
-        self.forwards: list[int] = [0] * len(sources)  # kept messages the export marks as forwards
-        self.by_channel: list[Counter[int]] = [Counter() for _ in sources]  # kept messages per channel_id
+        self.ledgers = [_Ledger() for _ in sources]  # per source, what each message handed on is
+        # per source, filled in once the bins are known (_count_in_bins)
+        self.by_channel: list[Counter[str]] = []
+        self.forwards: list[int] = []
         self._source = 0
 
     def _put(self, item: Any) -> None:
@@ -302,6 +375,7 @@ class _Reader:
 
     def _read_file(self, si: int, src: data_sources.Source, path: str) -> None:
         stats = ReadStats()
+        self._file_no = len(self.files)
         raw = None
         if path == data_sources.DEMO:
             raw = io.BytesIO(demo.demo_csv())
@@ -314,6 +388,8 @@ class _Reader:
             stats=stats,
             columns=src.columns if src.columns is not None else self.columns,
             chat_types=self.chat_types,
+            chat=source_chat(src, self.cfg),
+            fallback_chat=None if raw is not None else readers.file_chat(path),
         )
         for df in batches:
             if self.stop.is_set():
@@ -322,14 +398,27 @@ class _Reader:
             self._put(_Batch(si, texts, val, stats.bytes_read - seen_bytes))
             seen_bytes = stats.bytes_read
         self.dropped.update(stats.skipped)
+        if stats.chat is not None and not self.cfg.channel_id and src.channel_id is None:
+            log.info(
+                "%s: no chat column; its messages are chat %r (its file name; --channel-id names another)",
+                path,
+                stats.chat,
+            )
         self.files.append({"source": src.name, "path": path, **dataclasses.asdict(stats)})
 
     def _process(self, df: pl.DataFrame, src: data_sources.Source) -> tuple[pl.Series, np.ndarray | None]:
         cfg = self.cfg
-        df = df.with_columns(channel_id=data_sources.bare_channel_expr())  # -100-marked ids -> the bare id
+        n = df.height
+        df = df.filter(pl.col("message").str.contains(r"\S"))  # nothing but whitespace, before any cleaning
+        self.dropped["empty_text"] += n - df.height
+        if df["channel_id"].dtype != pl.String:  # (String columns come normalised from the readers)
+            df = df.with_columns(bare_channel_expr().cast(pl.String))  # -100-marked ids -> the bare id
         if src.channel_ids:
             n = df.height
-            df = df.filter(pl.col("channel_id").is_in(src.channel_ids))
+            chat = pl.col("channel_id")
+            if any(isinstance(c, str) for c in src.channel_ids):  # usernames: case-insensitive, `@` optional
+                chat = chat.str.strip_chars_start("@").str.to_lowercase()
+            df = df.filter(chat.is_in(chat_keys(src.channel_ids)))
             self.dropped["channel_filter"] += n - df.height
         cols = [clean_expr("message", self.rules).alias("text"), pl.col("date"), pl.col("channel_id")]
         if "forwarded_from" in df.columns:  # Telegram JSON: the display name a forward came from
@@ -345,82 +434,8 @@ class _Reader:
         n = df.height
         df = df.filter(pl.col("text").str.len_chars() >= max(cfg.min_chars, 1))
         self.dropped["too_short"] += n - df.height
-        if cfg.dedupe and df.height:
-            # 64-bit hashes of the cleaned text, remembered across batches (~80 bytes a message, never the text).
-            hashes = df["text"].hash(seed=0).to_numpy()
-            if self.by_time or len(self.sources) == 1:
-                seen = self.source_seen[self._source] if self.by_time else self.seen
-                add = seen.add
-                keep = np.fromiter((not (h in seen or add(h)) for h in hashes.tolist()), bool, count=len(hashes))
-                self.dropped["duplicate"] += int(len(keep) - keep.sum())
-            else:
-                keep = self._first_read(hashes)
-            df = df.filter(pl.Series(keep))
-            if self.by_time:
-                self.keys[self._source].append((hashes[keep], _epoch_seconds(df["date"])))
-        if "forwarded_from" in df.columns:
-            self.forwards[self._source] += int(df["forwarded_from"].is_not_null().sum())
-        self.by_channel[self._source].update(dict(df["channel_id"].value_counts().iter_rows()))
-        if cfg.split == "random":
-            val = self.rng.random(df.height) < cfg.val_fraction
-        elif cfg.split == "date":
-            val = df["val"].to_numpy().astype(bool)
-        else:
-            val = None
-        return df["text"], val
-
-    def _first_read(self, hashes: np.ndarray) -> np.ndarray:
-        """Dedupe across sources, the source read first keeping a text (--overlap first-read); copies in a later
-        source are counted per pair, as the time rule counts them."""
-        owner, si = self.owner, self._source
-        keep = np.zeros(len(hashes), dtype=bool)
-        for j, h in enumerate(hashes.tolist()):
-            first = owner.setdefault(h, si)
-            if first != si:
-                self.read_pairs[(first, si)] += 1
-            elif h in self.seen:  # a repeat within this source
-                self.dropped["duplicate"] += 1
-            else:
-                self.seen.add(h)
-                keep[j] = True
-        return keep
-
-
-_NO_TIME = np.iinfo(np.int64).max  # a message without a readable date counts as the latest
-
-
-def _epoch_seconds(dates: pl.Series) -> np.ndarray:
-    """ISO 8601 dates (`YYYY-MM-DD[THH:MM[:SS]]`, as every reader yields them) -> int64 epoch seconds."""
-    s = dates.cast(pl.String).str.strip_chars().str.replace(" ", "T", literal=True)
-    full = s.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False)
-    minutes = s.str.slice(0, 16).str.to_datetime("%Y-%m-%dT%H:%M", strict=False)
-    day = s.str.slice(0, 10).str.to_datetime("%Y-%m-%d", strict=False)
-    t = full.fill_null(minutes).fill_null(day).dt.epoch("s")
-    return t.fill_null(_NO_TIME).to_numpy().astype(np.int64)
-
-
-def _overlap(reader: _Reader) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Per source, a mask of messages to drop because their text appears earlier in time in another source;
-    and the counts per pair "KEPT_IN>DROPPED_FROM". Ties go to the source listed first."""
-    names = [s.name for s in reader.sources]
-    parts = []
-    for si, keys in enumerate(reader.keys):
-        h = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, np.uint64)
-        t = np.concatenate([k[1] for k in keys]) if keys else np.zeros(0, np.int64)
-        parts.append(pl.DataFrame({"h": h, "t": t, "src": np.full(len(h), si, np.int32), "i": np.arange(len(h))}))
-    df = pl.concat(parts)
-    shared = df.group_by("h").agg(pl.col("src").n_unique().alias("n")).filter(pl.col("n") > 1)
-    df = df.join(shared.select("h"), on="h").sort("h", "t", "src")
-    first = df.group_by("h", maintain_order=True).agg(pl.col("src").first().alias("winner"))
-    losers = df.join(first, on="h").filter(pl.col("src") != pl.col("winner"))
-    drop = [np.zeros(sum(len(k[0]) for k in keys), dtype=bool) for keys in reader.keys]
-    for si, idx in losers.group_by("src").agg("i").iter_rows():
-        drop[si][np.asarray(idx, dtype=np.int64)] = True
-    pairs = {
-        f"{names[w]}>{names[s]}": int(n)
-        for w, s, n in losers.group_by("winner", "src").len().sort("winner", "src").iter_rows()
-    }
-    return drop, pairs
+        self.ledgers[self._source].add(df, self._file_no, cfg.dedupe)
+        return df["text"], df["val"].to_numpy().astype(bool) if cfg.split == "date" else None
 
 
 # ------------------------------------------------------------------------------------------ tokenizer side
@@ -575,15 +590,43 @@ def _copy_selected(
             start = stop
 
 
-def _split_in_place(scratch: Path, train_tokens: int, out: Path, dtype: np.dtype = np.dtype(DTYPE)) -> None:
-    """The common case (one source, sequential split): val.bin is the scratch file's tail, and the scratch file
-    itself, truncated, becomes train.bin, so the bulk of the tokens is never copied."""
-    with atomic_path(out / "val.bin") as v_path:
-        with open(scratch, "rb") as src, open(v_path, "wb") as dst:
-            src.seek(train_tokens * dtype.itemsize)
-            shutil.copyfileobj(src, dst, 1 << 24)
-    os.truncate(scratch, train_tokens * dtype.itemsize)
+def _split_in_place(
+    scratch: Path, lengths: np.ndarray, train: np.ndarray, val: np.ndarray, out: Path, dtype: np.dtype = np.dtype(DTYPE)
+) -> None:
+    """One source, no mixture: val.bin is copied out of the scratch file, and the scratch file itself, its train
+    messages moved to its front (nothing moves when val is its tail and nothing was dropped) and truncated,
+    becomes train.bin, so the bulk of the tokens is copied at most once."""
+    with atomic_path(out / "val.bin") as v_path, open(v_path, "wb") as fv:
+        if _is_tail(val) and train[: len(train) - int(val.sum())].all():
+            with open(scratch, "rb") as src:
+                src.seek(int(lengths[~val].sum()) * dtype.itemsize)
+                shutil.copyfileobj(src, fv, 1 << 24)
+        else:
+            _copy_selected(scratch, lengths, np.zeros(len(lengths), dtype=bool), val, None, fv, dtype)
+    os.truncate(scratch, _compact(scratch, lengths, train, dtype) * dtype.itemsize)
     os.replace(scratch, out / "train.bin")  # same folder tree, so an atomic rename
+
+
+def _compact(path: Path, lengths: np.ndarray, keep: np.ndarray, dtype: np.dtype) -> int:
+    """Move the kept messages of a token file to its front, in order, block by block; returns their tokens.
+    Writing never passes the block being read (kept tokens are at most the tokens read)."""
+    if keep.all():
+        return int(lengths.sum())
+    start = int(np.argmin(keep))  # everything before the first message left out stays where it is
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    write = int(offsets[start])
+    with open(path, "r+b") as f:
+        while start < len(lengths):
+            csum = np.cumsum(lengths[start:])
+            stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
+            f.seek(int(offsets[start]) * dtype.itemsize)
+            tokens = np.fromfile(f, dtype=dtype, count=int(offsets[stop] - offsets[start]))
+            kept = tokens[np.repeat(keep[start:stop], lengths[start:stop])]
+            f.seek(write * dtype.itemsize)
+            kept.tofile(f)
+            write += len(kept)
+            start = stop
+    return write
 
 
 def _dataset_name(cfg: PrepareConfig) -> str:
@@ -604,7 +647,9 @@ def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
         s.files = data_sources.resolve_files(s, cfg.source_root)
         for f in s.files:
             if f != data_sources.DEMO:
-                readers.check(f, s.format or cfg.format, s.columns if s.columns is not None else columns)
+                readers.check(
+                    f, s.format or cfg.format, s.columns if s.columns is not None else columns, source_chat(s, cfg)
+                )
     if not track:
         return _prepare_into(cfg, sources, out, tok)
     name = _dataset_name(cfg)
@@ -661,11 +706,22 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
         sinks, nbytes = _tokenize_all(cfg, sources, scratch, reader, tok)
         t_tok = time.perf_counter() - t0
         parts = [sink.finish() for sink in sinks]
-        lengths = [p[0] for p in parts]
-        drop, pairs = _overlap(reader) if reader.by_time else ([np.zeros(len(x), bool) for x in lengths], {})
-        if reader.read_pairs:
-            names = [s.name for s in sources]
-            pairs = {f"{names[a]}>{names[b]}": n for (a, b), n in sorted(reader.read_pairs.items())}
+        lengths, flags = [p[0] for p in parts], [p[1] for p in parts]
+        # The bins hold each source's messages in time order (ties: read order), so a newest-first file gives
+        # the very bins of the same messages oldest first; a file read in time order is not rewritten.
+        for si, (sink, ledger) in enumerate(zip(sinks, reader.ledgers, strict=True)):
+            order = _time_order(ledger.time_array())
+            if order is not None:
+                _reorder(sink.path, lengths[si], order, tok.dtype)
+                lengths[si], flags[si] = lengths[si][order], flags[si][order]
+                ledger.reorder(order)
+        times = [ledger.time_array() for ledger in reader.ledgers]
+        drop: list[np.ndarray] = [np.zeros(len(x), bool) for x in lengths]
+        pairs: dict[str, int] = {}
+        if cfg.dedupe:
+            hashes = [ledger.hash_array() for ledger in reader.ledgers]
+            drop, repeats, pairs = dedupe.find(hashes, times, [s.name for s in sources], cfg.overlap)
+            reader.dropped["duplicate"] += repeats
         if pairs:
             reader.dropped["cross_source"] += sum(pairs.values())
             log.info(
@@ -675,14 +731,15 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
                 cfg.overlap,
                 ", ".join(f"{k} {v}" for k, v in pairs.items()),
             )
-        val = [_split_flags(p[1], d, cfg) for p, d in zip(parts, drop, strict=True)]
+        rng = np.random.default_rng(cfg.seed)  # (random split) drawn in time order, source by source
+        val = [_split_flags(f, d, cfg, t, rng) for f, d, t in zip(flags, drop, times, strict=True)]
         train = [~v & ~d for v, d in zip(val, drop, strict=True)]
         n_msgs = sum(len(x) - int(d.sum()) for x, d in zip(lengths, drop, strict=True))
         if n_msgs == 0:
             files = ", ".join(f for s in sources for f in s.files)
-            raise FakegptError(f"{files}: no usable messages (dropped: {_drop_text(reader.dropped)})")
+            raise FakegptError(f"{files}: no usable messages ({_unusable_text(reader)})")
         fractions = [s.fraction for s in sources]
-        _check_sources_used(sources, lengths, train, reader.dropped)
+        _check_sources_used(sources, lengths, train, drop, reader.dropped)
         if fractions[0] is not None:
             train = data_sources.select(
                 lengths,
@@ -697,8 +754,8 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
             reader.dropped["mixture_unused"] += unused
         if (out / META_FILE).exists():  # --force: never leave an old meta.json beside new bins
             (out / META_FILE).unlink()
-        if len(sinks) == 1 and fractions[0] is None and cfg.split == "sequential" and not drop[0].any():
-            _split_in_place(sinks[0].path, int(lengths[0][train[0]].sum()), out, tok.dtype)
+        if len(sinks) == 1 and fractions[0] is None:
+            _split_in_place(sinks[0].path, lengths[0], train[0], val[0], out, tok.dtype)
         else:
             with atomic_path(out / "train.bin") as t_path, atomic_path(out / "val.bin") as v_path:
                 with open(t_path, "wb") as ft, open(v_path, "wb") as fv:
@@ -709,6 +766,7 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
                     with atomic_path(out / bins.source_val_file(source.name)) as s_path, open(s_path, "wb") as fs:
                         _copy_selected(sink.path, length, np.zeros(len(length), dtype=bool), va, None, fs, tok.dtype)
         seconds = time.perf_counter() - t0
+        _count_in_bins(reader, [t | v for t, v in zip(train, val, strict=True)])
         meta = _meta(cfg, sources, reader, lengths, train, val, nbytes, seconds, t_tok, tok.identity)
         if len(sources) > 1 and cfg.dedupe:
             meta.overlap = {"rule": cfg.overlap, "dropped": sum(pairs.values()), "pairs": pairs}
@@ -720,15 +778,20 @@ def _prepare(cfg: PrepareConfig, sources: list[data_sources.Source], out: Path, 
 
 
 def _check_sources_used(
-    sources: list[data_sources.Source], lengths: list[np.ndarray], train: list[np.ndarray], dropped: Counter[str]
+    sources: list[data_sources.Source],
+    lengths: list[np.ndarray],
+    train: list[np.ndarray],
+    drop: list[np.ndarray],
+    dropped: Counter[str],
 ) -> None:
     """Every source of several must bring train messages: an empty one (a channel_ids typo) would silently
     give a mixture of 0 tokens, or a dataset without that source."""
     if len(sources) < 2:
         return
-    for s, length, tr in zip(sources, lengths, train, strict=True):
-        if not len(length) or (s.fraction and not int(length[tr].sum())):
-            what = "no usable messages" if not len(length) else "no train messages (all fell in val)"
+    for s, length, tr, d in zip(sources, lengths, train, drop, strict=True):
+        usable = int((~d).sum())
+        if not usable or (s.fraction and not int(length[tr].sum())):
+            what = "no usable messages" if not usable else "no train messages (all fell in val)"
             channels = f" with channel_ids {s.channel_ids}" if s.channel_ids else ""
             raise FakegptError(
                 f"source {s.name!r} ({', '.join(s.patterns)}{channels}): {what}; check its path and channel_ids "
@@ -736,13 +799,114 @@ def _check_sources_used(
             )
 
 
-def _split_flags(val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
-    """Per message, True for val: the reader's flags, or the sequential tail of the messages not dropped."""
+def _split_flags(
+    val: np.ndarray, drop: np.ndarray, cfg: PrepareConfig, times: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Per message, True for val: the reader's flags (date), a seeded draw (random), or (sequential) the latest
+    in time of the messages not dropped, whatever order the file lists them in; ties in time go by read order."""
+    if cfg.split == "random":
+        return (rng.random(len(drop)) < cfg.val_fraction) & ~drop
     if cfg.split != "sequential":
         return val & ~drop
     out = np.zeros(len(drop), dtype=bool)
-    out[np.flatnonzero(~drop)] = _sequential_val(int((~drop).sum()), cfg.val_fraction)
+    kept = np.flatnonzero(~drop)
+    by_time = kept[np.argsort(times[kept], kind="stable")]
+    out[by_time[_sequential_val(len(kept), cfg.val_fraction)]] = True
     return out
+
+
+def _time_order(times: np.ndarray) -> np.ndarray | None:
+    """Read positions in time order (ties: read order); None when the messages were read in time order."""
+    if len(times) < 2 or bool((times[1:] >= times[:-1]).all()):
+        return None
+    return np.argsort(times, kind="stable")
+
+
+def _reorder(path: Path, lengths: np.ndarray, order: np.ndarray, dtype: np.dtype) -> None:
+    """Put the messages of a scratch token file in `order`. Where the messages that move hold few tokens (a
+    file almost in time order) they are moved in place; otherwise the file is written again, block by block."""
+    n = len(order)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    new_lengths = lengths[order]
+    # Stretches that `order` maps onto themselves: a stretch ends where the highest position taken so far is its
+    # own. Messages outside stretches of several keep their place, so only those stretches are touched.
+    ends = np.flatnonzero(np.maximum.accumulate(order) == np.arange(n))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    wide = ends > starts
+    moving = np.zeros(n, dtype=bool)
+    if wide.any():
+        cover = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(cover, starts[wide], 1)
+        np.add.at(cover, ends[wide] + 1, -1)
+        moving = np.cumsum(cover[:n]) > 0
+    sel = np.flatnonzero(moving)
+    if int(new_lengths[sel].sum()) <= _ASSEMBLE_TOKENS:
+        tokens = np.memmap(path, dtype=dtype, mode="r+")
+        try:
+            dst = _token_index(np.concatenate([[0], np.cumsum(new_lengths)])[sel], new_lengths[sel])
+            tokens[dst] = tokens[_token_index(offsets[order[sel]], new_lengths[sel])]
+            tokens.flush()
+        finally:
+            del tokens
+        return
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    ordered = path.with_suffix(".ordered")
+    try:
+        with open(ordered, "wb") as f:
+            start = 0
+            while start < n:
+                csum = np.cumsum(new_lengths[start:])
+                stop = start + max(1, int(np.searchsorted(csum, _ASSEMBLE_TOKENS)))
+                tokens[_token_index(offsets[order[start:stop]], new_lengths[start:stop])].tofile(f)
+                start = stop
+    finally:
+        del tokens  # the map is closed before the file is replaced
+    os.replace(ordered, path)
+
+
+def _token_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Token positions of messages starting at `starts`, one message after another."""
+    firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
+
+
+def _is_tail(val: np.ndarray) -> bool:
+    """True when the val messages are exactly the last ones read (a chronological file's sequential split)."""
+    n = int(val.sum())
+    return bool(val[len(val) - n :].all())
+
+
+def _count_in_bins(reader: _Reader, in_bins: list[np.ndarray]) -> None:
+    """Chat records count what reached the bins: `kept` (train or val), `forwards` among them and their
+    origins; `not_in_bins`: text messages read that cleaning, dedupe, a filter or the mixture left out."""
+    reader.by_channel, reader.forwards = [], []
+    for si, (ledger, inb) in enumerate(zip(reader.ledgers, in_bins, strict=True)):
+        kept, forwards, origins = ledger.counts(inb)
+        by_channel: Counter[str] = Counter()
+        for (_, chat), code in ledger.chat_codes.items():
+            by_channel[chat] += int(kept[code])
+        reader.by_channel.append(by_channel)
+        reader.forwards.append(int(forwards.sum()))
+        for file_no, f in enumerate(reader.files):
+            if f["source"] != reader.sources[si].name:
+                continue
+            for rec in f["chats"]:
+                found = ledger.chat_codes.get((file_no, str(bare_channel_id(rec["id"]))))
+                handed_on = int(rec["kept"])
+                rec["kept"] = int(kept[found]) if found is not None else 0
+                rec["not_in_bins"] = handed_on - rec["kept"]
+                rec["forwards"] = int(forwards[found]) if found is not None else 0
+                top = origins.get(found, Counter()).most_common(telegram_json.TOP_FORWARD_SOURCES)
+                rec["forwarded_from"] = dict(top)
+
+
+def _unusable_text(reader: _Reader) -> str:
+    """Why nothing was left: the rows no reader could use (with the first reason given) and the drops."""
+    bad = sum(f["bad_rows"] for f in reader.files)
+    examples = [e for f in reader.files for e in f["bad_row_examples"]]
+    reason = examples[0].rsplit(": ", 1)[-1] if examples else "unreadable"
+    rows = f"{bad:,} rows: {reason} (e.g. {examples[0].rsplit(': ', 1)[0]}); " if bad else ""
+    return f"{rows}dropped: {_drop_text(reader.dropped)}"
 
 
 def _drop_text(dropped: Counter[str]) -> str:
@@ -765,7 +929,9 @@ def _meta(
     for si, (s, length, tr, va) in enumerate(zip(sources, lengths, train, val, strict=True)):
         keys = ("path", "sha256", "bytes_read", "format", "rows", "repaired_rows", "bad_rows", "invalid_utf8")
         files = [
-            {k: f[k] for k in keys} | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
+            {k: f[k] for k in keys}
+            | ({"skipped": f["skipped"], "chats": f["chats"]} if f["chats"] else {})
+            | ({"channel_id": f["chat"]} if f["chat"] is not None else {})
             for f in reader.files
             if f["source"] == s.name
         ]
@@ -781,8 +947,8 @@ def _meta(
                 "train_messages": int(tr.sum()),
                 "val_messages": int(va.sum()),
                 "forwards": reader.forwards[si],
-                # after cleaning and dedupe, before the overlap rule and a mixture's draw
-                "messages_by_channel": {str(k): v for k, v in sorted(reader.by_channel[si].items())},
+                # the messages of each chat that reached the bins (train or val)
+                "messages_by_channel": dict(sorted(reader.by_channel[si].items(), key=_chat_order)),
             }
         )
     train_tokens = sum(p["train_tokens"] for p in per_source)
@@ -842,6 +1008,12 @@ def _meta(
             "fakegpt_version": __version__,
         }
     )
+
+
+def _chat_order(item: tuple[str, int]) -> tuple[bool, int, str]:
+    chat = item[0]
+    numeric = chat.lstrip("-").isdigit()
+    return (not numeric, int(chat) if numeric else 0, chat)
 
 
 def _longest(lengths: list[np.ndarray]) -> int:

@@ -61,6 +61,14 @@ def detect(path: str, fmt: str = "auto", raw: BinaryIO | None = None) -> str:
     return telegram_json.FORMAT if telegram_json.looks_like_json(head) else "auto"
 
 
+def file_chat(path: str) -> str:
+    """The chat a file without a chat column is read as: its name without extensions (`AwasMart.csv.gz` ->
+    `AwasMart`), so a scrape of one channel is that channel."""
+    name = Path(path).name
+    stem = name[:-3] if name.lower().endswith(".gz") else name
+    return Path(stem).stem or name
+
+
 def _in_child(path: str, raw: BinaryIO | None) -> bool:
     """Parse a large Telegram export in a child process, where there is a second core to run it on."""
     if raw is not None or (os.cpu_count() or 1) < 2:
@@ -76,16 +84,17 @@ def _counted(batches: Iterator[pl.DataFrame], stats: ReadStats) -> Iterator[pl.D
     stats.skipped = {r: sum(c["dropped"][r] for c in stats.chats) for r in telegram_json.DROP_REASONS}
 
 
-def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> None:
+def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None, chat: int | str | None = None) -> None:
     """Fail fast (before a tracking run starts) on a missing, empty or header-less file, an unknown column, or
-    JSON that is not a Telegram export."""
+    JSON that is not a Telegram export. `chat`: as read_batches's (a file's name names its chat by default)."""
     if fmt != "parquet" and not _stem(path).endswith(".parquet"):
         check_text_input(path)  # binary or CR-only files: a clear error before a text reader (or detect) sees them
     kind = detect(path, fmt)
     if kind == telegram_json.FORMAT:
-        if columns:
+        if columns or chat is not None:
+            flag = "--columns" if columns else "--channel-id"
             raise FakegptError(
-                f"{path}: --columns applies to CSV, JSON Lines and Parquet tables, not to a Telegram export"
+                f"{path}: {flag} applies to CSV, JSON Lines and Parquet tables, not to a Telegram export"
             )
         raw = _open_raw(path)
         try:
@@ -93,7 +102,7 @@ def check(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -
         finally:
             raw.close()
         return
-    for _ in read_batches(path, kind, header_only=True, columns=columns):
+    for _ in read_batches(path, kind, header_only=True, columns=columns, chat=chat, fallback_chat=file_chat(path)):
         pass
 
 
@@ -106,21 +115,26 @@ def read_batches(
     header_only: bool = False,
     columns: dict[str, str] | None = None,
     chat_types: frozenset[str] | None = None,
+    chat: int | str | None = None,
+    fallback_chat: int | str | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """Yield DataFrames with `channel_id` (Int64), `date` and `message` (String) from one input file."""
+    """Yield DataFrames with `channel_id` (Int64, or String where chats are @usernames), `date` and `message`
+    (String) from one input file. Tables: `chat` is the chat of every row, `fallback_chat` that of every row of
+    a file without a chat column (prepare gives the file's name)."""
     stats = stats if stats is not None else ReadStats()
     kind = detect(path, fmt, raw)
     if kind in ("auto", "csv", "naive"):
-        batches = csv_reader.read_csv_batches(path, kind, chunk_bytes, raw, stats, header_only, columns)
-        if not columns:  # the standard layouts, exactly as before
-            yield from batches
-            return
-        for df in batches:  # a collector's CSV: epoch or zoned ISO dates as well
-            yield df.with_columns(date=tables.dates(df["date"]))
+        batches = csv_reader.read_csv_batches(
+            path, kind, chunk_bytes, raw, stats, header_only, columns, chat, fallback_chat
+        )
+        for df in batches:
+            if stats.mapped or stats.chat is not None:  # a collector's CSV: epoch or zoned ISO dates as well
+                df = df.with_columns(date=tables.dates(df["date"]))
+            yield df  # (the standard layouts exactly as before)
         return
     stats.format = kind
     if kind == "parquet":
-        yield from tables.read_parquet(path, columns or {}, chunk_bytes, stats, header_only)
+        yield from tables.read_parquet(path, columns or {}, chunk_bytes, stats, header_only, chat, fallback_chat)
         with open(path, "rb") as f:  # the file's sha256 for meta.json, without holding it in memory
             hashing = csv_reader._HashingReader(f)
             stats.sha256 = hashing.finish()
@@ -133,7 +147,10 @@ def read_batches(
     try:
         stream, hashing = _open(path, f)
         if kind == "jsonl":
-            for df in tables.read_jsonl(stream, path, columns or {}, chunk_bytes, stats, header_only):
+            batches = tables.read_jsonl(
+                stream, path, columns or {}, chunk_bytes, stats, header_only, chat, fallback_chat
+            )
+            for df in batches:
                 stats.bytes_read = hashing.count
                 yield df
         else:

@@ -16,27 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 
+from fakegpt.data.chats import chat_id
 from fakegpt.data.tables import parse_columns
 from fakegpt.errors import FakegptError
 
 DEMO = "demo:"
-SOURCE_KEYS = ("name", "path", "channel_ids", "fraction", "format", "columns")
+SOURCE_KEYS = ("name", "path", "channel_ids", "fraction", "format", "columns", "channel_id")
 _FRACTION_SUM_TOLERANCE = 1e-3
-# The Bot API "marks" a channel or supergroup id: -100 followed by the bare id (the desktop export's `id`).
-MARKED_OFFSET = 1_000_000_000_000
-
-
-def bare_channel_id(channel_id: int) -> int:
-    """-1001234567890 -> 1234567890; any other id unchanged (so both spellings select the same chat)."""
-    return -channel_id - MARKED_OFFSET if channel_id <= -MARKED_OFFSET else channel_id
-
-
-def bare_channel_expr(col: str = "channel_id") -> pl.Expr:
-    """`bare_channel_id` as a polars expression over an Int64 column."""
-    c = pl.col(col)
-    return pl.when(c <= -MARKED_OFFSET).then(-c - MARKED_OFFSET).otherwise(c)
 
 
 @dataclasses.dataclass
@@ -45,11 +32,12 @@ class Source:
 
     name: str
     patterns: list[str]
-    channel_ids: list[int] = dataclasses.field(default_factory=list)
+    channel_ids: list[int | str] = dataclasses.field(default_factory=list)
     fraction: float | None = None
     files: list[str] = dataclasses.field(default_factory=list)
     format: str | None = None  # None: prepare's --format
     columns: dict[str, str] | None = None  # None: prepare's --columns
+    channel_id: int | str | None = None  # the chat of every message of its files; None: prepare's --channel-id
 
 
 def parse_mix(items: list[str]) -> list[tuple[str, float]]:
@@ -82,10 +70,11 @@ def _source_from_dict(i: int, spec: Any) -> Source:
         raise FakegptError(f"{where}: `path` is required (a file, a glob or {DEMO})")
     paths = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
     patterns = [str(p) for p in paths]
-    try:
-        ids = [bare_channel_id(int(c)) for c in (spec.get("channel_ids") or [])]
-    except (TypeError, ValueError):
-        raise FakegptError(f"{where}: channel_ids must be a list of integers") from None
+    listed = spec.get("channel_ids") or []
+    if not isinstance(listed, list):
+        raise FakegptError(f"{where}: channel_ids must be a list of chat ids or @usernames")
+    ids = [chat_id(c, f"{where}: channel_ids") for c in listed]
+    chat = chat_id(spec["channel_id"], f"{where}: channel_id") if spec.get("channel_id") is not None else None
     frac = spec.get("fraction")
     if frac is not None:
         try:
@@ -101,13 +90,13 @@ def _source_from_dict(i: int, spec: Any) -> Source:
             raise FakegptError(f"{where}: columns must be a mapping FIELD: COLUMN or a list of FIELD=COLUMN")
         columns = parse_columns([columns] if isinstance(columns, str) else columns, f"{where}: columns")
     fmt = str(spec["format"]) if spec.get("format") is not None else None
-    return Source(name=name, patterns=patterns, channel_ids=ids, fraction=frac, format=fmt, columns=columns)
+    return Source(name, patterns, ids, frac, format=fmt, columns=columns, channel_id=chat)
 
 
-def build_sources(inputs: list[str], specs: list[Any], mix: list[str], channel_ids: list[int]) -> list[Source]:
+def build_sources(inputs: list[str], specs: list[Any], mix: list[str], channel_ids: list[int | str]) -> list[Source]:
     """The sources of one prepare run, from positional inputs, `sources:` of a dataset YAML and `--mix`."""
     sources = [_source_from_dict(i, s) for i, s in enumerate(specs)]
-    channel_ids = [bare_channel_id(c) for c in channel_ids]
+    channel_ids = [chat_id(c, "--channel-ids") for c in channel_ids]
     if sources and inputs:
         raise FakegptError("give input files or `sources:` (a dataset YAML), not both")
     by_name = {s.name: s for s in sources}

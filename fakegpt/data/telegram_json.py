@@ -51,7 +51,7 @@ DROP_REASONS = ("service", "media_only", "empty_text", "chat_type")
 # Exports larger than this are parsed in a child process: the parse is Python work per JSON event, which would
 # otherwise hold the GIL that prepare's tokenizer threads need (the child costs ~1 s to start).
 CHILD_PROCESS_BYTES = 32 << 20
-_TOP_FORWARD_SOURCES = 10  # forward origins listed per chat in meta.json
+TOP_FORWARD_SOURCES = 10  # forward origins listed per chat in meta.json
 # Where chat objects sit: the root of a per-chat export, the two lists of a whole-account export.
 _ROOTS = {"": "", "chats.list.item": "chats.list.item.", "left_chats.list.item": "left_chats.list.item."}
 
@@ -95,7 +95,7 @@ class Chat:
 
     def record(self) -> dict[str, Any]:
         """This chat's line in meta.json: id, name, type, whether left, counts, forwards and their top sources."""
-        top = self.forwarded_from.most_common(_TOP_FORWARD_SOURCES)
+        top = self.forwarded_from.most_common(TOP_FORWARD_SOURCES)
         return {
             "id": self.id,
             "name": self.name,

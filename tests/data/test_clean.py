@@ -70,3 +70,13 @@ def test_real_messages(shared_data):
     assert not cleaned.str.contains(r"  |\n\n").any()
     # accents survive: the real text is Portuguese
     assert cleaned.str.contains("ção").sum() > 500
+
+
+def test_email_addresses_removed_or_kept_whole():
+    text = "Escreva para contato.br+sus@example.com.br ou @ouvidoria hoje."
+    assert clean(text) == "Escreva para ou hoje."
+    assert clean(text, remove_mentions=False) == "Escreva para contato.br+sus@example.com.br ou ouvidoria hoje."
+    kept = clean(text, remove_mentions=False, remove_symbols=False)
+    assert kept == text
+    # an @ that is no address's stays a symbol; a mention keeps its word
+    assert clean("50 @ 2 reais e @canal", remove_mentions=False) == "50 2 reais e canal"

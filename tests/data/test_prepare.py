@@ -52,6 +52,11 @@ def expected_messages(messages: pl.Series, rules: CleanRules = CleanRules(), min
     return cleaned.unique(maintain_order=True).to_list()
 
 
+def in_time(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows in the order prepare writes a source's messages: by date (ISO, so as text), ties in read order."""
+    return df.sort("date", maintain_order=True)
+
+
 def run(*args: str) -> int:
     return cli.main(["prepare", *args])
 
@@ -141,8 +146,11 @@ def test_globs_gzip_and_several_inputs(tmp_path, shared_data):
     assert [Path(f["path"]).name for f in files] == ["a.csv", "b.csv.gz"]
     assert meta.dropped["channel_filter"] > 0
     wa = pl.read_csv(shared_data / "fakewhatsapp_br.csv", infer_schema=False).filter(pl.col("channel_id") == "3")
-    got = decode_messages(tmp_path / "out" / "train.bin")
-    assert got[: len(expected_messages(wa["message"]))] == expected_messages(wa["message"])
+    want = expected_messages(in_time(pl.concat([wa, news.filter(pl.col("channel_id") == "5")]))["message"])
+    train, val = decode_messages(tmp_path / "out" / "train.bin"), decode_messages(tmp_path / "out" / "val.bin")
+    # both files' messages in time order: the older news first, and val the 2020 group's last messages
+    assert train + val == want and len(val) == round(len(want) / 11) == meta.val_messages
+    assert set(val) <= set(expected_messages(wa["message"])) and train[0] in expected_messages(news["message"])
 
 
 @pytest.mark.parametrize("split, step", [("sequential", "_split_in_place"), ("random", "_copy_selected")])

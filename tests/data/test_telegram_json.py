@@ -11,11 +11,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 import telegram_export as tg
-from test_prepare import decode_messages, expected_messages
+from test_prepare import decode_messages, expected_messages, in_time
 
 from fakegpt import cli
 from fakegpt.data import telegram_json
-from fakegpt.data.clean import CleanRules
+from fakegpt.data.clean import CleanRules, clean_series
 from fakegpt.data.prepare import parse_args, prepare
 
 OFF = CleanRules(False, False, False, False, False)
@@ -99,8 +99,9 @@ def test_reader_batches_carry_ids_utc_dates_and_forwards(tmp_path, chats):
 
 def test_whole_account_export_left_chats_and_per_chat_contents(tmp_path, chats, account_export):
     meta = raw_run(tmp_path, "all", str(account_export), "--dedupe", "false")
-    expected = [m for cid in sorted(chats) for m in expected_messages(chats[cid]["message"], OFF, 1)]
-    assert bins(tmp_path / "all") == expected  # export order: chats.list, then left_chats.list
+    # every chat's messages in time order (ties: chats.list first); no dedupe: a text in two chats stays twice
+    expected = clean_series(in_time(pl.concat([chats[cid] for cid in sorted(chats)]))["message"], OFF).to_list()
+    assert bins(tmp_path / "all") == expected
     records = meta["sources"][0]["files"][0]["chats"]
     assert [(r["id"], r["left"]) for r in records] == [(BASE + c, c == 5) for c in (1, 2, 3, 4, 5)]
     assert [r["kept"] for r in records] == [chats[BASE + c].height for c in (1, 2, 3, 4, 5)]
@@ -113,7 +114,7 @@ def test_whole_account_export_left_chats_and_per_chat_contents(tmp_path, chats, 
 
 def test_chat_types_filter_and_yaml_channel_ids(tmp_path, chats, account_export):
     meta = raw_run(tmp_path, "types", str(account_export), "--chat-types", "private_group,private_channel")
-    want = expected_messages(pl.concat([chats[BASE + 3], chats[BASE + 4]])["message"], OFF, 1)
+    want = expected_messages(in_time(pl.concat([chats[BASE + 3], chats[BASE + 4]]))["message"], OFF, 1)
     assert bins(tmp_path / "types") == want
     assert meta["dropped"]["chat_type"] == sum(chats[BASE + c].height for c in (1, 2, 5))
     # dataset YAML: one source by a marked id, the other by a bare id (no fractions: both kept whole)
