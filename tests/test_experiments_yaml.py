@@ -45,7 +45,7 @@ def test_experiment_yaml_loads_into_its_dataclass(path, monkeypatch):
         assert load_claims(path)
     elif kind == "sweeps":
         study, base, space, _ = tune.parse_args(["--config", str(path)])
-        tune.validate(study, base, space)
+        tune.check(study, base, space)
         assert isinstance(base, FinetuneConfig) and space
     else:
         cls = CONFIGS[kind]

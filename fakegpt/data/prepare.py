@@ -202,7 +202,7 @@ class PrepareConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def validate(cfg: PrepareConfig) -> None:
+def check(cfg: PrepareConfig) -> None:
     """Reject bad settings before any work, naming the flag."""
     if cfg.split not in SPLITS:
         raise FakegptError(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
@@ -635,7 +635,7 @@ def _dataset_name(cfg: PrepareConfig) -> str:
 
 def prepare(cfg: PrepareConfig, track: bool = True) -> DatasetMeta:
     """Prepare token bins from `cfg`; returns what meta.json holds. With `track`, logs an MLflow run."""
-    validate(cfg)
+    check(cfg)
     out = Path(cfg.out)
     _check_out(out, cfg.force)
     tok = _Tokenizer.resolve(cfg.tokenizer)  # a bad --tokenizer fails before any input is read

@@ -183,7 +183,7 @@ def _setup_history() -> None:
     atexit.register(save)
 
 
-def validate(cfg: ChatConfig) -> None:
+def check(cfg: ChatConfig) -> None:
     """Reject bad settings before loading the model, naming the flag."""
     for name in ("num_samples", "max_new_tokens"):
         if getattr(cfg, name) < 1:
@@ -198,7 +198,7 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     """Run the loop until `:q` or end of input. Piped input gets no prompt marker and no banner."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    validate(cfg)
+    check(cfg)
     ref = resolve_model(cfg.model)  # config.json and weight headers checked here
     limit = configured_context(ref)
     if cfg.max_new_tokens >= limit:

@@ -100,7 +100,7 @@ class SampleResult:
     run_id: str | None = None
 
 
-def validate(cfg: SampleConfig) -> None:
+def check(cfg: SampleConfig) -> None:
     """Reject bad combinations before loading any model."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
@@ -271,7 +271,7 @@ def write_outputs(table: pl.DataFrame, cfg: SampleConfig, out_dir: Path) -> list
 
 def sample(cfg: SampleConfig) -> SampleResult:
     """Run the whole grid for every model; write samples.parquet/jsonl + report.md; log all of it to MLflow."""
-    validate(cfg)
+    check(cfg)
     prompts_path = resolve_path(cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(prompts_path)  # validated before any model is loaded
     refs = [resolve_model(spec) for spec in cfg.models]  # config.json and weight headers checked here

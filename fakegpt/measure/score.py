@@ -600,7 +600,7 @@ def _evaluation_data(spec: str, context: str, folder: Path | None = None) -> Pat
     return folder
 
 
-def validate(cfg: ScoreConfig) -> None:
+def check(cfg: ScoreConfig) -> None:
     """Reject bad settings before loading anything, naming the flag."""
     if not cfg.models or any(not m.strip() for m in cfg.models):
         raise FakegptError("--models: give at least one model")
@@ -692,7 +692,7 @@ def _log_model(summary: ModelScore, several: bool) -> None:
 
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every model on the claim set; write tables and summary; log metrics (child run per model if many)."""
-    validate(cfg)
+    check(cfg)
     claims_path = resolve_path(cfg.claims or DEFAULT_CLAIMS)
     statements = load_claims(claims_path)
     specs = model_specs(cfg)

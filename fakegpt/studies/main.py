@@ -287,7 +287,7 @@ def check_steps(cfg: MainConfig, mixes: list[str] | None = None) -> None:
     data = cfg.data if mixes is None else ""  # a series prepares its dataset YAML's sources only
     for mix in mixes or [""]:
         pcfg = prep.parse_args(_step_argv(prep.PrepareConfig, prepare_params(cfg, data, cfg.dataset, mix)))
-        prep.validate(pcfg)
+        prep.check(pcfg)
         for src in sources.build_sources(pcfg.inputs, pcfg.sources, pcfg.mix, pcfg.channel_ids):
             for f in sources.resolve_files(src, pcfg.source_root or str(PROJECT_DIR)):
                 if f != sources.DEMO:
@@ -297,10 +297,10 @@ def check_steps(cfg: MainConfig, mixes: list[str] | None = None) -> None:
     if fcfg.init_from not in ("scratch", "resume"):
         resolve_pretrained(fcfg.init_from)
     scfg = config.parse(sample.SampleConfig, _step_argv(sample.SampleConfig, sample_params(cfg, "m")), "sample")
-    sample.validate(scfg)
+    sample.check(scfg)
     load_prompts(resolve_path(scfg.prompts or DEFAULT_PROMPTS))
     ccfg = config.parse(score.ScoreConfig, _step_argv(score.ScoreConfig, score_params(cfg, "m", "")), "score")
-    score.validate(ccfg)
+    score.check(ccfg)
     load_claims(resolve_path(ccfg.claims or DEFAULT_CLAIMS))
 
 

@@ -195,7 +195,7 @@ def mix_arg(cfg: MixtureConfig, fraction: float) -> str:
     return f"{cfg.base_source}={1.0 - fraction:.6g},{cfg.dose_source}={fraction:.6g}"
 
 
-def validate(cfg: MixtureConfig) -> None:
+def check(cfg: MixtureConfig) -> None:
     """Check, before any step runs: the series' own settings, its dataset's source names, the label sheet, then
     every step's configuration."""
     if not cfg.fractions:
@@ -607,7 +607,7 @@ def mixture(cfg: MixtureConfig) -> list[dict[str, Any]]:
     --report-only) this process is one worker of a series shared by machines; with --slurm-array the workers are
     submitted as a SLURM job array."""
     cfg = resolve_user_paths(cfg)
-    validate(cfg)
+    check(cfg)
     method = finetune_step_config(cfg).method
     if cfg.slurm_array:
         from fakegpt.studies import slurm

@@ -38,8 +38,8 @@ import yaml
 from fakegpt import config, tracking
 from fakegpt.errors import FakegptError, one_line
 from fakegpt.files import write_text
+from fakegpt.finetune import checks as finetune_checks
 from fakegpt.finetune import state as state_mod
-from fakegpt.finetune.checks import check
 from fakegpt.finetune.config import FinetuneConfig
 from fakegpt.finetune.hooks import Hooks
 from fakegpt.finetune.train import finetune
@@ -246,7 +246,7 @@ def parse_args(argv: list[str]) -> tuple[TuneConfig, FinetuneConfig, dict, list[
     return tune_cfg, base, space, enqueue
 
 
-def validate(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
+def check(cfg: TuneConfig, base: FinetuneConfig, space: dict) -> None:
     """Check the study's settings and base config before any trial runs."""
     if cfg.pruner not in optuna_storage.PRUNERS:
         raise FakegptError(f"--pruner: expected one of {', '.join(optuna_storage.PRUNERS)}, got {cfg.pruner!r}")
@@ -509,8 +509,8 @@ def tune(
 ) -> TuneResult:
     """Run (or continue) the study: cfg.n_trials trials of `finetune` on `base` + sampled parameters."""
     space = check_search_space(search_space, "search_space") if search_space is not None else default_search_space()
-    validate(cfg, base, space)
-    check(base)  # data folder, model, shapes: a mistake there would fail every trial, so fail once, now
+    check(cfg, base, space)
+    finetune_checks.check(base)  # data folder, model, shapes: a mistake there would fail every trial, so fail once, now
     url = optuna_storage.storage_url(cfg.storage, base.out_dir)
     study = _open_study(cfg, url)
     check_same_budget(study, cfg)

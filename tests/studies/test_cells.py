@@ -70,19 +70,19 @@ def test_a_report_only_finds_runs_and_never_runs_a_step(steps, monkeypatch):
 
 
 def test_workers_and_retries_are_checked_before_anything_runs():
-    from fakegpt.studies.mixture import validate
+    from fakegpt.studies.mixture import check
 
     with pytest.raises(FakegptError, match="--workers: must be at least 1"):
-        validate(MixtureConfig(workers=0))
+        check(MixtureConfig(workers=0))
     with pytest.raises(FakegptError, match="--retries: must not be negative"):
-        validate(MixtureConfig(retries=-1))
+        check(MixtureConfig(retries=-1))
 
 
 def test_a_cell_of_several_gpus_runs_its_finetune_on_that_many_processes(monkeypatch):
     """--gpus-per-cell G: the cell's finetune step is given --nproc-per-node G (only when G > 1, so a one-GPU
     cell keeps its step key); a machine short of workers x G GPUs is refused before any cell runs; the
     accumulation must split across G processes."""
-    from fakegpt.studies.mixture import validate
+    from fakegpt.studies.mixture import check
 
     assert "nproc_per_node" not in cell_finetune_params(MixtureConfig(), job())
     assert cell_finetune_params(MixtureConfig(gpus_per_cell=4), job())["nproc_per_node"] == 4
@@ -93,8 +93,8 @@ def test_a_cell_of_several_gpus_runs_its_finetune_on_that_many_processes(monkeyp
     with pytest.raises(FakegptError, match="--workers 1 --gpus-per-cell 8: 8 GPUs are needed"):
         run_cells(MixtureConfig(gpus_per_cell=8), [job()], "parent")
     with pytest.raises(FakegptError, match="--gpus-per-cell: must be at least 1"):
-        validate(MixtureConfig(gpus_per_cell=0))
+        check(MixtureConfig(gpus_per_cell=0))
     # experiments/finetune/demo.yaml accumulates 2 micro-batches: 3 processes cannot share them
     with pytest.raises(FakegptError, match="--gpus-per-cell 3: the fine-tune's gradient_accumulation_steps 2"):
-        validate(MixtureConfig(gpus_per_cell=3, finetune_config="experiments/finetune/demo.yaml"))
-    validate(MixtureConfig(gpus_per_cell=2, finetune_config="experiments/finetune/demo.yaml"))
+        check(MixtureConfig(gpus_per_cell=3, finetune_config="experiments/finetune/demo.yaml"))
+    check(MixtureConfig(gpus_per_cell=2, finetune_config="experiments/finetune/demo.yaml"))

@@ -386,7 +386,7 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
 
     from fakegpt.data.prepare import parse_args, prepare
     from fakegpt.errors import FakegptError
-    from fakegpt.studies.mixture import MixtureConfig, check_dose_size, validate
+    from fakegpt.studies.mixture import MixtureConfig, check, check_dose_size
 
     mlflow.set_experiment(tracking.DEFAULT_EXPERIMENT)  # created in this test's folder: its ./mlruns holds the runs
     monkeypatch.chdir(ROOT)  # the dataset YAML names its corpora relative to the repository, as users run it
@@ -394,8 +394,8 @@ def test_a_series_whose_doses_would_differ_in_size_is_refused(tmp_path, monkeypa
     nocap = tmp_path / "nocap.yaml"
     nocap.write_text("\n".join(line for line in demo.read_text().splitlines() if "max_train_tokens" not in line))
     with pytest.raises(FakegptError, match=r"nocap\.yaml: no max_train_tokens.*--allow-unequal-sizes"):
-        validate(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5]))
-    validate(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5], allow_unequal_sizes=True))
+        check(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5]))
+    check(MixtureConfig(dataset=str(nocap), fractions=[0.0, 0.5], allow_unequal_sizes=True))
 
     short = prepare(
         parse_args(

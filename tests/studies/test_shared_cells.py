@@ -27,7 +27,7 @@ from fakegpt.errors import FakegptError
 from fakegpt.studies import optuna_storage, shared_cells, slurm
 from fakegpt.studies.dose_response import Cell
 from fakegpt.studies.main import resolve_user_paths
-from fakegpt.studies.mixture import MixtureConfig, validate
+from fakegpt.studies.mixture import MixtureConfig, check
 
 ROOT = Path(__file__).resolve().parents[2]
 # The numbers of a dose-response row that must agree between a one-process series and a shared one.
@@ -179,13 +179,13 @@ def test_the_study_is_named_by_what_the_series_computes_not_by_how_it_runs(tmp_p
 
 def test_shared_and_slurm_settings_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(FakegptError, match="--slurm-array: the array's tasks share the cells through --storage"):
-        validate(MixtureConfig(slurm_array=2))
+        check(MixtureConfig(slurm_array=2))
     with pytest.raises(FakegptError, match="--workers 2: with --storage each worker is its own command"):
-        validate(MixtureConfig(storage="x.db", workers=2))
+        check(MixtureConfig(storage="x.db", workers=2))
     with pytest.raises(FakegptError, match="--slurm-cluster: expected one of slurm, local, got 'pbs'"):
-        validate(MixtureConfig(slurm_cluster="pbs"))
+        check(MixtureConfig(slurm_cluster="pbs"))
     with pytest.raises(FakegptError, match="--heartbeat-interval: must not be negative"):
-        validate(MixtureConfig(heartbeat_interval=-1))
+        check(MixtureConfig(heartbeat_interval=-1))
     assert slurm.parse_options("slurm_partition=gpu, gpus_per_node=1,mem_gb=7.5") == {
         "slurm_partition": "gpu",
         "gpus_per_node": 1,
