@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -199,10 +200,11 @@ def gpu_count(device: str) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_cells(cfg: Any, jobs: list[CellJob], parent_run: str, lookup: bool = False) -> list[Cell]:
+def run_cells(cfg: Any, jobs: Iterable[CellJob], parent_run: str, lookup: bool = False) -> list[Cell]:
     """Every job's cell, in `jobs` order: in this process (`cfg.workers` 1), or in `cfg.workers` processes,
     each on its own `cfg.gpus_per_cell` GPUs (consecutive ones) when the machine has GPUs, else sharing the
-    CPU cores between them."""
+    CPU cores between them. `jobs` may be a generator that prepares data between its jobs (mixture's doses):
+    each job is handed to a worker as soon as it is yielded, so the workers run while it prepares."""
     per_cell = max(1, cfg.gpus_per_cell)
     if lookup:
         return [run_cell(cfg, job, lookup) for job in jobs]
@@ -212,7 +214,7 @@ def run_cells(cfg: Any, jobs: list[CellJob], parent_run: str, lookup: bool = Fal
             f"--workers {cfg.workers} --gpus-per-cell {per_cell}: {cfg.workers * per_cell} GPUs are needed and "
             f"this machine has {gpus}"
         )
-    if cfg.workers <= 1 or len(jobs) <= 1:
+    if cfg.workers <= 1 or (isinstance(jobs, list) and len(jobs) <= 1):
         return [run_cell(cfg, job, lookup) for job in jobs]
     per_worker = per_cell if gpus else 0
     # without GPUs the cores are shared out between every process of every cell (a cell under torchrun has
@@ -222,12 +224,17 @@ def run_cells(cfg: Any, jobs: list[CellJob], parent_run: str, lookup: bool = Fal
     slots = ctx.Queue()
     for slot in range(cfg.workers):
         slots.put(slot)
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(parent_run, slots, per_worker, threads)
-    ) as pool:
-        futures = [pool.submit(run_cell, cfg, job) for job in jobs]
+    )
+    try:
+        submitted = [(job, pool.submit(run_cell, cfg, job)) for job in jobs]
+    except BaseException:  # a later dose's prepare failed: the cells running finish (and are reused), no more start
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    with pool:
         cells = []
-        for job, future in zip(jobs, futures, strict=True):
+        for job, future in submitted:
             try:
                 cells.append(future.result())
             except BrokenProcessPool:  # a worker died (killed, out of memory): its cell is failed, not lost

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,52 +319,81 @@ def base_step(cfg: MixtureConfig, general: str) -> str | None:
     return series_step(cfg, "score", params, "base", {tracking.TAG_ROLE: "base"})
 
 
+def prepare_dose(cfg: MixtureConfig, fraction: float, lookup: bool = False) -> str | None:
+    """One dose's prepared mixture (shared by its seeds): run or reused, its size checked; with `lookup` only
+    found (None when it has not run)."""
+    params = prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction))
+    run_id, reused = run_or_find(PROJECT_DIR, "prepare", params, cfg.env_manager, cfg.reuse, lookup)
+    if run_id is None:
+        return None
+    tracking.update_run(run_id, tags=step_tags(cfg, fraction, "", "prepare", None))
+    print(f"[f={fraction:g}] [prepare] {'reused' if reused else 'ran'} run {run_id}", flush=True)
+    if not lookup:
+        check_dose_size(cfg, fraction, run_id)
+    return run_id
+
+
 def prepare_doses(cfg: MixtureConfig, lookup: bool = False) -> dict[float, str | None]:
     """Each dose's prepared mixture (one prepare run per fraction, shared by its seeds); with `lookup` only the
     finished ones are found (None where there is none yet)."""
-    prepared: dict[float, str | None] = {}
-    for fraction in cfg.fractions:
-        params = prepare_params(cfg, "", cfg.dataset, mix_arg(cfg, fraction))
-        run_id, reused = run_or_find(PROJECT_DIR, "prepare", params, cfg.env_manager, cfg.reuse, lookup)
-        prepared[fraction] = run_id
-        if run_id is None:
-            continue
-        tracking.update_run(run_id, tags=step_tags(cfg, fraction, "", "prepare", None))
-        print(f"[f={fraction:g}] [prepare] {'reused' if reused else 'ran'} run {run_id}", flush=True)
-        if not lookup:
-            check_dose_size(cfg, fraction, run_id)
-    return prepared
+    return {fraction: prepare_dose(cfg, fraction, lookup) for fraction in cfg.fractions}
+
+
+def dose_jobs(cfg: MixtureConfig, method: str, fraction: float, prepare_run: str, general: str) -> list[CellJob]:
+    """One dose's cells, seed by seed."""
+    jobs = []
+    for i, seed in enumerate(seed_list(cfg)):
+        alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
+        jobs.append(
+            CellJob(
+                fraction=fraction,
+                seed=seed,
+                first_seed=i == 0,  # the very runs of a one-seed series
+                prepare_run=prepare_run,
+                general=general,
+                method=method,
+                register_as=cfg.series_name if cfg.register_models else "",
+                alias=alias,
+            )
+        )
+    return jobs
 
 
 def cell_jobs(cfg: MixtureConfig, method: str, prepared: Mapping[float, str | None], general: str) -> list[CellJob]:
     """The grid of cells, dose by dose then seed by seed, for every dose whose mixture is prepared."""
-    jobs = []
+    return [
+        job
+        for fraction in cfg.fractions
+        if prepared.get(fraction) is not None
+        for job in dose_jobs(cfg, method, fraction, str(prepared[fraction]), general)
+    ]
+
+
+def prepared_jobs(
+    cfg: MixtureConfig, method: str, general: str, prepared: dict[float, str | None]
+) -> Iterator[CellJob]:
+    """Each dose's cells as soon as its mixture is prepared, so that with several workers the first doses' cells
+    run while the later doses are prepared; `prepared` is filled in as it goes."""
     for fraction in cfg.fractions:
-        if prepared.get(fraction) is None:
-            continue
-        for i, seed in enumerate(seed_list(cfg)):
-            alias = dose_alias(fraction) + (f"-seed-{seed}" if i else "")
-            jobs.append(
-                CellJob(
-                    fraction=fraction,
-                    seed=seed,
-                    first_seed=i == 0,  # the very runs of a one-seed series
-                    prepare_run=str(prepared[fraction]),
-                    general=general,
-                    method=method,
-                    register_as=cfg.series_name if cfg.register_models else "",
-                    alias=alias,
-                )
-            )
-    return jobs
+        run_id = prepared[fraction] = prepare_dose(cfg, fraction)
+        if run_id is not None:
+            yield from dose_jobs(cfg, method, fraction, run_id, general)
 
 
 def run_series(cfg: MixtureConfig, method: str, general: str, parent_run: str) -> list[Cell]:
     """Per fraction one prepare, then per seed one finetune -> sample -> score cell (fine-tuned by `method`),
-    every model measured on the general held-out set `general` too; `--report-only` finds, never runs."""
+    every model measured on the general held-out set `general` too; `--report-only` finds, never runs. One
+    process prepares every dose before the first cell (as a one-process series always has); with --workers the
+    cells of a dose start once it is prepared, beside the next dose's prepare."""
     lookup = cfg.report_only
-    prepared = prepare_doses(cfg, lookup)
-    done = run_cells(cfg, cell_jobs(cfg, method, prepared, general), parent_run, lookup)
+    prepared: dict[float, str | None] = {}
+    jobs: Iterable[CellJob]
+    if cfg.workers > 1 and not lookup:
+        jobs = prepared_jobs(cfg, method, general, prepared)
+    else:
+        prepared = prepare_doses(cfg, lookup)
+        jobs = cell_jobs(cfg, method, prepared, general)
+    done = run_cells(cfg, jobs, parent_run, lookup)
     seeds = seed_list(cfg)
     missing = [Cell(f, s, status="missing") for f, run in prepared.items() if run is None for s in seeds]
     return done + missing

@@ -52,8 +52,10 @@ def test_lora_trains_adapters_saves_merged_checkpoint_adapter_and_small_state(da
     out = tmp_path / "out"
     result = finetune(lora_cfg(data_dir, out, tiny_model_dir))
     losses = [v for _, v in result.val_curve]
-    # the adapters learn (slowly: on a random tiny base the frozen, tied output layer keeps every logit small)
-    assert len(losses) == 5 and losses[2] < losses[1] < losses[0] and result.best_val_loss < losses[0] - 0.05
+    # the adapters learn (slowly: on a random tiny base the frozen, tied output layer keeps every logit small;
+    # two eval batches make the points between noisy, so the first and the last are compared)
+    assert len(losses) == 5 and max(losses[1:]) < losses[0] and losses[-1] < losses[0] - 0.05
+    assert result.best_val_loss == pytest.approx(min(losses))
 
     # OUT/checkpoint/: a plain GPT-2 folder, the merged model, no adapter files
     ckpt = out / CHECKPOINT_DIR

@@ -98,3 +98,32 @@ def test_a_cell_of_several_gpus_runs_its_finetune_on_that_many_processes(monkeyp
     with pytest.raises(FakegptError, match="--gpus-per-cell 3: the fine-tune's gradient_accumulation_steps 2"):
         check(MixtureConfig(gpus_per_cell=3, finetune_config="experiments/finetune/demo.yaml"))
     check(MixtureConfig(gpus_per_cell=2, finetune_config="experiments/finetune/demo.yaml"))
+
+
+def test_with_workers_a_doses_cells_are_handed_on_before_the_next_dose_is_prepared(monkeypatch):
+    """--workers: the cells of the first dose can start while the second dose is prepared."""
+    from fakegpt.studies import mixture
+
+    events: list[str] = []
+
+    def prepare_dose(cfg, fraction, lookup=False):
+        events.append(f"prepare {fraction:g}")
+        return f"prep-{fraction:g}"
+
+    monkeypatch.setattr(mixture, "prepare_dose", prepare_dose)
+    cfg = MixtureConfig(fractions=[0.0, 0.5], seeds=2, workers=2, finetune_config="experiments/finetune/demo.yaml")
+    prepared: dict[float, str | None] = {}
+    for j in mixture.prepared_jobs(cfg, "full", "", prepared):
+        events.append(f"cell {j.fraction:g} {j.seed} {j.prepare_run}")
+    seeds = mixture.seed_list(cfg)
+    assert events == [
+        "prepare 0",
+        f"cell 0 {seeds[0]} prep-0",
+        f"cell 0 {seeds[1]} prep-0",
+        "prepare 0.5",
+        f"cell 0.5 {seeds[0]} prep-0.5",
+        f"cell 0.5 {seeds[1]} prep-0.5",
+    ]
+    assert prepared == {0.0: "prep-0", 0.5: "prep-0.5"}
+    # and the jobs are those of the one-process series, in the same order
+    assert list(mixture.prepared_jobs(cfg, "full", "", {})) == mixture.cell_jobs(cfg, "full", prepared, "")
